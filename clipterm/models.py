@@ -1,0 +1,415 @@
+"""Load CLIP models: the built-in `toy`, an open_clip arch + pretrained tag, or a local weights file.
+
+Nothing here downloads weights unless asked (`allow_download=True`), and never when
+`HF_HUB_OFFLINE=1`: tags are resolved to files already in the local caches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from clipterm import locations
+from clipterm.errors import ClipTermError, ExitCode
+from clipterm.names import ModelShape
+
+TOY = "toy"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What analyses need to know about a model, and what a cache records about it."""
+
+    spec: str  # what the user asked for: "toy", "ViT-B-32", a local-dir path
+    arch: str  # open_clip arch name (with -quickgelu when that was forced)
+    pretrained: str | None  # tag, weights path, or None for the toy
+    layers: int
+    heads: int
+    width: int
+    head_dim: int
+    mlp_width: int
+    embed_dim: int
+    image_size: int
+    patch_size: int
+    context_length: int
+    quick_gelu: bool
+    weights_path: str | None
+    weights_sha256: str | None
+
+    @property
+    def shape(self) -> ModelShape:
+        return ModelShape(self.layers, self.heads, self.mlp_width)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # open_clip.CLIP, in eval mode
+    preprocess: Any  # PIL image -> (3, S, S) tensor
+    tokenizer: Any  # list[str] -> (n, context) int tensor
+    info: ModelInfo
+
+
+# --------------------------------------------------------------------------- configs and support
+
+
+def unsupported_reason(model_cfg: dict) -> str | None:
+    """Why the exact decomposition cannot run on a vision tower, or None when it can."""
+    vision = model_cfg.get("vision_cfg", {})
+    if vision.get("timm_model_name"):
+        return f"timm-based vision tower ({vision['timm_model_name']})"
+    if isinstance(vision.get("layers"), (list, tuple)):
+        return "ModifiedResNet vision tower (not a ViT)"
+    if vision.get("attentional_pool"):
+        return "attentional pooling (attentional_pool=True)"
+    if vision.get("pool_type", "tok") != "tok":
+        return f"pool_type={vision['pool_type']!r} (only the class token is decomposed)"
+    if "multimodal_cfg" in model_cfg:
+        return "CoCa (its image tower also feeds a text decoder; not decomposed yet)"
+    if vision.get("scale_attn"):
+        return "ln_attn (scale_attn=True) breaks the per-head split"
+    if vision.get("scale_attn_inner"):
+        return "ln_inner (scale_attn_inner=True) breaks the per-head split"
+    return None
+
+
+def refuse_unsupported(name: str, model_cfg: dict) -> None:
+    """Raise a clear error naming the model and the option when the decomposition can't be exact."""
+    reason = unsupported_reason(model_cfg)
+    if reason:
+        raise ClipTermError(
+            f"{name} is not supported: {reason}",
+            hint="clipterm decomposes ViT towers with class-token pooling; see docs/models.md",
+            code=ExitCode.UNSUPPORTED,
+        )
+
+
+def arch_config(arch: str) -> dict | None:
+    import open_clip
+
+    return open_clip.get_model_config(arch)
+
+
+def needs_quick_gelu(arch: str, pretrained: str | None) -> bool:
+    """True when the tag was trained with QuickGELU (every `openai` tag) or the arch already uses it."""
+    from open_clip.pretrained import get_pretrained_cfg
+
+    cfg = arch_config(arch) or {}
+    tag_cfg = get_pretrained_cfg(arch, pretrained) if pretrained else {}
+    return bool(cfg.get("quick_gelu") or (tag_cfg or {}).get("quick_gelu"))
+
+
+def resolved_model_cfg(arch: str, pretrained: str | None) -> dict:
+    """The open_clip model config clipterm builds for (arch, tag), QuickGELU included."""
+    cfg = arch_config(arch)
+    if cfg is None:
+        raise unknown_model(arch)
+    cfg = dict(cfg)
+    cfg["quick_gelu"] = needs_quick_gelu(arch, pretrained)
+    return cfg
+
+
+def unknown_model(name: str) -> ClipTermError:
+    import difflib
+
+    import open_clip
+
+    close = difflib.get_close_matches(name, ["toy", *open_clip.list_models()], n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return ClipTermError(f"unknown model {name!r}", hint=hint + "run `clipterm models` for the list", code=ExitCode.NOT_FOUND)
+
+
+# --------------------------------------------------------------------------- finding weights
+
+
+def find_local_weights(arch: str, pretrained: str) -> tuple[Path | None, list[Path]]:
+    """The weights file of a pretrained tag if already on disk, and every place that was looked at."""
+    from open_clip.pretrained import get_pretrained_cfg
+
+    tag = get_pretrained_cfg(arch, pretrained) or {}
+    hub_dir, url_dir = locations.hub_cache_dirs()
+    looked: list[Path] = []
+    if tag.get("hf_hub"):
+        repo, filename = os.path.split(tag["hf_hub"].rstrip("/")) if not tag["hf_hub"].endswith("/") else (tag["hf_hub"].rstrip("/"), "")
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if filename.endswith((".bin", ".pth")):
+            names.insert(0, filename.rsplit(".", 1)[0] + ".safetensors")
+        snapshots = hub_dir / f"models--{repo.replace('/', '--')}" / "snapshots"
+        looked.append(snapshots)
+        for snap in sorted(snapshots.glob("*")) if snapshots.is_dir() else []:
+            for name in names:
+                if (snap / name).is_file():
+                    return snap / name, looked
+    if tag.get("url"):
+        candidate = url_dir / os.path.basename(tag["url"])
+        looked.append(candidate)
+        if candidate.is_file():
+            return candidate, looked
+    return None, looked
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, memoised on disk by (path, size, mtime) because real weights are large."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    memo_path = locations.cache_root()[0] / ".weights-sha256.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return memo[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    memo[key] = digest.hexdigest()
+    if stat.st_size > 50 << 20:  # only worth remembering for big files
+        try:
+            memo_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(memo))
+            tmp.replace(memo_path)
+        except OSError:
+            pass
+    return memo[key]
+
+
+def read_state_dict(path: Path) -> dict:
+    """Tensors from a weights file. Pickles are loaded with weights_only=True: code in them is refused."""
+    import pickle
+
+    import torch
+
+    if not path.is_file():
+        raise ClipTermError(f"weights file not found: {path}", hint="check the path given to --pretrained", code=ExitCode.NOT_FOUND)
+    if path.stat().st_size == 0:
+        raise ClipTermError(f"weights file is empty: {path}", hint="re-download or re-save the weights", code=ExitCode.INVALID_DATA)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ClipTermError(
+            f"refused to load {path.name}: it holds Python objects, not just tensors ({str(exc).splitlines()[0][:120]})",
+            hint="only plain tensor files load safely; convert it to .safetensors in a trusted environment",
+            code=ExitCode.INVALID_DATA,
+        ) from None
+    except Exception as exc:  # safetensors and zip errors have many types
+        raise ClipTermError(
+            f"cannot read weights file {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}",
+            hint="the file looks corrupt or truncated; re-download or re-save it",
+            code=ExitCode.INVALID_DATA,
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ClipTermError(f"{path.name} is not a state dict of tensors", hint="save it with model.state_dict()", code=ExitCode.INVALID_DATA)
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model(
+    spec: str = TOY,
+    pretrained: str | None = None,
+    device: str = "cpu",
+    allow_download: bool = False,
+) -> LoadedModel:
+    """Load a model from a spec: `toy`, `local-dir:PATH` (or a folder), or an open_clip arch + `pretrained`.
+
+    `pretrained` is a tag found in the local caches, or a path to `.safetensors`/`.bin`/`.pt` weights.
+    """
+    import open_clip
+
+    if spec == TOY or spec.startswith("local-dir:") or Path(spec).is_dir():
+        folder = locations.TOY_MODEL_DIR if spec == TOY else Path(spec.removeprefix("local-dir:"))
+        return _load_local_dir(folder, spec, device)
+    if arch_config(spec) is None:
+        raise unknown_model(spec)
+    refuse_unsupported(spec, arch_config(spec))
+    if pretrained is None:
+        raise ClipTermError(
+            f"{spec} needs weights: pass --pretrained TAG or --pretrained PATH",
+            hint=f"tags for {spec}: {', '.join(open_clip.list_pretrained_tags_by_model(spec)) or 'none'}",
+        )
+    is_path = Path(pretrained).suffix in WEIGHT_SUFFIXES or os.sep in pretrained or Path(pretrained).exists()
+    if is_path:
+        weights = Path(pretrained).expanduser()
+        quick_gelu = needs_quick_gelu(spec, None)
+    else:
+        if pretrained not in open_clip.list_pretrained_tags_by_model(spec):
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(spec)) or "none"
+            raise ClipTermError(f"unknown pretrained tag {pretrained!r} for {spec}", hint=f"known tags: {tags}; or give a weights file path")
+        quick_gelu = needs_quick_gelu(spec, pretrained)
+        weights = _weights_for_tag(spec, pretrained, allow_download)
+    state = read_state_dict(weights)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        spec, pretrained=None, force_quick_gelu=quick_gelu, **_preprocess_overrides(spec, None if is_path else pretrained)
+    )
+    try:
+        from open_clip.model import CustomTextCLIP, convert_to_custom_text_state_dict, resize_pos_embed
+
+        if isinstance(model, CustomTextCLIP):
+            state = convert_to_custom_text_state_dict(state)
+        resize_pos_embed(state, model)
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ClipTermError(
+            f"{weights.name} does not fit {spec}: {str(exc).splitlines()[0][:160]}",
+            hint="check that --model names the architecture these weights were trained for",
+            code=ExitCode.INVALID_DATA,
+        ) from None
+    info = _info(model, spec=spec, arch=spec + ("-quickgelu" if quick_gelu and "quickgelu" not in spec else ""),
+                 pretrained=pretrained, weights=weights, quick_gelu=quick_gelu)
+    return LoadedModel(model.to(device).eval(), preprocess, open_clip.get_tokenizer(spec), info)
+
+
+def _weights_for_tag(arch: str, tag: str, allow_download: bool) -> Path:
+    found, looked = find_local_weights(arch, tag)
+    if found is not None:
+        return found
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if allow_download and not offline:
+        from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+
+        try:
+            return Path(download_pretrained(get_pretrained_cfg(arch, tag)))
+        except Exception as exc:
+            raise ClipTermError(f"download of {arch} {tag} failed: {exc}", hint="check the network, or pass --pretrained PATH", code=ExitCode.NOT_FOUND) from None
+    places = "; ".join(str(p) for p in looked) or "nowhere (the tag names no source)"
+    why = "HF_HUB_OFFLINE=1 is set" if offline else "downloads are off by default"
+    raise ClipTermError(
+        f"no local weights for {arch} {tag} (looked in {places}; {why})",
+        hint="download them once with --download on a machine with internet, or pass --pretrained PATH to a weights file",
+        code=ExitCode.NOT_FOUND,
+    )
+
+
+def _preprocess_overrides(arch: str, tag: str | None) -> dict:
+    from open_clip.pretrained import get_pretrained_cfg
+
+    tag_cfg = get_pretrained_cfg(arch, tag) if tag else {}
+    keys = {"mean": "image_mean", "std": "image_std", "interpolation": "image_interpolation", "resize_mode": "image_resize_mode"}
+    return {arg: tag_cfg[key] for key, arg in keys.items() if tag_cfg and key in tag_cfg}
+
+
+def _load_local_dir(folder: Path, spec: str, device: str) -> LoadedModel:
+    import open_clip
+
+    config = folder / "open_clip_config.json"
+    weights = folder / "open_clip_model.safetensors"
+    if not config.is_file() or not weights.is_file():
+        where = "the installed package is missing the toy model" if spec == TOY else f"{folder} is not an open_clip model folder"
+        raise ClipTermError(
+            f"{where} (need open_clip_config.json and open_clip_model.safetensors)",
+            hint="reinstall clipterm" if spec == TOY else "save one with clipterm's toy recipe or open_clip's push_to_hf_hub layout",
+            code=ExitCode.NOT_FOUND,
+        )
+    state = read_state_dict(weights)
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", load_weights=False)
+    model.load_state_dict(state, strict=True)
+    cfg = json.loads(config.read_text())["model_cfg"]
+    refuse_unsupported(spec, cfg)
+    info = _info(model, spec=spec, arch="toy" if spec == TOY else f"local-dir:{folder}", pretrained=None,
+                 weights=weights, quick_gelu=bool(cfg.get("quick_gelu")))
+    return LoadedModel(model.to(device).eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{folder}"), info)
+
+
+def _info(model, spec: str, arch: str, pretrained: str | None, weights: Path | None, quick_gelu: bool) -> ModelInfo:
+    visual = model.visual
+    block = visual.transformer.resblocks[0]
+    width = visual.transformer.width
+    heads = block.attn.num_heads
+    image_size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
+    patch = visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else visual.patch_size
+    return ModelInfo(
+        spec=spec,
+        arch=arch,
+        pretrained=str(pretrained) if pretrained is not None else None,
+        layers=len(visual.transformer.resblocks),
+        heads=heads,
+        width=width,
+        head_dim=width // heads,
+        mlp_width=block.mlp.c_fc.out_features,
+        embed_dim=visual.output_dim,
+        image_size=int(image_size),
+        patch_size=int(patch),
+        context_length=int(model.context_length),
+        quick_gelu=quick_gelu,
+        weights_path=str(weights) if weights else None,
+        weights_sha256=file_sha256(weights) if weights else None,
+    )
+
+
+# --------------------------------------------------------------------------- what is available
+
+
+def catalogue() -> list[dict[str, Any]]:
+    """Every model clipterm knows: the toy, then each open_clip arch with each pretrained tag.
+
+    Each row says whether its weights are already on this machine and whether the
+    exact decomposition supports it (or why not).
+    """
+    import open_clip
+
+    rows: list[dict[str, Any]] = [
+        {
+            "model": TOY,
+            "pretrained": None,
+            "weights": "present" if (locations.TOY_MODEL_DIR / "open_clip_model.safetensors").is_file() else "missing",
+            "weights_path": str(locations.TOY_MODEL_DIR),
+            "supported": True,
+            "reason": None,
+            "quick_gelu": False,
+        }
+    ]
+    for arch in open_clip.list_models():
+        cfg = arch_config(arch) or {}
+        reason = unsupported_reason(cfg)
+        for tag in open_clip.list_pretrained_tags_by_model(arch) or [None]:
+            path = find_local_weights(arch, tag)[0] if tag else None
+            rows.append(
+                {
+                    "model": arch,
+                    "pretrained": tag,
+                    "weights": "present" if path else ("needs download" if tag else "no pretrained tag"),
+                    "weights_path": str(path) if path else None,
+                    "supported": reason is None,
+                    "reason": reason,
+                    "quick_gelu": needs_quick_gelu(arch, tag),
+                }
+            )
+    return rows
+
+
+def model_shape(spec: str = TOY) -> ModelShape:
+    """Layers, heads and MLP width from the model's config alone, without loading weights."""
+    if spec == TOY or spec.startswith("local-dir:") or Path(spec).is_dir():
+        folder = locations.TOY_MODEL_DIR if spec == TOY else Path(spec.removeprefix("local-dir:"))
+        try:
+            cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
+        except (OSError, ValueError, KeyError):
+            raise ClipTermError(f"no open_clip config in {folder}", hint="pass a model folder with open_clip_config.json",
+                                code=ExitCode.NOT_FOUND) from None
+    else:
+        cfg = arch_config(spec)
+        if cfg is None:
+            raise unknown_model(spec)
+    vision = cfg["vision_cfg"]
+    if not isinstance(vision.get("layers", 12), int) or vision.get("timm_model_name"):
+        refuse_unsupported(spec, cfg)
+    width = vision.get("width", 768)
+    return ModelShape(layers=vision.get("layers", 12), heads=width // vision.get("head_width", 64),
+                      neurons=int(width * vision.get("mlp_ratio", 4.0)))

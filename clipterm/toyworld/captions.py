@@ -1,0 +1,74 @@
+"""Captions for toy scenes, and the zero-shot prompts each task is scored with.
+
+Training captions name the objects compositionally ("a small red star on the
+left") with attribute dropout; a share of them are the exact single-task prompts
+used for zero-shot evaluation, so that those prompts are in distribution.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from clipterm.toyworld.world import TASKS, Obj, Scene
+
+POSITION_PHRASES = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "centre": "in the centre",
+}
+
+# One zero-shot template per task; `{}` is the class name.
+TASK_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "colour": ("a {} object", "something {}"),
+    "shape": ("a {}", "a picture of a {}"),
+    "size": ("a {} object", "a {} shape"),
+    "position": ("an object {}", "a shape {}"),
+    "background": ("a {} background", "on a {} background"),
+    "word": ('the word "{}"', "text that says {}"),
+}
+
+
+def class_phrase(task: str, name: str) -> str:
+    return POSITION_PHRASES[name] if task == "position" else name
+
+
+def task_prompts(task: str) -> list[list[str]]:
+    """Prompts per class of `task`: [n_classes][n_templates]."""
+    return [[t.format(class_phrase(task, c)) for t in TASK_TEMPLATES[task]] for c in TASKS[task]]
+
+
+def object_phrase(obj: Obj, keep: dict[str, bool]) -> str:
+    words = [w for w, k in ((obj.size, keep["size"]), (obj.colour, keep["colour"])) if k]
+    noun = obj.shape if keep["shape"] else "shape"
+    phrase = " ".join(["a", *words, noun])
+    if keep["position"]:
+        phrase += " " + POSITION_PHRASES[obj.position]
+    return phrase
+
+
+def caption(scene: Scene, rng: np.random.Generator, dropout: float = 0.15, p_single: float = 0.3) -> str:
+    """A random caption of `scene`."""
+    if rng.random() < p_single:
+        task = str(rng.choice(list(TASKS)))
+        name = _single_label(scene, task)
+        if name is not None:
+            templates = TASK_TEMPLATES[task]
+            return templates[int(rng.integers(len(templates)))].format(class_phrase(task, name))
+    keep = {k: rng.random() >= dropout for k in ("size", "colour", "shape", "position", "background", "word")}
+    text = " and ".join(object_phrase(o, keep) for o in scene.objects)
+    if keep["background"]:
+        text += f", {scene.background} background"
+    if scene.word is not None and keep["word"]:
+        text += f', the word "{scene.word}"'
+    return text
+
+
+def _single_label(scene: Scene, task: str) -> str | None:
+    if task == "background":
+        return scene.background
+    if task == "word":
+        return scene.word
+    values = {getattr(o, task) for o in scene.objects}
+    return values.pop() if len(values) == 1 else None

@@ -1,0 +1,73 @@
+"""Zero-shot accuracy of a CLIP on held-out toy scenes, one classifier per task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from clipterm.toyworld.captions import task_prompts
+from clipterm.toyworld.world import TASKS, labels, render, scene_at
+
+# Held-out scenes come from a seed the training stream never uses.
+HELDOUT_SEED = 1_000_003
+
+
+def heldout(n: int, seed: int = HELDOUT_SEED) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """n fresh scenes: images (n, 64, 64, 3) uint8 and labels per task (n,) with -1 where undefined."""
+    scenes = [scene_at(seed, i) for i in range(n)]
+    images = np.stack([render(s)[0] for s in scenes])
+    per_task = {t: np.array([labels(s)[t] for s in scenes]) for t in TASKS}
+    return images, per_task
+
+
+def task_classifiers(model, tokenizer) -> dict:
+    """Unit text embeddings per task: {task: (n_classes, D)}, averaged over templates."""
+    import torch
+
+    out = {}
+    with torch.no_grad():
+        for task in TASKS:
+            prompts = task_prompts(task)  # [C][T]
+            flat = [p for per_class in prompts for p in per_class]
+            emb = torch.nn.functional.normalize(model.encode_text(tokenizer(flat)).float(), dim=-1)
+            emb = emb.view(len(prompts), len(prompts[0]), -1).mean(1)  # (C, D)
+            out[task] = torch.nn.functional.normalize(emb, dim=-1)
+    return out
+
+
+def evaluate_model(model, tokenizer, n: int = 1000, seed: int = HELDOUT_SEED, batch_size: int = 256) -> dict[str, float]:
+    """Zero-shot accuracy per task on n held-out scenes."""
+    import torch
+
+    from clipterm.toyworld.train import to_tensor
+
+    images, per_task = heldout(n, seed)
+    classifiers = task_classifiers(model, tokenizer)
+    with torch.no_grad():
+        feats = torch.cat([model.encode_image(to_tensor(images[i : i + batch_size])).float() for i in range(0, n, batch_size)])
+    feats = torch.nn.functional.normalize(feats, dim=-1)
+    acc = {}
+    for task, clf in classifiers.items():
+        keep = per_task[task] >= 0
+        pred = (feats[torch.from_numpy(keep)] @ clf.T).argmax(-1).numpy()
+        acc[task] = round(float((pred == per_task[task][keep]).mean()), 4)
+    return acc
+
+
+def save_model_dir(model, out_dir: Path, meta: dict) -> None:
+    """Write an open_clip `local-dir:` folder: config JSON + fp16 safetensors (+ training notes)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from clipterm.toyworld.train import MODEL_CFG, PREPROCESS_CFG
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    tmp = out_dir / "open_clip_model.safetensors.tmp"
+    save_file(state, str(tmp))
+    tmp.replace(out_dir / "open_clip_model.safetensors")
+    config = {"model_cfg": MODEL_CFG, "preprocess_cfg": PREPROCESS_CFG}
+    (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / "training.json").write_text(json.dumps(meta, indent=2) + "\n")

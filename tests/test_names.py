@@ -1,0 +1,68 @@
+"""The component vocabulary: one spelling everywhere, validated against a model's shape."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from clipterm.errors import ClipTermError
+from clipterm.names import Component, ModelShape, format_layers, parse, parse_for, parse_layers
+
+SHAPE = ModelShape(layers=12, heads=12, neurons=3072)
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("embed", Component("embed")),
+        ("bias", Component("bias")),
+        ("L10", Component("layer", 10)),
+        ("L10.H3", Component("head", 10, 3)),
+        ("L10.H3:pc2", Component("head", 10, 3, 2)),
+        ("L10.MLP", Component("mlp", 10)),
+        ("L9.N1234", Component("neuron", 9, 1234)),
+        ("L9.N1234:pc1", Component("neuron", 9, 1234, 1)),
+        ("l9.mlp", Component("mlp", 9)),
+    ],
+)
+def test_parse_known_names(name, expected):
+    assert parse(name) == expected
+
+
+@given(st.integers(0, 11), st.integers(0, 11), st.one_of(st.none(), st.integers(1, 5)))
+def test_head_names_round_trip(layer, head, pc):
+    component = Component("head", layer, head, pc)
+    assert parse(str(component)) == component
+    assert parse_for(str(component), SHAPE) == component
+
+
+@pytest.mark.parametrize("bad", ["", "L", "H3", "L10.H", "L10.X3", "L10.MLP:pc1", "L1.H2:pc0", "embed.H1", "L-1.H0"])
+def test_malformed_names_are_errors_with_hints(bad):
+    with pytest.raises(ClipTermError) as err:
+        parse(bad)
+    assert err.value.hint
+
+
+@pytest.mark.parametrize("name, hint", [("L99.H0", "L0..L11"), ("L3.H12", "H0..H11"), ("L3.N3072", "N0..N3071")])
+def test_out_of_range_names_say_the_valid_range(name, hint):
+    with pytest.raises(ClipTermError) as err:
+        parse_for(name, SHAPE)
+    assert hint in err.value.hint
+
+
+@pytest.mark.parametrize(
+    "spec, layers",
+    [("L9", [9]), ("L8-11", [8, 9, 10, 11]), ("L8-L11", [8, 9, 10, 11]), ("L1,L3", [1, 3]), ("all", list(range(12)))],
+)
+def test_layer_sets(spec, layers):
+    assert parse_layers(spec, 12) == layers
+
+
+@pytest.mark.parametrize("spec", ["L12", "L5-3", "9", "L1-"])
+def test_bad_layer_sets(spec):
+    with pytest.raises(ClipTermError):
+        parse_layers(spec, 12)
+
+
+@given(st.sets(st.integers(0, 11), min_size=1))
+def test_format_layers_round_trips(layers):
+    assert parse_layers(format_layers(sorted(layers)), 12) == sorted(layers)
