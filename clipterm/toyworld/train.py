@@ -80,7 +80,7 @@ def train(
     warmup: int = 150,
     seed: int = 0,
     threads: int | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = lambda line: print(line, flush=True),
     eval_every: int = 500,
 ) -> dict:
     """Train the toy CLIP from scratch and save it as a `local-dir:` model folder."""
