@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -255,9 +257,10 @@ def load_model(
         quick_gelu = needs_quick_gelu(spec, pretrained)
         weights = _weights_for_tag(spec, pretrained, allow_download)
     state = read_state_dict(weights)
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        spec, pretrained=None, force_quick_gelu=quick_gelu, **_preprocess_overrides(spec, None if is_path else pretrained)
-    )
+    with _quiet_open_clip():
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec, pretrained=None, force_quick_gelu=quick_gelu, **_preprocess_overrides(spec, None if is_path else pretrained)
+        )
     try:
         from open_clip.model import CustomTextCLIP, convert_to_custom_text_state_dict, resize_pos_embed
 
@@ -274,6 +277,18 @@ def load_model(
     info = _info(model, spec=spec, arch=spec + ("-quickgelu" if quick_gelu and "quickgelu" not in spec else ""),
                  pretrained=pretrained, weights=weights, quick_gelu=quick_gelu)
     return LoadedModel(model.to(device).eval(), preprocess, open_clip.get_tokenizer(spec), info)
+
+
+@contextmanager
+def _quiet_open_clip():
+    """open_clip warns that no weights were loaded when we build first and load our checked state dict after."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _weights_for_tag(arch: str, tag: str, allow_download: bool) -> Path:
@@ -318,7 +333,8 @@ def _load_local_dir(folder: Path, spec: str, device: str) -> LoadedModel:
             code=ExitCode.NOT_FOUND,
         )
     state = read_state_dict(weights)
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", load_weights=False)
+    with _quiet_open_clip():
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", load_weights=False)
     model.load_state_dict(state, strict=True)
     cfg = json.loads(config.read_text())["model_cfg"]
     refuse_unsupported(spec, cfg)
