@@ -1,0 +1,199 @@
+"""`clipterm cache build|ls|info|verify|rm`: build activation caches and look after them."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+
+import typer
+
+from clipterm.cli.output import JSON_HELP, emit_json, progress, stderr, stdout
+from clipterm.errors import ClipTermError, ExitCode
+
+cache_app = typer.Typer(help="Build activation caches (the exact decomposition of many images) and manage them.",
+                        no_args_is_help=True)
+
+JsonOpt = typer.Option(False, "--json", help=JSON_HELP)
+CacheDirOpt = typer.Option(None, "--cache-dir", help="Cache root to use instead of the default rule (`clipterm locate cache`).")
+CacheArg = typer.Argument(..., help="A cache name under the cache root, or a path to a cache folder.")
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Dtype(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+@cache_app.command()
+def build(
+    images: str = typer.Option(..., "--images", help="A folder (class = sub-folder), a list file (path[TAB class] per line), or toy:N[@SEED]."),
+    model: str = typer.Option("toy", "--model", help="toy, an open_clip architecture, or local-dir:PATH."),
+    pretrained: str = typer.Option(None, "--pretrained", help="Pretrained tag, or a local weights file."),
+    name: str = typer.Option(None, "--name", help="Cache name under the cache root (default: model and images)."),
+    cache_dir: str = CacheDirOpt,
+    device: Device = typer.Option(Device.auto, "--device", help="auto picks CUDA when torch sees it."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
+    workers: int = typer.Option(None, "--workers", min=0, help="DataLoader worker processes (default: picked for this machine)."),
+    dtype: Dtype = typer.Option(Dtype.float16, "--dtype", help="Storage dtype of the components; image_embeds stay float32."),
+    neurons: bool = typer.Option(False, "--neurons", help="Also store every MLP neuron's CLS activation."),
+    tokens: str = typer.Option(None, "--tokens", help="Also store per-token head outputs for these layers, e.g. L8-11."),
+    resume: bool = typer.Option(True, "--resume/--force", help="Resume an interrupted build (default), or start over."),
+    shard_rows: int = typer.Option(1024, "--shard-rows", min=1, help="Inputs per shard file."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Run images through the model and store each component's exact direct effect. Works under torchrun."""
+    from clipterm.build import BuildOptions, build_cache
+
+    options = BuildOptions(images=images, model=model, pretrained=pretrained, name=name, cache_dir=cache_dir,
+                           device=device.value, batch_size=batch_size, workers=workers, dtype=dtype.value, neurons=neurons,
+                           tokens=tokens, force=not resume, shard_rows=shard_rows)
+    result = build_cache(options, progress=progress)
+    if _rank() != 0:
+        return
+    if json_out:
+        emit_json(result.to_json(), schema="clipterm.cache.build/1")
+        return
+    if result.already_complete:
+        stdout.print(f"cache [bold]{result.name}[/] is already complete ({result.rows:,} rows): {result.path}")
+        stderr.print("[dim]hint:[/] pass --force to build it again", highlight=False)
+        return
+    skipped = f", {result.skipped} skipped (see `clipterm cache info {result.name}`)" if result.skipped else ""
+    stdout.print(f"built cache [bold]{result.name}[/]: {result.rows:,} rows{skipped}, {result.shards} shards, "
+                 f"{result.images_per_s:,.1f} images/s: {result.path}")
+
+
+@cache_app.command("ls")
+def list_(cache_dir: str = CacheDirOpt, json_out: bool = JsonOpt) -> None:
+    """List the caches under the cache root."""
+    from clipterm import locations
+    from clipterm.reader import list_caches
+
+    root, why = locations.cache_root(cache_dir)
+    caches = list_caches(root)
+    if json_out:
+        emit_json({"root": str(root), "reason": why, "caches": caches}, schema="clipterm.cache.ls/1")
+        return
+    from rich.table import Table
+
+    table = Table("name", "model", "rows", "dtype", "size", "state", title=f"{len(caches)} caches in {root} ({why})")
+    for c in caches:
+        if "error" in c:
+            table.add_row(c["name"], "", "", "", "", f"[red]{c['error']}[/]")
+            continue
+        model = f"{c['model']['arch']} {c['model']['pretrained'] or ''}".strip()
+        state = "[green]complete[/]" if c["complete"] else "[yellow]incomplete[/]"
+        table.add_row(c["name"], model, f"{c['rows']:,}", c["dtype"], _size(c["bytes"]), state)
+    stdout.print(table)
+
+
+@cache_app.command()
+def info(cache: str = CacheArg, cache_dir: str = CacheDirOpt, json_out: bool = JsonOpt) -> None:
+    """Show a cache's model, inputs, shards, size on disk, what was stored, and skipped inputs."""
+    from clipterm.reader import CacheReader, resolve
+
+    reader = CacheReader(resolve(cache, cache_dir), allow_incomplete=True)
+    summary = {**reader.info, "skipped_inputs": reader.manifest.get("skipped", []), "dataset": reader.manifest["dataset"],
+               "shape": reader.manifest["shape"]}
+    if json_out:
+        emit_json(summary, schema="clipterm.cache.info/1")
+        return
+    from rich.table import Table
+
+    from clipterm.names import format_layers
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    s, m = summary["shape"], summary["model"]
+    stored = ["components"] + (["neurons"] if summary["stored"]["neurons"] else [])
+    if summary["stored"]["tokens"]:
+        stored.append(f"tokens {format_layers(summary['stored']['tokens'])}")
+    rows = {
+        "path": summary["path"],
+        "state": "complete" if summary["complete"] else "incomplete: rerun the build command to resume",
+        "model": " ".join(filter(None, [m["arch"], m["pretrained"], f"(sha256 {str(m['weights_sha256'])[:12]})"])),
+        "shape": f"{s['layers']} layers x {s['heads']} heads (head dim {s['head_dim']}), embed dim {s['embed_dim']}",
+        "images": f"{summary['source']}: {summary['inputs']:,} inputs, {summary['rows']:,} rows, {summary['skipped']} skipped",
+        "labels": ", ".join(f"{t} ({k} classes)" for t, k in summary["tasks"].items()) or "none",
+        "stored": f"{', '.join(stored)} in {summary['dtype']}",
+        "size": f"{_size(summary['bytes'])} in {summary['shards']} shards ({_size(summary['bytes_per_row'])} per image)",
+        "created": summary["created"],
+    }
+    for key, value in rows.items():
+        table.add_row(f"[bold]{key}[/]", value)
+    stdout.print(table)
+    for item in summary["skipped_inputs"][:20]:
+        stdout.print(f"  skipped #{item['index']}: {item['reason']}", highlight=False)
+    if len(summary["skipped_inputs"]) > 20:
+        stdout.print(f"  ... and {len(summary['skipped_inputs']) - 20} more (--json lists all)")
+
+
+@cache_app.command()
+def verify(cache: str = CacheArg, cache_dir: str = CacheDirOpt, json_out: bool = JsonOpt) -> None:
+    """Re-hash every file and check shard shapes against the manifest; exit non-zero naming any damaged file."""
+    from clipterm.reader import resolve
+    from clipterm.reader import verify as check
+
+    path = resolve(cache, cache_dir)
+    problems = check(path)
+    if json_out:
+        emit_json({"cache": str(path), "ok": not problems, "problems": problems}, schema="clipterm.cache.verify/1")
+    elif not problems:
+        stdout.print(f"cache [bold]{path.name}[/] is intact: every file matches its sha256 and the manifest")
+    if problems:
+        files = sorted({p["file"] for p in problems})
+        if not json_out:
+            for p in problems:
+                stdout.print(f"[red]{p['file']}[/]: {p['problem']}", highlight=False)
+        raise ClipTermError(f"cache {path.name} is damaged: {', '.join(files)}",
+                            hint="rebuild it with `clipterm cache build ... --force`", code=ExitCode.INVALID_DATA)
+
+
+@cache_app.command()
+def rm(
+    cache: str = CacheArg,
+    cache_dir: str = CacheDirOpt,
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be removed."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Delete a cache folder (asks first, unless --yes)."""
+    import shutil
+
+    from clipterm.reader import resolve
+    from clipterm.store import CacheLock
+
+    path = resolve(cache, cache_dir)
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    if not dry_run and not yes:
+        if not sys.stdin.isatty():
+            raise ClipTermError(f"refusing to remove {path} without confirmation", hint="pass --yes to remove it")
+        typer.confirm(f"remove cache {path.name} ({_size(size)}) at {path}?", abort=True)
+    if not dry_run:
+        with CacheLock(path):  # never delete under a running build
+            shutil.rmtree(path)
+    if json_out:
+        emit_json({"cache": str(path), "bytes": size, "removed": not dry_run}, schema="clipterm.cache.rm/1")
+    else:
+        stdout.print(f"{'would remove' if dry_run else 'removed'} {path} ({_size(size)})")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(cache_app, name="cache")

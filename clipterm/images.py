@@ -1,0 +1,272 @@
+"""Image sources for a cache build: a folder, a list file, or the synthetic world.
+
+| spec          | meaning                                                                    |
+|---------------|----------------------------------------------------------------------------|
+| `DIR`         | every image file under DIR, recursively, in sorted order; the first-level sub-folder names the class (task `class`) |
+| `LIST`        | a text file, one image path per line (relative to the list's folder); an optional tab-separated second column names the class |
+| `toy:N`       | the first N scenes of the synthetic world, seed 0, with every toy task's labels |
+| `toy:N@SEED`  | the same with another seed                                                  |
+
+Decoding is forgiving where it can be and honest where it can't: CMYK, alpha, palette, 16-bit and
+huge images are turned into RGB; empty, truncated and non-image files are skipped with a reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from clipterm.errors import ClipTermError, ExitCode
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif")
+# Decompression-bomb guard: more pixels than this (16k x 16k) is refused rather than decoded.
+MAX_PIXELS = 16384 * 16384
+_TOY = re.compile(r"^toy:(\d+)(?:@(\d+))?$")
+
+
+class SkipImage(Exception):
+    """An input that cannot be decoded; the message is the reason recorded in the cache."""
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One input: a file path or a synthetic scene id, and its labels (task -> class, -1 unknown)."""
+
+    index: int
+    path: str | None  # absolute path of a file
+    id: str | None  # synthetic id, e.g. "toy:0/17"
+    labels: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"index": self.index}
+        row["path" if self.path is not None else "id"] = self.path if self.path is not None else self.id
+        row["labels"] = self.labels
+        return row
+
+
+@dataclass
+class ImageSource:
+    """An ordered list of inputs plus the class names of each label task."""
+
+    spec: str  # what the user gave
+    kind: str  # "folder" | "list" | "toy"
+    root: str | None  # the folder or list file, absolute
+    items: list[ImageItem]
+    tasks: dict[str, list[str]]  # task -> class names, in label order
+    seed: int | None = None  # toy only
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def fingerprint(self) -> str:
+        """A cheap identity of the inputs: relative names, sizes and labels (toy: seed and N)."""
+        digest = hashlib.sha256(f"{self.kind}\n{self.seed}\n".encode())
+        base = Path(self.root).parent if self.kind == "list" else Path(self.root or ".")
+        for item in self.items:
+            if item.path is not None:
+                try:
+                    size = os.stat(item.path).st_size
+                except OSError:
+                    size = -1
+                name = os.path.relpath(item.path, base)
+                digest.update(f"{name}\0{size}\0{sorted(item.labels.items())}\n".encode("utf-8", "surrogateescape"))
+            else:
+                digest.update(f"{item.id}\n".encode())
+        return digest.hexdigest()
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records about the dataset."""
+        return {"source": self.spec, "kind": self.kind, "root": self.root, "seed": self.seed, "n": len(self.items),
+                "tasks": self.tasks, "fingerprint": self.fingerprint()}
+
+    def load(self, index: int, min_side: int) -> Any:
+        """The RGB PIL image of input `index`, reduced to about `min_side` when huge; raises SkipImage."""
+        item = self.items[index]
+        if item.path is None:
+            from PIL import Image
+
+            from clipterm.toyworld import world
+
+            pixels, _ = world.render(world.scene_at(self.seed or 0, index))  # (64, 64, 3) uint8
+            return Image.fromarray(pixels)
+        return decode(item.path, min_side)
+
+
+def open_source(spec: str) -> ImageSource:
+    """Parse an image spec (`DIR`, `LIST`, `toy:N`, `toy:N@SEED`) into an ImageSource."""
+    match = _TOY.match(spec.strip())
+    if match:
+        return toy_source(int(match[1]), int(match[2] or 0), spec)
+    if spec.startswith("toy"):
+        raise ClipTermError(f"not a toy image spec: {spec!r}", hint="write toy:N or toy:N@SEED, e.g. toy:2000")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return folder_source(path, spec)
+    if path.is_file():
+        return list_source(path, spec)
+    raise ClipTermError(f"no such folder or list file: {spec}", hint="--images takes a folder, a list file, or toy:N",
+                        code=ExitCode.NOT_FOUND)
+
+
+def toy_source(n: int, seed: int = 0, spec: str | None = None) -> ImageSource:
+    """The first `n` scenes of the synthetic world with this seed, labelled for every toy task."""
+    from clipterm.toyworld import world
+
+    if n < 1:
+        raise ClipTermError("toy:N needs N >= 1", hint="e.g. toy:2000")
+    items = [ImageItem(i, None, f"toy:{seed}/{i}", world.labels(world.scene_at(seed, i))) for i in range(n)]
+    return ImageSource(spec or f"toy:{n}@{seed}", "toy", None, items, {t: list(c) for t, c in world.TASKS.items()}, seed)
+
+
+def folder_source(folder: Path, spec: str | None = None) -> ImageSource:
+    """Every image file under `folder` (recursive, sorted); the first-level sub-folder is the class."""
+    folder = folder.expanduser().resolve()
+    files = sorted(_walk(folder), key=lambda rel: rel.split("/"))
+    if not files:
+        raise ClipTermError(
+            f"no image files in {folder}",
+            hint=f"put images ({', '.join(IMAGE_SUFFIXES[:5])}, ...) in it, one sub-folder per class",
+            code=ExitCode.NOT_FOUND,
+        )
+    names = [rel.split("/", 1)[0] if "/" in rel else None for rel in files]
+    return _labelled(spec or str(folder), "folder", folder, [str(folder / rel) for rel in files], names)
+
+
+def list_source(list_file: Path, spec: str | None = None) -> ImageSource:
+    """One path per line (relative to the list's folder), with an optional tab-separated class name."""
+    list_file = list_file.expanduser().resolve()
+    try:
+        lines = list_file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ClipTermError(f"{list_file} is not a UTF-8 text file", hint="a list file holds one image path per line") from None
+    paths, names = [], []
+    for line in lines:
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        path, _, label = line.rstrip("\r\n").partition("\t")
+        paths.append(str((list_file.parent / path.strip()).resolve()))
+        names.append(label.strip() or None)
+    if not paths:
+        raise ClipTermError(f"{list_file} lists no images", hint="write one image path per line, optionally a tab and a class name",
+                            code=ExitCode.NOT_FOUND)
+    return _labelled(spec or str(list_file), "list", list_file, paths, names)
+
+
+def _labelled(spec: str, kind: str, root: Path, paths: list[str], names: list[str | None]) -> ImageSource:
+    classes = sorted({n for n in names if n is not None})
+    tasks = {"class": classes} if classes else {}
+    items = [
+        ImageItem(i, path, None, {"class": classes.index(name) if name is not None else -1} if classes else {})
+        for i, (path, name) in enumerate(zip(paths, names))
+    ]
+    return ImageSource(spec, kind, str(root), items, tasks)
+
+
+def _walk(folder: Path) -> list[str]:
+    """Relative posix paths of image files under `folder`, hidden files and folders left out."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel_dir = os.path.relpath(dirpath, folder)
+        for name in filenames:
+            if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
+                found.append(name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/"))
+    return found
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode(path: str | os.PathLike, min_side: int = 224) -> Any:
+    """Decode a file to an RGB PIL image, shrinking huge ones to about 2x `min_side`; raises SkipImage with a reason."""
+    from PIL import Image, ImageOps
+
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2  # PIL refuses at twice this
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise SkipImage(f"cannot read file: {exc.strerror or exc}") from None
+    if size == 0:
+        raise SkipImage("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning, EXIF and palette warnings
+            with Image.open(path) as image:
+                image.draft("RGB", (min_side * 2, min_side * 2))  # JPEG: decode at a reduced scale, much faster
+                image.load()
+                image = _shrink(ImageOps.exif_transpose(image) or image, min_side)
+                return to_rgb(image)
+    except Image.DecompressionBombError:
+        raise SkipImage(f"too large to decode safely (over {MAX_PIXELS:,} pixels)") from None
+    except Image.UnidentifiedImageError:
+        raise SkipImage("not an image (unknown or unreadable format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        text = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise SkipImage(f"truncated or corrupt image: {text}") from None
+
+
+def _shrink(image: Any, min_side: int) -> Any:
+    """Box-reduce by an integer factor while the short side stays >= 2x min_side (the resize that follows antialiases)."""
+    factor = min(image.size) // (2 * min_side)
+    if factor < 2:
+        return image
+    if image.mode.startswith("I;16"):
+        image = image.convert("I")  # same values, a mode `reduce` supports
+    elif image.mode not in ("RGB", "RGBA", "L", "LA", "CMYK", "I", "F", "YCbCr"):
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    return image.reduce(factor)
+
+
+def to_rgb(image: Any) -> Any:
+    """Any PIL mode to 8-bit RGB: alpha over white, palettes expanded, 16/32-bit rescaled."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        image = image.convert("RGBA")
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+# --------------------------------------------------------------------------- a torch Dataset for the DataLoader
+
+
+class ImageDataset:
+    """`dataset[i]` -> (index, tensor or None, reason or None) for input `indices[i]`; skips never raise."""
+
+    def __init__(self, source: ImageSource, preprocess: Callable, indices: list[int], min_side: int):
+        self.source, self.preprocess, self.indices, self.min_side = source, preprocess, indices, min_side
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[int, Any, str | None]:
+        index = self.indices[i]
+        try:
+            return index, self.preprocess(self.source.load(index, self.min_side)), None
+        except SkipImage as exc:
+            return index, None, str(exc)
+        except Exception as exc:  # the preprocess itself failed on an odd image: record it, don't stop the build
+            return index, None, f"preprocessing failed: {type(exc).__name__}: {str(exc)[:120]}"
+
+
+def collate(batch: list[tuple[int, Any, str | None]]) -> tuple[list[int], Any, list[tuple[int, str]]]:
+    """Stack the decoded images; return (kept indices, (B, 3, S, S) tensor or None, [(index, reason)] skipped)."""
+    import torch
+
+    kept = [(index, tensor) for index, tensor, _ in batch if tensor is not None]
+    skipped = [(index, reason) for index, tensor, reason in batch if tensor is None]
+    pixels = torch.stack([tensor for _, tensor in kept]) if kept else None
+    return [index for index, _ in kept], pixels, skipped

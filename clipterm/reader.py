@@ -1,0 +1,336 @@
+"""The cache on disk, read side: `open_cache`, the mmap reader, model checks, `verify` and listing.
+
+Shards are opened with `safetensors.safe_open` (mmap) and read one component block at a time,
+so nothing ever loads a whole cache. Rows come back in `index` order (the order of images.jsonl,
+skipped inputs left out). Heads are stored in head space; `effects` maps them to joint space:
+
+    embed + bias + Σ_{l,h} head_out[l,h] @ readout[l,h] + Σ_l mlps[l] = image_embeds
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Sequence
+
+from clipterm import locations, names
+from clipterm.errors import ClipTermError, ExitCode
+from clipterm.store import IMAGES, MANIFEST, READOUT, STATS, file_sha256, read_manifest
+
+
+def resolve(path_or_name: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A cache directory from a path, or from a name under the cache root."""
+    given = Path(path_or_name).expanduser()
+    if (given / MANIFEST).is_file():
+        return given
+    root, why = locations.cache_root(cache_dir)
+    if given.name == str(path_or_name) and (root / given.name / MANIFEST).is_file():
+        return root / given.name
+    known = ", ".join(c["name"] for c in list_caches(root)[:8]) or "none yet"
+    raise ClipTermError(
+        f"no cache {str(path_or_name)!r} (not a cache folder, and not a name under {root}, the {why})",
+        hint=f"caches there: {known}; build one with `clipterm cache build --images ... --name NAME`",
+        code=ExitCode.NOT_FOUND,
+    )
+
+
+def open_cache(path_or_name: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+               allow_incomplete: bool = False) -> CacheReader:
+    """Open a cache given as a path or as a name under the cache root."""
+    return CacheReader(resolve(path_or_name, cache_dir), allow_incomplete=allow_incomplete)
+
+
+def check_model(reader: CacheReader, model_info: Any) -> None:
+    """Refuse a model whose weights are not the ones the cache was built with."""
+    built = reader.manifest["model"]
+    have = model_info.to_json() if hasattr(model_info, "to_json") else dict(model_info)
+    if built.get("weights_sha256") != have.get("weights_sha256"):
+        raise ClipTermError(
+            f"cache {reader.name} was built with other weights ({built.get('arch')} {built.get('pretrained') or ''}, "
+            f"sha256 {str(built.get('weights_sha256'))[:12]}) than {have.get('arch')} (sha256 {str(have.get('weights_sha256'))[:12]})",
+            hint=f"load the model the cache was built with (--model {built.get('spec')}"
+                 + (f" --pretrained {built['pretrained']}" if built.get("pretrained") else "") + "), or build a cache for this one",
+            code=ExitCode.INVALID_DATA,
+        )
+
+
+class CacheReader:
+    """Lazy, mmap-backed access to one cache. Tensors come back on the CPU; effects in fp32."""
+
+    def __init__(self, directory: str | os.PathLike, allow_incomplete: bool = False):
+        self.path = Path(directory)
+        manifest = read_manifest(self.path)
+        if manifest is None:
+            raise ClipTermError(f"{self.path} is not a cache (no {MANIFEST})", hint="build one with `clipterm cache build`",
+                                code=ExitCode.NOT_FOUND)
+        if not manifest["complete"] and not allow_incomplete:
+            raise ClipTermError(f"cache {self.path.name} is incomplete (its build was stopped)",
+                                hint="rerun the same `clipterm cache build` command to resume it", code=ExitCode.INVALID_DATA)
+        self.manifest: dict[str, Any] = manifest
+        self._handles: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- what is in it
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def n(self) -> int:
+        """Rows stored: inputs minus skipped ones."""
+        return sum(r["rows"] for r in self.manifest["shards"])
+
+    @property
+    def shape(self) -> names.ModelShape:
+        s = self.manifest["shape"]
+        return names.ModelShape(s["layers"], s["heads"], s["mlp_width"])
+
+    @property
+    def tasks(self) -> dict[str, list[str]]:
+        """Label tasks and their class names."""
+        return self.manifest["dataset"]["tasks"]
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """A summary for `cache info` and `cache ls`."""
+        m = self.manifest
+        size = sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+        return {
+            "name": self.name, "path": str(self.path), "complete": m["complete"], "created": m["created"],
+            "model": {k: m["model"].get(k) for k in ("spec", "arch", "pretrained", "weights_sha256")},
+            "inputs": m["dataset"]["n"], "rows": self.n, "skipped": len(m.get("skipped", [])),
+            "source": m["dataset"]["source"], "tasks": {t: len(c) for t, c in self.tasks.items()},
+            "dtype": m["dtype"], "stored": m["stored"], "convention": m["convention"],
+            "shards": len(m["shards"]), "bytes": size, "bytes_per_row": round(size / max(self.n, 1)),
+        }
+
+    # ----------------------------------------------------------------- components
+
+    def effects(self, name: str, rows: Sequence[int] | None = None) -> Any:
+        """Direct effect of a component on the image embedding, (N, D) fp32 in joint space.
+
+        `embed`, `bias`, `L{l}.H{h}`, `L{l}.MLP`, or `L{l}` (all heads of the layer plus its MLP).
+        """
+        import torch
+
+        comp = names.validate(names.parse(name), self.shape).base
+        if comp.kind in ("embed", "bias"):
+            return self._gather(lambda f: f.get_tensor(comp.kind), rows).float()
+        if comp.kind == "mlp":
+            return self._gather(lambda f: f.get_slice("mlps")[comp.layer], rows).float()  # (N, D)
+        if comp.kind == "head":
+            return self.head_out((comp.layer, comp.index), rows).float() @ self.readout[comp.layer, comp.index]  # (N, D)
+        if comp.kind == "layer":
+            head_out = self._gather(lambda f: f.get_slice("head_out")[comp.layer].transpose(0, 1), rows)  # (N, H, dh)
+            heads = torch.einsum("nhd,hde->ne", head_out.float(), self.readout[comp.layer])  # (N, D)
+            return heads + self.effects(f"L{comp.layer}.MLP", rows)
+        raise ClipTermError(f"{name} has no stored direct effect", hint="neurons have second-order effects: see `clipterm neurons`")
+
+    def head_out(self, head: str | tuple[int, int], rows: Sequence[int] | None = None) -> Any:
+        """A head's output in head space (CLS attention output / ln_post σ), (N, dh) in the cache dtype."""
+        comp = names.parse(head) if isinstance(head, str) else names.Component("head", head[0], head[1])
+        if comp.kind != "head":
+            raise ClipTermError(f"{head} is not a head", hint="heads look like L10.H3")
+        names.validate(comp, self.shape)
+        return self._gather(lambda f: f.get_slice("head_out")[comp.layer, comp.index], rows)
+
+    @cached_property
+    def readout(self) -> Any:
+        """(L, H, dh, D) fp32: head space -> joint space."""
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path / READOUT))["heads"]
+
+    def image_embeds(self, rows: Sequence[int] | None = None) -> Any:
+        """(N, D) fp32: the model's own `encode_image` output."""
+        return self._gather(lambda f: f.get_tensor("image_embeds"), rows)
+
+    def ln_scale(self, rows: Sequence[int] | None = None) -> Any:
+        return self._gather(lambda f: f.get_tensor("ln_scale"), rows)
+
+    def index(self) -> Any:
+        """(N,) int64: each row's line in images.jsonl."""
+        return self._gather(lambda f: f.get_tensor("index"), None)
+
+    def labels(self, task: str, rows: Sequence[int] | None = None) -> Any:
+        """(N,) int64 class per row, -1 where unknown; class names are `tasks[task]`."""
+        if task not in self.tasks:
+            raise ClipTermError(f"cache {self.name} has no labels for {task!r}",
+                                hint=f"tasks: {', '.join(self.tasks) or 'none (the images had no classes)'}")
+        return self._gather(lambda f: f.get_tensor(f"labels.{task}"), rows)
+
+    def neurons(self, layer: int | str, rows: Sequence[int] | None = None) -> Any:
+        """(N, M) CLS post-activation MLP values of one layer, when built with `--neurons`."""
+        layer = self._layer(layer)
+        if not self.manifest["stored"]["neurons"]:
+            raise ClipTermError(f"cache {self.name} holds no neuron activations", hint="rebuild it with `--neurons`")
+        return self._gather(lambda f: f.get_slice("neurons")[layer], rows)
+
+    def tokens(self, layer: int | str, rows: Sequence[int] | None = None) -> Any:
+        """(H, N, T, dh) per-source-token head outputs of one layer, in head space, when built with `--tokens`."""
+        import torch
+
+        layer = self._layer(layer)
+        stored = self.manifest["stored"]["tokens"]
+        if layer not in stored:
+            have = names.format_layers(stored) if stored else "none"
+            raise ClipTermError(f"cache {self.name} holds no tokens for L{layer} (it has {have})", hint="rebuild it with `--tokens L8-11`")
+        parts = self._per_shard(lambda f: f.get_tensor(f"tokens.L{layer}").transpose(0, 1), rows)  # (n, H, T, dh)
+        return torch.cat(parts).transpose(0, 1)
+
+    def stats(self, name: str | None = None) -> dict[str, Any]:
+        """fp64 sufficient statistics. No name: every tensor of stats.safetensors. A head: count, mean, sum,
+        outer and cov in head space; an MLP: the same in joint space; embed / bias: count, sum, mean."""
+        from safetensors.torch import load_file
+
+        if name is None:
+            return load_file(str(self.path / STATS))
+        comp = names.validate(names.parse(name), self.shape).base
+        with _open(self.path / STATS) as f:
+            count = f.get_tensor("count")
+            if comp.kind == "head":
+                total = f.get_slice("heads.sum")[comp.layer, comp.index]
+                outer = f.get_slice("heads.outer")[comp.layer, comp.index]
+            elif comp.kind == "mlp":
+                total, outer = f.get_slice("mlps.sum")[comp.layer], f.get_slice("mlps.outer")[comp.layer]
+            elif comp.kind in ("embed", "bias"):
+                total = f.get_tensor(f"{comp.kind}.sum")
+                return {"count": count, "sum": total, "mean": total / count}
+            else:
+                raise ClipTermError(f"no statistics for {name}", hint="stats exist for embed, bias, heads and MLPs")
+        mean = total / count
+        return {"count": count, "sum": total, "outer": outer, "mean": mean, "cov": outer / count - mean[:, None] * mean[None, :]}
+
+    def images(self) -> list[dict[str, Any]]:
+        """One dict per input (images.jsonl): index, path or id, labels, skipped (and reason)."""
+        with open(self.path / IMAGES, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    # ----------------------------------------------------------------- plumbing
+
+    def _layer(self, layer: int | str) -> int:
+        if isinstance(layer, str):
+            comp = names.parse(layer)
+            if comp.kind != "layer":
+                raise ClipTermError(f"{layer} is not a layer", hint="layers look like L9")
+            layer = comp.layer
+        return names.validate(names.Component("layer", layer), self.shape).layer
+
+    def _handle(self, record: dict) -> Any:
+        if record["file"] not in self._handles:
+            try:
+                handle = _open(self.path / record["file"])
+                rows = handle.get_slice("index").get_shape()[0]
+            except Exception as exc:
+                raise ClipTermError(f"cannot read shard {record['file']} of {self.name}: {str(exc)[:160]}",
+                                    hint=f"run `clipterm cache verify {self.name}`", code=ExitCode.INVALID_DATA) from None
+            if rows != record["rows"]:
+                raise ClipTermError(f"shard {record['file']} holds {rows} rows, the manifest says {record['rows']}",
+                                    hint=f"run `clipterm cache verify {self.name}`", code=ExitCode.INVALID_DATA)
+            self._handles[record["file"]] = handle
+        return self._handles[record["file"]]
+
+    def _per_shard(self, read: Any, rows: Sequence[int] | None) -> list[Any]:
+        """`read(handle)` for each shard (rows first), restricted to `rows` (positions 0..N-1, any order) when given."""
+        import torch
+
+        if rows is None:
+            return [read(self._handle(record)) for record in self.manifest["shards"]]
+        wanted, order = torch.sort(torch.as_tensor(rows, dtype=torch.long).reshape(-1))
+        if wanted.numel() and (wanted[0] < 0 or wanted[-1] >= self.n):
+            raise ClipTermError(f"row out of range for cache {self.name} (it has {self.n} rows)")
+        parts, offset = [], 0
+        for record in self.manifest["shards"]:
+            lo, hi = offset, offset + record["rows"]
+            offset = hi
+            mine = wanted[(wanted >= lo) & (wanted < hi)] - lo
+            if mine.numel():
+                parts.append(read(self._handle(record))[mine])
+        if not parts:
+            return [read(self._handle(self.manifest["shards"][0]))[:0]]
+        return [torch.cat(parts)[torch.argsort(order)]]  # back to the caller's order
+
+    def _gather(self, read: Any, rows: Sequence[int] | None) -> Any:
+        import torch
+
+        return torch.cat(self._per_shard(read, rows))
+
+
+def _open(path: Path) -> Any:
+    from safetensors import safe_open
+
+    return safe_open(str(path), framework="pt")
+
+
+# --------------------------------------------------------------------------- listing and verifying
+
+
+def list_caches(root: Path) -> list[dict[str, Any]]:
+    """Every cache under `root`, by name, with a short summary (damaged manifests reported, not raised)."""
+    found = []
+    for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []:
+        if not (folder / MANIFEST).is_file():
+            continue
+        try:
+            found.append(CacheReader(folder, allow_incomplete=True).info)
+        except ClipTermError as exc:
+            found.append({"name": folder.name, "path": str(folder), "error": exc.message})
+    return found
+
+
+def verify(directory: Path) -> list[dict[str, str]]:
+    """Re-hash every file and check every shard's tensors against the manifest. Returns problems (empty: all good)."""
+    from safetensors import safe_open
+
+    reader = CacheReader(directory, allow_incomplete=True)
+    m, problems = reader.manifest, []
+
+    def problem(file: str, what: str) -> None:
+        problems.append({"file": file, "problem": what})
+
+    if not m["complete"]:
+        problem(MANIFEST, "the build is incomplete (resume it with the same `clipterm cache build` command)")
+    for name, sha in m.get("files", {}).items():
+        path = directory / name
+        if not path.is_file():
+            problem(name, "missing")
+        elif file_sha256(path) != sha:
+            problem(name, "sha256 differs from the manifest (the file is damaged)")
+    s = m["shape"]
+    indices: list[int] = []
+    for record in m["shards"]:
+        path = directory / record["file"]
+        if not path.is_file():
+            problem(record["file"], "missing")
+            continue
+        if path.stat().st_size != record["bytes"] or file_sha256(path) != record["sha256"]:
+            problem(record["file"], "sha256 differs from the manifest (the shard is damaged)")
+            continue
+        n = record["rows"]
+        expected = {
+            "head_out": [s["layers"], s["heads"], n, s["head_dim"]], "mlps": [s["layers"], n, s["embed_dim"]],
+            "embed": [n, s["embed_dim"]], "bias": [n, s["embed_dim"]], "ln_scale": [n],
+            "image_embeds": [n, s["embed_dim"]], "index": [n],
+            **{f"labels.{t}": [n] for t in m["dataset"]["tasks"]},
+            **({"neurons": [s["layers"], n, s["mlp_width"]]} if m["stored"]["neurons"] else {}),
+            **{f"tokens.L{l}": [s["heads"], n, s["tokens"], s["head_dim"]] for l in m["stored"]["tokens"]},
+        }
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+                index = f.get_tensor("index").tolist() if "index" in shapes else []
+        except Exception as exc:
+            problem(record["file"], f"unreadable: {str(exc)[:120]}")
+            continue
+        if shapes != expected:
+            problem(record["file"], f"tensors {sorted(shapes)} with shapes that differ from the manifest's model and rows")
+        if index and not (record["start"] <= index[0] and index[-1] < record["stop"] and index == sorted(index)):
+            problem(record["file"], "index rows fall outside the shard's range or are out of order")
+        indices += index
+    if m["complete"] and not problems:  # a damaged shard already explains missing rows
+        skipped = {s_["index"] for s_ in m["skipped"]}
+        if sorted(indices + sorted(skipped)) != list(range(m["dataset"]["n"])):
+            problem(MANIFEST, "shard rows plus skipped inputs do not cover every input exactly once")
+    return problems

@@ -1,0 +1,329 @@
+"""The cache on disk, write side: file names, atomic writes, the writer's lock, shards and statistics.
+
+A cache is a directory holding `manifest.json`, `readout.safetensors`, `shard-XXXXX.safetensors`,
+`images.jsonl` and `stats.safetensors` (docs/cache-format.md describes every tensor). Input i
+belongs to chunk `i // shard_rows`, and chunk k is written to `shard-{k:05d}.safetensors`, so the
+layout does not depend on how many processes built it. Reading lives in `clipterm.reader`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from clipterm import __version__
+from clipterm.errors import ClipTermError, ExitCode
+
+SCHEMA = "clipterm.cache/1"
+MANIFEST = "manifest.json"
+READOUT = "readout.safetensors"
+STATS = "stats.safetensors"
+IMAGES = "images.jsonl"
+LOCK = ".lock"
+DTYPES = ("float16", "float32")
+# Fields that must agree before a build may resume into an existing cache.
+RESUME_KEYS = (("model", "weights_sha256"), ("model", "arch"), ("convention",), ("dataset", "fingerprint"), ("dtype",), ("stored",))
+
+
+def shard_name(chunk: int) -> str:
+    return f"shard-{chunk:05d}.safetensors"
+
+
+def progress_name(rank: int) -> str:
+    """Shards finished by one rank of a multi-process build, until rank 0 merges them into the manifest."""
+    return f"progress-r{rank}.json"
+
+
+def partial_stats_name(rank: int) -> str:
+    return f"stats-r{rank}.safetensors"
+
+
+# --------------------------------------------------------------------------- atomic files and the lock
+
+
+def atomic_write(path: Path, data: bytes) -> str:
+    """Write `path` via `path.tmp` + fsync + rename, so readers see the old file or the new one; returns sha256."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_json(path: Path, payload: Any) -> str:
+    return atomic_write(path, (json.dumps(payload, indent=1, ensure_ascii=False) + "\n").encode())
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class CacheLock:
+    """An exclusive `flock` on `<cache>/.lock`. The OS drops it when the holder dies, so a killed build can resume."""
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / LOCK
+        self.fd: int | None = None
+
+    def acquire(self) -> CacheLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ClipTermError(
+                f"another process (pid {holder}) is writing the cache {self.path.parent}",
+                hint="wait for it to finish, or build under another --name",
+                code=ExitCode.BUSY,
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> CacheLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def partial_stats(tensors: dict[str, Any]) -> dict[str, Any]:
+    """fp64 count, sums and sums of outer products of one block of rows, from the values as stored."""
+    import torch
+
+    head_out = tensors["head_out"].double()  # (L, H, n, dh)
+    mlps = tensors["mlps"].double()  # (L, n, D)
+    return {
+        "count": torch.tensor(float(head_out.shape[2]), dtype=torch.float64, device=head_out.device),
+        "heads.sum": head_out.sum(2),  # (L, H, dh)
+        "heads.outer": head_out.transpose(-1, -2) @ head_out,  # (L, H, dh, dh)
+        "mlps.sum": mlps.sum(1),  # (L, D)
+        "mlps.outer": mlps.transpose(-1, -2) @ mlps,  # (L, D, D)
+        "embed.sum": tensors["embed"].double().sum(0),  # (D,)
+        "bias.sum": tensors["bias"].double().sum(0),  # (D,)
+        "image_embeds.sum": tensors["image_embeds"].double().sum(0),  # (D,)
+    }
+
+
+def add_stats(total: dict[str, Any] | None, part: dict[str, Any]) -> dict[str, Any]:
+    """Merge partial sums (on `total`'s device); in fp64 the order of merging changes results only at ~1e-16."""
+    if total is None:
+        return {key: value.clone() for key, value in part.items()}
+    for key, value in part.items():
+        total[key] += value.to(total[key].device)
+    return total
+
+
+def shard_stats(path: Path, device: str = "cpu") -> dict[str, Any]:
+    """Recompute a finished shard's partial sums from disk (a resumed build needs them)."""
+    from safetensors import safe_open
+
+    keys = ("head_out", "mlps", "embed", "bias", "image_embeds")
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        return partial_stats({key: f.get_tensor(key) for key in keys})
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def shard_tensors(parts: list[dict[str, Any]], dtype: str) -> dict[str, Any]:
+    """Concatenate per-batch outputs (batch-major, already on the CPU) into component-major shard tensors."""
+    import torch
+
+    def cat(key: str) -> Any:
+        return torch.cat([part[key] for part in parts]) if parts else None
+
+    store = getattr(torch, dtype)
+    tensors: dict[str, Any] = {
+        "head_out": cat("head_out").to(store).permute(1, 2, 0, 3).contiguous(),  # (n, L, H, dh) -> (L, H, n, dh)
+        "mlps": cat("mlps").to(store).transpose(0, 1).contiguous(),  # (n, L, D) -> (L, n, D)
+        "embed": cat("embed").to(store).contiguous(),  # (n, D)
+        "bias": cat("bias").to(store).contiguous(),  # (n, D)
+        "ln_scale": cat("ln_scale").float().contiguous(),  # (n,)
+        "image_embeds": cat("image_embeds").float().contiguous(),  # (n, D)
+        "index": cat("index").long().contiguous(),  # (n,)
+    }
+    for key in parts[0]:
+        if key.startswith("labels."):
+            tensors[key] = cat(key).long().contiguous()  # (n,)
+        elif key == "neurons":
+            tensors[key] = cat(key).to(store).transpose(0, 1).contiguous()  # (n, L, M) -> (L, n, M)
+        elif key.startswith("tokens."):
+            tensors[key] = cat(key).to(store).transpose(0, 1).contiguous()  # (n, H, T, dh) -> (H, n, T, dh)
+    return tensors
+
+
+def write_shard(directory: Path, chunk: int, tensors: dict[str, Any], start: int, stop: int,
+                skipped: list[tuple[int, str]]) -> dict[str, Any]:
+    """Write one shard atomically; return its manifest record."""
+    from safetensors.torch import save
+
+    rows = int(tensors["index"].shape[0])
+    meta = {"format": SCHEMA, "chunk": str(chunk), "start": str(start), "stop": str(stop), "rows": str(rows)}
+    data = save(tensors, metadata=meta)
+    name = shard_name(chunk)
+    sha = atomic_write(directory / name, data)
+    return {"file": name, "chunk": chunk, "start": start, "stop": stop, "rows": rows, "bytes": len(data), "sha256": sha,
+            "skipped": [[index, reason] for index, reason in skipped]}
+
+
+def save_tensors(path: Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> str:
+    from safetensors.torch import save
+
+    return atomic_write(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
+def load_tensors(path: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+# --------------------------------------------------------------------------- the manifest and resuming
+
+
+def new_manifest(model: dict, convention: str, dataset: dict, dtype: str, stored: dict, shape: dict, shard_rows: int) -> dict:
+    """The manifest of a build that has not written any shard yet."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return {
+        "schema": SCHEMA, "clipterm_version": __version__, "created": now, "updated": now,
+        "model": model, "convention": convention, "dataset": dataset, "dtype": dtype, "stored": stored,
+        "shape": shape, "shard_rows": shard_rows, "chunks": -(-dataset["n"] // shard_rows),
+        "shards": [], "skipped": [], "files": {}, "complete": False,
+    }
+
+
+def read_manifest(directory: Path) -> dict | None:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ClipTermError(f"unreadable manifest in {directory}: {exc}", hint="rebuild it with `clipterm cache build ... --force`",
+                            code=ExitCode.INVALID_DATA) from None
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        raise ClipTermError(f"{path} is not a clipterm cache manifest ({SCHEMA})", hint="rebuild it with --force",
+                            code=ExitCode.INVALID_DATA)
+    return manifest
+
+
+def mismatch(old: dict, new: dict) -> str | None:
+    """The first manifest field that stops `new` from resuming into `old`, or None."""
+    for keys in RESUME_KEYS:
+        a, b = old, new
+        for key in keys:
+            a, b = (a or {}).get(key), (b or {}).get(key)
+        if a != b:
+            return ".".join(keys)
+    return None
+
+
+def _owned(name: str) -> bool:
+    """Files a build writes; `--force` deletes these and nothing else."""
+    return (name in (MANIFEST, READOUT, STATS, IMAGES) or name.endswith(".tmp")
+            or (name.startswith(("shard-", "stats-r")) and name.endswith(".safetensors"))
+            or (name.startswith("progress-r") and name.endswith(".json")))
+
+
+def clear(directory: Path) -> None:
+    """Delete every file a build writes (never anything else): `--force`."""
+    for path in Path(directory).iterdir():
+        if path.is_file() and _owned(path.name):
+            path.unlink()
+
+
+def finished_records(directory: Path, manifest: dict) -> list[dict]:
+    """Shards that are really done: in the manifest or a rank's progress file, and on disk at their recorded size."""
+    by_chunk = {r["chunk"]: r for r in manifest.get("shards", [])}
+    for path in sorted(Path(directory).glob("progress-r*.json")):
+        try:
+            by_chunk.update({r["chunk"]: r for r in json.loads(path.read_text())})
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a torn progress file only costs redoing its shards
+    records = []
+    for chunk, record in sorted(by_chunk.items()):
+        path = Path(directory) / record["file"]
+        if path.is_file() and path.stat().st_size == record["bytes"]:
+            records.append(record)
+    return records
+
+
+def prepare(directory: Path, manifest: dict, force: bool) -> dict:
+    """Make `directory` ready for a (resumed) build of `manifest`; return the manifest to continue from.
+
+    Fresh or `force`: clear and start over. Otherwise the existing manifest must agree on model,
+    convention, dataset, dtype and stored extras, and keeps its finished shards; anything else
+    (partial `.tmp` files, shards no record vouches for) is deleted and will be redone.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    old = None if force else read_manifest(directory)
+    if old is not None:
+        field = mismatch(old, manifest)
+        if field:
+            raise ClipTermError(
+                f"the cache {directory.name} was started with another {field}",
+                hint="pass --force to start it over, or choose another --name",
+            )
+        manifest = {**manifest, "created": old["created"], "shard_rows": old["shard_rows"], "chunks": old["chunks"],
+                    "shards": finished_records(directory, old)}
+    else:
+        clear(directory)
+    keep = {r["file"] for r in manifest["shards"]}
+    for path in directory.iterdir():
+        if _owned(path.name) and path.name not in keep and path.name not in (MANIFEST, READOUT):
+            path.unlink()
+    manifest["complete"] = False
+    write_json(directory / MANIFEST, manifest)
+    return manifest
+
+
+def finish(directory: Path, manifest: dict, records: list[dict], stats: dict[str, Any], images: list[dict]) -> dict:
+    """Write images.jsonl and stats.safetensors, then the complete manifest (last, so `complete` means complete)."""
+    records = sorted(records, key=lambda r: r["chunk"])
+    skipped = [{"index": index, "reason": reason} for r in records for index, reason in r["skipped"]]
+    reasons = {s["index"]: s["reason"] for s in skipped}
+    lines = []
+    for row in images:
+        row = {**row, "skipped": row["index"] in reasons}
+        if row["skipped"]:
+            row["reason"] = reasons[row["index"]]
+        lines.append(json.dumps(row, ensure_ascii=False))
+    files = {IMAGES: atomic_write(directory / IMAGES, ("\n".join(lines) + "\n").encode())}
+    files[STATS] = save_tensors(directory / STATS, stats, metadata={"format": SCHEMA})
+    files[READOUT] = file_sha256(directory / READOUT)
+    manifest = {**manifest, "shards": records, "skipped": skipped, "files": files, "complete": True,
+                "rows": sum(r["rows"] for r in records), "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    manifest["dataset"] = {**manifest["dataset"], "rows": manifest["rows"], "skipped": len(skipped)}
+    write_json(directory / MANIFEST, manifest)
+    for path in list(directory.glob("progress-r*.json")) + list(directory.glob("stats-r*.safetensors")):
+        path.unlink()
+    return manifest
