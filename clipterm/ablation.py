@@ -1,0 +1,293 @@
+"""Mean-ablation from the cache, and per-image attribution.
+
+Direct mean-ablation (Gandelsman, Efros, Steinhardt, ICLR 2024, Sec. 3): the image embedding is
+the sum of its components' direct effects, so replacing one component's effect by its dataset
+mean changes the embedding by `mean - effect`, and the zero-shot logits by `(mean - effect) @ W.T`.
+Nothing is re-run; only the component's rows are read. The drop in accuracy (or, without labels,
+in agreement with the unablated top-1) gets a bootstrap 95% interval over images: the per-image
+outcome change takes values in {-1, 0, 1}, so resampling images is a multinomial draw of counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clipterm import names
+from clipterm.errors import ClipTermError
+
+
+@dataclass
+class Scoring:
+    """Zero-shot scoring of (possibly ablated) image embeddings against one classifier."""
+
+    weights: torch.Tensor  # (K, D) unit class embeddings
+    image_embeds: torch.Tensor  # (N, D) the unablated embeddings
+    labels: torch.Tensor | None = None  # (N,) class per image, -1 unknown; None: agreement with unablated top-1
+    base_logits: torch.Tensor = field(init=False)  # (n, K) on the scored rows
+    target: torch.Tensor = field(init=False)  # (n,) the label, or the unablated top-1
+    rows: torch.Tensor = field(init=False)  # (n,) the rows that are scored
+
+    def __post_init__(self) -> None:
+        known = torch.ones(len(self.image_embeds), dtype=torch.bool) if self.labels is None else self.labels >= 0
+        self.rows = known.nonzero().squeeze(1)  # (n,)
+        if self.rows.numel() == 0:
+            raise ClipTermError("no image in the cache has a label for this task", hint="pick another --task")
+        self.base_logits = self.image_embeds[self.rows].float() @ self.weights.T  # (n, K)
+        self.target = self.base_logits.argmax(1) if self.labels is None else self.labels[self.rows].long()
+
+    @property
+    def agreement(self) -> bool:
+        return self.labels is None
+
+    def outcome(self, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """(n,) bool: correct (or agreeing) after adding `shift` (N, D) to every image embedding."""
+        logits = self.base_logits if shift is None else self.base_logits + shift[self.rows].float() @ self.weights.T
+        return logits.argmax(1) == self.target
+
+    def mean_cosine(self, shift: torch.Tensor) -> float:
+        """Mean cosine between each unablated embedding and its ablated one."""
+        base = self.image_embeds[self.rows].float()  # (n, D)
+        return float(F.cosine_similarity(base, base + shift[self.rows].float(), dim=1).mean())
+
+
+def bootstrap_drop(before: torch.Tensor, after: torch.Tensor, draws: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Drop in mean outcome (before - after) and its bootstrap 95% interval over images."""
+    change = before.int() - after.int()  # (n,) in {-1, 0, 1}
+    n = len(change)
+    counts = np.array([(change == v).sum().item() for v in (-1, 0, 1)], dtype=np.float64)
+    resampled = np.random.default_rng(seed).multinomial(n, counts / n, size=draws)  # (draws, 3)
+    drops = (resampled[:, 2] - resampled[:, 0]) / n  # (draws,)
+    low, high = np.quantile(drops, [0.025, 0.975])
+    return float(change.double().mean()), float(low), float(high)
+
+
+@dataclass
+class AblationRow:
+    component: str
+    score: float  # accuracy (or agreement) with the component mean-ablated
+    drop: float  # baseline - score
+    low: float  # bootstrap 95% interval of the drop
+    high: float
+    cosine: float  # mean cosine to the unablated embedding
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def ablate(scorings: dict[str, Scoring], shifts: Iterable[tuple[str, torch.Tensor]], draws: int = 2000
+           ) -> dict[str, list[AblationRow]]:
+    """For each scoring (task), one row per (name, shift), where shift = mean - effect, (N, D)."""
+    before = {task: scoring.outcome() for task, scoring in scorings.items()}
+    rows: dict[str, list[AblationRow]] = {task: [] for task in scorings}
+    for name, shift in shifts:
+        for task, scoring in scorings.items():
+            after = scoring.outcome(shift)
+            drop, low, high = bootstrap_drop(before[task], after, draws)
+            rows[task].append(AblationRow(name, float(after.float().mean()), drop, low, high, scoring.mean_cosine(shift)))
+    return rows
+
+
+# --------------------------------------------------------------------------- shifts read from a cache
+
+
+def group(reader: Any, by: str) -> list[str]:
+    """Component names to ablate one at a time: every head, every MLP, or every layer (its heads plus MLP)."""
+    shape = reader.shape
+    if by == "head":
+        return [str(c) for c in names.heads(shape)]
+    if by == "mlp":
+        return [f"L{l}.MLP" for l in range(shape.layers)]
+    if by == "layer":
+        return [f"L{l}" for l in range(shape.layers)]
+    raise ClipTermError(f"cannot ablate by {by!r}", hint="--by takes layer, head or mlp")
+
+
+def shift(reader: Any, name: str) -> torch.Tensor:
+    """mean - effect of one component (or layer), (N, D): what mean-ablating it adds to each embedding."""
+    effects = reader.effects(name)  # (N, D)
+    return effects.mean(0, keepdim=True) - effects
+
+
+def shifts(reader: Any, components: list[str]) -> Iterable[tuple[str, torch.Tensor]]:
+    for name in components:
+        yield name, shift(reader, name)
+
+
+def cumulative_shifts(reader: Any, by: str) -> Iterable[tuple[str, torch.Tensor]]:
+    """Layers 0..l all mean-ablated (their heads, MLPs, or both), for each l."""
+    total = None
+    for layer in range(reader.shape.layers):
+        parts = {"head": [f"L{layer}.H{h}" for h in range(reader.shape.heads)], "mlp": [f"L{layer}.MLP"],
+                 "layer": [f"L{layer}"]}[by]
+        for name in parts:
+            total = shift(reader, name) if total is None else total + shift(reader, name)
+        yield names.format_layers(list(range(layer + 1))), total
+
+
+# --------------------------------------------------------------------------- classifiers
+
+
+def class_weights(encode: Callable[[list[str]], torch.Tensor], prompts: list[list[str]]) -> torch.Tensor:
+    """Unit class embeddings (K, D): each class's prompts encoded, normalised, averaged, normalised."""
+    flat = [p for per_class in prompts for p in per_class]
+    sizes = [len(per_class) for per_class in prompts]
+    embeds = F.normalize(encode(flat).float(), dim=-1)  # (sum sizes, D)
+    means = torch.stack([chunk.mean(0) for chunk in embeds.split(sizes)])  # (K, D)
+    return F.normalize(means, dim=-1)
+
+
+def imagenet_templates() -> list[str]:
+    """open_clip's 80 OpenAI ImageNet templates, as format strings."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return [template("{}") for template in OPENAI_IMAGENET_TEMPLATES]
+
+
+def prompts_for(kind: str, task: str, classes: list[str], templates: list[str] | None) -> list[list[str]]:
+    """Prompts per class: the toy task's own templates for toy caches, else open_clip's ImageNet templates."""
+    if templates is None and kind == "toy" and task is not None:
+        from clipterm.toyworld.captions import TASK_TEMPLATES, class_phrase
+
+        return [[t.format(class_phrase(task, c)) for t in TASK_TEMPLATES[task]] for c in classes]
+    templates = templates or imagenet_templates()
+    return [[t.format(c) for t in templates] for c in classes]
+
+
+def read_lines(path: str, what: str) -> list[str]:
+    """Non-blank lines of a UTF-8 file (`--classes`, `--templates`); duplicates are an error, not dropped."""
+    from pathlib import Path
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ClipTermError(f"no {what} file {path}", hint=f"give a UTF-8 file with one {what[:-1]} per line")
+    try:
+        lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise ClipTermError(f"{what} file {path} is not UTF-8", hint="re-save it as UTF-8") from None
+    if not lines:
+        raise ClipTermError(f"{what} file {path} is empty", hint=f"put one {what[:-1]} per line")
+    if len(set(lines)) != len(lines):
+        raise ClipTermError(f"{what} file {path} repeats a line", hint=f"each {what[:-1]} must appear once")
+    return lines
+
+
+def task_names(reader: Any, task: str | None) -> list[str]:
+    """The tasks to score: the one asked for (checked), or every labelled task of the cache."""
+    if task is not None:
+        if task not in reader.tasks:
+            raise ClipTermError(f"cache {reader.name} has no labels for {task!r}",
+                                hint=f"tasks: {', '.join(reader.tasks) or 'none: leave out --task to score agreement'}")
+        return [task]
+    return list(reader.tasks)
+
+
+def scorings(
+    reader: Any,
+    encode: Callable[[list[str]], torch.Tensor],
+    task: str | None = None,
+    classes: list[str] | None = None,
+    templates: list[str] | None = None,
+    pool_embeds: Callable[[], torch.Tensor] | None = None,
+) -> dict[str, Scoring]:
+    """One Scoring per task of the cache (or the one asked for); for a cache without labels, agreement
+    with the unablated top-1 over `classes` (with templates) or over the pool texts `pool_embeds()`."""
+    image_embeds = reader.image_embeds()  # (N, D)
+    kind = reader.manifest["dataset"].get("kind", "")
+    out = {}
+    for name in task_names(reader, task):
+        names_ = reader.tasks[name]
+        if classes is not None and len(classes) != len(names_):
+            raise ClipTermError(f"--classes has {len(classes)} lines, task {name!r} has {len(names_)} classes",
+                                hint=f"list the classes in label order: {', '.join(names_[:5])}, ...")
+        weights = class_weights(encode, prompts_for(kind, name, classes or names_, templates))
+        out[name] = Scoring(weights, image_embeds, reader.labels(name))
+    if out:
+        return out
+    if classes is not None:
+        weights = class_weights(encode, prompts_for("", None, classes, templates))
+    elif pool_embeds is not None:
+        weights = F.normalize(pool_embeds().float(), dim=-1)
+    else:
+        raise ClipTermError(f"cache {reader.name} has no labels", hint="give --classes FILE, or --pool to score agreement")
+    return {"agreement": Scoring(weights, image_embeds, None)}
+
+
+def textspan_evaluation(reader: Any, scoring: Scoring, spans: dict[str, Any], last: int) -> dict[str, float]:
+    """The paper's check: heads of the last `last` layers replaced by their TextSpan reconstructions,
+    every earlier head mean-ablated (MLPs, embed and bias kept). `spans` maps those heads to SpanResults."""
+    from clipterm.textspan import reconstruct
+
+    shape = reader.shape
+    early = None
+    for layer in range(shape.layers - last):
+        for head in range(shape.heads):
+            part = shift(reader, f"L{layer}.H{head}")
+            early = part if early is None else early + part
+    early = torch.zeros_like(reader.image_embeds()) if early is None else early
+    replaced = early.clone()
+    for layer in range(shape.layers - last, shape.layers):
+        for head in range(shape.heads):
+            name = f"L{layer}.H{head}"
+            effects = reader.effects(name)  # (N, D)
+            replaced += reconstruct(effects, spans[name]) - effects
+    accuracy = lambda s=None: float(scoring.outcome(s).float().mean())  # noqa: E731
+    return {"baseline": accuracy(), "early_heads_mean_ablated": accuracy(early), "textspan_replaced": accuracy(replaced)}
+
+
+def attribute(contributions: dict[str, torch.Tensor], direction: torch.Tensor, image_embed: torch.Tensor) -> list[tuple[str, float]]:
+    """Each component's share of cos(image, direction): e_c . d / |image|, largest magnitude first.
+
+    `contributions` maps names to (D,) effects for one image; they sum to `image_embed`.
+    """
+    norm = image_embed.float().norm()
+    scores = {name: float(effect.float() @ direction.float() / norm) for name, effect in contributions.items()}
+    return sorted(scores.items(), key=lambda item: -abs(item[1]))
+
+
+def image_contributions(reader: Any, row: int) -> dict[str, torch.Tensor]:
+    """Every component's direct effect (D,) on one image: embed, bias, heads, MLPs."""
+    shape = reader.shape
+    out = {"embed": reader.effects("embed", [row])[0], "bias": reader.effects("bias", [row])[0]}
+    for layer in range(shape.layers):
+        for head in range(shape.heads):
+            out[f"L{layer}.H{head}"] = reader.head_out((layer, head), [row])[0].float() @ reader.readout[layer, head]
+        out[f"L{layer}.MLP"] = reader.effects(f"L{layer}.MLP", [row])[0]
+    return out
+
+
+def find_row(reader: Any, image: str) -> int:
+    """A cache row from a row number, an image path, or a synthetic id (`toy:0/17`)."""
+    from pathlib import Path
+
+    if image.strip().isdigit():
+        row = int(image)
+        if row >= reader.n:
+            raise ClipTermError(f"row {row} is out of range: cache {reader.name} has {reader.n} rows", hint=f"rows run 0..{reader.n - 1}")
+        return row
+    wanted = {image, str(Path(image).expanduser().resolve())}
+    for item in reader.images():
+        if item.get("path") in wanted or item.get("id") in wanted:
+            if item.get("skipped"):
+                raise ClipTermError(f"{image} was skipped when the cache was built: {item.get('reason', 'unreadable')}")
+            return reader.index().tolist().index(item["index"])
+    raise ClipTermError(f"no image {image!r} in cache {reader.name}", hint="give a row number, or a path or id from images.jsonl")
+
+
+def class_directions(reader: Any, encode: Callable[[list[str]], torch.Tensor], classes: list[str], task: str | None) -> torch.Tensor:
+    """Unit classifier rows (k, D) for class names of the cache's tasks (the task found by name when not given)."""
+    kind = reader.manifest["dataset"].get("kind", "")
+    rows = []
+    for name in classes:
+        tasks = task_names(reader, task) if task else [t for t, c in reader.tasks.items() if name in c]
+        if not tasks or name not in reader.tasks[tasks[0]]:
+            known = "; ".join(f"{t}: {', '.join(c[:8])}" for t, c in reader.tasks.items()) or "the cache has no classes"
+            raise ClipTermError(f"no class {name!r} in {'task ' + task if task else 'any task of ' + reader.name}", hint=known[:300])
+        if len(tasks) > 1:
+            raise ClipTermError(f"class {name!r} is in several tasks: {', '.join(tasks)}", hint="pick one with --task")
+        rows.append(class_weights(encode, prompts_for(kind, tasks[0], [name], None))[0])
+    return torch.stack(rows)

@@ -1,0 +1,298 @@
+"""`clipterm textspan | ablate | attribute`: what heads say in words, what matters, and why CLIP said this."""
+
+from __future__ import annotations
+
+import typer
+
+from clipterm.cli.output import JSON_HELP, emit_json, progress, stdout
+from clipterm.cli.texts import embed_reporting, load_pool_reporting
+
+CacheArg = typer.Argument(..., help="A cache folder, or a cache name under the cache root.")
+CacheDirOpt = typer.Option(None, "--cache-dir", help="Cache root to use instead of the default rule.")
+JsonOpt = typer.Option(False, "--json", help=JSON_HELP)
+TaskOpt = typer.Option(None, "--task", help="Label task to score (default: every task of the cache).")
+ClassesOpt = typer.Option(None, "--classes", help="File of class names, one per line in label order (overrides the cache's).")
+TemplatesOpt = typer.Option(None, "--templates", help="File of prompt templates with `{}`, one per line (default: the "
+                                                      "toy task's templates, or open_clip's ImageNet templates).")
+
+
+def _open(cache: str, cache_dir: str | None):
+    from clipterm.reader import open_cache
+
+    return open_cache(cache, cache_dir)
+
+
+def _default_pool(reader, pool: str | None) -> str:
+    return pool or ("toy" if reader.manifest["model"].get("spec") == "toy" else "general")
+
+
+def _encoder(loaded):
+    from clipterm.textencode import encode_texts
+
+    return lambda texts: encode_texts(loaded.model, loaded.tokenizer, texts)
+
+
+def _scorings(reader, loaded, task, classes, templates, pool, cache_dir):
+    from clipterm.ablation import read_lines, scorings
+
+    return scorings(
+        reader, _encoder(loaded), task,
+        classes=read_lines(classes, "classes") if classes else None,
+        templates=_templates(templates),
+        pool_embeds=lambda: embed_reporting(loaded, load_pool_reporting(_default_pool(reader, pool)), cache_dir),
+    )
+
+
+def _templates(path: str | None) -> list[str] | None:
+    from clipterm.ablation import read_lines
+    from clipterm.errors import ClipTermError
+
+    if not path:
+        return None
+    lines = read_lines(path, "templates")
+    bad = [t for t in lines if t.count("{}") != 1]
+    if bad:
+        raise ClipTermError(f"template without exactly one {{}}: {bad[0]!r}", hint="write templates like: a photo of a {}.")
+    return lines
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def textspan(
+    cache: str = CacheArg,
+    component: list[str] = typer.Option(None, "--component", "-c", help="Head or MLP to describe, e.g. L5.H2 (repeatable)."),
+    layers: str = typer.Option(None, "--layers", help="Describe every head of these layers, e.g. L4-5 (default: the last 4)."),
+    n_texts: int = typer.Option(10, "--texts", min=1, help="Texts per component."),
+    rank: int = typer.Option(None, "--rank", min=1, help="Rank r of the effects' subspace the texts are projected on (default: head dim)."),
+    pool: str = typer.Option(None, "--pool", help="`toy`, `general`, or a UTF-8 file (default: toy for the toy model, else general)."),
+    draws: int = typer.Option(5, "--baseline-draws", min=0, help="Random-text draws for the baseline (0: skip it)."),
+    evaluate: int = typer.Option(None, "--evaluate", min=1, help="Replace the heads of the last K layers by their TextSpan "
+                                 "reconstructions, mean-ablate earlier heads, and report zero-shot accuracy."),
+    task: str = TaskOpt,
+    cache_dir: str = CacheDirOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Describe heads by texts: TextSpan (Gandelsman et al., ICLR 2024), from the cache's statistics.
+
+    For each text: the share of the component's variance it explains, and the running total; the
+    baseline is the same share for as many random pool texts. JSON schema: clipterm.textspan/1.
+    """
+    from clipterm import names
+    from clipterm.texts import model_for_cache
+    from clipterm.textspan import describe
+
+    reader = _open(cache, cache_dir)
+    shape = reader.shape
+    if component:
+        components = [str(names.parse_for(c, shape).base) for c in component]
+    else:
+        chosen = names.parse_layers(layers, shape.layers) if layers else list(range(max(shape.layers - 4, 0), shape.layers))
+        components = [str(c) for c in names.heads(shape, chosen)]
+    if evaluate is not None:
+        if evaluate > shape.layers:
+            from clipterm.errors import ClipTermError
+
+            raise ClipTermError(f"--evaluate {evaluate}: the model has {shape.layers} layers", hint=f"use 1..{shape.layers}")
+    requested = list(components)
+    if evaluate is not None:
+        components += [str(c) for c in names.heads(shape, list(range(shape.layers - evaluate, shape.layers)))
+                       if str(c) not in components]
+    text_pool = load_pool_reporting(_default_pool(reader, pool))
+    loaded = model_for_cache(reader)
+    embeds = embed_reporting(loaded, text_pool, cache_dir)
+    with progress("textspan", total=None, unit="heads"):
+        results = describe(reader, components, embeds, n_texts=n_texts, rank=rank, baseline_draws=draws)
+    payload = {
+        "cache": reader.name, "pool": text_pool.summary(), "rank": rank, "n_texts": n_texts,
+        "components": [{
+            "component": name, "total_variance": results[name].total_variance, "baseline": results[name].baseline,
+            "explained": results[name].cumulative[-1] if results[name].cumulative else 0.0,
+            "texts": [{"row": i, "text": text_pool.texts[i], "explained": e, "cumulative": c}
+                      for i, e, c in zip(results[name].indices, results[name].explained, results[name].cumulative)],
+        } for name in requested],
+    }
+    if evaluate is not None:
+        from clipterm.ablation import textspan_evaluation
+
+        spans = {name: results[name] for name in components}
+        payload["evaluation"] = {"last_layers": evaluate, "tasks": {
+            t: textspan_evaluation(reader, s, spans, evaluate)
+            for t, s in _scorings(reader, loaded, task, None, None, pool, cache_dir).items()}}
+    if json_out:
+        emit_json(payload, schema="clipterm.textspan/1")
+        return
+    _print_textspan(payload)
+
+
+def _print_textspan(payload: dict) -> None:
+    from rich.table import Table
+
+    table = Table("component", "#", "text", "explained", "cumulative",
+                  title=f"TextSpan of {payload['cache']} over pool {payload['pool']['name']} ({payload['pool']['n']:,} texts)")
+    for entry in payload["components"]:
+        baseline = f"random texts: {_pct(entry['baseline'])}" if entry["baseline"] is not None else ""
+        for k, text in enumerate(entry["texts"]):
+            label = f"[bold]{entry['component']}[/]" if k == 0 else (f"[dim]{baseline}[/]" if k == 1 else "")
+            table.add_row(label, str(k + 1), text["text"], _pct(text["explained"]), _pct(text["cumulative"]))
+        table.add_section()
+    stdout.print(table)
+    for task, accs in payload.get("evaluation", {}).get("tasks", {}).items():
+        stdout.print(f"[bold]{task}[/]: baseline {_pct(accs['baseline'])}, heads before the last "
+                     f"{payload['evaluation']['last_layers']} layers mean-ablated {_pct(accs['early_heads_mean_ablated'])}, "
+                     f"and the last layers' heads replaced by TextSpan {_pct(accs['textspan_replaced'])}")
+
+
+def ablate(
+    cache: str = CacheArg,
+    by: str = typer.Option("head", "--by", help="Ablate each `layer` (its heads and MLP), `head` or `mlp`."),
+    cumulative: bool = typer.Option(False, "--cumulative", help="Also the curve with layers 0..l all mean-ablated."),
+    task: str = TaskOpt,
+    classes: str = ClassesOpt,
+    templates: str = TemplatesOpt,
+    pool: str = typer.Option(None, "--pool", help="For caches without labels: score agreement over this pool's texts."),
+    top: int = typer.Option(0, "--top", min=0, help="Rows per task, largest drop first (0: all)."),
+    draws: int = typer.Option(2000, "--draws", min=100, help="Bootstrap draws for the 95% intervals."),
+    forward: bool = typer.Option(False, "--forward", help="Also ablate in the real forward pass (hooks replace each "
+                                 "component's output by its mean, so indirect effects count); needs the images."),
+    cache_dir: str = CacheDirOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Mean-ablate components one at a time, directly from the cache, and report the zero-shot accuracy drop.
+
+    Drops carry bootstrap 95% intervals over images. Without labels, the score is agreement with the
+    unablated top-1 prediction. With --forward, each row also gets the forward-pass drop, and each
+    task the largest gap between the two. JSON schema: clipterm.ablate/1.
+    """
+    from clipterm import ablation
+    from clipterm.texts import model_for_cache
+
+    reader = _open(cache, cache_dir)
+    components = ablation.group(reader, by)
+    if task is not None:
+        ablation.task_names(reader, task)  # fail before loading the model
+    loaded = model_for_cache(reader)
+    scorings = _scorings(reader, loaded, task, classes, templates, pool, cache_dir)
+    with progress("ablating", total=len(components), unit="components") as advance:
+        def counted(items):
+            for item in items:
+                yield item
+                advance(1)
+        rows = ablation.ablate(scorings, counted(ablation.shifts(reader, components)), draws)
+    curve = ablation.ablate(scorings, ablation.cumulative_shifts(reader, by), draws) if cumulative else {}
+    forward_rows = {}
+    if forward:
+        from clipterm.forward_ablation import forward_shifts
+
+        with progress("forward passes", total=len(components) + 1, unit="passes") as advance:
+            forward_rows = ablation.ablate(scorings, forward_shifts(reader, loaded, components, on_pass=advance), draws)
+    payload = {"cache": reader.name, "by": by, "n": reader.n, "forward": forward, "tasks": {}}
+    for name, scoring in scorings.items():
+        entries = [r.to_json() for r in rows[name]]
+        for entry, other in zip(entries, forward_rows.get(name, [])):
+            entry["forward"] = {k: v for k, v in other.to_json().items() if k != "component"}
+            entry["gap"] = round(abs(other.drop - entry["drop"]), 5)
+        entries.sort(key=lambda e: -e["drop"])
+        payload["tasks"][name] = {
+            "metric": "agreement" if scoring.agreement else "accuracy", "images": int(len(scoring.rows)),
+            "baseline": float(scoring.outcome().float().mean()),
+            "components": entries[:top] if top else entries,
+            **({"largest_gap": max(({"component": e["component"], "gap": e["gap"]} for e in entries), key=lambda g: g["gap"])}
+               if forward else {}),
+            **({"cumulative": [r.to_json() for r in curve[name]]} if cumulative else {}),
+        }
+    if json_out:
+        emit_json(payload, schema="clipterm.ablate/1")
+        return
+    _print_ablation(payload)
+
+
+def _print_ablation(payload: dict) -> None:
+    from rich.table import Table
+
+    for task, result in payload["tasks"].items():
+        title = (f"{task}: {result['metric']} {_pct(result['baseline'])} on {result['images']:,} images; "
+                 f"drop when mean-ablated, with 95% interval")
+        forward = payload.get("forward")
+        table = Table(payload["by"], result["metric"], "drop", "95% interval", "cosine", *(["forward drop"] if forward else []),
+                      title=title)
+        for r in result["components"]:
+            table.add_row(r["component"], _pct(r["score"]), _pct(r["drop"]), f"[{_pct(r['low'])}, {_pct(r['high'])}]",
+                          f"{r['cosine']:.3f}", *([_pct(r["forward"]["drop"])] if forward else []))
+        stdout.print(table)
+        if forward:
+            gap = result["largest_gap"]
+            stdout.print(f"largest gap between direct and forward ablation: {_pct(gap['gap'])} ({gap['component']})")
+        if "cumulative" in result:
+            curve = Table("layers ablated", result["metric"], "drop", "95% interval", title=f"{task}: cumulative mean-ablation")
+            for r in result["cumulative"]:
+                curve.add_row(r["component"], _pct(r["score"]), _pct(r["drop"]), f"[{_pct(r['low'])}, {_pct(r['high'])}]")
+            stdout.print(curve)
+
+
+def attribute(
+    cache: str = CacheArg,
+    image: str = typer.Option(..., "--image", help="Row of the cache, or the image's path or id."),
+    text: str = typer.Option(None, "--text", help="Text to explain the image's score for."),
+    class_name: str = typer.Option(None, "--class", help="Class (of --task, or of the only task that has it) instead of --text."),
+    vs: str = typer.Option(None, "--vs", help="A second text (or class) to contrast with: explains score(A) - score(B)."),
+    task: str = typer.Option(None, "--task", help="Task whose classifier --class uses."),
+    top: int = typer.Option(20, "--top", min=1, help="Components to list, largest contribution first."),
+    cache_dir: str = CacheDirOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Why did CLIP say this? Rank the components by their share of one image's cosine score for a text.
+
+    Each component's direct effect e_c contributes e_c . t / |image| to cos(image, t); the shares add
+    up to the score exactly. JSON schema: clipterm.attribute/1.
+    """
+    import torch.nn.functional as F
+
+    from clipterm import ablation
+    from clipterm.errors import ClipTermError
+    from clipterm.texts import model_for_cache
+
+    if (text is None) == (class_name is None):
+        raise ClipTermError("give exactly one of --text and --class", hint='e.g. --text "a red circle"')
+    reader = _open(cache, cache_dir)
+    row = ablation.find_row(reader, image)
+    loaded = model_for_cache(reader)
+    encode = _encoder(loaded)
+    if text is not None:
+        targets = [text] + ([vs] if vs else [])
+        directions = F.normalize(encode(targets).float(), dim=-1)  # (1 or 2, D)
+    else:
+        targets = [class_name] + ([vs] if vs else [])
+        directions = ablation.class_directions(reader, encode, targets, task)
+    direction = directions[0] - directions[1] if vs else directions[0]
+    contributions = ablation.image_contributions(reader, row)
+    image_embed = reader.image_embeds([row])[0]
+    ranked = ablation.attribute(contributions, direction, image_embed)
+    unit = F.normalize(image_embed.float(), dim=0)
+    scores = (directions @ unit).tolist()
+    payload = {
+        "cache": reader.name, "row": row, "image": reader.images()[int(reader.index()[row])], "targets": targets,
+        "scores": scores, "explained": scores[0] - scores[1] if vs else scores[0],
+        "components": [{"component": n, "contribution": c} for n, c in ranked[:top]],
+        "rest": sum(c for _, c in ranked[top:]),
+    }
+    if json_out:
+        emit_json(payload, schema="clipterm.attribute/1")
+        return
+    from rich.table import Table
+
+    what = f"cos({targets[0]!r}) - cos({targets[1]!r}) = {payload['explained']:.4f}" if vs else f"cos({targets[0]!r}) = {scores[0]:.4f}"
+    table = Table("component", "contribution", "share", title=f"row {row} of {reader.name}: {what}")
+    total = payload["explained"] or 1.0
+    for entry in payload["components"]:
+        colour = "green" if entry["contribution"] >= 0 else "red"
+        table.add_row(entry["component"], f"[{colour}]{entry['contribution']:+.4f}[/]", _pct(entry["contribution"] / total))
+    table.add_row("[dim]the rest[/]", f"{payload['rest']:+.4f}", _pct(payload["rest"] / total))
+    stdout.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(textspan)
+    app.command()(ablate)
+    app.command()(attribute)

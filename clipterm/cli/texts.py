@@ -1,0 +1,119 @@
+"""`clipterm texts ls|show|build`: text pools and their cached embeddings."""
+
+from __future__ import annotations
+
+import typer
+
+from clipterm.cli.output import JSON_HELP, emit_json, progress, stderr, stdout
+
+texts_app = typer.Typer(help="Text pools (built-in `toy` and `general`, or a UTF-8 file) and their cached embeddings.",
+                        no_args_is_help=True)
+
+PoolOpt = typer.Option("toy", "--pool", help="`toy`, `general`, or a UTF-8 file with one text per line.")
+CacheDirOpt = typer.Option(None, "--cache-dir", help="Cache root to use instead of the default rule.")
+
+
+def load_pool_reporting(spec: str):
+    """Load a pool and say on stderr what was dropped."""
+    from clipterm.texts import load_pool
+
+    pool = load_pool(spec)
+    if pool.dropped_blank or pool.dropped_duplicates:
+        stderr.print(f"[dim]pool {pool.name}: dropped {pool.dropped_blank} blank and {pool.dropped_duplicates} duplicate lines[/]")
+    return pool
+
+
+def embed_reporting(loaded, pool, cache_dir: str | None = None, refresh: bool = False):
+    """Embeddings of a pool under a model (cached), with a progress bar and a warning for over-long texts."""
+    from clipterm.texts import embed_pool
+
+    too_long = pool.too_long(loaded.tokenizer, loaded.info.context_length)
+    if too_long:
+        stderr.print(f"[yellow]warning:[/] {len(too_long)} text(s) longer than the context ({loaded.info.context_length} "
+                     f"tokens) will be truncated, e.g. text {too_long[0] + 1}: {pool.texts[too_long[0]][:60]!r}")
+    with progress(f"embedding {pool.name}", total=len(pool), unit="texts") as advance:
+        return embed_pool(loaded, pool, cache_dir=cache_dir, on_batch=advance, refresh=refresh)
+
+
+@texts_app.command("ls")
+def ls(cache_dir: str = CacheDirOpt, json_out: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """List the built-in pools and the pool embeddings cached under the cache root."""
+    from clipterm.texts import BUILTIN_POOLS, cached_embeddings, load_pool, texts_dir
+
+    builtin = [{"name": name, "n": len(load_pool(name)), "about": about} for name, about in BUILTIN_POOLS.items()]
+    cached = cached_embeddings(cache_dir)
+    if json_out:
+        emit_json({"builtin": builtin, "cached": cached, "dir": str(texts_dir(cache_dir))}, schema="clipterm.texts.ls/1")
+        return
+    from rich.table import Table
+
+    table = Table("pool", "texts", "about", title="built-in pools")
+    for row in builtin:
+        table.add_row(row["name"], f"{row['n']:,}", row["about"])
+    stdout.print(table)
+    if not cached:
+        stdout.print(f"[dim]no cached embeddings in {texts_dir(cache_dir)}; make some with `clipterm texts build`[/]")
+        return
+    table = Table("pool", "model", "texts", "MB", "file", title=f"cached embeddings in {texts_dir(cache_dir)}")
+    for row in cached:
+        table.add_row(str(row["pool"]), str(row["model"]), str(row["n"]), f"{row['bytes'] / 1e6:.1f}", row["path"].rsplit("/", 1)[-1])
+    stdout.print(table)
+
+
+@texts_app.command()
+def show(
+    pool: str = typer.Argument("toy", help="`toy`, `general`, or a UTF-8 file with one text per line."),
+    limit: int = typer.Option(40, "--limit", min=0, help="Texts to print (0: all)."),
+    grep: str = typer.Option(None, "--grep", help="Only texts containing this string (case-insensitive)."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Print a pool's texts, with their topics for the built-in pools, and its size and sha256."""
+    text_pool = load_pool_reporting(pool)
+    rows = [{"row": i, "text": t, "topic": text_pool.topics[i] if text_pool.topics else None}
+            for i, t in enumerate(text_pool.texts) if grep is None or grep.lower() in t.lower()]
+    shown = rows if limit == 0 else rows[:limit]
+    if json_out:
+        emit_json({"pool": text_pool.summary(), "matching": len(rows), "texts": shown}, schema="clipterm.texts.show/1")
+        return
+    from rich.table import Table
+
+    table = Table("row", "text", "topic", title=f"{text_pool.name}: {len(text_pool):,} texts, sha256 {text_pool.sha256[:12]}",
+                  caption=f"{len(shown)} of {len(rows)} shown" + ("" if len(shown) == len(rows) else "; --limit 0 shows all"))
+    for row in shown:
+        table.add_row(str(row["row"]), row["text"], row["topic"] or "")
+    stdout.print(table)
+
+
+@texts_app.command()
+def build(
+    model: str = typer.Option("toy", "--model", help="`toy`, an open_clip arch, or a local-dir model folder."),
+    pretrained: str = typer.Option(None, "--pretrained", help="Pretrained tag or weights file (open_clip archs)."),
+    pool: str = PoolOpt,
+    cache_dir: str = CacheDirOpt,
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    refresh: bool = typer.Option(False, "--refresh", help="Embed again even when cached."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Embed a pool with a model's text tower and cache it per (weights sha256, pool sha256)."""
+    import time
+
+    from clipterm.models import load_model
+    from clipterm.texts import embeddings_path, model_key
+
+    text_pool = load_pool_reporting(pool)
+    loaded = load_model(model, pretrained, device=device)
+    started = time.perf_counter()
+    embeds = embed_reporting(loaded, text_pool, cache_dir=cache_dir, refresh=refresh)
+    seconds = time.perf_counter() - started
+    path = embeddings_path(model_key(loaded), text_pool, cache_dir)
+    summary = {"pool": text_pool.summary(), "model": loaded.info.spec, "shape": list(embeds.shape), "path": str(path),
+               "seconds": round(seconds, 3)}
+    if json_out:
+        emit_json(summary, schema="clipterm.texts.build/1")
+    else:
+        stdout.print(f"{len(text_pool):,} texts of {text_pool.name} embedded with {loaded.info.spec} "
+                     f"({embeds.shape[1]} dims, {seconds:.1f}s): {path}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(texts_app, name="texts")
