@@ -1,0 +1,208 @@
+"""`clipterm neurons build|list` and `clipterm images`: second-order neuron effects, their words, and top images."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import typer
+
+from clipterm.cli.output import JSON_HELP, emit_json, progress, stdout
+from clipterm.errors import ClipTermError
+
+neurons_app = typer.Typer(help="MLP neurons through their second-order effects (Gandelsman et al., 2024).",
+                          no_args_is_help=True)
+
+CacheArg = typer.Argument(..., help="A cache folder, or a cache name under the cache root.")
+CacheDirOpt = typer.Option(None, "--cache-dir", help="Cache root to use instead of the default rule.")
+LayerOpt = typer.Option(..., "--layer", help="The MLP layer, e.g. L9 (not the last layer: it has no second-order effect).")
+JsonOpt = typer.Option(False, "--json", help=JSON_HELP)
+PoolOpt = typer.Option(None, "--pool", help="`toy`, `general`, or a UTF-8 file (default: toy for the toy model, else general).")
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Sort(str, Enum):
+    norm = "norm"
+    sparsity = "sparsity"
+
+
+def _open(cache: str, cache_dir: str | None):
+    from clipterm.reader import open_cache
+
+    return open_cache(cache, cache_dir)
+
+
+def _layer(spec: str, reader) -> int:
+    from clipterm import names
+    from clipterm.neurons import check_layer
+
+    component = names.parse(spec)
+    if component.kind != "layer":
+        raise ClipTermError(f"--layer takes a layer, not {spec!r}", hint="e.g. --layer L9")
+    check_layer(reader.shape.layers, component.layer)
+    return component.layer
+
+
+def _positive(value: int, option: str, example: str) -> int:
+    if value < 1:
+        raise ClipTermError(f"{option} {value}: must be at least 1", hint=f"e.g. {option} {example}")
+    return value
+
+
+def _pool_embeddings(reader, pool: str | None, cache_dir: str | None):
+    """(embeddings (P, D), pool) of a text pool under the cache's model (cached on disk)."""
+    from clipterm.cli.analyse import _default_pool
+    from clipterm.cli.texts import embed_reporting, load_pool_reporting
+    from clipterm.texts import model_for_cache
+
+    text_pool = load_pool_reporting(_default_pool(reader, pool))
+    return embed_reporting(model_for_cache(reader), text_pool, cache_dir), text_pool
+
+
+@neurons_app.command()
+def build(
+    cache: str = CacheArg,
+    layer: str = LayerOpt,
+    device: Device = typer.Option(Device.auto, "--device", help="auto picks CUDA when torch sees it."),
+    top_k: int = typer.Option(100, "--top-k", help="Images with the largest effect norm behind each neuron's principal direction."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
+    workers: int = typer.Option(None, "--workers", min=0, help="DataLoader worker processes (default: picked for this machine)."),
+    cache_dir: str = CacheDirOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Run the cache's images through its model once and store every neuron's second-order effects.
+
+    Writes neurons.L{l}.safetensors into the cache: per neuron its mean effect and principal direction,
+    and per image its effect norm and CLS activation. JSON schema: clipterm.neurons.build/1.
+    """
+    from clipterm.neuron_store import build_neurons
+
+    reader = _open(cache, cache_dir)
+    result = build_neurons(reader, _layer(layer, reader), device=device.value, top_k=_positive(top_k, "--top-k", "100"),
+                           batch_size=_positive(batch_size, "--batch-size", "64"), workers=workers, progress=progress)
+    if json_out:
+        emit_json(result.to_json(), schema="clipterm.neurons.build/1")
+        return
+    notes = [f"{result.missing} images could not be read again and were left out"] if result.missing else []
+    if result.changed:
+        notes.append(f"{result.changed} images now give another embedding than the cache's (changed on disk?)")
+    stdout.print(f"built second-order effects of L{result.layer} for {result.rows:,} images of [bold]{result.cache}[/] "
+                 f"({result.images_per_s:,.1f} images/s): {result.path}")
+    for note in notes:
+        stdout.print(f"[yellow]note:[/] {note}")
+
+
+@neurons_app.command("list")
+def list_(
+    cache: str = CacheArg,
+    layer: str = LayerOpt,
+    top: int = typer.Option(20, "--top", help="How many neurons to list."),
+    sort: Sort = typer.Option(Sort.norm, "--sort", help="norm: mean second-order effect norm; sparsity: share of the "
+                              "effect carried by the neuron's top 1% of images."),
+    decompose: bool = typer.Option(False, "--decompose", help="Describe each neuron's principal direction by a sparse "
+                                   "combination of pool texts (orthogonal matching pursuit)."),
+    pool: str = PoolOpt,
+    k: int = typer.Option(32, "--k", help="Texts per sparse decomposition."),
+    texts: int = typer.Option(3, "--texts", help="Texts shown per neuron in the table, in the order OMP chose them "
+                              "(--json gives all k)."),
+    cache_dir: str = CacheDirOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """List a layer's neurons by the size or sparsity of their second-order effects, optionally with texts.
+
+    JSON schema: clipterm.neurons.list/1.
+    """
+    from clipterm.neuron_store import NeuronFile, decompose_neurons
+
+    reader = _open(cache, cache_dir)
+    neuron_file = NeuronFile(reader, _layer(layer, reader))
+    ids = neuron_file.ranking(sort.value)[: _positive(top, "--top", "20")].tolist()
+    norm_mean, top1, pc1_share = (neuron_file.tensor(key) for key in ("norm_mean", "top1_share", "pc1_share"))
+    mean_norm = neuron_file.tensor("mean").norm(dim=-1)  # (M,)
+    rows = [{"neuron": f"L{neuron_file.layer}.N{n}", "norm_mean": float(norm_mean[n]), "top1_share": float(top1[n]),
+             "pc1_share": float(pc1_share[n]), "mean_effect_norm": float(mean_norm[n])} for n in ids]
+    payload = {"cache": reader.name, "layer": f"L{neuron_file.layer}", "sort": sort.value, "top_k": neuron_file.top_k,
+               "images": reader.n, "neurons": rows}
+    if decompose:
+        embeds, text_pool = _pool_embeddings(reader, pool, cache_dir)
+        code = decompose_neurons(neuron_file, ids, embeds, _positive(k, "--k", "32"))
+        payload["pool"] = text_pool.summary()
+        for i, row in enumerate(rows):
+            leading = code.leading(i)
+            texts_chosen = [{"row": j, "text": text_pool.texts[j], "coefficient": c} for j, c in code.texts(i)]
+            row["decomposition"] = {"cosine": float(code.cosine[i]), "texts": texts_chosen,
+                                    "top_text": None if leading is None else text_pool.texts[leading]}
+    if json_out:
+        emit_json(payload, schema="clipterm.neurons.list/1")
+        return
+    _print_list(payload, _positive(texts, "--texts", "3"))
+
+
+def _print_list(payload: dict, n_texts: int) -> None:
+    from rich.table import Table
+
+    title = f"{payload['layer']} neurons of {payload['cache']} by {payload['sort']} ({payload['images']:,} images)"
+    columns = ["neuron", "mean |effect|", "top-1% share", "pc1 share"]
+    if "pool" in payload:
+        columns += ["texts (coefficient)", "cos"]
+    table = Table(*columns, title=title)
+    for row in payload["neurons"]:
+        cells = [row["neuron"], f"{row['norm_mean']:.4f}", f"{100 * row['top1_share']:.1f}%", f"{100 * row['pc1_share']:.0f}%"]
+        if "decomposition" in row:
+            words = [f"{t['text']} ({t['coefficient']:+.2f})" for t in row["decomposition"]["texts"][:n_texts]]
+            cells += [" · ".join(words), f"{row['decomposition']['cosine']:.2f}"]
+        table.add_row(*cells)
+    stdout.print(table)
+
+
+def images(
+    cache: str = CacheArg,
+    component: str = typer.Option(..., "--component", "-c", help="A neuron (L9.N123), a head (L5.H2, L5.H2:pc2) or an MLP (L5.MLP)."),
+    top: int = typer.Option(16, "--top", help="How many images."),
+    by: str = typer.Option(None, "--by", help="Neurons: norm (default) or activation. Heads and MLPs: textspan (default), "
+                           "pc or norm."),
+    pool: str = PoolOpt,
+    show: bool = typer.Option(False, "--show", help="Draw the images in the terminal (half-block thumbnails)."),
+    size: int = typer.Option(24, "--size", help="Thumbnail size in pixels (two pixels per character row)."),
+    cache_dir: str = CacheDirOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """The cache's images that excite a component most: dataset examples. JSON schema: clipterm.images/1."""
+    from clipterm.examples import top_images
+
+    reader = _open(cache, cache_dir)
+
+    def text_embeds():
+        embeds, text_pool = _pool_embeddings(reader, pool, cache_dir)
+        return embeds, list(text_pool.texts)
+
+    ranking = top_images(reader, component, _positive(top, "--top", "16"), by, text_embeds)
+    if json_out:
+        emit_json({"cache": reader.name, "component": ranking.component, "by": ranking.by, "score": ranking.about,
+                   "images": [e.to_json() for e in ranking.examples]}, schema="clipterm.images/1")
+        return
+    stdout.print(f"[bold]{ranking.component}[/]: top {len(ranking.examples)} images of {reader.name} by {ranking.about}")
+    if show:
+        from clipterm.thumbnails import ThumbnailGrid, Tile, load_thumbnail
+
+        side = _positive(size, "--size", "24") + size % 2
+        tiles = [Tile(None if e.missing else load_thumbnail(e.path, e.id, side), f"#{e.rank} {e.score:.3g}")
+                 for e in ranking.examples]
+        stdout.print(ThumbnailGrid(tiles, side))
+        return
+    from rich.table import Table
+
+    table = Table("#", "score", "image", "labels")
+    for e in ranking.examples:
+        name = e.path or e.id or ""
+        table.add_row(str(e.rank), f"{e.score:.4g}", f"{name} [red](missing)[/]" if e.missing else name, " ".join(e.labels.values()))
+    stdout.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(neurons_app, name="neurons")
+    app.command("images")(images)

@@ -1,0 +1,278 @@
+"""`neurons.L{l}.safetensors` in a cache folder: built by one pass over the cache's images, read back.
+
+| tensor        | shape      | meaning                                                                      |
+|---------------|------------|------------------------------------------------------------------------------|
+| `mean`        | (M, D) f32 | each neuron's mean second-order effect over the cache's images               |
+| `pc1`         | (M, D) f32 | first principal direction of its top-k effects, centred by `mean` (unit)     |
+| `pc1_share`   | (M,) f32   | share of those centred top-k effects' energy along `pc1`                     |
+| `norms`       | (N, M) f16 | per image (cache row order): the norm of the second-order effect             |
+| `activations` | (N, M) f16 | per image: the neuron's CLS post-activation value                            |
+| `top_rows`    | (M, k) i64 | the k rows with the largest norm, largest first (the images behind `pc1`)    |
+| `norm_mean`   | (M,) f32   | mean of `norms` over the readable images                                     |
+| `top1_share`  | (M,) f32   | sparsity: share of the neuron's Σ norm² carried by its top 1% of images      |
+| `missing`     | (N,) u8    | 1 where the image could not be read again for this build (its rows hold 0)   |
+
+`pc1` follows the reference (`compute_pcas.py`): the top-k images' effects, centred by the mean
+effect over all images, first right singular vector, signed so that most of them project
+positively. One difference: the reference picks the top k by the norm of the *centred* effect,
+which needs the mean before the ranking (a second pass over the images, or every image's effects
+kept); here they are picked by the norm of the effect itself, as the stored `norms` are.
+
+The metadata ties the file to one build of the cache (its creation time, weights and dataset), so a
+cache rebuilt with `--force` refuses a stale file rather than mixing two builds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+from clipterm import store
+from clipterm.errors import ClipTermError, ExitCode
+
+FORMAT = "clipterm.neurons/1"
+
+
+def neurons_file(directory: str | Path, layer: int) -> Path:
+    return Path(directory) / f"neurons.L{layer}.safetensors"
+
+
+def built_layers(directory: str | Path) -> list[int]:
+    """Layers with a neurons file in a cache folder."""
+    found = []
+    for path in Path(directory).glob("neurons.L*.safetensors"):
+        stem = path.name[len("neurons.L") : -len(".safetensors")]
+        if stem.isdigit():
+            found.append(int(stem))
+    return sorted(found)
+
+
+def _identity(reader: Any) -> dict[str, str]:
+    m = reader.manifest
+    return {"cache_created": str(m["created"]), "weights_sha256": str(m["model"].get("weights_sha256")),
+            "dataset_fingerprint": str(m["dataset"].get("fingerprint")), "rows": str(reader.n)}
+
+
+# --------------------------------------------------------------------------- the cache's images, again
+
+
+def cache_source(reader: Any) -> Any:
+    """The cache's inputs as an ImageSource, from images.jsonl (paths and ids as they were at build time)."""
+    from clipterm.images import ImageItem, ImageSource
+
+    dataset = reader.manifest["dataset"]
+    lines = sorted(reader.images(), key=lambda row: row["index"])
+    items = [ImageItem(row["index"], row.get("path"), row.get("id"), row.get("labels", {})) for row in lines]
+    if [item.index for item in items] != list(range(len(items))):
+        raise ClipTermError(f"images.jsonl of {reader.name} does not list inputs 0..n-1",
+                            hint=f"run `clipterm cache verify {reader.name}`", code=ExitCode.INVALID_DATA)
+    return ImageSource(dataset["source"], dataset["kind"], dataset.get("root"), items, dataset["tasks"], dataset.get("seed"))
+
+
+# --------------------------------------------------------------------------- the build
+
+
+@dataclass
+class NeuronBuildResult:
+    cache: str
+    layer: int
+    path: str
+    rows: int  # images of the cache
+    missing: int  # images that could not be read again (left out of every statistic)
+    changed: int  # images whose embedding now differs from the cache's by over 5% (changed on disk?)
+    top_k: int
+    seconds: float
+    images_per_s: float
+    bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_neurons(reader: Any, layer: int, device: str = "auto", top_k: int = 100, batch_size: int = 64,
+                  workers: int | None = None, progress: Callable | None = None, cancel: Callable[[], bool] | None = None,
+                  loaded: Any = None) -> NeuronBuildResult:
+    """Run the cache's images through its model once and write `neurons.L{layer}.safetensors` atomically.
+
+    `progress(description, total, unit)` is a context manager yielding `advance(n)` (as for cache builds);
+    `cancel()` is polled between batches; `loaded` reuses a model already in memory (it is checked).
+    """
+    from contextlib import nullcontext
+
+    from torch.utils.data import DataLoader
+
+    from clipterm import neurons
+    from clipterm.build import default_workers, pick_device
+    from clipterm.images import ImageDataset, collate
+    from clipterm.reader import check_model
+
+    started = time.perf_counter()
+    shape = reader.shape
+    neurons.check_layer(shape.layers, layer)
+    if top_k < 1:
+        raise ClipTermError(f"--top-k {top_k}: the principal direction needs at least one image", hint="the default is 100")
+    device = pick_device(device)
+    if loaded is None:
+        from clipterm.texts import model_for_cache
+
+        loaded = model_for_cache(reader, device)
+    check_model(reader, loaded.info)
+    model = loaded.model.to(device).eval()
+    source = cache_source(reader)
+    indices = reader.index().tolist()  # cache row -> input index
+    vectors = neurons.path_vectors(model, layer)  # (M, K, D)
+    state = _Accumulator(reader, vectors, top_k, device)
+    workers = workers if workers is not None else default_workers(source)
+    dataset = ImageDataset(source, loaded.preprocess, indices, min_side=reader.manifest["model"]["image_size"])
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                        pin_memory=device.startswith("cuda"))
+    bar = progress(f"neurons L{layer}", len(indices), "images") if progress else nullcontext(lambda _n: None)
+    with store.CacheLock(reader.path), bar as advance:
+        for kept, pixels, skipped in loader:
+            if cancel is not None and cancel():
+                raise ClipTermError("neuron build cancelled", hint="run it again; nothing was written",
+                                    code=ExitCode.INTERRUPTED)
+            if pixels is not None:
+                state.add(kept, neurons.trace(model, pixels.to(device), layer))
+            advance(len(kept) + len(skipped))
+        meta = {"format": FORMAT, "layer": str(layer), "top_k": str(state.top.rows.shape[1]),
+                "paths": json.dumps(neurons.paths(shape.layers, shape.heads, layer)),
+                "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **_identity(reader)}
+        path = neurons_file(reader.path, layer)
+        store.save_tensors(path, state.tensors(), metadata=meta)
+    seconds = time.perf_counter() - started
+    n = len(indices)
+    return NeuronBuildResult(reader.name, layer, str(path), n, int(state.missing.sum()), state.changed,
+                             state.top.rows.shape[1], round(seconds, 3), round(n / seconds, 2) if seconds > 0 else 0.0,
+                             path.stat().st_size)
+
+
+class _Accumulator:
+    """A build's state while images stream past: per-image norms and activations, the scalar sum, the top k."""
+
+    def __init__(self, reader: Any, vectors: Any, top_k: int, device: str):
+        import torch
+
+        from clipterm import neurons
+
+        n, (m, k_paths, _) = reader.n, vectors.shape
+        self.reader, self.vectors, self.top_k, self.name = reader, vectors, top_k, reader.name
+        self.row_of = {index: row for row, index in enumerate(reader.index().tolist())}
+        self.expected = reader.image_embeds().to(device)  # (N, D)
+        self.grams = neurons.gram(vectors)  # (M, K, K)
+        self.norms = torch.zeros(n, m, dtype=torch.float16)  # (N, M)
+        self.activations = torch.zeros(n, m, dtype=torch.float16)  # (N, M)
+        self.missing = torch.ones(n, dtype=torch.uint8)  # (N,) until the image is seen
+        self.scalar_sum = torch.zeros(m, k_paths, dtype=torch.float64, device=device)  # (M, K)
+        self.top = neurons.TopK.empty(m, k_paths, device=device)
+        self.changed = 0
+
+    def add(self, kept: list[int], out: Any) -> None:
+        import torch
+
+        from clipterm import neurons
+
+        rows = torch.tensor([self.row_of[index] for index in kept])  # (B,)
+        norms = neurons.effect_norms(out.scalars, self.grams)  # (B, M)
+        self.norms[rows], self.activations[rows] = norms.half().cpu(), out.activations.half().cpu()
+        self.missing[rows] = 0
+        self.scalar_sum += out.scalars.double().sum(0)  # (M, K)
+        self.top = self.top.add(norms, rows.to(norms.device), out.scalars, self.top_k)
+        expected = self.expected[rows.to(norms.device)]  # (B, D)
+        gap = (out.image_embeds - expected).norm(dim=-1) / expected.norm(dim=-1)  # (B,)
+        self.changed += int((gap > 0.05).sum())
+
+    def tensors(self) -> dict[str, Any]:
+        """Everything the file holds; the means are over the images that could be read."""
+        import torch
+
+        from clipterm import neurons
+
+        readable = int(len(self.missing) - self.missing.sum())
+        if readable == 0:
+            raise ClipTermError(f"none of the {len(self.missing)} images of {self.name} could be read again",
+                                hint="the images moved or were deleted since the cache was built", code=ExitCode.NOT_FOUND)
+        mean_scalars = (self.scalar_sum / readable).float()  # (M, K)
+        pc1, share = neurons.principal_directions(self.top.scalars, mean_scalars, self.vectors)  # (M, D), (M,)
+        seen = self.norms[self.missing == 0].float()  # (n, M)
+        squared = seen**2  # (n, M)
+        top1 = squared.topk(max(1, readable // 100), dim=0).values.sum(0)  # (M,)
+        total = squared.sum(0)  # (M,)
+        return {
+            "mean": neurons.mean_effects(mean_scalars, self.vectors).cpu(),  # (M, D)
+            "pc1": pc1.cpu(), "pc1_share": share.cpu(),  # (M, D), (M,)
+            "norms": self.norms, "activations": self.activations, "missing": self.missing,  # (N, M), (N, M), (N,)
+            "top_rows": self.top.rows.cpu(),  # (M, k)
+            "norm_mean": seen.mean(0),  # (M,)
+            "top1_share": torch.where(total > 0, top1 / total.clamp_min(1e-30), torch.zeros_like(total)),  # (M,)
+        }
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class NeuronFile:
+    """One layer's neurons file, checked against the cache it sits in. Tensors come back on the CPU."""
+
+    def __init__(self, reader: Any, layer: int):
+        from clipterm import neurons
+
+        neurons.check_layer(reader.shape.layers, layer)
+        self.reader, self.layer, self.path = reader, layer, neurons_file(reader.path, layer)
+        hint = f"run `clipterm neurons build {reader.name} --layer L{layer}`"
+        if not self.path.is_file():
+            built = ", ".join(f"L{l}" for l in built_layers(reader.path)) or "none"
+            raise ClipTermError(f"cache {reader.name} has no neurons file for L{layer} (built: {built})", hint=hint,
+                                code=ExitCode.NOT_FOUND)
+        from safetensors import safe_open
+
+        try:
+            self._file = safe_open(str(self.path), framework="pt")
+            self.meta: dict[str, str] = self._file.metadata() or {}
+        except Exception as exc:
+            raise ClipTermError(f"cannot read {self.path.name}: {str(exc)[:160]}", hint=hint, code=ExitCode.INVALID_DATA) from None
+        if self.meta.get("format") != FORMAT:
+            raise ClipTermError(f"{self.path.name} is not a clipterm neurons file ({FORMAT})", hint=hint, code=ExitCode.INVALID_DATA)
+        stale = [key for key, value in _identity(reader).items() if self.meta.get(key) != value]
+        if stale:
+            raise ClipTermError(f"{self.path.name} was built for an earlier build of {reader.name} ({stale[0]} differs)",
+                                hint=hint, code=ExitCode.INVALID_DATA)
+
+    def tensor(self, name: str) -> Any:
+        return self._file.get_tensor(name)
+
+    @property
+    def top_k(self) -> int:
+        return int(self.meta["top_k"])
+
+    @property
+    def paths(self) -> list[str]:
+        """Names of the later heads the second-order effects flow through."""
+        return json.loads(self.meta["paths"])
+
+    @cached_property
+    def missing(self) -> Any:
+        return self.tensor("missing").bool()  # (N,)
+
+    def column(self, name: str, neuron: int) -> Any:
+        """One neuron's per-image `norms` or `activations`, (N,) fp32."""
+        return self._file.get_slice(name)[:, neuron].reshape(-1).float()
+
+    def ranking(self, sort: str = "norm") -> Any:
+        """Neuron ids, most notable first: by mean effect norm (`norm`) or by top-1% share (`sparsity`)."""
+        key = {"norm": "norm_mean", "sparsity": "top1_share"}.get(sort)
+        if key is None:
+            raise ClipTermError(f"unknown sort {sort!r}", hint="sort by norm or sparsity")
+        return self.tensor(key).argsort(descending=True)  # (M,)
+
+
+def decompose_neurons(neuron_file: NeuronFile, ids: list[int], text_embeds: Any, k: int = 32) -> Any:
+    """Sparse text decomposition (OMP over the centred, unit pool texts) of the neurons' `pc1` directions."""
+    from clipterm.sparse import omp, text_dictionary
+
+    pc1 = neuron_file.tensor("pc1")[ids]  # (m, D)
+    return omp(pc1.to(text_embeds.device), text_dictionary(text_embeds), k)
