@@ -1,0 +1,275 @@
+"""Hill-climb text search: the strings whose CLIP text embedding points along a target direction.
+
+Feature visualisation in words, after OpenAI's "Multimodal Neurons in Artificial Neural Networks"
+(Goh et al., Distill 2021): from a string of tokens, add a token, delete one or replace one,
+whichever raises the objective cos(text_embed(s), target) - λ·prior(s), keeping a beam of the
+best B strings. OpenAI fed every option to the network. Here a HotFlip step (Ebrahimi et al.,
+ACL 2018) ranks the vocabulary at each position by the gradient of the cosine with respect to the
+token embeddings (one backward pass for the whole beam; an insertion is linearised around the
+mean vocabulary embedding), and only the top-k per position, plus a few random moves so that the
+beam does not lock in, are scored exactly. Exact scoring runs the causal text tower only as far
+as the candidate's end-of-text token, which cannot see later positions, so this equals
+`encode_text` (see textencode.py). The prior is an offline token-frequency cost (vocab.py).
+
+Every vocabulary entry is one whole-word BPE token, so a candidate is [SOT, t1..tn, EOT] and its
+text is the words joined by spaces. The beam only ever gains strings that beat its worst member,
+so its best score never decreases; with a fixed seed a run repeats exactly (timing aside).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from clipterm.errors import ClipTermError, ExitCode
+from clipterm.vocab import Vocabulary
+
+Tokens = tuple[int, ...]  # a string, as rows of the vocabulary
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    beam: int = 5  # strings kept from step to step
+    topk: int = 16  # tokens scored exactly per position of each beam member, best by the gradient
+    random: int = 8  # random moves per beam member and step
+    steps: int = 100  # stop after this many steps
+    patience: int | None = 10  # stop when the best score has not improved for this many steps
+    time_limit: float | None = None  # stop after this many seconds
+    lam: float = 0.0025  # weight of the prior (0 turns it off)
+    max_tokens: int = 12  # longest string, in tokens
+    seed: int = 0
+    batch_size: int = 1024  # candidates per forward pass
+
+    def check(self, context_length: int | None = None) -> None:
+        """Refuse settings that cannot run, naming the option."""
+        for name, low in (("beam", 1), ("topk", 0), ("random", 0), ("steps", 0), ("max_tokens", 1), ("batch_size", 1)):
+            if getattr(self, name) < low:
+                raise ClipTermError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        if self.topk == 0 and self.random == 0:
+            raise ClipTermError("--topk and --random are both 0: no candidate would ever be scored", hint="use --topk 16")
+        if self.patience is not None and self.patience < 1:
+            raise ClipTermError(f"--patience must be at least 1, got {self.patience}")
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise ClipTermError(f"--time must be positive, got {self.time_limit}")
+        if self.lam < 0:
+            raise ClipTermError(f"--lambda must be 0 or more, got {self.lam}")
+        if context_length is not None and self.max_tokens > context_length - 2:
+            raise ClipTermError(f"--max-tokens {self.max_tokens} does not fit the context of {context_length} tokens",
+                                hint=f"use at most {context_length - 2}")
+
+
+class Hit(NamedTuple):
+    text: str
+    score: float  # cosine - λ·prior
+    cosine: float
+
+
+@dataclass
+class SearchEvent:
+    step: int  # 0: the starting string, scored
+    best: list[Hit]  # the beam, best first
+    evals: int  # candidate strings scored exactly so far
+    evals_per_s: float
+    elapsed: float  # seconds since the search started
+    done: bool = False  # the last event of a run
+    reason: str | None = None  # why it stopped: steps, patience, time, cancelled, exhausted
+
+
+class TextTower:
+    """open_clip's causal text tower run from token embeddings, on sequences cut right after EOT."""
+
+    def __init__(self, model, sot_id: int, eot_id: int):
+        from clipterm.textencode import _tower, fallback_reason
+
+        reason = fallback_reason(model)
+        if reason is not None:
+            raise ClipTermError(f"text search cannot run on this model: {reason}",
+                                hint="search needs an open_clip causal text tower that pools at end-of-text",
+                                code=ExitCode.UNSUPPORTED)
+        self.parts = _tower(model)
+        self.token_embedding = self.parts.token_embedding.weight  # (vocab, width)
+        self.context_length = int(self.parts.positional_embedding.shape[0])
+        self.sot = self.token_embedding[sot_id].detach()  # (width,)
+        self.eot = self.token_embedding[eot_id].detach()  # (width,)
+
+    def encode(self, words: torch.Tensor) -> torch.Tensor:
+        """Unit text embeddings (B, D) of [SOT, words, EOT], `words` (B, n, width) token embeddings."""
+        tower, batch = self.parts, words.shape[0]
+        cast = tower.transformer.get_cast_dtype()
+        x = torch.cat([self.sot.expand(batch, 1, -1), words, self.eot.expand(batch, 1, -1)], dim=1)  # (B, T, width)
+        length = x.shape[1]
+        x = x.to(cast) + tower.positional_embedding[:length].to(cast)  # (B, T, width)
+        x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])  # (B, T, width)
+        pooled = tower.ln_final(x[:, -1])  # (B, width) EOT is last
+        if isinstance(tower.text_projection, torch.nn.Linear):
+            pooled = tower.text_projection(pooled)  # (B, D)
+        elif tower.text_projection is not None:
+            pooled = pooled @ tower.text_projection  # (B, D)
+        return F.normalize(pooled.float(), dim=-1)  # (B, D)
+
+
+class _Scorer:
+    """Exact objective and HotFlip gradients for strings of vocabulary rows."""
+
+    def __init__(self, tower: TextTower, target: torch.Tensor, vocab: Vocabulary, config: SearchConfig):
+        device = tower.token_embedding.device
+        self.tower, self.config = tower, config
+        self.target = F.normalize(target.float().to(device), dim=0)  # (D,)
+        self.embeds = tower.token_embedding[vocab.ids.to(device)].detach()  # (V, width)
+        self.filler = self.embeds.mean(0)  # (width,) the point an insertion is linearised around
+        self.prior = vocab.prior.to(device)  # (V,)
+        self.evals = 0
+
+    @torch.no_grad()
+    def score(self, strings: list[Tokens]) -> list[tuple[float, float]]:
+        """(objective, cosine) of each string, batched by length."""
+        out: list[tuple[float, float]] = [(0.0, 0.0)] * len(strings)
+        for length, rows in _by_length([len(s) for s in strings]).items():
+            for start in range(0, len(rows), self.config.batch_size):
+                chunk = rows[start : start + self.config.batch_size]
+                tokens = torch.tensor([strings[i] for i in chunk], dtype=torch.long,
+                                      device=self.embeds.device).reshape(len(chunk), length)  # (b, n)
+                cosine = self.tower.encode(self.embeds[tokens]) @ self.target  # (b,)
+                objective = cosine - self.config.lam * self.prior[tokens].sum(1)  # (b,)
+                for i, o, c in zip(chunk, objective.tolist(), cosine.tolist()):
+                    out[i] = (o, c)
+        self.evals += len(strings)
+        return out
+
+    def gradients(self, rows: list[tuple[Tokens, int | None]]) -> list[torch.Tensor]:
+        """d cos / d word embeddings (T, width) of each row: a string as it is (None), or with the
+        filler inserted before its j-th token (j). One batched backward pass per length."""
+        words = [self._words(string, slot) for string, slot in rows]  # each (T, width)
+        grads: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+        for _, members in _by_length([len(w) for w in words]).items():
+            for start in range(0, len(members), self.config.batch_size):
+                chunk = members[start : start + self.config.batch_size]
+                batch = torch.stack([words[i] for i in chunk]).requires_grad_(True)  # (b, T, width)
+                cosine = self.tower.encode(batch) @ self.target  # (b,)
+                (grad,) = torch.autograd.grad(cosine.sum(), batch)  # (b, T, width)
+                for row, i in enumerate(chunk):
+                    grads[i] = grad[row]
+        return grads
+
+    def _words(self, string: Tokens, slot: int | None) -> torch.Tensor:
+        words = self.embeds[torch.tensor(string, dtype=torch.long, device=self.embeds.device)]  # (n, width)
+        return words if slot is None else torch.cat([words[:slot], self.filler[None], words[slot:]])  # (n+1, width)
+
+    def ranked(self, grads: torch.Tensor, depths: list[int]) -> list[list[int]]:
+        """Vocabulary rows by first-order gain in objective at each slot: for a slot of depth d, the
+        d-th group of `topk` (ranks k(d-1) .. kd-1), so a string that stays in the beam goes deeper."""
+        k = self.config.topk
+        gain = grads @ self.embeds.T - self.config.lam * self.prior  # (P, V)
+        top = gain.topk(min(k * max(depths), gain.shape[1]), dim=1).indices.tolist()  # (P, k·max depth)
+        return [row[k * (d - 1) : k * d] for row, d in zip(top, depths)]
+
+
+def _by_length(lengths: list[int]) -> dict[int, list[int]]:
+    """Indices grouped by length, shortest first: one forward pass serves a group with no padding."""
+    groups: dict[int, list[int]] = {}
+    for i, length in enumerate(lengths):
+        groups.setdefault(length, []).append(i)
+    return dict(sorted(groups.items()))
+
+
+def _proposals(scorer: _Scorer, beam: dict[Tokens, int], vocab_size: int, generator: torch.Generator) -> list[Tokens]:
+    """Candidate strings for one step, in a fixed order: deletions, gradient-ranked insertions and
+    replacements, then random moves. `beam` maps each string to the steps it has spent in the beam."""
+    config = scorer.config
+    out: list[Tokens] = [string[:i] + string[i + 1 :] for string in beam for i in range(len(string))]
+    if config.topk:
+        rows: list[tuple[Tokens, int | None]] = []  # strings to differentiate
+        moves: list[tuple[Tokens, int, int, int]] = []  # (string, row, slot, tokens replaced: 0 or 1)
+        for string in beam:
+            for j in range(len(string) + 1) if len(string) < config.max_tokens else []:
+                moves.append((string, len(rows), j, 0))
+                rows.append((string, j))
+            if string:
+                moves += [(string, len(rows), i, 1) for i in range(len(string))]
+                rows.append((string, None))
+        grads = scorer.gradients(rows)
+        slot_grads = torch.stack([grads[row][slot] for _, row, slot, _ in moves])  # (P, width)
+        depths = [beam[string] for string, *_ in moves]
+        for (string, _, slot, cut), tokens in zip(moves, scorer.ranked(slot_grads, depths)):
+            out += [string[:slot] + (token,) + string[slot + cut :] for token in tokens]
+    for string in beam:
+        n = len(string)
+        kinds = (["insert"] if n < config.max_tokens else []) + (["delete", "replace"] if n else [])
+        for kind, position, token in torch.randint(0, 1 << 30, (config.random, 3), generator=generator).tolist():
+            kind, token = kinds[kind % len(kinds)], token % vocab_size
+            i = position % (n + 1 if kind == "insert" else n)
+            out.append({"insert": string[:i] + (token,) + string[i:], "delete": string[:i] + string[i + 1 :],
+                        "replace": string[:i] + (token,) + string[i + 1 :]}[kind])
+    return out
+
+
+def search(
+    tower: TextTower,
+    target: torch.Tensor,
+    vocab: Vocabulary,
+    config: SearchConfig = SearchConfig(),
+    cancel: Callable[[], bool] | None = None,
+) -> Iterator[SearchEvent]:
+    """Hill-climb from the empty string towards `target` (D,): an iterator of one event per step, then a
+    final one with `done=True`. `cancel()` is checked between steps (a threading.Event's `is_set` works).
+    Bad settings raise here, before the first step."""
+    config.check(tower.context_length)
+    if len(vocab) == 0:
+        raise ClipTermError("the search vocabulary is empty", hint="give a --vocab file with single-token words")
+    return _climb(tower, target, vocab, config, cancel)
+
+
+def _climb(tower: TextTower, target: torch.Tensor, vocab: Vocabulary, config: SearchConfig,
+           cancel: Callable[[], bool] | None) -> Iterator[SearchEvent]:
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(config.seed)
+    scorer = _Scorer(tower, target, vocab, config)
+    beam: dict[Tokens, tuple[float, float]] = {(): scorer.score([()])[0]}
+    seen: set[Tokens] = {()}
+    age: dict[Tokens, int] = {}  # steps each beam string has been expanded
+
+    def event(step: int, done: bool = False, reason: str | None = None) -> SearchEvent:
+        elapsed = time.perf_counter() - started
+        best = [Hit(vocab.text(s), o, c) for s, (o, c) in beam.items()]
+        return SearchEvent(step, best, scorer.evals, scorer.evals / elapsed if elapsed > 0 else 0.0, elapsed, done, reason)
+
+    yield event(0)
+    best, stale, step, reason = beam[()][0], 0, 0, "steps"
+    while step < config.steps:
+        if cancel is not None and cancel():
+            reason = "cancelled"
+            break
+        age = {string: age.get(string, 0) + 1 for string in beam}
+        candidates = [s for s in dict.fromkeys(_proposals(scorer, age, len(vocab), generator)) if s not in seen]
+        if not candidates:
+            reason = "exhausted"
+            break
+        seen.update(candidates)
+        pool = {**beam, **dict(zip(candidates, scorer.score(candidates)))}
+        ranked = sorted(pool.items(), key=lambda item: (-item[1][0], item[0]))[: config.beam]
+        beam = dict(ranked)
+        step += 1
+        improved = ranked[0][1][0] > best + 1e-7
+        best, stale = (ranked[0][1][0], 0) if improved else (best, stale + 1)
+        yield event(step)
+        if config.patience is not None and stale >= config.patience:
+            reason = "patience"
+            break
+        if config.time_limit is not None and time.perf_counter() - started >= config.time_limit:
+            reason = "time"
+            break
+    yield event(step, done=True, reason=reason)
+
+
+def search_model(loaded, target: torch.Tensor, vocab: Vocabulary | None = None, config: SearchConfig = SearchConfig(),
+                 cancel: Callable[[], bool] | None = None) -> Iterator[SearchEvent]:
+    """`search` on a loaded model (models.LoadedModel), over its whole-word BPE vocabulary by default."""
+    from clipterm.vocab import bpe_tokenizer, default_vocabulary
+
+    tokenizer = bpe_tokenizer(loaded.tokenizer)
+    tower = TextTower(loaded.model, tokenizer.sot_token_id, tokenizer.eot_token_id)
+    return search(tower, target, vocab if vocab is not None else default_vocabulary(tokenizer), config, cancel)

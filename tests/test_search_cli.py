@@ -1,0 +1,98 @@
+"""`clipterm search` from the command line: JSON lines, plain lines, the live table, Ctrl-C and bad inputs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+QUICK = ["--beam", "3", "--topk", "8", "--random", "4", "--steps", "4"]
+
+
+def test_json_lines(cli):
+    result = cli("search", "--target", "text:a red circle", *QUICK, "--json")
+    assert result.code == 0, result
+    events = [json.loads(line) for line in result.out.splitlines()]
+    assert [e["step"] for e in events] == [0, 1, 2, 3, 4, 4]
+    assert all(e["schema"] == "clipterm.search/1" for e in events)
+    assert events[-1]["done"] and events[-1]["reason"] == "steps"
+    best = events[-1]["best"]
+    assert len(best) == 3 and set(best[0]) == {"text", "score", "cosine"} and best[0]["score"] >= best[1]["score"]
+    assert events[-1]["evals"] > events[1]["evals"] > 0 and events[-1]["evals_per_s"] > 0
+
+
+def test_plain_lines_when_piped(cli):
+    result = cli("search", "--target", "text:red - text:blue", *QUICK, "--lambda", "0", "--seed", "3")
+    assert result.code == 0, result
+    lines = result.out.splitlines()
+    assert lines[0].startswith("step 0\t") and "# stopped: steps" in lines
+    final = lines[lines.index("# stopped: steps") + 1 :]
+    assert len(final) == 3
+    score, cosine, _text = final[0].split("\t")
+    assert float(score) == pytest.approx(float(cosine), abs=1e-4)  # --lambda 0: the score is the cosine
+
+
+def test_live_table_on_a_terminal(cli, monkeypatch):
+    from rich.console import Console
+
+    import clipterm.cli.search as module
+
+    screen = io.StringIO()
+    monkeypatch.setattr(module, "stdout", Console(file=screen, force_terminal=True, width=100))
+    result = cli("search", "--target", "class:star", *QUICK)
+    assert result.code == 0, result
+    assert "search: class:star" in screen.getvalue() and "stopped: steps" in screen.getvalue()
+
+
+def test_head_targets_with_a_cache_use_the_cache_model(cli, tmp_path, toy):
+    from clipterm.build import BuildOptions, build_cache
+
+    build_cache(BuildOptions(images="toy:32", cache_dir=str(tmp_path), name="tiny", device="cpu", workers=0), loaded=toy)
+    result = cli("search", "--cache", str(tmp_path / "tiny"), "--target", "L5.H2:pc2 - class:colour/red", *QUICK, "--json")
+    assert result.code == 0, result
+    assert json.loads(result.out.splitlines()[-1])["reason"] == "steps"
+
+
+def test_vocabulary_file_and_its_warning(cli, tmp_path):
+    words = tmp_path / "colours.txt"
+    words.write_text("red\ngreen\nblue\nwhatchamacallitz\n")
+    result = cli("search", "--target", "text:green", *QUICK, "--vocab", str(words), "--json")
+    assert result.code == 0, result
+    assert "whatchamacallitz" in result.err and "left out" in result.err
+    final = json.loads(result.out.splitlines()[-1])
+    assert all(set(hit["text"].split()) <= {"red", "green", "blue"} for hit in final["best"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "purple-ish"], "unknown target"),
+    (["--target", "L5.H2"], "needs a cache"),
+    (["--target", "text:red", "--beam", "0"], "--beam must be at least 1"),
+    (["--target", "text:red", "--vocab", "EMPTY"], "is empty"),
+    (["--target", "text:red", "--cache", "no-such-cache"], "no cache"),
+])
+def test_bad_inputs_get_one_clear_line(cli, tmp_path, args, message):
+    (tmp_path / "empty.txt").write_text("")
+    args = [str(tmp_path / "empty.txt") if a == "EMPTY" else a for a in args]
+    result = cli("search", *args)
+    assert result.code != 0 and message in result.err, result
+    assert "Traceback" not in result.err and result.out == ""
+
+
+def test_ctrl_c_stops_cleanly_with_the_best_so_far(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CLIPTERM_CACHE": str(tmp_path)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "clipterm", "search", "--target", "text:a red circle", "--steps", "100000",
+         "--patience", "100000", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    while json.loads(process.stdout.readline())["step"] < 1:  # wait until it has found something
+        pass
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    last = json.loads(out.splitlines()[-1])
+    assert process.returncode == 130, err
+    assert last["done"] and last["reason"] == "cancelled" and last["best"][0]["text"]
+    assert "Traceback" not in err
