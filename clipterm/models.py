@@ -295,6 +295,7 @@ def _weights_for_tag(arch: str, tag: str, allow_download: bool) -> Path:
     found, looked = find_local_weights(arch, tag)
     if found is not None:
         return found
+    allow_download = allow_download or os.environ.get("CLIPTERM_DOWNLOAD", "") == "1"
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     if allow_download and not offline:
         from open_clip.pretrained import download_pretrained, get_pretrained_cfg
@@ -307,7 +308,7 @@ def _weights_for_tag(arch: str, tag: str, allow_download: bool) -> Path:
     why = "HF_HUB_OFFLINE=1 is set" if offline else "downloads are off by default"
     raise ClipTermError(
         f"no local weights for {arch} {tag} (looked in {places}; {why})",
-        hint="download them once with --download on a machine with internet, or pass --pretrained PATH to a weights file",
+        hint="set CLIPTERM_DOWNLOAD=1 to fetch them once (needs internet), or pass --pretrained PATH to a weights file",
         code=ExitCode.NOT_FOUND,
     )
 
