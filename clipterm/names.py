@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from clipterm.errors import ClipTermError, ExitCode
+from clipterm.errors import ClipTermError
 
 Kind = Literal["embed", "bias", "layer", "head", "mlp", "neuron"]
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import typer
 
-from clipterm.cli.output import JSON_HELP, emit_json, progress, stdout
+from clipterm.cli.common import CacheArg, CacheDirOpt, JsonOpt
+from clipterm.cli.output import emit_json, progress, stdout
 from clipterm.cli.texts import embed_reporting, load_pool_reporting
 
-CacheArg = typer.Argument(..., help="A cache folder, or a cache name under the cache root.")
-CacheDirOpt = typer.Option(None, "--cache-dir", help="Cache root to use instead of the default rule.")
-JsonOpt = typer.Option(False, "--json", help=JSON_HELP)
 TaskOpt = typer.Option(None, "--task", help="Label task to score (default: every task of the cache).")
 ClassesOpt = typer.Option(None, "--classes", help="File of class names, one per line in label order (overrides the cache's).")
 TemplatesOpt = typer.Option(None, "--templates", help="File of prompt templates with `{}`, one per line (default: the "

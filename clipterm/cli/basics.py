@@ -6,9 +6,9 @@ from enum import Enum
 
 import typer
 
-from clipterm.cli.output import JSON_HELP, emit_json, stdout
+from clipterm.cli.common import JsonOpt
+from clipterm.cli.output import emit_json, stdout
 
-JsonOpt = typer.Option(False, "--json", help=JSON_HELP)
 
 
 class Place(str, Enum):

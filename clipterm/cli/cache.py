@@ -7,21 +7,13 @@ from enum import Enum
 
 import typer
 
-from clipterm.cli.output import JSON_HELP, emit_json, progress, stderr, stdout
+from clipterm.cli.common import CacheArg, CacheDirOpt, Device, JsonOpt
+from clipterm.cli.output import emit_json, progress, stderr, stdout
 from clipterm.errors import ClipTermError, ExitCode
 
 cache_app = typer.Typer(help="Build activation caches (the exact decomposition of many images) and manage them.",
                         no_args_is_help=True)
 
-JsonOpt = typer.Option(False, "--json", help=JSON_HELP)
-CacheDirOpt = typer.Option(None, "--cache-dir", help="Cache root to use instead of the default rule (`clipterm locate cache`).")
-CacheArg = typer.Argument(..., help="A cache name under the cache root, or a path to a cache folder.")
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 class Dtype(str, Enum):

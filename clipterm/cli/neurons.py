@@ -6,23 +6,15 @@ from enum import Enum
 
 import typer
 
-from clipterm.cli.output import JSON_HELP, emit_json, progress, stdout
+from clipterm.cli.common import CacheArg, CacheDirOpt, Device, JsonOpt
+from clipterm.cli.output import emit_json, progress, stdout
 from clipterm.errors import ClipTermError
 
 neurons_app = typer.Typer(help="MLP neurons through their second-order effects (Gandelsman et al., 2024).",
                           no_args_is_help=True)
 
-CacheArg = typer.Argument(..., help="A cache folder, or a cache name under the cache root.")
-CacheDirOpt = typer.Option(None, "--cache-dir", help="Cache root to use instead of the default rule.")
 LayerOpt = typer.Option(..., "--layer", help="The MLP layer, e.g. L9 (not the last layer: it has no second-order effect).")
-JsonOpt = typer.Option(False, "--json", help=JSON_HELP)
 PoolOpt = typer.Option(None, "--pool", help="`toy`, `general`, or a UTF-8 file (default: toy for the toy model, else general).")
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 class Sort(str, Enum):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import typer
 
+from clipterm.cli.common import CacheDirOpt
 from clipterm.cli.output import JSON_HELP, emit_json, progress, stderr, stdout
 
 texts_app = typer.Typer(help="Text pools (built-in `toy` and `general`, or a UTF-8 file) and their cached embeddings.",
                         no_args_is_help=True)
 
 PoolOpt = typer.Option("toy", "--pool", help="`toy`, `general`, or a UTF-8 file with one text per line.")
-CacheDirOpt = typer.Option(None, "--cache-dir", help="Cache root to use instead of the default rule.")
 
 
 def load_pool_reporting(spec: str):
