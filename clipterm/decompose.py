@@ -52,7 +52,7 @@ def check_supported(model, name: str = "model") -> None:
     """Refuse, naming the model and the option, any tower whose embedding does not split exactly."""
     from open_clip.transformer import VisionTransformer
 
-    visual = _visual(model)
+    visual = vision_tower(model)
     refuse_unsupported(name, {**_multimodal(model), "vision_cfg": _tower_options(visual)})
     if not isinstance(visual, VisionTransformer):
         raise _unsupported(name, f"{type(visual).__name__} vision tower (not an open_clip ViT)")
@@ -90,7 +90,7 @@ def _tower_options(visual) -> dict:
     }
 
 
-def _refuse_neurons(visual) -> None:
+def refuse_neuron_split(visual) -> None:
     """scale_fc puts a LayerNorm between the activation and c_proj, so single neurons don't add up."""
     if any(not _is_identity(getattr(block.mlp, "ln", None)) for block in visual.transformer.resblocks):
         raise ClipTermError(
@@ -104,7 +104,7 @@ def _is_identity(module) -> bool:
     return module is None or isinstance(module, nn.Identity)
 
 
-def _visual(model):
+def vision_tower(model):
     return getattr(model, "visual", model)
 
 
@@ -128,7 +128,7 @@ def _to_joint(component: Tensor, sigma: Tensor, gamma: Tensor, proj: Tensor) -> 
     return centred @ proj / sigma.view(-1, *[1] * (component.dim() - 1))  # (B, *, D)
 
 
-def _layer_scale(module: nn.Module, width: int, device) -> Tensor:
+def layer_scale_vector(module: nn.Module, width: int, device) -> Tensor:
     gamma = getattr(module, "gamma", None)  # LayerScale; nn.Identity has none
     return gamma.float() if gamma is not None else torch.ones(width, device=device)  # (W,)
 
@@ -143,7 +143,7 @@ def readout(model) -> Tensor:
 
     `R_h = W_O^h · head_scale · LayerScale · C · diag(γ) · proj`, with C the centring `I − 11ᵀ/width`.
     """
-    visual = _visual(model)
+    visual = vision_tower(model)
     gamma, _, proj = _ln_post_affine(visual)
     width, device = visual.transformer.width, gamma.device
     rows = []
@@ -152,7 +152,7 @@ def readout(model) -> Tensor:
             heads = block.attn.num_heads
             w_out = block.attn.out_proj.weight.float().T.reshape(heads, width // heads, width)  # (H, dh, W)
             w_out = w_out * _head_scale(block.attn, device).view(heads, 1, 1)  # (H, dh, W)
-            w_out = w_out * _layer_scale(block.ls_1, width, device)  # (H, dh, W)
+            w_out = w_out * layer_scale_vector(block.ls_1, width, device)  # (H, dh, W)
             centred = (w_out - w_out.mean(-1, keepdim=True)) * gamma  # (H, dh, W)
             rows.append(centred @ proj)  # (H, dh, D)
     return torch.stack(rows)  # (L, H, dh, D)
@@ -161,7 +161,7 @@ def readout(model) -> Tensor:
 # --------------------------------------------------------------------------- the forward pass
 
 
-def _qkv(attn: nn.Module, normed: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
+def attention_qkv(attn: nn.Module, normed: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
     """Queries, keys and values per head, ready for `softmax(q @ kᵀ * scale) @ v`.
 
     Works for nn.MultiheadAttention and open_clip's Attention (qk-norm, scaled cosine), which
@@ -187,12 +187,12 @@ def decompose(model, images: Tensor, neurons: bool = False, token_layers: Sequen
     per-head CLS outputs come from the same attention call that updates the stream. The
     joint-space algebra is done in fp32 even under autocast.
     """
-    visual = _visual(model)
+    visual = vision_tower(model)
     check_supported(model)
     if visual.training:
         raise ValueError("decompose() needs model.eval(): dropout and patch dropout would change the split")
     if neurons:
-        _refuse_neurons(visual)
+        refuse_neuron_split(visual)
     blocks = visual.transformer.resblocks
     layers, width = len(blocks), visual.transformer.width
     bad = [layer for layer in token_layers if not 0 <= layer < layers]
@@ -209,7 +209,7 @@ def decompose(model, images: Tensor, neurons: bool = False, token_layers: Sequen
         out_bias = torch.zeros(width, device=device)  # (W,)
         for layer, block in enumerate(blocks):
             attn = block.attn
-            q, k, v, scale = _qkv(attn, block.ln_1(stream))  # (B, H, N, dh) each
+            q, k, v, scale = attention_qkv(attn, block.ln_1(stream))  # (B, H, N, dh) each
             heads_out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # (B, H, N, dh)
             head_cls.append(heads_out[:, :, 0].float())  # (B, H, dh)
             if layer in token_layers:
@@ -221,7 +221,7 @@ def decompose(model, images: Tensor, neurons: bool = False, token_layers: Sequen
             merged = heads_out.transpose(1, 2).reshape(stream.shape)  # (B, N, W)
             stream = stream + block.ls_1(attn.out_proj(merged))  # (B, N, W)
             if attn.out_proj.bias is not None:
-                out_bias += attn.out_proj.bias.float() * _layer_scale(block.ls_1, width, device)  # (W,)
+                out_bias += attn.out_proj.bias.float() * layer_scale_vector(block.ls_1, width, device)  # (W,)
             hidden = block.ln_2(stream)  # (B, N, W)
             for name, part in block.mlp.named_children():
                 hidden = part(hidden)  # (B, N, M) inside, (B, N, W) after c_proj

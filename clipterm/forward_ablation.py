@@ -38,9 +38,9 @@ def parts(component: str, shape: names.ModelShape) -> dict[int, tuple[list[int],
 
 def _head_outputs(attn: Any, normed: torch.Tensor) -> torch.Tensor:
     """Each head's attention output before out_proj, (B, H, T, dh), with head_scale applied."""
-    from clipterm.decompose import _qkv
+    from clipterm.decompose import attention_qkv
 
-    q, k, v, scale = _qkv(attn, normed)  # (B, H, T, dh) each
+    q, k, v, scale = attention_qkv(attn, normed)  # (B, H, T, dh) each
     heads = F.scaled_dot_product_attention(q, k, v, scale=scale)  # (B, H, T, dh)
     head_scale = getattr(attn, "head_scale", None)
     return heads * head_scale if head_scale is not None else heads

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clipterm.decompose import _layer_scale, _qkv, _refuse_neurons, _visual, check_supported, readout
+from clipterm.decompose import layer_scale_vector, attention_qkv, refuse_neuron_split, vision_tower, check_supported, readout
 from clipterm.errors import ClipTermError, ExitCode
 
 
@@ -56,15 +56,15 @@ def path_vectors(model, layer: int) -> Tensor:
     C the centring, γ₁ the later layer's ln_1 weight, W_V the head's value weights and R the head's
     readout from `decompose.readout` (out-proj slice, head scale, ls_1, centring, ln_post γ, proj).
     """
-    visual = _visual(model)
+    visual = vision_tower(model)
     blocks = visual.transformer.resblocks
     check_layer(len(blocks), layer)
-    _refuse_neurons(visual)
+    refuse_neuron_split(visual)
     width, device = visual.transformer.width, visual.conv1.weight.device
     heads_readout = readout(model)  # (L, H, dh, D)
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         block = blocks[layer]
-        writes = block.mlp.c_proj.weight.float().T * _layer_scale(block.ls_2, width, device)  # (M, W)
+        writes = block.mlp.c_proj.weight.float().T * layer_scale_vector(block.ls_2, width, device)  # (M, W)
         centred = writes - writes.mean(-1, keepdim=True)  # (M, W)
         parts = []
         for later in range(layer + 1, len(blocks)):
@@ -88,9 +88,9 @@ def trace(model, images: Tensor, layer: int) -> NeuronPass:
     Only the CLS row of each later attention pattern is formed; the block loop uses the model's own
     modules, as `decompose.decompose` does.
     """
-    visual = _visual(model)
+    visual = vision_tower(model)
     check_supported(model)
-    _refuse_neurons(visual)
+    refuse_neuron_split(visual)
     if visual.training:
         raise ValueError("trace() needs model.eval(): dropout would change the effects")
     blocks = visual.transformer.resblocks
@@ -101,7 +101,7 @@ def trace(model, images: Tensor, layer: int) -> NeuronPass:
         weighted_rows, acts = [], None
         for index, block in enumerate(blocks):
             attn = block.attn
-            q, k, v, scale = _qkv(attn, block.ln_1(stream))  # (B, H, T, dh) each
+            q, k, v, scale = attention_qkv(attn, block.ln_1(stream))  # (B, H, T, dh) each
             if index > layer:
                 with torch.autocast(stream.device.type, enabled=False):
                     residual = stream.float()  # (B, T, W)

@@ -83,14 +83,14 @@ class TextTower:
     """open_clip's causal text tower run from token embeddings, on sequences cut right after EOT."""
 
     def __init__(self, model, sot_id: int, eot_id: int):
-        from clipterm.textencode import _tower, fallback_reason
+        from clipterm.textencode import text_tower, fallback_reason
 
         reason = fallback_reason(model)
         if reason is not None:
             raise ClipTermError(f"text search cannot run on this model: {reason}",
                                 hint="search needs an open_clip causal text tower that pools at end-of-text",
                                 code=ExitCode.UNSUPPORTED)
-        self.parts = _tower(model)
+        self.parts = text_tower(model)
         self.token_embedding = self.parts.token_embedding.weight  # (vocab, width)
         self.context_length = int(self.parts.positional_embedding.shape[0])
         self.sot = self.token_embedding[sot_id].detach()  # (width,)

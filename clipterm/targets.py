@@ -167,10 +167,10 @@ def head_direction(reader: Any, head: str, pc: int = 1) -> torch.Tensor:
     """The pc-th principal direction (D,) of a head's centred joint-space effects, from the cache's
     statistics: the top eigenvectors of R^T Σ R, found in head space (Σ the head-space covariance,
     R the readout). Its sign makes the mean effect project positively."""
-    from clipterm.textspan import _moments, component_stats
+    from clipterm.textspan import head_moments, component_stats
 
     count, total, outer, readout = component_stats(reader, head)
-    moments = _moments(count, total, outer, readout)  # covariance in orthonormal coordinates of R's row space
+    moments = head_moments(count, total, outer, readout)  # covariance in orthonormal coordinates of R's row space
     rank = moments.cov.shape[0]
     if pc > rank:
         raise ClipTermError(f"{head} has {rank} principal directions, not {pc}", hint=f"use :pc1 .. :pc{rank}")

@@ -35,7 +35,7 @@ class _Tower:
     cls_emb: Any = None
 
 
-def _tower(model) -> _Tower | None:
+def text_tower(model) -> _Tower | None:
     """The text tower of an open_clip CLIP or CustomTextCLIP, or None for towers clipterm can't run itself."""
     from open_clip.transformer import TextTransformer
 
@@ -52,7 +52,7 @@ def _tower(model) -> _Tower | None:
 
 def fallback_reason(model) -> str | None:
     """Why truncating the context would not be exact for this model's text tower, or None when it is."""
-    tower = _tower(model)
+    tower = text_tower(model)
     if tower is None:
         return f"text tower {type(getattr(model, 'text', model)).__name__} is not an open_clip TextTransformer"
     if tower.attn_mask is None:
@@ -87,7 +87,7 @@ def encode_tokens(
     batch with the number of texts done in it.
     """
     device = next(model.parameters()).device
-    tower = _tower(model)
+    tower = text_tower(model)
     exact = fallback_reason(model) is None
     pos = eos_positions(tokens, tower.pool_type, tower.eos_id) if exact else torch.zeros(len(tokens), dtype=torch.long)
     order = torch.argsort(pos, stable=True)  # (n,) short texts first

@@ -44,7 +44,7 @@ class _Moments:
     mean: torch.Tensor  # (D,) mean joint-space effect
 
 
-def _moments(count: float, total: torch.Tensor, outer: torch.Tensor, readout: torch.Tensor) -> _Moments:
+def head_moments(count: float, total: torch.Tensor, outer: torch.Tensor, readout: torch.Tensor) -> _Moments:
     readout = readout.double()  # (dh, D)
     left, singular, right = torch.linalg.svd(readout, full_matrices=False)  # (dh, k) (k,) (k, D)
     keep = singular > singular.max() * 1e-9
@@ -92,7 +92,7 @@ def text_span(
     head-space outputs; readout (dh, D): head space -> joint space; text_embeds (M, D) the pool.
     `rank` defaults to the head dim. With `baseline_draws`, also the random-text baseline.
     """
-    moments = _moments(count, total, outer, readout)
+    moments = head_moments(count, total, outer, readout)
     texts = _project_texts(moments, text_embeds, rank)  # (M, rho)
     factor = _cov_factor(moments.cov)  # (rho, rho)
     total_var = float(torch.trace(moments.cov))
@@ -131,7 +131,7 @@ def random_baseline(
     seed: int = 0,
 ) -> float:
     """Fraction of the component's variance in the span of `n_texts` random pool texts (mean of `draws`)."""
-    moments = _moments(count, total, outer, readout)
+    moments = head_moments(count, total, outer, readout)
     return _baseline(moments, _project_texts(moments, text_embeds, rank), n_texts, draws, seed)
 
 

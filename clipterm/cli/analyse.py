@@ -20,7 +20,7 @@ def _open(cache: str, cache_dir: str | None):
     return open_cache(cache, cache_dir)
 
 
-def _default_pool(reader, pool: str | None) -> str:
+def default_pool_for(reader, pool: str | None) -> str:
     return pool or ("toy" if reader.manifest["model"].get("spec") == "toy" else "general")
 
 
@@ -37,7 +37,7 @@ def _scorings(reader, loaded, task, classes, templates, pool, cache_dir):
         reader, _encoder(loaded), task,
         classes=read_lines(classes, "classes") if classes else None,
         templates=_templates(templates),
-        pool_embeds=lambda: embed_reporting(loaded, load_pool_reporting(_default_pool(reader, pool)), cache_dir),
+        pool_embeds=lambda: embed_reporting(loaded, load_pool_reporting(default_pool_for(reader, pool)), cache_dir),
     )
 
 
@@ -97,7 +97,7 @@ def textspan(
     if evaluate is not None:
         components += [str(c) for c in names.heads(shape, list(range(shape.layers - evaluate, shape.layers)))
                        if str(c) not in components]
-    text_pool = load_pool_reporting(_default_pool(reader, pool))
+    text_pool = load_pool_reporting(default_pool_for(reader, pool))
     loaded = model_for_cache(reader)
     embeds = embed_reporting(loaded, text_pool, cache_dir)
     with progress("textspan", total=None, unit="heads"):

@@ -47,11 +47,11 @@ def _positive(value: int, option: str, example: str) -> int:
 
 def _pool_embeddings(reader, pool: str | None, cache_dir: str | None):
     """(embeddings (P, D), pool) of a text pool under the cache's model (cached on disk)."""
-    from clipterm.cli.analyse import _default_pool
+    from clipterm.cli.analyse import default_pool_for
     from clipterm.cli.texts import embed_reporting, load_pool_reporting
     from clipterm.texts import model_for_cache
 
-    text_pool = load_pool_reporting(_default_pool(reader, pool))
+    text_pool = load_pool_reporting(default_pool_for(reader, pool))
     return embed_reporting(model_for_cache(reader), text_pool, cache_dir), text_pool
 
 
