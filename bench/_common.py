@@ -10,6 +10,20 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def best_time(fn, repeats: int = 1) -> tuple[float, object]:
+    """The fastest of `repeats` calls of fn (seconds, waiting for CUDA work), and the last result."""
+    import torch
+
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
 def write_result(name: str, payload: dict) -> Path:
     """Write bench/results/<name>.json with the machine it ran on and when."""
     RESULTS.mkdir(exist_ok=True)

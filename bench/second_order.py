@@ -16,10 +16,9 @@ plain forward pass is already 1/75 of the naive cost, so the ratio there stays b
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from _common import write_result
+from _common import best_time, write_result
 
 from clipterm import neurons
 
@@ -73,12 +72,6 @@ def naive(model, image: torch.Tensor, layer: int, cls_only: bool = False) -> tor
     return total
 
 
-def timed(fn) -> tuple[float, object]:
-    start = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out
 
 
 def main() -> None:
@@ -117,11 +110,11 @@ def main() -> None:
                      for i in range(0, args.images, args.batch_size)]
             return torch.cat(parts)  # (N, M, D)
 
-        fast_s, fast = timed(clipterm_all)
+        fast_s, fast = best_time(clipterm_all)
         n_naive = min(args.naive_images, args.images)
-        naive_s, reference = timed(lambda: torch.stack([naive(model, images[i : i + 1], layer) for i in range(n_naive)]))
-        cls_s, cls_only = timed(lambda: torch.stack([naive(model, images[i : i + 1], layer, True) for i in range(n_naive)]))
-        forward_s, _ = timed(lambda: [model.encode_image(images[i : i + args.batch_size]) for i in range(0, args.images, args.batch_size)])
+        naive_s, reference = best_time(lambda: torch.stack([naive(model, images[i : i + 1], layer) for i in range(n_naive)]))
+        cls_s, cls_only = best_time(lambda: torch.stack([naive(model, images[i : i + 1], layer, True) for i in range(n_naive)]))
+        forward_s, _ = best_time(lambda: [model.encode_image(images[i : i + args.batch_size]) for i in range(0, args.images, args.batch_size)])
 
     def gap(a: torch.Tensor) -> float:
         return float((a - fast[:n_naive]).norm() / fast[:n_naive].norm())

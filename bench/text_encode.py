@@ -10,24 +10,14 @@ Goal: >= 3x, with outputs equal within 1e-5.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from _common import write_result
+from _common import best_time, write_result
 
 from clipterm.textencode import encode_tokens
 from clipterm.texts import load_pool
 
 
-def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
 
 def main() -> None:
@@ -53,8 +43,8 @@ def main() -> None:
         return torch.cat([model.encode_text(tokens[i : i + args.batch_size].to(args.device)).float().cpu()
                           for i in range(0, len(tokens), args.batch_size)])
 
-    fast_s, fast = timed(lambda: encode_tokens(model, tokens, batch_size=args.batch_size), args.repeats)
-    plain_s, expected = timed(plain, args.repeats)
+    fast_s, fast = best_time(lambda: encode_tokens(model, tokens, batch_size=args.batch_size), args.repeats)
+    plain_s, expected = best_time(plain, args.repeats)
     error = float((fast - expected).abs().max())
     ratio = plain_s / fast_s
     print(f"ViT-B-32 text tower, {len(texts)} texts (mean {lengths.mean():.1f} of {tokens.shape[1]} tokens), "

@@ -6,7 +6,6 @@ Nothing here downloads weights unless asked (`allow_download=True`), and never w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -157,8 +156,10 @@ def find_local_weights(arch: str, pretrained: str) -> tuple[Path | None, list[Pa
     return None, looked
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, memoised on disk by (path, size, mtime) because real weights are large."""
+def weights_sha256(path: Path) -> str:
+    """sha256 of a weights file, memoised on disk by (path, size, mtime) because real weights are large."""
+    from clipterm.store import atomic_write, file_sha256
+
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     memo_path = locations.cache_root()[0] / ".weights-sha256.json"
@@ -166,21 +167,14 @@ def file_sha256(path: Path) -> str:
         memo = json.loads(memo_path.read_text())
     except (OSError, ValueError):
         memo = {}
-    if key in memo:
-        return memo[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    memo[key] = digest.hexdigest()
-    if stat.st_size > 50 << 20:  # only worth remembering for big files
-        try:
-            memo_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(memo))
-            tmp.replace(memo_path)
-        except OSError:
-            pass
+    if key not in memo:
+        memo[key] = file_sha256(path)
+        if stat.st_size > 50 << 20:  # only worth remembering for big files
+            try:
+                memo_path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(memo_path, json.dumps(memo).encode())
+            except OSError:
+                pass
     return memo[key]
 
 
@@ -366,7 +360,7 @@ def _info(model, spec: str, arch: str, pretrained: str | None, weights: Path | N
         context_length=int(model.context_length),
         quick_gelu=quick_gelu,
         weights_path=str(weights) if weights else None,
-        weights_sha256=file_sha256(weights) if weights else None,
+        weights_sha256=weights_sha256(weights) if weights else None,
     )
 
 

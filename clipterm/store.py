@@ -47,8 +47,8 @@ def partial_stats_name(rank: int) -> str:
 
 
 def atomic_write(path: Path, data: bytes) -> str:
-    """Write `path` via `path.tmp` + fsync + rename, so readers see the old file or the new one; returns sha256."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write `path` via a per-process `.tmp` + fsync + rename, so readers see the old file or the new one; returns sha256."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

@@ -262,14 +262,10 @@ def embed_pool(
 
 
 def _save(path: Path, embeds, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+    from clipterm.store import save_tensors
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    save_file({"embeds": embeds.contiguous()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    save_tensors(path, {"embeds": embeds}, metadata=metadata)
 
 
 def cached_embeddings(cache_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:

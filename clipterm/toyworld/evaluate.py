@@ -59,15 +59,12 @@ def evaluate_model(model, tokenizer, n: int = 1000, seed: int = HELDOUT_SEED, ba
 def save_model_dir(model, out_dir: Path, meta: dict) -> None:
     """Write an open_clip `local-dir:` folder: config JSON + fp16 safetensors (+ training notes)."""
     import torch
-    from safetensors.torch import save_file
 
+    from clipterm.store import save_tensors
     from clipterm.toyworld.train import MODEL_CFG, PREPROCESS_CFG
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    tmp = out_dir / "open_clip_model.safetensors.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(out_dir / "open_clip_model.safetensors")
+    save_tensors(out_dir / "open_clip_model.safetensors", {k: v.detach().to(torch.float16) for k, v in model.state_dict().items()})
     config = {"model_cfg": MODEL_CFG, "preprocess_cfg": PREPROCESS_CFG}
     (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out_dir / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
