@@ -96,8 +96,10 @@ async def test_tab_cycles_panes_and_help_lists_binding_ids(toy_cache):
         assert tabs.active == "descriptions"
         await pilot.press("tab")
         assert tabs.active == "ablation"
-        await pilot.press("tab", "tab")
+        await pilot.press("tab", "tab", "tab", "tab")
         assert tabs.active == "descriptions"
+        await pilot.press("shift+tab")
+        assert tabs.active == "info"
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
         table = app.screen.query_one("#help-table").content
@@ -124,7 +126,7 @@ async def test_resize_to_40x10_and_back_keeps_working(toy_cache):
 @pilot
 async def test_a_failing_worker_notifies_and_the_app_keeps_running(toy_cache, monkeypatch):
     reader, root = toy_cache
-    app = ClipTermApp(reader, cache_dir=root)
+    app = ClipTermApp(reader, cache_dir=root, hints=False)
 
     def broken(component):
         raise RuntimeError("stats are gone")

@@ -2,23 +2,47 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from enum import Enum
+from typing import Any
+
 import typer
 
 from clipterm.cli.common import CacheArg, CacheDirOpt
 
 
+class ImageMode(str, Enum):
+    auto = "auto"
+    half = "half"
+    off = "off"
+
+
 def tui(
     cache: str = CacheArg,
+    model: str = typer.Option(None, "--model", help="Model to analyse with (default: the one the cache was built "
+                              "with). Must be the same weights; `toy`, an open_clip arch, or a local-dir: folder."),
+    pretrained: str = typer.Option(None, "--pretrained", help="Tag or weights file for --model."),
     pool: str = typer.Option(None, "--pool", help="`toy`, `general`, or a UTF-8 file (default: toy for the toy model, else general)."),
     theme: str = typer.Option(None, "--theme", help="A theme from the bundled themes/ or your theme dir, e.g. clipterm-dark."),
+    images: ImageMode = typer.Option(ImageMode.auto, "--images", help="auto: the terminal's best image protocol "
+                                     "(kitty, sixel; half blocks under tmux or when unsure); half: coloured half "
+                                     "blocks; off: no thumbnails."),
     cache_dir: str = CacheDirOpt,
 ) -> None:
-    """Browse a cache with the keyboard: the model tree, TextSpan descriptions, ablation and info panes (? for keys)."""
+    """Browse a cache with the keyboard: the model tree (layer, head, MLP, neuron) and panes for TextSpan texts,
+    ablation, live text search, top images and info. Press ? for keys, ctrl+p to jump anywhere."""
+    open_tui(cache, cache_dir=cache_dir, model=model, pretrained=pretrained, pool=pool, theme=theme, images=images.value)
+
+
+def open_tui(cache: str, cache_dir: str | None = None, model: str | None = None, pretrained: str | None = None,
+             pool: str | None = None, theme: str | None = None, images: str = "auto") -> None:
+    """Check everything a user can get wrong, then run the app (also used by `clipterm demo`)."""
     from clipterm.reader import open_cache
+    from clipterm.texts import BUILTIN_POOLS, load_pool
+    from clipterm.tui.config import load_keymap
 
     reader = open_cache(cache, cache_dir)
-    from clipterm.texts import BUILTIN_POOLS, load_pool
-
     if pool is not None and pool not in BUILTIN_POOLS:
         load_pool(pool)  # a missing or empty pool file fails now, not in a worker
     chosen = None
@@ -28,7 +52,33 @@ def tui(
         chosen = load_theme(theme)
     from clipterm.tui.app import ClipTermApp
 
-    ClipTermApp(reader, pool=pool, cache_dir=cache_dir, theme=chosen).run()
+    keymap = load_keymap({b.id for b in ClipTermApp.BINDINGS if b.id})
+    app = ClipTermApp(reader, pool=pool, cache_dir=cache_dir, theme=chosen, images=resolve_images(images),
+                      keymap=keymap, loaded=_load_checked(reader, model, pretrained))
+    app.run()
+
+
+def resolve_images(mode: str) -> str:
+    """`auto` keeps textual-image's detection only where it can work: a real terminal, not tmux."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("TMUX") or not sys.stdout.isatty():
+        return "half"
+    import textual_image.widget  # noqa: F401  (queries the terminal now: it can't once the app runs)
+
+    return "auto"
+
+
+def _load_checked(reader: Any, model: str | None, pretrained: str | None) -> Any:
+    """The --model, loaded now so that wrong or missing weights fail before the app starts (None: load lazily)."""
+    if model is None:
+        return None
+    from clipterm.models import load_model
+    from clipterm.reader import check_model
+
+    loaded = load_model(model, pretrained=pretrained)
+    check_model(reader, loaded.info)
+    return loaded
 
 
 def register(app: typer.Typer) -> None:

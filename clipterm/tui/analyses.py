@@ -1,14 +1,19 @@
 """What the panes show, computed by the core and memoised per component. Runs in thread workers.
 
-Results are plain Python (names, floats, strings), so widgets never touch tensors. Core modules, and
-with them torch, are imported inside the methods: the first frame never waits for them.
+Results are plain Python (names, floats, strings, small pixel arrays), so widgets never touch
+tensors. Core modules, and with them torch, are imported inside the methods: the first frame never
+waits for them.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from clipterm import names
+
+NEURONS_IN_TREE = 64  # a layer's neurons listed under its MLP node, by effect norm; the palette reaches the rest
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,21 @@ class Description:
 
 
 @dataclass(frozen=True)
+class TermRow:
+    text: str
+    coefficient: float  # OMP coefficient of the (centred, unit) text in the neuron's direction
+
+
+@dataclass(frozen=True)
+class NeuronDescription:
+    component: str
+    pool: str
+    rows: list[TermRow]  # in the order OMP chose them
+    cosine: float  # between the neuron's direction and its sparse reconstruction
+    norm: float  # mean second-order effect norm over the cache's images
+
+
+@dataclass(frozen=True)
 class AblationBar:
     component: str
     drop: float  # accuracy (or agreement) lost when the component is mean-ablated
@@ -34,19 +54,39 @@ class AblationBar:
 
 
 @dataclass(frozen=True)
-class LayerAblation:
-    layer: int
+class TaskAblation:
     task: str
     metric: str  # "accuracy" or "agreement"
     baseline: float
     bars: list[AblationBar]
 
 
+@dataclass(frozen=True)
+class NeuronRow:
+    component: str  # L4.N12
+    norm: float  # mean second-order effect norm
+    hint: str  # top text of its sparse decomposition
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    caption: str
+    pixels: Any  # (S, S, 3) uint8, or None when the image can't be read any more
+    path: str | None
+
+
+@dataclass(frozen=True)
+class ImageRanking:
+    component: str
+    about: str
+    tiles: list[Thumbnail] = field(default_factory=list)
+
+
 class Analyses:
-    """Memoised TextSpan and ablation results for one cache. Safe to call from several worker threads."""
+    """Memoised results for one cache. Safe to call from several worker threads."""
 
     def __init__(self, reader: Any, pool: str | None = None, cache_dir: str | None = None,
-                 n_texts: int = 10, draws: int = 500):
+                 n_texts: int = 10, draws: int = 500, loaded: Any = None, load_model: Callable[[], Any] | None = None):
         self.reader = reader
         self.pool_spec = pool or ("toy" if reader.manifest["model"].get("spec") == "toy" else "general")
         self.cache_dir = cache_dir
@@ -54,30 +94,44 @@ class Analyses:
         self.draws = draws
         self._lock = threading.RLock()  # one core call at a time: the reader's handles and the model are shared
         self._memo: dict[tuple[str, Any], Any] = {}
+        self._load_model = load_model  # how to get the model when it isn't the cache's own (--model)
+        if loaded is not None:
+            self._memo[("model", None)] = loaded
 
     def cached(self, kind: str, key: Any) -> Any | None:
         """A result already computed, or None; cheap enough to call on the UI thread."""
         return self._memo.get((kind, key))
 
-    def _memoised(self, kind: str, key: Any, compute) -> Any:
+    def _memoised(self, kind: str, key: Any, compute: Callable[[], Any]) -> Any:
         with self._lock:
             if (kind, key) not in self._memo:
                 self._memo[(kind, key)] = compute()
             return self._memo[(kind, key)]
 
+    # ----------------------------------------------------------------- what the cache holds (no torch)
+
+    def neuron_layers(self) -> list[int]:
+        """Layers whose neurons file was built (`clipterm neurons build`)."""
+        from clipterm.neuron_store import built_layers
+
+        return built_layers(self.reader.path)
+
+    def has_labels(self) -> bool:
+        return bool(self.reader.tasks)
+
     # ----------------------------------------------------------------- shared inputs, loaded once
 
-    def _loaded(self) -> Any:
+    def loaded(self) -> Any:
         from clipterm.texts import model_for_cache
 
-        return self._memoised("model", None, lambda: model_for_cache(self.reader))
+        return self._memoised("model", None, self._load_model or (lambda: model_for_cache(self.reader)))
 
     def _pool(self) -> tuple[Any, Any]:
         def load():
             from clipterm.texts import embed_pool, load_pool
 
             pool = load_pool(self.pool_spec)
-            return pool, embed_pool(self._loaded(), pool, cache_dir=self.cache_dir)
+            return pool, embed_pool(self.loaded(), pool, cache_dir=self.cache_dir)
 
         return self._memoised("pool", None, load)
 
@@ -86,13 +140,18 @@ class Analyses:
             from clipterm import ablation
             from clipterm.textencode import encode_texts
 
-            loaded = self._loaded()
+            loaded = self.loaded()
             return ablation.scorings(self.reader, lambda texts: encode_texts(loaded.model, loaded.tokenizer, texts),
                                      pool_embeds=lambda: self._pool()[1])
 
         return self._memoised("scorings", None, load)
 
-    # ----------------------------------------------------------------- what the panes show
+    def _neuron_file(self, layer: int) -> Any:
+        from clipterm.neuron_store import NeuronFile
+
+        return self._memoised("neuron_file", layer, lambda: NeuronFile(self.reader, layer))
+
+    # ----------------------------------------------------------------- descriptions
 
     def description(self, component: str) -> Description:
         """TextSpan texts of a head or MLP over the pool, with the variance each explains."""
@@ -106,39 +165,132 @@ class Analyses:
 
         return self._memoised("description", component, compute)
 
-    def layer_ablation(self, layer: int) -> LayerAblation:
-        """Drop in the default task's score when each head (and the MLP) of a layer is mean-ablated."""
+    def neuron_description(self, component: str, k: int = 32) -> NeuronDescription:
+        """A neuron's second-order direction as a sparse sum of pool texts (OMP), strongest first."""
         def compute():
-            from clipterm import ablation
+            from clipterm.neuron_store import decompose_neurons
 
-            scorings = self._scorings()
-            task, scoring = next(iter(scorings.items()))
-            shape = self.reader.shape
-            components = [f"L{layer}.H{h}" for h in range(shape.heads)] + [f"L{layer}.MLP"]
-            rows = ablation.ablate({task: scoring}, ablation.shifts(self.reader, components), self.draws)[task]
-            return LayerAblation(layer, task, "agreement" if scoring.agreement else "accuracy",
-                                 float(scoring.outcome().float().mean()),
-                                 [AblationBar(r.component, r.drop, r.low, r.high) for r in rows])
+            neuron = names.parse(component)
+            pool, embeds = self._pool()
+            neuron_file = self._neuron_file(neuron.layer)
+            code = decompose_neurons(neuron_file, [neuron.index], embeds, k=k)
+            rows = [TermRow(pool.texts[row], coefficient) for row, coefficient in code.texts(0)]
+            norm = float(neuron_file.tensor("norm_mean")[neuron.index])
+            return NeuronDescription(component, pool.name, rows, float(code.cosine[0]), norm)
 
-        return self._memoised("ablation", layer, compute)
+        return self._memoised("description", component, compute)
+
+    def neurons(self, layer: int, top: int = NEURONS_IN_TREE) -> list[NeuronRow]:
+        """A layer's neurons with the largest second-order effects, each with its top decomposition text."""
+        def compute():
+            from clipterm.neuron_store import decompose_neurons
+
+            neuron_file = self._neuron_file(layer)
+            norms = neuron_file.tensor("norm_mean")  # (M,)
+            ids = neuron_file.ranking("norm")[:top].tolist()
+            pool, embeds = self._pool()
+            code = decompose_neurons(neuron_file, ids, embeds, k=8)
+            hints = [pool.texts[code.leading(i)] if code.leading(i) is not None else "" for i in range(len(ids))]
+            return [NeuronRow(f"L{layer}.N{n}", float(norms[n]), hint) for n, hint in zip(ids, hints)]
+
+        return self._memoised("neurons", layer, compute)
+
+    # ----------------------------------------------------------------- ablation
+
+    def tasks(self) -> list[str]:
+        """The tasks ablation can score, first one first (the cache's labels, else agreement with the model)."""
+        return list(self._scorings())
+
+    def layer_ablation(self, layer: int) -> dict[str, TaskAblation]:
+        """Per task: the drop when each head (and the MLP) of a layer is mean-ablated on its own."""
+        shape = self.reader.shape
+        components = [f"L{layer}.H{h}" for h in range(shape.heads)] + [f"L{layer}.MLP"]
+        return self._memoised("ablation", layer, lambda: self._ablate(components))
+
+    def model_ablation(self) -> dict[str, TaskAblation]:
+        """Per task: the drop when each whole layer (its heads and MLP) is mean-ablated."""
+        return self._memoised("ablation", "layers",
+                              lambda: self._ablate([f"L{l}" for l in range(self.reader.shape.layers)]))
+
+    def _ablate(self, components: list[str]) -> dict[str, TaskAblation]:
+        from clipterm import ablation
+
+        scorings = self._scorings()
+        rows = ablation.ablate(scorings, ablation.shifts(self.reader, components), self.draws)
+        return {task: TaskAblation(task, "agreement" if scoring.agreement else "accuracy",
+                                   float(scoring.outcome().float().mean()),
+                                   [AblationBar(r.component, r.drop, r.low, r.high) for r in rows[task]])
+                for task, scoring in scorings.items()}
+
+    # ----------------------------------------------------------------- images
+
+    def top_images(self, component: str, top: int = 12, size: int = 16) -> ImageRanking:
+        """The images that score highest for a head, MLP or neuron, as small RGB thumbnails."""
+        def compute():
+            from clipterm.examples import top_images
+            from clipterm.thumbnails import load_thumbnail
+
+            def pool_embeds():
+                pool, embeds = self._pool()
+                return embeds, pool.texts
+
+            ranking = top_images(self.reader, component, top=top, text_embeds=pool_embeds)
+            tiles = []
+            for example in ranking.examples:
+                pixels = None if example.missing else load_thumbnail(example.path, example.id, size)
+                label = next(iter(example.labels.values()), "") if example.labels else ""
+                tiles.append(Thumbnail(f"{example.score:+.2f} {label}", pixels, example.path or example.id))
+            return ImageRanking(ranking.component, ranking.about, tiles)
+
+        return self._memoised("images", component, compute)
+
+    # ----------------------------------------------------------------- search
+
+    def search_target(self, component: str) -> str | None:
+        """The search target for a tree node, if it has a direction: a head, or a neuron of a built layer."""
+        if component == "model":
+            return None
+        parsed = names.parse(component)
+        if parsed.kind == "head" or (parsed.kind == "neuron" and parsed.layer in self.neuron_layers()):
+            return str(parsed)
+        return None
+
+    def search(self, target: str, cancel: Callable[[], bool], seed: int = 0, steps: int = 200) -> Iterator[Any]:
+        """Stream `SearchEvent`s of a hill-climb towards a target (any `clipterm search` target syntax)."""
+        from clipterm import targets
+        from clipterm.search import SearchConfig, search_model
+
+        loaded = self.loaded()
+        with self._lock:  # the direction reads the cache; the climb itself only needs the text tower
+            direction = targets.resolve(target, loaded, self.reader).direction
+        config = SearchConfig(steps=steps, patience=25, seed=seed)
+        return search_model(loaded, direction, config=config, cancel=cancel)
+
+    # ----------------------------------------------------------------- info
 
     def info(self, component: str) -> dict[str, Any]:
         """Shapes and provenance from the manifest: no tensors, so the UI thread may call it."""
-        from clipterm import names
-
         manifest = self.reader.manifest
         model, dims_of, shape = manifest["model"], manifest["shape"], self.reader.shape
         comp = names.parse(component) if component != "model" else None
         dims = {"head": f"head_out (N, {dims_of.get('head_dim')}) → joint space ({dims_of.get('embed_dim')})",
                 "mlp": f"(N, {dims_of.get('embed_dim')}) in joint space, {shape.neurons} neurons",
+                "neuron": f"second-order effect ({dims_of.get('embed_dim')}) through the later layers' heads",
                 "layer": f"{shape.heads} heads + MLP"}
+        built = self.neuron_layers()
         return {
             "component": component,
             "what": names.describe(comp) if comp else f"{shape.layers} layers × {shape.heads} heads",
             "shape": dims.get(comp.kind, "") if comp else f"width {dims_of.get('width')}, embed {dims_of.get('embed_dim')}",
             "cache": self.reader.name, "n": self.reader.n,
-            "model": " ".join(str(v) for v in (model.get("arch"), model.get("pretrained")) if v),
+            "model": " ".join(str(v) for v in (model.get("arch"), model.get("pretrained")) if v) or model.get("spec", ""),
             "source": manifest["dataset"].get("source"),
             "tasks": ", ".join(self.reader.tasks) or "none",
+            "neurons": ", ".join(f"L{l}" for l in built) or "none (clipterm neurons build CACHE --layer L…)",
+            "tokens": ", ".join(f"L{l}" for l in self.token_layers()) or "none",
             "pool": self.pool_spec,
         }
+
+    def token_layers(self) -> list[int]:
+        """Layers whose per-token head outputs the cache stores (`tokens.L{l}`)."""
+        return sorted(int(l) for l in self.reader.manifest.get("stored", {}).get("tokens", []) or [])

@@ -1,69 +1,102 @@
-"""`clipterm tui`: the model tree on the left, Descriptions / Ablation / Info panes on the right.
+"""`clipterm tui`: the model tree on the left, panes that follow the selection on the right.
 
 The app only routes selections to workers and results to panes. Every number comes from
-`Analyses` (the core, memoised), run in `@work(thread=True)` workers; results come back through
+`Analyses` (the core, memoised), run in thread workers; results come back through
 `call_from_thread`. A failing worker shows an error notification and the app keeps running.
 
 | key | id | action |
 |---|---|---|
-| j / k | tree.down / tree.up | move in the tree, like the arrows |
+| j / k, ↓ / ↑ | tree.down / tree.up | move in the tree |
+| l / → , h / ← | tree.expand / tree.collapse | expand a node; collapse it or go to its parent |
+| / | tree.filter | filter the tree by name or hint (escape clears) |
 | tab / shift+tab | panes.next / panes.previous | switch pane |
-| ? | help | this list |
+| s | search.toggle | start or stop a hill-climb for the selection (or the typed target) |
+| t | ablation.task | show the next task's ablation |
+| c | copy | copy the active pane's text (OSC 52) |
+| ctrl+p | command_palette | jump to a component by name, run an action |
+| ? | help | every key, with its id |
 | q | quit | quit |
+
+Keys are remapped by id in `config.toml` (`clipterm locate config`).
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from textual import work
+from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.widgets import Footer, TabbedContent, TabPane, Tree
+from textual.containers import Vertical
+from textual.widgets import Footer, Input, TabbedContent, TabPane, Tree
 from textual.worker import Worker, WorkerState
 
 from clipterm import names
 from clipterm.tui.analyses import Analyses
+from clipterm.tui.commands import ComponentCommands
 from clipterm.tui.screens import HelpScreen
-from clipterm.tui.widgets import AblationPane, DescriptionPane, InfoPane
+from clipterm.tui.widgets import AblationPane, DescriptionPane, ImagesPane, InfoPane, SearchPane
 
-PANES = ["descriptions", "ablation", "info"]
+PANES = ["descriptions", "ablation", "search", "images", "info"]
 
 
 class ClipTermApp(App[None]):
-    """Browse one cache: pick a head or MLP in the tree, read what it says and how much it matters."""
+    """Browse one cache: pick a layer, head, MLP or neuron in the tree; the panes say what it does."""
 
     CSS_PATH = Path(__file__).with_name("app.tcss")  # absolute, so subclasses elsewhere find it too
     TITLE = "clipterm"
+    COMMANDS = App.COMMANDS | {ComponentCommands}
     BINDINGS = [
         Binding("j", "move(1)", "Down", id="tree.down", show=False),
         Binding("k", "move(-1)", "Up", id="tree.up", show=False),
+        Binding("l,right", "expand", "Expand", id="tree.expand", show=False),
+        Binding("h,left", "collapse", "Collapse / parent", id="tree.collapse", show=False),
+        Binding("slash", "filter", "Filter", id="tree.filter"),
         Binding("tab", "switch_pane(1)", "Next pane", id="panes.next", priority=True),
         Binding("shift+tab", "switch_pane(-1)", "Previous pane", id="panes.previous", show=False, priority=True),
+        Binding("s", "search", "Search", id="search.toggle"),
+        Binding("t", "next_task", "Task", id="ablation.task", show=False),
+        Binding("c", "copy", "Copy", id="copy", show=False),
+        Binding("escape", "escape", "Close filter", id="escape", show=False),
         Binding("question_mark", "help", "Help", id="help"),
         Binding("q", "quit", "Quit", id="quit"),
     ]
 
-    def __init__(self, reader: Any, pool: str | None = None, cache_dir: str | None = None, theme: Any = None):
+    def __init__(self, reader: Any, pool: str | None = None, cache_dir: str | None = None, theme: Any = None,
+                 images: str = "half", keymap: dict[str, str] | None = None, loaded: Any = None,
+                 load_model: Callable[[], Any] | None = None, hints: bool = True):
         super().__init__()
         self.reader = reader
-        self.analyses = Analyses(reader, pool=pool, cache_dir=cache_dir)
+        self.analyses = Analyses(reader, pool=pool, cache_dir=cache_dir, loaded=loaded, load_model=load_model)
         self.selected = "model"
-        self._theme = theme
+        self.images = images
+        self.task_index = 0
+        self.hints: dict[str, str] = {}  # component -> one-line hint shown next to its tree node
         self.nodes: dict[str, Any] = {}  # component name -> tree node
+        self.neuron_rows: dict[int, list[Any]] = {}  # layer -> neurons shown under its MLP
+        self.filter_text = ""
+        self.search_results: dict[str, Any] = {}  # target -> last event
+        self.search_running: str | None = None
+        self._search_stop = threading.Event()
+        self._theme, self._keymap, self._with_hints = theme, keymap or {}, hints
 
     # ----------------------------------------------------------------- layout
 
     def compose(self) -> ComposeResult:
-        model = self.reader.manifest["model"]
-        tree: Tree[str] = Tree(f"{model.get('arch') or model.get('spec')} · {self.reader.name}", data="model", id="tree")
-        yield tree
+        with Vertical(id="left"):
+            yield Input(placeholder="filter: L3, H2, red…", id="filter")
+            yield Tree(self._root_label(), data="model", id="tree")
         with TabbedContent(id="panes"):
             with TabPane("Descriptions", id="descriptions"):
                 yield DescriptionPane(id="descriptions-body", classes="pane-body")
             with TabPane("Ablation", id="ablation"):
                 yield AblationPane(id="ablation-body", classes="pane-body")
+            with TabPane("Search", id="search"):
+                yield SearchPane(id="search-body")
+            with TabPane("Images", id="images"):
+                yield ImagesPane(self.images, id="images-body")
             with TabPane("Info", id="info"):
                 yield InfoPane(id="info-body", classes="pane-body")
         yield Footer()
@@ -72,96 +105,277 @@ class ClipTermApp(App[None]):
         if self._theme is not None:
             self.register_theme(self._theme)
             self.theme = self._theme.name
+        if self._keymap:
+            self.set_keymap(self._keymap)
+        self.query_one("#filter").display = False
+        self._populate()
         tree = self.query_one(Tree)
-        self.nodes["model"] = tree.root
-        shape = self.reader.shape
-        for layer in range(shape.layers):
-            layer_node = tree.root.add(f"L{layer}", data=f"L{layer}")
-            self.nodes[f"L{layer}"] = layer_node
-            for head in range(shape.heads):
-                self.nodes[f"L{layer}.H{head}"] = layer_node.add_leaf(f"L{layer}.H{head}", data=f"L{layer}.H{head}")
-            self.nodes[f"L{layer}.MLP"] = layer_node.add_leaf(f"L{layer}.MLP", data=f"L{layer}.MLP")
-        tree.root.expand()
         tree.focus()
         self.select("model")
+        if self._with_hints:
+            self.run_worker(self._compute_hints, thread=True, group="hints", exit_on_error=False)
 
-    # ----------------------------------------------------------------- selection -> panes
+    def _root_label(self) -> str:
+        model = self.reader.manifest["model"]
+        return f"{model.get('arch') or model.get('spec')} · {self.reader.name}"
+
+    # ----------------------------------------------------------------- the tree
+
+    def _populate(self) -> None:
+        """(Re)build the tree, keeping only nodes that match the filter (and their parents)."""
+        tree = self.query_one(Tree)
+        tree.clear()
+        self.nodes = {"model": tree.root}
+        shape, built = self.reader.shape, set(self.analyses.neuron_layers())
+        for layer in range(shape.layers):
+            children = [f"L{layer}.H{h}" for h in range(shape.heads)]
+            neurons = [row.component for row in self.neuron_rows.get(layer, [])]
+            if not self._matches(f"L{layer}") and not any(self._matches(c) for c in children + [f"L{layer}.MLP"] + neurons):
+                continue
+            layer_node = tree.root.add(self._label(f"L{layer}"), data=f"L{layer}", expand=bool(self.filter_text))
+            self.nodes[f"L{layer}"] = layer_node
+            for name in children:
+                if self._matches(name) or self._matches(f"L{layer}"):
+                    self.nodes[name] = layer_node.add_leaf(self._label(name), data=name)
+            mlp = f"L{layer}.MLP"
+            shown_neurons = [n for n in neurons if self._matches(n)]
+            if not (self._matches(mlp) or self._matches(f"L{layer}") or shown_neurons):
+                continue
+            if layer in built:
+                mlp_node = layer_node.add(self._label(mlp), data=mlp, expand=bool(self.filter_text and shown_neurons))
+                self.nodes[mlp] = mlp_node
+                for name in neurons if self._matches(mlp) and not shown_neurons else shown_neurons:
+                    self.nodes[name] = mlp_node.add_leaf(self._label(name), data=name)
+            else:
+                self.nodes[mlp] = layer_node.add_leaf(self._label(mlp), data=mlp)
+        tree.root.expand()
+
+    def _matches(self, name: str) -> bool:
+        needle = self.filter_text.lower()
+        return not needle or needle in name.lower() or needle in self.hints.get(name, "").lower()
+
+    def _label(self, name: str) -> Text:
+        label = Text(name.split(".")[-1] if "." in name else name)
+        if name.endswith(".MLP") and names.parse(name).layer in set(self.analyses.neuron_layers()):
+            label.append(" ▸ neurons", style="dim")
+        if self.hints.get(name):
+            label.append(f"  {self.hints[name]}", style="dim italic")
+        return label
+
+    def _set_hint(self, name: str, hint: str) -> None:
+        self.hints[name] = hint
+        if name in self.nodes:
+            self.nodes[name].set_label(self._label(name))
+
+    def _compute_hints(self) -> None:
+        """Background: each layer's ablation drop and each head's top TextSpan text, as tree hints."""
+        from textual.worker import get_current_worker
+
+        worker = get_current_worker()
+        model = self.analyses.model_ablation()
+        task = next(iter(model))
+        for bar in model[task].bars:
+            self.call_from_thread(self._set_hint, bar.component, f"−{100 * bar.drop:.1f}% {task}")
+        for head in names.heads(self.reader.shape):
+            if worker.is_cancelled:
+                return
+            rows = self.analyses.description(str(head)).rows
+            self.call_from_thread(self._set_hint, str(head), rows[0].text if rows else "")
 
     def on_tree_node_highlighted(self, event: Tree.NodeHighlighted) -> None:
         if event.node.data and event.node.data != self.selected:
             self.select(event.node.data)
 
+    def on_tree_node_expanded(self, event: Tree.NodeExpanded) -> None:
+        name = event.node.data
+        if name and name.endswith(".MLP"):
+            layer = names.parse(name).layer
+            if layer in self.analyses.neuron_layers() and layer not in self.neuron_rows:
+                self._compute("neurons", layer, lambda: self.analyses.neurons(layer))
+
+    def _add_neurons(self, layer: int) -> None:
+        rows = self.analyses.cached("neurons", layer) or []
+        self.neuron_rows[layer] = rows
+        mlp_node = self.nodes.get(f"L{layer}.MLP")
+        for row in rows:
+            self.hints.setdefault(row.component, row.hint)
+            if mlp_node is not None and row.component not in self.nodes:
+                self.nodes[row.component] = mlp_node.add_leaf(self._label(row.component), data=row.component)
+
+    def jump(self, component: str) -> None:
+        """Move the tree cursor to a component by name (expanding its parents; adding a neuron node if needed)."""
+        if self.filter_text:
+            self._clear_filter()
+        if component not in self.nodes and names.parse(component).kind == "neuron":
+            neuron = names.parse(component)
+            self.nodes[component] = self.nodes[f"L{neuron.layer}.MLP"].add_leaf(self._label(component), data=component)
+        node = self.nodes[component]
+        parent = node.parent
+        while parent is not None:
+            parent.expand()
+            parent = parent.parent
+        # expanded lines exist only after the next refresh
+        self.call_after_refresh(self.query_one(Tree).move_cursor, node)
+        self.select(component)
+
+    # ----------------------------------------------------------------- selection -> panes
+
     def select(self, component: str) -> None:
         """Show a component in every pane: at once where memoised, else via a worker."""
         self.selected = component
         self.query_one(InfoPane).show(self.analyses.info(component))
-        self._refresh_description(component)
-        self._refresh_ablation(component)
+        self._refresh_description()
+        self._refresh_ablation()
+        self._refresh_images()
+        self._refresh_search()
 
-    def jump(self, component: str) -> None:
-        """Move the tree cursor to a component by name (expanding its layer)."""
-        node = self.nodes[component]
-        if node.parent is not None:
-            node.parent.expand()
-        # the expanded layer's lines exist only after the next refresh
-        self.call_after_refresh(self.query_one(Tree).move_cursor, node)
-        self.select(component)
+    def _kind(self) -> str:
+        return "model" if self.selected == "model" else names.parse(self.selected).kind
 
-    @staticmethod
-    def _layer_of(component: str) -> int | None:
-        return None if component == "model" else names.parse(component).layer
+    def _layer(self) -> int | None:
+        return None if self.selected == "model" else names.parse(self.selected).layer
 
-    @staticmethod
-    def _describable(component: str) -> bool:
-        return component != "model" and names.parse(component).kind in ("head", "mlp")
+    def _compute(self, group: str, key: Any, compute: Callable[[], Any]) -> None:
+        """Run `compute` in a thread worker, unless the user moved on before it started; then redraw `group`."""
+        def job() -> None:
+            if group != "neurons" and self._wanted(group) != key:
+                return
+            compute()
+            self.call_from_thread(self._arrived, group, key)
 
-    def _refresh_description(self, component: str) -> None:
-        pane = self.query_one(DescriptionPane)
-        if not self._describable(component):
-            pane.show_message("select a head (L0.H0) or an MLP (L0.MLP) to see its TextSpan texts")
+        self.run_worker(job, thread=True, group=group, exit_on_error=False, name=f"{group}:{key}")
+
+    def _wanted(self, group: str) -> Any:
+        """The key the selection needs for a pane, or None."""
+        kind = self._kind()
+        if group == "describe":
+            return self.selected if kind in ("head", "mlp", "neuron") else None
+        if group == "ablate":
+            return "layers" if kind == "model" else self._layer()
+        if group == "images":
+            return self.selected if kind in ("head", "mlp", "neuron") and self.images != "off" else None
+        return None
+
+    def _arrived(self, group: str, key: Any) -> None:
+        if group == "neurons":
+            self._add_neurons(key)
+        elif group == "describe":
+            self._refresh_description()
+        elif group == "ablate":
+            self._refresh_ablation()
+        elif group == "images":
+            self._refresh_images()
+
+    def _refresh_description(self) -> None:
+        pane, component, kind = self.query_one(DescriptionPane), self.selected, self._kind()
+        if kind not in ("head", "mlp", "neuron"):
+            pane.show_message("select a head (L0.H0), an MLP (L0.MLP) or a neuron to see what it says in words")
+            return
+        if kind == "neuron" and names.parse(component).layer not in self.analyses.neuron_layers():
+            pane.show_message(f"no neurons file for L{names.parse(component).layer}: "
+                              f"run clipterm neurons build {self.reader.name} --layer L{names.parse(component).layer}")
             return
         result = self.analyses.cached("description", component)
         if result is not None:
             pane.show(result)
             return
-        pane.show_message(f"{component}: computing TextSpan…")
-        self._describe(component)
+        pane.show_message(f"{component}: computing {'its sparse decomposition' if kind == 'neuron' else 'TextSpan'}…")
+        describe = self.analyses.neuron_description if kind == "neuron" else self.analyses.description
+        self._compute("describe", component, lambda: describe(component))
 
-    def _refresh_ablation(self, component: str) -> None:
-        pane = self.query_one(AblationPane)
-        layer = self._layer_of(component)
-        if layer is None:
-            pane.show_message("select a layer, head or MLP to see what mean-ablating each of its parts costs")
+    def _refresh_ablation(self) -> None:
+        pane, layer = self.query_one(AblationPane), self._layer()
+        layers = self.analyses.cached("ablation", "layers")
+        result = self.analyses.cached("ablation", layer) if layer is not None else None
+        if layers is None or (layer is not None and result is None):
+            pane.show_message("mean-ablating " + (f"L{layer}'s heads and MLP…" if layer is not None else "each layer…"))
+
+            def compute() -> None:
+                self.analyses.model_ablation()
+                if layer is not None:
+                    self.analyses.layer_ablation(layer)
+
+            self._compute("ablate", "layers" if layer is None else layer, compute)
             return
-        result = self.analyses.cached("ablation", layer)
+        tasks = list(layers)
+        task = tasks[self.task_index % len(tasks)]
+        pane.show(task, result[task] if result else None, layers[task], self.selected, tasks)
+
+    def _refresh_images(self) -> None:
+        pane, component, kind = self.query_one(ImagesPane), self.selected, self._kind()
+        if self.images == "off":
+            pane.show_message("images are off (--images off); start with --images auto or half to see them")
+            return
+        if kind not in ("head", "mlp", "neuron"):
+            pane.show_message("select a head, an MLP or a neuron to see the images it responds to most")
+            return
+        if kind == "neuron" and names.parse(component).layer not in self.analyses.neuron_layers():
+            pane.show_message(f"no neurons file for this layer: run clipterm neurons build {self.reader.name} "
+                              f"--layer L{names.parse(component).layer}")
+            return
+        result = self.analyses.cached("images", component)
         if result is not None:
-            pane.show(result, component)
+            pane.show(result)
             return
-        pane.show_message(f"L{layer}: mean-ablating its heads…")
-        self._ablate(layer)
+        pane.show_message(f"{component}: ranking the cache's images…")
+        self._compute("images", component, lambda: self.analyses.top_images(component))
 
-    # ----------------------------------------------------------------- workers
+    # ----------------------------------------------------------------- search
 
-    @work(thread=True, group="describe", exit_on_error=False)
-    def _describe(self, component: str) -> None:
-        if component != self.selected:  # the user moved on before this worker started
+    def _refresh_search(self) -> None:
+        pane = self.query_one(SearchPane)
+        target = self.analyses.search_target(self.selected)
+        pane.suggest(target)
+        if self.search_running:
             return
-        self.analyses.description(component)
-        self.call_from_thread(self._arrived, "describe", component)
+        if target in self.search_results:
+            pane.show_event(target, self.search_results[target])
+        elif target:
+            pane.show_message(f"s: search for the strings {target} likes best · or type a target and press enter")
+        else:
+            pane.show_message("this node has no direction to search for: select a head or a neuron, or type a target "
+                              "(text:a red circle, class:red) and press enter")
 
-    @work(thread=True, group="ablate", exit_on_error=False)
-    def _ablate(self, layer: int) -> None:
-        if self._layer_of(self.selected) != layer:
+    def action_search(self) -> None:
+        """Stop the running search, or start one for the typed target (else the selection's)."""
+        if self.search_running:
+            self._search_stop.set()
             return
-        self.analyses.layer_ablation(layer)
-        self.call_from_thread(self._arrived, "ablate", f"L{layer}")
+        target = self.query_one(SearchPane).typed or self.analyses.search_target(self.selected)
+        if not target:
+            self.notify("nothing to search for: select a head or neuron, or type a target", severity="warning")
+            return
+        self.start_search(target)
 
-    def _arrived(self, group: str, component: str) -> None:
-        """A worker finished: redraw its pane if the selection still shows that result (memoised, so cheap)."""
-        if group == "describe" and component == self.selected:
-            self._refresh_description(self.selected)
-        elif group == "ablate" and self._layer_of(component) == self._layer_of(self.selected):
-            self._refresh_ablation(self.selected)
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "search-target" and event.value.strip() and not self.search_running:
+            self.start_search(event.value.strip())
+        elif event.input.id == "filter":
+            self.query_one(Tree).focus()
+
+    def start_search(self, target: str) -> None:
+        """Start a live hill-climb towards `target`; events stream into the Search pane."""
+        self._search_stop.clear()
+        self.search_running = target
+        self.query_one(SearchPane).show_message(f"{target}: loading the text tower…")
+
+        def job() -> None:
+            try:
+                for event in self.analyses.search(target, cancel=self._search_stop.is_set):
+                    self.call_from_thread(self._search_event, target, event)
+            finally:
+                self.call_from_thread(self._search_finished)
+
+        self.run_worker(job, thread=True, group="search", exit_on_error=False, name=f"search:{target}")
+
+    def _search_event(self, target: str, event: Any) -> None:
+        self.search_results[target] = event
+        self.query_one(SearchPane).show_event(target, event)
+
+    def _search_finished(self) -> None:
+        self.search_running = None
+
+    # ----------------------------------------------------------------- failures
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.state != WorkerState.ERROR:
@@ -169,10 +383,12 @@ class ClipTermApp(App[None]):
         error = event.worker.error
         message = getattr(error, "message", None) or f"{type(error).__name__}: {error}"
         hint = getattr(error, "hint", None)
-        self.notify(message + (f"\nhint: {hint}" if hint else ""), title=f"{event.worker.group} failed",
-                    severity="error", timeout=8)
-        pane = {"describe": DescriptionPane, "ablate": AblationPane}[event.worker.group]
-        self.query_one(pane).show_message(f"failed: {message}")
+        group = event.worker.group
+        title = {"describe": "describe", "ablate": "ablate", "images": "images"}.get(group, group)
+        self.notify(message + (f"\nhint: {hint}" if hint else ""), title=f"{title} failed", severity="error", timeout=8)
+        pane = {"describe": DescriptionPane, "ablate": AblationPane, "images": ImagesPane, "search": SearchPane}.get(group)
+        if pane is not None:
+            self.query_one(pane).show_message(f"failed: {message}")
 
     # ----------------------------------------------------------------- actions
 
@@ -180,9 +396,59 @@ class ClipTermApp(App[None]):
         tree = self.query_one(Tree)
         tree.action_cursor_down() if step > 0 else tree.action_cursor_up()
 
+    def action_expand(self) -> None:
+        node = self.query_one(Tree).cursor_node
+        if node is not None and node.allow_expand:
+            node.expand()
+
+    def action_collapse(self) -> None:
+        tree = self.query_one(Tree)
+        node = tree.cursor_node
+        if node is None:
+            return
+        if node.is_expanded and node.children:
+            node.collapse()
+        elif node.parent is not None:
+            tree.move_cursor(node.parent)
+
     def action_switch_pane(self, step: int) -> None:
         tabs = self.query_one(TabbedContent)
         tabs.active = PANES[(PANES.index(tabs.active) + step) % len(PANES)]
 
+    def action_next_task(self) -> None:
+        self.task_index += 1
+        self._refresh_ablation()
+
+    def action_copy(self) -> None:
+        """Copy the active pane's text to the clipboard with OSC 52 (works over SSH and in tmux with set-clipboard)."""
+        pane = {"descriptions": DescriptionPane, "ablation": AblationPane, "search": SearchPane, "images": ImagesPane,
+                "info": InfoPane}[self.query_one(TabbedContent).active]
+        text = self.query_one(pane).copy_text
+        if not text:
+            self.notify("nothing to copy in this pane yet", severity="warning")
+            return
+        self.copy_to_clipboard(text)
+        self.notify(f"copied {len(text.splitlines())} line(s)", timeout=2)
+
+    def action_filter(self) -> None:
+        field = self.query_one("#filter", Input)
+        field.display = True
+        field.focus()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "filter":
+            self.filter_text = event.value.strip()
+            self._populate()
+
+    def action_escape(self) -> None:
+        if self.query_one("#filter").display:
+            self._clear_filter()
+            self.query_one(Tree).focus()
+
+    def _clear_filter(self) -> None:
+        field = self.query_one("#filter", Input)
+        field.value, field.display, self.filter_text = "", False, ""
+        self._populate()
+
     def action_help(self) -> None:
-        self.push_screen(HelpScreen([b for b in self.BINDINGS if isinstance(b, Binding)]))
+        self.push_screen(HelpScreen([b for b in self.BINDINGS if isinstance(b, Binding)], self._keymap))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 from textual.theme import Theme
 
 from clipterm import locations
 from clipterm.errors import ClipTermError, ExitCode
+from clipterm.tui.config import read_toml
 
 COLOURS = ("primary", "secondary", "accent", "foreground", "background", "surface", "panel", "success", "warning", "error")
 
@@ -28,9 +28,5 @@ def load_theme(name: str) -> Theme:
     if name not in files:
         raise ClipTermError(f"no theme {name!r}", hint=f"themes: {', '.join(sorted(files)) or 'none'} "
                                                        f"(add yours to {locations.user_themes_dir()})", code=ExitCode.NOT_FOUND)
-    try:
-        data = tomllib.loads(files[name].read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ClipTermError(f"theme file {files[name]} is not valid TOML: {exc}", hint="fix or remove it",
-                            code=ExitCode.INVALID_DATA) from exc
+    data = read_toml(files[name], "theme file")
     return Theme(name=name, dark=bool(data.get("dark", True)), **{k: data[k] for k in COLOURS if k in data})

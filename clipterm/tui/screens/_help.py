@@ -15,15 +15,17 @@ class HelpScreen(ModalScreen[None]):
 
     BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Close", id="help.close")]
 
-    def __init__(self, bindings: list[Binding]):
+    def __init__(self, bindings: list[Binding], keymap: dict[str, str] | None = None):
         super().__init__()
-        self.bindings = bindings
+        self.bindings, self.keymap = bindings, keymap or {}
 
     def compose(self) -> ComposeResult:
         table = Table("key", "id", "action", title="clipterm keys", expand=True)
         for b in self.bindings:
-            table.add_row(b.key.replace("question_mark", "?"), b.id or "", b.description)
-        table.add_row("↑ ↓ ← → enter", "", "move, expand and collapse the tree")
+            key = self.keymap.get(b.id or "", b.key)
+            table.add_row(key.replace("question_mark", "?").replace("slash", "/"), b.id or "", b.description)
+        table.add_row("ctrl+p", "command_palette", "jump to a component by name, run an action")
+        table.add_row("↑ ↓ enter space", "", "move in the tree, expand and collapse")
         with VerticalScroll(id="help-body"):
             yield Static(table, id="help-table")
 

@@ -1,5 +1,7 @@
 """Small single-purpose widgets: each pane renders state it is given and computes nothing."""
 
-from clipterm.tui.widgets._panes import AblationPane, DescriptionPane, InfoPane, bar
+from clipterm.tui.widgets._images import IMAGE_MODES, ImagesPane
+from clipterm.tui.widgets._panes import AblationPane, DescriptionPane, InfoPane, Pane, bar
+from clipterm.tui.widgets._search import SearchPane
 
-__all__ = ["AblationPane", "DescriptionPane", "InfoPane", "bar"]
+__all__ = ["AblationPane", "DescriptionPane", "IMAGE_MODES", "ImagesPane", "InfoPane", "Pane", "SearchPane", "bar"]
