@@ -81,13 +81,20 @@ def locate(
 
 
 def demo(
-    n: int = typer.Option(400, "--n", min=10, help="Fresh synthetic images to evaluate on."),
+    n: int = typer.Option(400, "--n", min=10, help="Fresh synthetic images to score the model on."),
     seed: int = typer.Option(7, "--seed", help="Seed of the held-out sample."),
+    scenes: int = typer.Option(2000, "--scenes", min=50, help="Synthetic images in the demo cache (built once)."),
+    no_tui: bool = typer.Option(False, "--no-tui", help="Print the summary instead of opening the TUI."),
+    cache_dir: str = typer.Option(None, "--cache-dir", help="Cache root to use instead of the default rule."),
 ) -> None:
-    """Run the main job offline on the built-in toy CLIP: load it, test it on fresh synthetic images, summarise."""
+    """Run the whole job offline on the built-in toy CLIP: build a cache with neurons, score the model, open the TUI.
+
+    Without a terminal (or with --no-tui) it prints what the TUI would show and exits.
+    """
     from clipterm.cli.demo import run_demo
 
-    run_demo(n=n, seed=seed, console=stdout)
+    run_demo(n=n, seed=seed, n_images=scenes, console=stdout, interactive=stdout.is_terminal and not no_tui,
+             cache_dir=cache_dir)
 
 
 def names(

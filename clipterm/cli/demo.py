@@ -1,21 +1,51 @@
-"""`clipterm demo`: the main job on the built-in toy CLIP, offline. It grows as the analyses land."""
+"""`clipterm demo`: the whole job on the built-in toy CLIP, offline.
+
+Builds (once) a cache of synthetic images with the second-to-last layer's neurons, embeds the toy
+text pool, scores the model zero-shot, then opens the TUI. Without a terminal it prints what the TUI
+would show: each layer's ablation drop, each layer's most telling heads with their TextSpan texts,
+and the strongest neurons with their words.
+"""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from rich.console import Console
+from rich.table import Table
+
+DEMO_CACHE = "toy-demo"
 
 
-def run_demo(n: int, seed: int, console: Console) -> dict:
-    """Load the toy CLIP, score it zero-shot on n fresh synthetic scenes, and print a short summary."""
-    from clipterm.cli.toy import accuracy_table
+def prepare(n_images: int, console: Console, cache_dir: str | None = None) -> tuple[Any, Any]:
+    """The toy model and the demo cache (built or resumed if missing, with neurons): (loaded, reader)."""
+    from clipterm.build import BuildOptions, build_cache
+    from clipterm.cli.output import progress
     from clipterm.models import load_model
+    from clipterm.neuron_store import build_neurons, built_layers
+    from clipterm.reader import open_cache
+
+    with console.status("loading the toy CLIP"):
+        loaded = load_model("toy")
+    options = BuildOptions(images=f"toy:{n_images}", name=DEMO_CACHE, cache_dir=cache_dir, workers=0, device="cpu")
+    result = build_cache(options, progress=progress, loaded=loaded)
+    if result.built:
+        console.print(f"built cache {DEMO_CACHE}: {result.rows:,} synthetic images in {result.seconds:.1f}s")
+    reader = open_cache(result.path)
+    layer = loaded.info.layers - 2  # the last layer with second-order effects
+    if layer not in built_layers(reader.path):
+        build_neurons(reader, layer, device="cpu", loaded=loaded, progress=progress)
+        reader = open_cache(result.path)
+    return loaded, reader
+
+
+def run_demo(n: int, seed: int, n_images: int, console: Console, interactive: bool, cache_dir: str | None = None) -> dict:
+    """Score the toy CLIP on n fresh scenes, then open the TUI on the demo cache (or print its summary)."""
+    from clipterm.cli.toy import accuracy_table
     from clipterm.toyworld.evaluate import evaluate_model
 
     start = time.perf_counter()
-    with console.status("loading the toy CLIP"):
-        loaded = load_model("toy")
+    loaded, reader = prepare(n_images, console, cache_dir)
     info = loaded.info
     console.print(
         f"[bold]clipterm demo[/] on the built-in toy CLIP: a {info.layers}-layer ViT, {info.heads} heads of width "
@@ -24,8 +54,59 @@ def run_demo(n: int, seed: int, console: Console) -> dict:
     with console.status(f"scoring {n} fresh synthetic images"):
         acc = evaluate_model(loaded.model, loaded.tokenizer, n=n, seed=seed)
     console.print(accuracy_table(acc, title=f"zero-shot accuracy on {n} fresh images (seed {seed})"))
-    console.print(
-        f"done in {time.perf_counter() - start:.1f}s. Next: [bold]clipterm toy render --n 50 DIR[/] to see the world, "
-        "[bold]clipterm models[/] for real models."
-    )
+    if interactive:
+        from clipterm.cli.tui import open_tui
+
+        open_tui(str(reader.path), cache_dir=cache_dir, loaded=loaded)
+        return acc
+    with console.status("describing layers, heads and neurons"):
+        summary = summarise(reader, loaded, cache_dir)
+    print_summary(summary, console)
+    console.print(f"done in {time.perf_counter() - start:.1f}s. In a terminal this opens the TUI: "
+                  f"[bold]clipterm tui {DEMO_CACHE}[/] (? for keys).")
     return acc
+
+
+def summarise(reader: Any, loaded: Any, cache_dir: str | None = None, heads_per_layer: int = 2) -> dict:
+    """What the TUI's tree and panes show for the demo cache, as plain data."""
+    from clipterm.tui.analyses import Analyses
+
+    analyses = Analyses(reader, cache_dir=cache_dir, loaded=loaded)
+    layers = analyses.model_ablation()  # task -> drops per layer
+
+    def worst(results: dict, index: int) -> tuple[float, str]:
+        """The largest drop of bar `index` over the tasks, and that task."""
+        return max((result.bars[index].drop, task) for task, result in results.items())
+
+    rows = []
+    for layer in range(reader.shape.layers):
+        per_head = analyses.layer_ablation(layer)
+        drops = sorted(((*worst(per_head, h), f"L{layer}.H{h}") for h in range(reader.shape.heads)), reverse=True)
+        rows.append({"layer": f"L{layer}", "drop": worst(layers, layer),
+                     "heads": [(head, drop, task, analyses.description(head).rows[0].text)
+                               for drop, task, head in drops[:heads_per_layer]]})
+    neurons = []
+    for layer in analyses.neuron_layers():
+        neurons += [(row.component, row.norm, row.hint) for row in analyses.neurons(layer, top=5)]
+    return {"layers": rows, "neurons": neurons, "cache": reader.name, "n": reader.n}
+
+
+def print_summary(summary: dict, console: Console) -> None:
+    table = Table(title=f"{summary['cache']} ({summary['n']:,} images): accuracy lost when a layer or head is "
+                        "mean-ablated (the task it hurts most), and what the head says (TextSpan)", title_justify="left")
+    for column in ("layer", "drop", "head", "drop", "its top text"):
+        table.add_column(column)
+    for row in summary["layers"]:
+        layer_drop, layer_task = row["drop"]
+        for i, (head, drop, task, text) in enumerate(row["heads"]):
+            first = i == 0
+            table.add_row(row["layer"] if first else "", f"{100 * layer_drop:.1f}% {layer_task}" if first else "",
+                          head, f"{100 * drop:.1f}% {task}", text)
+    console.print(table)
+    if summary["neurons"]:
+        neurons = Table(title="strongest neurons by second-order effect, and their top word", title_justify="left")
+        for column in ("neuron", "effect norm", "top text"):
+            neurons.add_column(column)
+        for name, norm, hint in summary["neurons"]:
+            neurons.add_row(name, f"{norm:.3g}", hint)
+        console.print(neurons)

@@ -36,7 +36,7 @@ def tui(
 
 
 def open_tui(cache: str, cache_dir: str | None = None, model: str | None = None, pretrained: str | None = None,
-             pool: str | None = None, theme: str | None = None, images: str = "auto") -> None:
+             pool: str | None = None, theme: str | None = None, images: str = "auto", loaded: Any = None) -> None:
     """Check everything a user can get wrong, then run the app (also used by `clipterm demo`)."""
     from clipterm.reader import open_cache
     from clipterm.texts import BUILTIN_POOLS, load_pool
@@ -54,7 +54,7 @@ def open_tui(cache: str, cache_dir: str | None = None, model: str | None = None,
 
     keymap = load_keymap({b.id for b in ClipTermApp.BINDINGS if b.id})
     app = ClipTermApp(reader, pool=pool, cache_dir=cache_dir, theme=chosen, images=resolve_images(images),
-                      keymap=keymap, loaded=_load_checked(reader, model, pretrained))
+                      keymap=keymap, loaded=loaded or _load_checked(reader, model, pretrained))
     app.run()
 
 
