@@ -238,7 +238,7 @@ class Analyses:
             tiles = []
             for example in ranking.examples:
                 pixels = None if example.missing else load_thumbnail(example.path, example.id, size)
-                label = next(iter(example.labels.values()), "") if example.labels else ""
+                label = " ".join(list(example.labels.values())[:2])
                 tiles.append(Thumbnail(f"{example.score:+.2f} {label}", pixels, example.path or example.id))
             return ImageRanking(ranking.component, ranking.about, tiles)
 

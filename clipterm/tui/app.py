@@ -172,10 +172,10 @@ class ClipTermApp(App[None]):
         from textual.worker import get_current_worker
 
         worker = get_current_worker()
-        model = self.analyses.model_ablation()
-        task = next(iter(model))
-        for bar in model[task].bars:
-            self.call_from_thread(self._set_hint, bar.component, f"−{100 * bar.drop:.1f}% {task}")
+        model = self.analyses.model_ablation()  # task -> one bar per layer
+        for layer in range(self.reader.shape.layers):
+            drop, task = max((result.bars[layer].drop, task) for task, result in model.items())
+            self.call_from_thread(self._set_hint, f"L{layer}", f"−{100 * drop:.1f}% {task}")
         for head in names.heads(self.reader.shape):
             if worker.is_cancelled:
                 return
