@@ -70,7 +70,8 @@ def locate(
         path, why = locations.cache_root(cache_dir)
         paths, reason = [str(path)], why
     elif what is Place.config:
-        paths, reason = [str(locations.config_dir())], "$CLIPTERM_CONFIG or the user config dir"
+        paths, reason = [str(locations.config_dir())], ("$CLIPTERM_CONFIG or the user config dir; TUI keys are "
+                                                        "remapped by binding id in config.toml there (? in the TUI lists the ids)")
     else:
         paths, reason = [str(p) for p in locations.themes_dirs()], "user themes first, then the bundled ones"
     if json_out:
