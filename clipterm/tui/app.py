@@ -39,6 +39,12 @@ from clipterm.tui.commands import ComponentCommands
 from clipterm.tui.screens import HelpScreen
 from clipterm.tui.widgets import AblationPane, DescriptionPane, ImagesPane, InfoPane, SearchPane
 
+def steady(field: Input) -> Input:
+    """An input without a blinking cursor: calmer over SSH, and deterministic in snapshots."""
+    field.cursor_blink = False
+    return field
+
+
 PANES = ["descriptions", "ablation", "search", "images", "info"]
 
 
@@ -72,7 +78,7 @@ class ClipTermApp(App[None]):
         self.analyses = Analyses(reader, pool=pool, cache_dir=cache_dir, loaded=loaded, load_model=load_model)
         self.selected = "model"
         self.images = images
-        self.task_index = 0
+        self.task_index: int | None = None  # which task the Ablation pane shows; None: the one hurt most
         self.hints: dict[str, str] = {}  # component -> one-line hint shown next to its tree node
         self.nodes: dict[str, Any] = {}  # component name -> tree node
         self.neuron_rows: dict[int, list[Any]] = {}  # layer -> neurons shown under its MLP
@@ -81,12 +87,13 @@ class ClipTermApp(App[None]):
         self.search_running: str | None = None
         self._search_stop = threading.Event()
         self._theme, self._keymap, self._with_hints = theme, keymap or {}, hints
+        self.animation_level = "none"  # calm over SSH; no smooth scrolling or fades
 
     # ----------------------------------------------------------------- layout
 
     def compose(self) -> ComposeResult:
         with Vertical(id="left"):
-            yield Input(placeholder="filter: L3, H2, red…", id="filter")
+            yield steady(Input(placeholder="filter: L3, H2, red…", id="filter"))
             yield Tree(self._root_label(), data="model", id="tree")
         with TabbedContent(id="panes"):
             with TabPane("Descriptions", id="descriptions"):
@@ -298,6 +305,8 @@ class ClipTermApp(App[None]):
             self._compute("ablate", "layers" if layer is None else layer, compute)
             return
         tasks = list(layers)
+        if self.task_index is None:  # start on the task the layers' ablation hurts most
+            self.task_index = max(range(len(tasks)), key=lambda i: max(b.drop for b in layers[tasks[i]].bars))
         task = tasks[self.task_index % len(tasks)]
         pane.show(task, result[task] if result else None, layers[task], self.selected, tasks)
 
@@ -416,7 +425,7 @@ class ClipTermApp(App[None]):
         tabs.active = PANES[(PANES.index(tabs.active) + step) % len(PANES)]
 
     def action_next_task(self) -> None:
-        self.task_index += 1
+        self.task_index = (self.task_index or 0) + 1
         self._refresh_ablation()
 
     def action_copy(self) -> None:

@@ -17,8 +17,10 @@ class SearchPane(Vertical):
     copy_text: str = ""
 
     def compose(self) -> ComposeResult:
-        yield Input(placeholder="target: L5.H2, L4.N12, text:a red circle, class:red, text:red - text:blue",
-                    id="search-target")
+        field = Input(placeholder="target: L5.H2, L4.N12, text:a red circle, class:red, text:red - text:blue",
+                      id="search-target")
+        field.cursor_blink = False  # calmer over SSH, deterministic in snapshots
+        yield field
         yield Static(Text("s: search for the selection · enter: search for the typed target", style="dim"),
                      id="search-status")
         yield Static("", id="search-results")

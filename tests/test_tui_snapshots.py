@@ -1,0 +1,66 @@
+"""SVG snapshots of the main screen and every pane at 80×24 and 160×48 (pytest-textual-snapshot).
+
+Deterministic: a fixed toy cache, memoised results computed before the shot, no cursor blink, half-block
+thumbnails, and search timings pinned. After a deliberate UI change: `pytest tests/test_tui_snapshots.py
+--snapshot-update`, then look at the SVGs in tests/__snapshots__/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from clipterm.tui.app import ClipTermApp
+from tests.test_tui_panes import neuron_cache  # noqa: F401  (a fixture)
+
+SIZES = [(80, 24), (160, 48)]
+
+
+def shot(snap_compare, reader, root, toy, size, component, press=(), before=None):
+    app = ClipTermApp(reader, cache_dir=root, loaded=toy, images="half")
+
+    async def run_before(pilot):
+        await pilot.pause()
+        await app.workers.wait_for_complete()
+        app.jump(component)
+        await pilot.pause()
+        await app.workers.wait_for_complete()
+        if before is not None:
+            before(app)
+        await pilot.pause()
+
+    return snap_compare(app, press=press, terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("pane", ["descriptions", "ablation", "images", "info"])
+def test_pane_snapshots(snap_compare, neuron_cache, toy, size, pane):  # noqa: F811
+    reader, root = neuron_cache
+    presses = ["tab"] * {"descriptions": 0, "ablation": 1, "images": 3, "info": 4}[pane]
+    component = "L5.H3" if pane != "images" else "L4.MLP"
+    assert shot(snap_compare, reader, root, toy, size, component, press=presses)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_search_pane_snapshot(snap_compare, neuron_cache, toy, size):  # noqa: F811
+    reader, root = neuron_cache
+
+    def show_a_finished_search(app):
+        from clipterm.tui.widgets import SearchPane
+
+        *_, last = app.analyses.search("L5.H3", cancel=lambda: False, steps=4)
+        pinned = dataclasses.replace(last, elapsed=1.0, evals_per_s=float(last.evals))
+        app.query_one(SearchPane).show_event("L5.H3", pinned)
+
+    assert shot(snap_compare, reader, root, toy, size, "L5.H3", press=["tab", "tab"], before=show_a_finished_search)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_neuron_and_help_snapshots(snap_compare, neuron_cache, toy, size):  # noqa: F811
+    reader, root = neuron_cache
+
+    def open_help(app):
+        app.action_help()
+
+    assert shot(snap_compare, reader, root, toy, size, "L4.N47", before=open_help)
