@@ -174,3 +174,26 @@ async def test_a_remapped_key_moves_the_tree(neuron_cache, toy):
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.press("n")
         assert app.selected == "L0"
+
+
+def test_images_auto_falls_back_to_half_blocks_under_tmux_or_without_a_terminal(monkeypatch):
+    from clipterm.cli.tui import resolve_images
+
+    monkeypatch.setenv("TMUX", "/tmp/tmux-0/default,1,0")
+    assert resolve_images("auto") == "half"
+    monkeypatch.delenv("TMUX")
+    assert resolve_images("auto") == "half"  # pytest's stdout is not a terminal
+    assert resolve_images("off") == "off" and resolve_images("half") == "half"
+
+
+@pilot
+async def test_the_auto_image_mode_mounts_textual_image_widgets(neuron_cache, toy):
+    from textual_image.widget import Image
+
+    reader, root = neuron_cache
+    app = ClipTermApp(reader, cache_dir=root, loaded=toy, hints=False, images="auto")
+    async with app.run_test(size=(120, 40)) as pilot:
+        app.jump("L5.H0")
+        await settle(app, pilot)
+        tiles = app.analyses.cached("images", "L5.H0").tiles
+        assert len(app.query_one(ImagesPane).query(Image)) == sum(t.pixels is not None for t in tiles) > 0

@@ -94,6 +94,7 @@ class Analyses:
         self.draws = draws
         self._lock = threading.RLock()  # one core call at a time: the reader's handles and the model are shared
         self._memo: dict[tuple[str, Any], Any] = {}
+        self._neuron_layers: list[int] | None = None
         self._load_model = load_model  # how to get the model when it isn't the cache's own (--model)
         if loaded is not None:
             self._memo[("model", None)] = loaded
@@ -111,10 +112,12 @@ class Analyses:
     # ----------------------------------------------------------------- what the cache holds (no torch)
 
     def neuron_layers(self) -> list[int]:
-        """Layers whose neurons file was built (`clipterm neurons build`)."""
-        from clipterm.neuron_store import built_layers
+        """Layers whose neurons file was built (`clipterm neurons build`), as of the first call."""
+        if self._neuron_layers is None:
+            from clipterm.neuron_store import built_layers
 
-        return built_layers(self.reader.path)
+            self._neuron_layers = built_layers(self.reader.path)
+        return self._neuron_layers
 
     def has_labels(self) -> bool:
         return bool(self.reader.tasks)
