@@ -1,0 +1,59 @@
+"""Regenerate the README's TUI screenshots (SVG, from Textual) on the toy-demo cache.
+
+    python docs/screenshots.py            # builds the toy-demo cache first if it is missing
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+from rich.console import Console
+
+HERE = Path(__file__).resolve().parent
+SHOTS = [  # (file, component, presses, run a search first)
+    ("tui-descriptions.svg", "L5.H2", [], False),
+    ("tui-neuron.svg", "L4.MLP", [], False),
+    ("tui-ablation.svg", "L5.H2", ["tab"], False),
+    ("tui-search.svg", "L5.H2", ["tab", "tab"], True),
+    ("tui-images.svg", "L5.H2", ["tab", "tab", "tab"], False),
+]
+
+
+async def shoot(reader, loaded, name: str, component: str, presses: list[str], search: bool) -> None:
+    from clipterm.tui.app import ClipTermApp
+    from clipterm.tui.widgets import SearchPane
+
+    app = ClipTermApp(reader, loaded=loaded, images="half")
+    async with app.run_test(size=(120, 34)) as pilot:
+        await app.workers.wait_for_complete()
+        if component.endswith(".MLP"):
+            app.jump(component)
+            await pilot.pause()
+            app.nodes[component].expand()
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            component = app.neuron_rows[int(component[1 : component.index(".")])][0].component
+        app.jump(component)
+        await pilot.pause()
+        await app.workers.wait_for_complete()
+        if search:
+            *_, last = app.analyses.search(component, cancel=lambda: False, steps=40)
+            app.query_one(SearchPane).show_event(component, dataclasses.replace(last, done=False))
+        await pilot.press(*presses)
+        await pilot.pause()
+        app.save_screenshot(filename=name, path=str(HERE))
+
+
+def main() -> None:
+    from clipterm.cli.demo import prepare
+
+    loaded, reader = prepare(2000, Console(stderr=True))
+    for name, component, presses, search in SHOTS:
+        asyncio.run(shoot(reader, loaded, name, component, presses, search))
+        print(HERE / name)
+
+
+if __name__ == "__main__":
+    main()
