@@ -278,17 +278,23 @@ class ClipTermApp(App[None]):
         if kind not in ("head", "mlp", "neuron"):
             pane.show_message("select a head (L0.H0), an MLP (L0.MLP) or a neuron to see what it says in words")
             return
-        if kind == "neuron" and names.parse(component).layer not in self.analyses.neuron_layers():
-            pane.show_message(f"no neurons file for L{names.parse(component).layer}: "
-                              f"run clipterm neurons build {self.reader.name} --layer L{names.parse(component).layer}")
+        describe = self.analyses.neuron_description if kind == "neuron" else self.analyses.description
+        self._show_or_compute(pane, "description", "describe", lambda: describe(component),
+                              f"computing {'its sparse decomposition' if kind == 'neuron' else 'TextSpan'}…")
+
+    def _show_or_compute(self, pane: Any, kind: str, group: str, compute: Callable[[], Any], waiting: str) -> None:
+        """Show the selection's memoised result in a pane, or say why there is none, or compute it in a worker."""
+        component = self.selected
+        if self._kind() == "neuron" and names.parse(component).layer not in self.analyses.neuron_layers():
+            layer = names.parse(component).layer
+            pane.show_message(f"no neurons file for L{layer}: run clipterm neurons build {self.reader.name} --layer L{layer}")
             return
-        result = self.analyses.cached("description", component)
+        result = self.analyses.cached(kind, component)
         if result is not None:
             pane.show(result)
             return
-        pane.show_message(f"{component}: computing {'its sparse decomposition' if kind == 'neuron' else 'TextSpan'}…")
-        describe = self.analyses.neuron_description if kind == "neuron" else self.analyses.description
-        self._compute("describe", component, lambda: describe(component))
+        pane.show_message(f"{component}: {waiting}")
+        self._compute(group, component, compute)
 
     def _refresh_ablation(self) -> None:
         pane, layer = self.query_one(AblationPane), self._layer()
@@ -318,16 +324,8 @@ class ClipTermApp(App[None]):
         if kind not in ("head", "mlp", "neuron"):
             pane.show_message("select a head, an MLP or a neuron to see the images it responds to most")
             return
-        if kind == "neuron" and names.parse(component).layer not in self.analyses.neuron_layers():
-            pane.show_message(f"no neurons file for this layer: run clipterm neurons build {self.reader.name} "
-                              f"--layer L{names.parse(component).layer}")
-            return
-        result = self.analyses.cached("images", component)
-        if result is not None:
-            pane.show(result)
-            return
-        pane.show_message(f"{component}: ranking the cache's images…")
-        self._compute("images", component, lambda: self.analyses.top_images(component))
+        self._show_or_compute(pane, "images", "images", lambda: self.analyses.top_images(component),
+                              "ranking the cache's images…")
 
     # ----------------------------------------------------------------- search
 
