@@ -163,8 +163,6 @@ class ClipTermApp(App[None]):
 
     def _label(self, name: str) -> Text:
         label = Text(name.split(".")[-1] if "." in name else name)
-        if name.endswith(".MLP") and names.parse(name).layer in set(self.analyses.neuron_layers()):
-            label.append(" ▸ neurons", style="dim")
         if self.hints.get(name):
             label.append(f"  {self.hints[name]}", style="dim italic")
         return label
@@ -183,11 +181,12 @@ class ClipTermApp(App[None]):
         for layer in range(self.reader.shape.layers):
             drop, task = max((result.bars[layer].drop, task) for task, result in model.items())
             self.call_from_thread(self._set_hint, f"L{layer}", f"−{100 * drop:.1f}% {task}")
-        for head in names.heads(self.reader.shape):
+        shape = self.reader.shape
+        for component in [str(h) for h in names.heads(shape)] + [f"L{l}.MLP" for l in range(shape.layers)]:
             if worker.is_cancelled:
                 return
-            rows = self.analyses.description(str(head)).rows
-            self.call_from_thread(self._set_hint, str(head), rows[0].text if rows else "")
+            rows = self.analyses.description(component).rows
+            self.call_from_thread(self._set_hint, component, rows[0].text if rows else "")
 
     def on_tree_node_highlighted(self, event: Tree.NodeHighlighted) -> None:
         if event.node.data and event.node.data != self.selected:
@@ -195,7 +194,7 @@ class ClipTermApp(App[None]):
 
     def on_tree_node_expanded(self, event: Tree.NodeExpanded) -> None:
         name = event.node.data
-        if name and name.endswith(".MLP"):
+        if name and name != "model" and names.parse(name).kind in ("layer", "mlp"):  # a layer prefetches its neurons
             layer = names.parse(name).layer
             if layer in self.analyses.neuron_layers() and layer not in self.neuron_rows:
                 self._compute("neurons", layer, lambda: self.analyses.neurons(layer))
