@@ -174,9 +174,8 @@ from clipterm.reader import open_cache
 from clipterm.tui.app import ClipTermApp
 
 class Probe(ClipTermApp):
-    def on_mount(self):
-        super().on_mount()
-        self.call_after_refresh(lambda: self.exit("torch" in sys.modules))
+    def on_ready(self):  # after the first frame; Textual runs ClipTermApp.on_mount itself
+        self.exit("torch" in sys.modules)
 
 print("torch before first frame:", Probe(open_cache(sys.argv[1])).run(headless=True, size=(80, 24)))
 """

@@ -64,6 +64,10 @@ def resolve_images(mode: str) -> str:
         return mode
     if os.environ.get("TMUX") or not sys.stdout.isatty():
         return "half"
+    import logging
+
+    # textual-image logs a traceback when a terminal doesn't answer its size query; it then assumes a size
+    logging.getLogger("textual_image").setLevel(logging.CRITICAL)
     import textual_image.widget  # noqa: F401  (queries the terminal now: it can't once the app runs)
 
     return "auto"

@@ -412,7 +412,7 @@ class ClipTermApp(App[None]):
         node = tree.cursor_node
         if node is None:
             return
-        if node.is_expanded and node.children:
+        if node.is_expanded and node.children and not node.is_root:  # the root stays open: it is the whole tree
             node.collapse()
         elif node.parent is not None:
             tree.move_cursor(node.parent)
