@@ -1,5 +1,6 @@
 """Image thumbnails in the terminal: two pixels per character cell with the upper half block `▀`
-(foreground = upper pixel, background = lower pixel). A rich renderable, so the CLI and TUI share it."""
+(foreground = upper pixel, background = lower pixel). A rich renderable, so the CLI and TUI share it.
+`heat_overlay` and `factor_overlay` colour a thumbnail by a map (`clipterm spatial`) before it is drawn."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ from dataclasses import dataclass
 from typing import Any
 
 PLACEHOLDER_RGB = (60, 60, 60)
+# Distinct colours for factors, Building-Blocks style: factor i is drawn in FACTOR_RGB[i % len(FACTOR_RGB)].
+FACTOR_RGB = ((230, 60, 60), (60, 140, 240), (250, 200, 40), (60, 200, 90), (200, 80, 220), (40, 210, 210),
+              (245, 130, 40), (240, 240, 240))
+# The heat ramp, low to high: dark blue, purple, red, yellow.
+HEAT_STOPS = ((20, 20, 90), (120, 30, 150), (230, 50, 50), (255, 230, 60))
 
 
 def load_thumbnail(path: str | None, synthetic_id: str | None, size: int) -> Any:
     """An RGB thumbnail (size, size, 3) uint8 of a file or a `toy:SEED/INDEX` scene; None when it can't be read."""
-    import numpy as np
     from PIL import Image
 
     from clipterm.images import SkipImage, decode
@@ -28,10 +33,49 @@ def load_thumbnail(path: str | None, synthetic_id: str | None, size: int) -> Any
             return None
     except (SkipImage, ValueError):
         return None
-    side = min(image.size)  # centre crop to a square, as CLIP's preprocess does
+    return square(image, size)
+
+
+def square(image: Any, size: int) -> Any:
+    """A PIL image centre-cropped to a square, as CLIP's preprocess does, and resized: (size, size, 3) uint8."""
+    import numpy as np
+    from PIL import Image
+
+    side = min(image.size)
     left, upper = (image.width - side) // 2, (image.height - side) // 2
     image = image.crop((left, upper, left + side, upper + side)).resize((size, size), Image.BILINEAR)
     return np.asarray(image.convert("RGB"))
+
+
+def heat_overlay(pixels: Any, heat: Any, alpha: float = 0.65) -> Any:
+    """The image in grey with a heat map (S, S) in [0, 1] blended over it in the HEAT_STOPS ramp: (S, S, 3) uint8."""
+    import numpy as np
+
+    stops = np.asarray(HEAT_STOPS, dtype=np.float32)  # (K, 3)
+    position = np.clip(np.asarray(heat, dtype=np.float32), 0, 1) * (len(stops) - 1)  # (S, S)
+    low = np.minimum(position.astype(int), len(stops) - 2)  # (S, S)
+    frac = (position - low)[..., None]  # (S, S, 1)
+    colour = stops[low] * (1 - frac) + stops[low + 1] * frac  # (S, S, 3)
+    return _blend(pixels, colour, alpha * (0.4 + 0.6 * position[..., None] / (len(stops) - 1)))  # cold: image shows
+
+
+def factor_overlay(pixels: Any, strengths: Any, alpha: float = 0.8) -> Any:
+    """Each pixel in the colour of its strongest factor, as opaque as that factor is strong.
+
+    `strengths` is (k, S, S) in [0, 1] (each factor's map over its own maximum); returns (S, S, 3) uint8."""
+    import numpy as np
+
+    strengths = np.clip(np.asarray(strengths, dtype=np.float32), 0, 1)  # (k, S, S)
+    palette = np.asarray([FACTOR_RGB[i % len(FACTOR_RGB)] for i in range(len(strengths))], dtype=np.float32)  # (k, 3)
+    colour = palette[strengths.argmax(0)]  # (S, S, 3)
+    return _blend(pixels, colour, alpha * strengths.max(0)[..., None])
+
+
+def _blend(pixels: Any, colour: Any, alpha: Any) -> Any:
+    import numpy as np
+
+    grey = np.asarray(pixels, dtype=np.float32).mean(-1, keepdims=True) * 0.6  # (S, S, 1) dimmed, so colours stand out
+    return np.clip(grey * (1 - alpha) + colour * alpha, 0, 255).astype(np.uint8)
 
 
 @dataclass
@@ -81,6 +125,32 @@ class ThumbnailGrid:
             upper, lower = tile.pixels[y, x], tile.pixels[y + 1, x]
             text.append("▀", style=style(color=_rgb(upper), bgcolor=_rgb(lower)))
         return text
+
+
+def map_view(result: Any, pixels: Any, caption: str, size: int = 32) -> Any:
+    """A rich renderable: the image (S, S, 3) uint8 or None, then a SpatialMap's heat over it, or a Factorisation's
+    factors in distinct colours (all together, then each alone) with a legend of their nearest texts."""
+    import numpy as np
+    from rich.console import Group
+    from rich.text import Text
+
+    base = pixels if pixels is not None else np.full((size, size, 3), PLACEHOLDER_RGB, dtype=np.uint8)
+    tiles = [Tile(pixels, caption)]
+    if not hasattr(result, "factors"):
+        tiles.append(Tile(heat_overlay(base, result.normalised(size).numpy()), result.title))
+        return ThumbnailGrid(tiles, size)
+    strengths = result.strengths(size).numpy()  # (k, S, S)
+    tiles.append(Tile(factor_overlay(base, strengths), f"{len(strengths)} factors"))
+    legend = []
+    for i, factor in enumerate(result.factors):
+        alone = np.zeros_like(strengths)
+        alone[i] = strengths[i]
+        tiles.append(Tile(factor_overlay(base, alone), f"factor {i + 1}"))
+        line = Text("■ ", style=_rgb(FACTOR_RGB[i % len(FACTOR_RGB)]))
+        line.append(f"factor {i + 1} ({100 * factor.share:.0f}%)  ", style="bold")
+        line.append(" · ".join(text for text, _ in factor.texts[:4]))
+        legend.append(line)
+    return Group(ThumbnailGrid(tiles, size), *legend)
 
 
 def _rgb(pixel: Any) -> str:

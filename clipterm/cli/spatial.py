@@ -1,0 +1,135 @@
+"""`clipterm spatial`: where in an image a text query or a component acts, or which parts push together."""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from typing import Any
+
+import typer
+
+from clipterm.cli.common import Device, JsonOpt
+from clipterm.cli.output import emit_json, stdout
+from clipterm.errors import ClipTermError
+
+SCHEMA = "clipterm.spatial/1"
+
+
+class Method(str, Enum):
+    nmf = "nmf"
+    pca = "pca"
+
+
+def spatial(
+    image: str = typer.Argument(..., help="An image file, row:N of the --cache, or a toy scene toy:SEED/INDEX."),
+    query: str = typer.Option(None, "--query", "-q", help="A text ('a red star'), or class:NAME for a class's prompts."),
+    component: str = typer.Option(None, "--component", "-c", help="A head (L5.H2, L5.H2:pc1), a layer's heads (L5), "
+                                  "an MLP (L4.MLP) or a neuron (L4.N12)."),
+    nmf: int = typer.Option(None, "--nmf", help="Factorise the MLP activations of --layers into K parts."),
+    method: Method = typer.Option(Method.nmf, "--method", help="With --nmf: nmf (activations clipped at 0) or pca."),
+    layers: str = typer.Option(None, "--layers", help="Layers to sum (--query; default: the last 4) or factorise "
+                               "(--nmf; default: the middle one), e.g. L4-5."),
+    model: str = typer.Option(None, "--model", help="`toy`, an open_clip arch, or a local-dir folder. Default: toy "
+                              "without --cache; with --cache, none: maps come from the cache's stored tokens."),
+    pretrained: str = typer.Option(None, "--pretrained", help="Pretrained tag or weights file (open_clip archs)."),
+    cache: str = typer.Option(None, "--cache", help="Cache (path or name) for row:N images and stored tokens."),
+    cache_dir: str = typer.Option(None, "--cache-dir", help="Cache root to use instead of the default rule."),
+    contrast: str = typer.Option("auto", "--contrast", help="Pool whose mean text is subtracted from the query "
+                                 "(auto: toy for the toy model, else general; none: no contrast)."),
+    pool: str = typer.Option("auto", "--pool", help="Pool the factors' nearest texts come from (auto as --contrast)."),
+    show: bool = typer.Option(False, "--show", help="Draw the map over the image in half-block colour cells."),
+    size: int = typer.Option(32, "--size", min=8, help="Image size in pixels with --show (two pixels per character row)."),
+    device: Device = typer.Option(Device.auto, "--device", help="auto picks CUDA when torch sees it."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Where in the image: a text query's zero-shot segmentation map, a component's per-patch map, or NMF factors.
+
+    Query and head maps come from per-token direct effects (TextSpan), read from the cache's tokens when it
+    stored them, else from one forward pass. JSON schema: clipterm.spatial/1 (raw per-patch grids).
+    """
+    from clipterm import factorise, names, spatial as core
+
+    modes = [name for name, given in (("--query", query), ("--component", component), ("--nmf", nmf)) if given is not None]
+    if len(modes) != 1:
+        raise ClipTermError(f"give one of --query, --component or --nmf ({'none' if not modes else ' and '.join(modes)} given)",
+                            hint="e.g. --query 'a red star', --component L5.H2, or --nmf 3")
+    if layers is not None and component is not None:
+        raise ClipTermError("--layers goes with --query or --nmf: a component names its own layer", hint="drop --layers")
+    loaded, reader = _load(model, pretrained, cache, cache_dir, device.value)
+    picture = core.open_image(image, reader)
+    n_layers = reader.shape.layers if reader is not None else loaded.info.layers
+    chosen = names.parse_layers(layers, n_layers) if layers is not None else None
+    if query is not None:
+        result = core.query_map(picture, query, loaded=loaded, reader=reader, layers=chosen,
+                                contrast=None if contrast == "none" else contrast, cache_dir=cache_dir)
+    elif component is not None:
+        result = core.component_map(picture, component, reader=reader, loaded=loaded)
+    else:
+        result = factorise.factorise(picture, nmf, loaded=loaded, reader=reader, layers=chosen, method=method.value,
+                                     pool=pool, cache_dir=cache_dir)
+    if json_out:
+        mode = "query" if query is not None else "component" if component is not None else "nmf"
+        emit_json({"image": image, "row": picture.row, "cache": reader.name if reader is not None else None,
+                   "model": loaded.info.spec if loaded is not None else None, "mode": mode, **result.to_json()},
+                  schema=SCHEMA)
+        return
+    _print(result, picture, show, size + size % 2)
+
+
+def _load(model: str | None, pretrained: str | None, cache: str | None, cache_dir: str | None, device: str
+          ) -> tuple[Any, Any]:
+    """The model (None with a cache and no --model) and the cache reader, checked to match."""
+    from clipterm.build import pick_device
+    from clipterm.models import load_model
+
+    reader = None
+    if cache is not None:
+        from clipterm.reader import open_cache
+
+        reader = open_cache(cache, cache_dir)
+    if model is None and reader is not None:
+        return None, reader
+    loaded = load_model(model or "toy", pretrained, device=pick_device(device))
+    if reader is not None:
+        from clipterm.reader import check_model
+
+        check_model(reader, loaded.info)
+    return loaded, reader
+
+
+def _print(result: Any, picture: Any, show: bool, size: int) -> None:
+    from rich.table import Table
+
+    from clipterm.names import format_layers
+
+    where = "the cache's tokens" if getattr(result, "source", "forward") == "cache" else "a forward pass"
+    if hasattr(result, "factors"):
+        stdout.print(f"[bold]{len(result.factors)} {result.method.upper()} factors[/] of {format_layers(result.layers)}'s MLP "
+                     f"activations in {picture.ref} (relative error {result.error:.3f})")
+        table = Table("factor", "share", "peak patch", "nearest texts (cosine)")
+        for i, factor in enumerate(result.factors, 1):
+            texts = " · ".join(f"{text} ({cos:.2f})" for text, cos in factor.texts[:4])
+            table.add_row(str(i), f"{100 * factor.share:.0f}%", _peak(factor.grid), texts)
+    else:
+        stdout.print(f"[bold]{result.title}[/] in {picture.ref}: {result.measure}; {format_layers(result.layers)}, "
+                     f"from {where}; class token {result.cls:+.4f}, peak at {_peak(result.grid)}")
+        exponent = math.floor(math.log10(max(float(result.grid.abs().max()), 1e-30)))
+        scale = f", ×1e{exponent}" if exponent else ""
+        table = Table(*[""] + [str(c) for c in range(result.grid.shape[1])], title=f"per patch (row, column){scale}")
+        for r, row in enumerate(result.grid.tolist()):
+            table.add_row(str(r), *[f"{v / 10**exponent:+.2f}" for v in row])
+    if show:
+        from clipterm.thumbnails import map_view
+
+        stdout.print(map_view(result, picture.pixels(size), picture.ref, size))
+    if not show or hasattr(result, "factors"):
+        stdout.print(table)
+
+
+def _peak(grid: Any) -> str:
+    index = int(grid.argmax())
+    return f"({index // grid.shape[1]}, {index % grid.shape[1]})"
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(spatial)

@@ -1,0 +1,154 @@
+"""Factorise one image's activations over positions into a few parts (Olah et al., "The Building Blocks of
+Interpretability", Distill 2018).
+
+The post-activation values of the chosen MLP layers at every patch, clipped at 0, form a non-negative
+(patches × neurons) matrix A; NMF writes A ≈ W·H with k factors, W (P, k) saying where each factor is and
+H (k, F) which neurons it uses. PCA of the centred, unclipped A is the signed alternative. A factor is named
+by its direct effect in joint space: its neurons' writes H·W_out into the residual stream, through the
+linearised ln_post and proj, compared by cosine with a pool of text embeddings.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from clipterm import names
+from clipterm.errors import ClipTermError
+from clipterm.spatial import SpatialImage, mlp_activations, model_hint, model_pixels, open_image, pool_embeddings
+
+METHODS = ("nmf", "pca")
+
+
+@dataclass
+class Factor:
+    grid: Tensor  # (g, g) where the factor is: its column of W
+    share: float  # NMF: its part of Σ_j ‖W_j H_j‖_F; PCA: its part of the variance
+    direction: Tensor  # (D,) unit direct effect in joint space of its neuron loadings
+    texts: list[tuple[str, float]] = field(default_factory=list)  # nearest pool texts and their cosines
+
+
+@dataclass
+class Factorisation:
+    """k factors of one image, largest first."""
+
+    factors: list[Factor]
+    method: str  # "nmf" or "pca"
+    layers: list[int]
+    error: float  # ‖A − W·H‖_F / ‖A‖_F
+
+    def strengths(self, size: int) -> Tensor:
+        """(k, size, size) in [0, 1]: each factor's map upsampled bilinearly over its own maximum (negatives clipped)."""
+        grids = torch.stack([f.grid for f in self.factors]).float()  # (k, g, g)
+        up = F.interpolate(grids[None], size=(size, size), mode="bilinear", align_corners=False)[0].clamp(min=0)  # (k, S, S)
+        return up / up.amax(dim=(1, 2), keepdim=True).clamp(min=1e-12)  # (k, S, S)
+
+    def assignment(self, size: int) -> Tensor:
+        """(size, size) int64: the strongest factor at each pixel (Building Blocks' one colour per factor)."""
+        return self.strengths(size).argmax(0)  # (S, S)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, "layers": names.format_layers(self.layers), "k": len(self.factors),
+                "relative_error": round(self.error, 6),
+                "factors": [{"factor": i, "share": round(f.share, 6),
+                             "texts": [{"text": t, "cosine": round(c, 6)} for t, c in f.texts],
+                             "grid": [[round(float(v), 6) for v in row] for row in f.grid]}
+                            for i, f in enumerate(self.factors)]}
+
+
+def default_layers(n_layers: int) -> list[int]:
+    """The middle layer, as Building Blocks factorises one middle layer."""
+    return [n_layers // 2]
+
+
+def factorise(image: str | SpatialImage, k: int, *, loaded: Any, reader: Any = None, layers: list[int] | None = None,
+              method: str = "nmf", pool: str | tuple[Tensor, list[str]] | None = "auto", n_texts: int = 5,
+              cache_dir: Any = None) -> Factorisation:
+    """Split an image's per-patch MLP activations of `layers` into k factors, each with its map and nearest texts.
+
+    `pool`: a pool name (`auto`: the model's default pool), (unit embeddings (C, D), texts), or None for no texts."""
+    if method not in METHODS:
+        raise ClipTermError(f"unknown factorisation {method!r}", hint="use nmf or pca")
+    if k < 1:
+        raise ClipTermError(f"--nmf {k}: a factorisation needs at least 1 factor", hint="e.g. --nmf 3")
+    if loaded is None:
+        raise ClipTermError("factorising needs per-patch activations, so a forward pass", hint=model_hint(reader))
+    image = open_image(image, reader) if isinstance(image, str) else image
+    layers = layers if layers is not None else default_layers(loaded.info.layers)
+    acts, _ = mlp_activations(loaded.model, model_pixels(loaded, image), layers)
+    activations = torch.cat([acts[layer][0, 1:] for layer in layers], dim=1).double()  # (P, F) patches only
+    patches = activations.shape[0]
+    if k > patches:
+        raise ClipTermError(f"--nmf {k}: more factors than the image has patches ({patches})", hint="use fewer factors")
+    maps, loadings, shares, error = (_nmf if method == "nmf" else _pca)(activations, k)  # (P, k), (k, F), (k,)
+    directions = factor_directions(loaded.model, layers, loadings.float())  # (k, D)
+    embeds, texts = pool_embeddings(loaded, pool, cache_dir) if isinstance(pool, str) else (pool or (None, None))
+    side = int(round(patches**0.5))
+    factors = []
+    for i in shares.argsort(descending=True).tolist():
+        nearest = []
+        if embeds is not None:
+            cosines = embeds.float() @ directions[i]  # (C,)
+            top = cosines.topk(min(n_texts, len(texts)))
+            nearest = [(texts[j], float(c)) for c, j in zip(top.values, top.indices.tolist())]
+        factors.append(Factor(maps[:, i].float().reshape(side, side), float(shares[i]), directions[i], nearest))
+    return Factorisation(factors, method, layers, error)
+
+
+def _nmf(activations: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, float]:
+    """NMF of the activations clipped at 0: W (P, k), H (k, F), each factor's share of Σ‖W_j H_j‖, relative error."""
+    from sklearn.decomposition import NMF
+    from sklearn.exceptions import ConvergenceWarning
+
+    positive = activations.clamp(min=0)  # (P, F)
+    if float(positive.max()) <= 0:
+        raise ClipTermError("every activation of these layers is ≤ 0 for this image: nothing to factorise",
+                            hint="pick other layers with --layers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = NMF(n_components=k, init="nndsvda", max_iter=500, random_state=0)
+        maps = torch.from_numpy(model.fit_transform(positive.numpy()))  # (P, k)
+    loadings = torch.from_numpy(model.components_)  # (k, F)
+    sizes = maps.norm(dim=0) * loadings.norm(dim=1)  # (k,) ‖W_j H_j‖_F of a rank-one term
+    error = float((positive - maps @ loadings).norm() / positive.norm())
+    return maps, loadings, sizes / sizes.sum().clamp(min=1e-12), error
+
+
+def _pca(activations: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, float]:
+    """PCA of the centred activations: scores (P, k), components (k, F), explained variance shares, relative error."""
+    centred = activations - activations.mean(0)  # (P, F)
+    u, s, vh = torch.linalg.svd(centred, full_matrices=False)  # (P, r), (r,), (r, F)
+    k = min(k, s.numel())
+    maps, loadings = u[:, :k] * s[:k], vh[:k]  # (P, k), (k, F)
+    flip = torch.sign(maps.gather(0, maps.abs().argmax(0, keepdim=True)))[0]  # (k,) so each map peaks positive
+    maps, loadings = maps * flip, loadings * flip[:, None]
+    variance = s**2  # (r,)
+    error = float((centred - maps @ loadings).norm() / activations.norm().clamp(min=1e-12))
+    return maps, loadings, variance[:k] / variance.sum().clamp(min=1e-12), error
+
+
+def factor_directions(model: Any, layers: list[int], loadings: Tensor) -> Tensor:
+    """Unit joint-space direct effects (k, D) of neuron loadings (k, |layers|·M) over the MLPs of `layers`.
+
+    Each layer's block of a loading is written into the residual by c_proj (with LayerScale), then centred,
+    scaled by ln_post's γ and projected, as `decompose` does for an MLP's class-token output."""
+    from clipterm.decompose import _ln_post_affine, layer_scale_vector, refuse_neuron_split, vision_tower
+
+    visual = vision_tower(model)
+    refuse_neuron_split(visual)
+    width = visual.transformer.width
+    gamma, _, proj = _ln_post_affine(visual)  # (W,), (W,), (W, D)
+    per_layer = loadings.to(gamma.device).reshape(len(loadings), len(layers), -1)  # (k, l, M)
+    writes = torch.zeros(len(loadings), width, device=gamma.device)  # (k, W)
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            block = visual.transformer.resblocks[layer]
+            c_proj = block.mlp.c_proj.weight.float()  # (W, M)
+            writes += (per_layer[:, i] @ c_proj.T) * layer_scale_vector(block.ls_2, width, gamma.device)  # (k, W)
+        joint = ((writes - writes.mean(-1, keepdim=True)) * gamma) @ proj  # (k, D)
+    return F.normalize(joint, dim=-1).cpu()  # (k, D)
