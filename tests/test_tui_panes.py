@@ -197,3 +197,32 @@ async def test_the_auto_image_mode_mounts_textual_image_widgets(neuron_cache, to
         await settle(app, pilot)
         tiles = app.analyses.cached("images", "L5.H0").tiles
         assert len(app.query_one(ImagesPane).query(Image)) == sum(t.pixels is not None for t in tiles) > 0
+
+
+@pilot
+async def test_the_spatial_pane_maps_the_selection_steps_images_and_takes_a_query(neuron_cache, toy):
+    from clipterm.tui.widgets import SpatialPane
+
+    reader, root = neuron_cache
+    app = ClipTermApp(reader, cache_dir=root, loaded=toy, hints=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        app.jump("L5.H3")
+        await settle(app, pilot)
+        top_row = app.analyses.cached("images", "L5.H3").tiles[0].row
+        assert text_of(app, "#spatial-status").startswith(f"L5.H3 · row {top_row}")  # the selection's top image
+        await pilot.press("right_square_bracket")
+        await settle(app, pilot)
+        assert text_of(app, "#spatial-status").startswith(f"L5.H3 · row {(top_row + 1) % reader.n}")
+        field = app.query_one("#spatial-query")
+        field.value = "a red star"
+        await field.action_submit()
+        await settle(app, pilot)
+        assert text_of(app, "#spatial-status").startswith("“a red star” · row") and "minus contrast" in text_of(
+            app, "#spatial-status")
+        rows = app.query_one(SpatialPane).copy_text.splitlines()
+        assert len(rows) == 8 and all(len(r.split()) == 8 for r in rows)  # the 8×8 patch grid of a 64px toy image
+        app.jump("model")
+        field.value = ""
+        await field.action_submit()
+        await pilot.pause()
+        assert "select a layer" in text_of(app, "#spatial-status")

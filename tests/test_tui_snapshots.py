@@ -34,10 +34,10 @@ def shot(snap_compare, reader, root, toy, size, component, press=(), before=None
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("pane", ["descriptions", "ablation", "images", "info"])
+@pytest.mark.parametrize("pane", ["descriptions", "ablation", "images", "spatial", "info"])
 def test_pane_snapshots(snap_compare, neuron_cache, toy, size, pane):  # noqa: F811
     reader, root = neuron_cache
-    presses = ["tab"] * {"descriptions": 0, "ablation": 1, "images": 3, "info": 4}[pane]
+    presses = ["tab"] * {"descriptions": 0, "ablation": 1, "images": 3, "spatial": 4, "info": 5}[pane]
     component = "L5.H3" if pane != "images" else "L4.MLP"
     assert shot(snap_compare, reader, root, toy, size, component, press=presses)
 

@@ -73,6 +73,7 @@ class Thumbnail:
     caption: str
     pixels: Any  # (S, S, 3) uint8, or None when the image can't be read any more
     path: str | None
+    row: int | None = None  # row in the cache
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,14 @@ class ImageRanking:
     component: str
     about: str
     tiles: list[Thumbnail] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SpatialView:
+    title: str  # what is mapped, on which image
+    about: str  # what a cell measures, and where the tokens came from
+    renderable: Any  # rich renderable: the image and the map over it (half blocks)
+    copy_text: str  # the grid, one row of numbers per line
 
 
 class Analyses:
@@ -242,10 +251,42 @@ class Analyses:
             for example in ranking.examples:
                 pixels = None if example.missing else load_thumbnail(example.path, example.id, size)
                 label = " ".join(list(example.labels.values())[:2])
-                tiles.append(Thumbnail(f"{example.score:+.2f} {label}", pixels, example.path or example.id))
+                tiles.append(Thumbnail(f"{example.score:+.2f} {label}", pixels, example.path or example.id, example.row))
             return ImageRanking(ranking.component, ranking.about, tiles)
 
         return self._memoised("images", component, compute)
+
+    # ----------------------------------------------------------------- spatial
+
+    def spatial(self, row: int, target: str) -> SpatialView:
+        """Where `target` acts in cache row `row`: a component (`L5.H2`, `L5`, `L4.MLP`, `L4.N12`), a text query
+        (`query:a red star`, `query:class:red`), or `nmf:K` factors of the image's MLP activations."""
+        def compute():
+            from clipterm import factorise, spatial
+            from clipterm.thumbnails import map_view
+
+            image = spatial.open_image(f"row:{row}", reader=self.reader)
+            if target.startswith("query:"):
+                contrast = self._memoised("contrast", None, lambda: spatial.pool_embeddings(
+                    self.loaded(), self.pool_spec, self.cache_dir)[0])
+                result = spatial.query_map(image, target[6:], loaded=self.loaded(), reader=self.reader,
+                                           contrast=contrast, cache_dir=self.cache_dir)
+                title = f"“{target[6:]}”"
+            elif target.startswith("nmf:"):
+                pool = self._memoised("contrast_pool", None, lambda: spatial.pool_embeddings(
+                    self.loaded(), self.pool_spec, self.cache_dir))
+                result = factorise.factorise(image, int(target[4:]), loaded=self.loaded(), reader=self.reader, pool=pool)
+                title = f"{target[4:]} NMF factors"
+            else:
+                result = spatial.component_map(image, target, reader=self.reader, loaded=self.loaded())
+                title = target
+            grid = result.grid if hasattr(result, "grid") else result.factors[0].grid
+            about = getattr(result, "measure", "parts of the image that push together (Building Blocks)")
+            copy_text = "\n".join(" ".join(f"{v:.4g}" for v in line) for line in grid.tolist())
+            return SpatialView(f"{title} · row {row}", about, map_view(result, image.pixels(32), f"row {row}"),
+                               copy_text)
+
+        return self._memoised("spatial", (row, target), compute)
 
     # ----------------------------------------------------------------- search
 

@@ -12,6 +12,7 @@ The app only routes selections to workers and results to panes. Every number com
 | tab / shift+tab | panes.next / panes.previous | switch pane |
 | s | search.toggle | start or stop a hill-climb for the selection (or the typed target) |
 | t | ablation.task | show the next task's ablation |
+| [ / ] | spatial.previous / spatial.next | the Spatial pane's previous / next cache image |
 | c | copy | copy the active pane's text (OSC 52) |
 | ctrl+p | command_palette | jump to a component by name, run an action |
 | ? | help | every key, with its id |
@@ -37,7 +38,7 @@ from clipterm import names
 from clipterm.tui.analyses import Analyses
 from clipterm.tui.commands import ComponentCommands
 from clipterm.tui.screens import HelpScreen
-from clipterm.tui.widgets import AblationPane, DescriptionPane, ImagesPane, InfoPane, SearchPane
+from clipterm.tui.widgets import AblationPane, DescriptionPane, ImagesPane, InfoPane, SearchPane, SpatialPane
 
 def steady(field: Input) -> Input:
     """An input without a blinking cursor: calmer over SSH, and deterministic in snapshots."""
@@ -45,7 +46,7 @@ def steady(field: Input) -> Input:
     return field
 
 
-PANES = ["descriptions", "ablation", "search", "images", "info"]
+PANES = ["descriptions", "ablation", "search", "images", "spatial", "info"]
 
 
 class ClipTermApp(App[None]):
@@ -64,6 +65,8 @@ class ClipTermApp(App[None]):
         Binding("shift+tab", "switch_pane(-1)", "Previous pane", id="panes.previous", show=False, priority=True),
         Binding("s", "search", "Search", id="search.toggle"),
         Binding("t", "next_task", "Task", id="ablation.task", show=False),
+        Binding("left_square_bracket", "spatial_step(-1)", "Previous image", id="spatial.previous", show=False),
+        Binding("right_square_bracket", "spatial_step(1)", "Next image", id="spatial.next", show=False),
         Binding("c", "copy", "Copy", id="copy", show=False),
         Binding("escape", "escape", "Close filter", id="escape", show=False),
         Binding("question_mark", "help", "Help", id="help"),
@@ -85,6 +88,8 @@ class ClipTermApp(App[None]):
         self.filter_text = ""
         self.search_results: dict[str, Any] = {}  # target -> last event
         self.search_running: str | None = None
+        self.spatial_row: int | None = None  # the Spatial pane's cache row; None: the selection's top image
+        self.spatial_typed = ""  # a typed query (or "nmf K") that replaces the selection in the Spatial pane
         self._search_stop = threading.Event()
         self._theme, self._keymap, self._with_hints = theme, keymap or {}, hints
         self.animation_level = "none"  # calm over SSH; no smooth scrolling or fades
@@ -104,6 +109,8 @@ class ClipTermApp(App[None]):
                 yield SearchPane(id="search-body")
             with TabPane("Images", id="images"):
                 yield ImagesPane(self.images, id="images-body")
+            with TabPane("Spatial", id="spatial"):
+                yield SpatialPane(id="spatial-body")
             with TabPane("Info", id="info"):
                 yield InfoPane(id="info-body", classes="pane-body")
         yield Footer()
@@ -234,6 +241,7 @@ class ClipTermApp(App[None]):
         self._refresh_ablation()
         self._refresh_images()
         self._refresh_search()
+        self._refresh_spatial()
 
     def _kind(self) -> str:
         return "model" if self.selected == "model" else names.parse(self.selected).kind
@@ -260,6 +268,8 @@ class ClipTermApp(App[None]):
             return "layers" if kind == "model" else self._layer()
         if group == "images":
             return self.selected if kind in ("head", "mlp", "neuron") and self.images != "off" else None
+        if group == "spatial":
+            return self._spatial_key()
         return None
 
     def _arrived(self, group: str, key: Any) -> None:
@@ -271,6 +281,9 @@ class ClipTermApp(App[None]):
             self._refresh_ablation()
         elif group == "images":
             self._refresh_images()
+            self._refresh_spatial()  # its default image is the selection's top image
+        elif group == "spatial":
+            self._refresh_spatial()
 
     def _refresh_description(self) -> None:
         pane, component, kind = self.query_one(DescriptionPane), self.selected, self._kind()
@@ -326,6 +339,45 @@ class ClipTermApp(App[None]):
         self._show_or_compute(pane, "images", "images", lambda: self.analyses.top_images(component),
                               "ranking the cache's images…")
 
+    # ----------------------------------------------------------------- spatial
+
+    def _spatial_key(self) -> tuple[int, str] | None:
+        """(cache row, what to map) for the Spatial pane, or None when the selection has no map."""
+        typed = self.spatial_typed
+        if typed:
+            words = typed.split()
+            target = f"nmf:{words[1]}" if len(words) == 2 and words[0] == "nmf" and words[1].isdigit() else f"query:{typed}"
+        elif self._kind() in ("layer", "head", "mlp", "neuron"):
+            target = self.selected
+        else:
+            return None
+        if self.spatial_row is not None:
+            return self.spatial_row, target
+        ranking = self.analyses.cached("images", self.selected)
+        rows = [t.row for t in ranking.tiles if t.row is not None] if ranking else []
+        return (rows[0] if rows else 0), target
+
+    def _refresh_spatial(self) -> None:
+        pane, key = self.query_one(SpatialPane), self._spatial_key()
+        if key is None:
+            pane.show_message("select a layer, head, MLP or neuron, or type a text query and press enter")
+            return
+        result = self.analyses.cached("spatial", key)
+        if result is not None:
+            pane.show(result)
+            return
+        if self.spatial_row is None and self._wanted("images") and not self.analyses.cached("images", self.selected):
+            pane.show_message(f"{self.selected}: finding its top image to map…")  # the images worker brings us back
+            return
+        pane.show_message(f"{key[1].removeprefix('query:')} · row {key[0]}: mapping…")
+        self._compute("spatial", key, lambda: self.analyses.spatial(*key))
+
+    def action_spatial_step(self, step: int) -> None:
+        key = self._spatial_key()
+        current = key[0] if key else (self.spatial_row or 0)
+        self.spatial_row = (current + step) % self.reader.n
+        self._refresh_spatial()
+
     # ----------------------------------------------------------------- search
 
     def _refresh_search(self) -> None:
@@ -356,6 +408,9 @@ class ClipTermApp(App[None]):
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id == "search-target" and event.value.strip() and not self.search_running:
             self.start_search(event.value.strip())
+        elif event.input.id == "spatial-query":
+            self.spatial_typed = event.value.strip()
+            self._refresh_spatial()
         elif event.input.id == "filter":
             self.query_one(Tree).focus()
 
@@ -392,7 +447,8 @@ class ClipTermApp(App[None]):
         group = event.worker.group
         title = {"describe": "describe", "ablate": "ablate", "images": "images"}.get(group, group)
         self.notify(message + (f"\nhint: {hint}" if hint else ""), title=f"{title} failed", severity="error", timeout=8)
-        pane = {"describe": DescriptionPane, "ablate": AblationPane, "images": ImagesPane, "search": SearchPane}.get(group)
+        pane = {"describe": DescriptionPane, "ablate": AblationPane, "images": ImagesPane, "search": SearchPane,
+                "spatial": SpatialPane}.get(group)
         if pane is not None:
             self.query_one(pane).show_message(f"failed: {message}")
 
@@ -428,7 +484,7 @@ class ClipTermApp(App[None]):
     def action_copy(self) -> None:
         """Copy the active pane's text to the clipboard with OSC 52 (works over SSH and in tmux with set-clipboard)."""
         pane = {"descriptions": DescriptionPane, "ablation": AblationPane, "search": SearchPane, "images": ImagesPane,
-                "info": InfoPane}[self.query_one(TabbedContent).active]
+                "spatial": SpatialPane, "info": InfoPane}[self.query_one(TabbedContent).active]
         text = self.query_one(pane).copy_text
         if not text:
             self.notify("nothing to copy in this pane yet", severity="warning")

@@ -3,5 +3,6 @@
 from clipterm.tui.widgets._images import IMAGE_MODES, ImagesPane
 from clipterm.tui.widgets._panes import AblationPane, DescriptionPane, InfoPane, Pane, bar
 from clipterm.tui.widgets._search import SearchPane
+from clipterm.tui.widgets._spatial import SpatialPane
 
-__all__ = ["AblationPane", "DescriptionPane", "IMAGE_MODES", "ImagesPane", "InfoPane", "Pane", "SearchPane", "bar"]
+__all__ = ["AblationPane", "DescriptionPane", "IMAGE_MODES", "ImagesPane", "InfoPane", "Pane", "SearchPane", "SpatialPane", "bar"]
