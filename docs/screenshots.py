@@ -18,6 +18,7 @@ SHOTS = [  # (file, component, presses, run a search first)
     ("tui-ablation.svg", "L5.H2", ["tab"], False),
     ("tui-search.svg", "L5.H2", ["tab", "tab"], True),
     ("tui-images.svg", "L5.H2", ["tab", "tab", "tab"], False),
+    ("tui-spatial.svg", "L5.H2", ["tab", "tab", "tab", "tab"], False),
 ]
 
 
