@@ -6,6 +6,13 @@ mean changes the embedding by `mean - effect`, and the zero-shot logits by `(mea
 Nothing is re-run; only the component's rows are read. The drop in accuracy (or, without labels,
 in agreement with the unablated top-1) gets a bootstrap 95% interval over images: the per-image
 outcome change takes values in {-1, 0, 1}, so resampling images is a multinomial draw of counts.
+
+Second-order mean-ablation (Gandelsman et al., 2024, Sec. 4): each neuron n of layer l adds its
+second-order effect e_n (`neurons.py`) to the embedding; mean-ablating a set of them adds
+`Σ (mean_n - e_n)` over the set. The sets, as in the reference's `compute_ablations.py`: every
+neuron; per image the "significant" neurons, whose centred effect |e_n - mean_n| is among the
+neuron's top k over the images (k of the neurons file); and the rest. The neurons file stores
+Σ_n e_n and the significant Σ (e_n - mean_n) per image, so nothing is re-run here either.
 """
 
 from __future__ import annotations
@@ -28,12 +35,15 @@ class Scoring:
     weights: torch.Tensor  # (K, D) unit class embeddings
     image_embeds: torch.Tensor  # (N, D) the unablated embeddings
     labels: torch.Tensor | None = None  # (N,) class per image, -1 unknown; None: agreement with unablated top-1
+    keep: torch.Tensor | None = None  # (N,) bool: the rows that may be scored; None: all
     base_logits: torch.Tensor = field(init=False)  # (n, K) on the scored rows
     target: torch.Tensor = field(init=False)  # (n,) the label, or the unablated top-1
     rows: torch.Tensor = field(init=False)  # (n,) the rows that are scored
 
     def __post_init__(self) -> None:
         known = torch.ones(len(self.image_embeds), dtype=torch.bool) if self.labels is None else self.labels >= 0
+        if self.keep is not None:
+            known = known & self.keep
         self.rows = known.nonzero().squeeze(1)  # (n,)
         if self.rows.numel() == 0:
             raise ClipTermError("no image in the cache has a label for this task", hint="pick another --task")
@@ -118,6 +128,25 @@ def shifts(reader: Any, components: list[str]) -> Iterable[tuple[str, torch.Tens
         yield name, shift(reader, name)
 
 
+SECOND_ORDER = ("all", "significant", "insignificant")
+
+
+def second_order_shifts(neuron_file: Any, which: Iterable[str] = SECOND_ORDER) -> list[tuple[str, torch.Tensor]]:
+    """Mean-ablation of layer l's second-order effects: (`L{l} all`, shift (N, D)) per set in `which`.
+
+    Rows the neurons build could not read again get a zero shift: score them out with `Scoring.keep`.
+    """
+    unknown = [name for name in which if name not in SECOND_ORDER]
+    if unknown:
+        raise ClipTermError(f"no second-order set {unknown[0]!r}", hint=f"use {', '.join(SECOND_ORDER)}")
+    readable = ~neuron_file.missing[:, None]  # (N, 1)
+    mean_total = neuron_file.tensor("mean").sum(0)  # (D,): Σ_n mean_n
+    everything = (mean_total - neuron_file.tensor("effect_sum")) * readable  # (N, D): Σ_n (mean_n - e_n)
+    significant = -neuron_file.tensor("significant_sum") * readable  # (N, D): Σ_{n significant} (mean_n - e_n)
+    shifts = {"all": everything, "significant": significant, "insignificant": everything - significant}  # (N, D) each
+    return [(f"L{neuron_file.layer} {name}", shifts[name]) for name in which]
+
+
 def cumulative_shifts(reader: Any, by: str) -> Iterable[tuple[str, torch.Tensor]]:
     """Layers 0..l all mean-ablated (their heads, MLPs, or both), for each l."""
     total = None
@@ -193,9 +222,11 @@ def scorings(
     classes: list[str] | None = None,
     templates: list[str] | None = None,
     pool_embeds: Callable[[], torch.Tensor] | None = None,
+    keep: torch.Tensor | None = None,
 ) -> dict[str, Scoring]:
     """One Scoring per task of the cache (or the one asked for); for a cache without labels, agreement
-    with the unablated top-1 over `classes` (with templates) or over the pool texts `pool_embeds()`."""
+    with the unablated top-1 over `classes` (with templates) or over the pool texts `pool_embeds()`.
+    `keep` (N,) bool leaves the other rows out of every score."""
     image_embeds = reader.image_embeds()  # (N, D)
     kind = reader.manifest["dataset"].get("kind", "")
     out = {}
@@ -205,7 +236,7 @@ def scorings(
             raise ClipTermError(f"--classes has {len(classes)} lines, task {name!r} has {len(names_)} classes",
                                 hint=f"list the classes in label order: {', '.join(names_[:5])}, ...")
         weights = class_weights(encode, prompts_for(kind, name, classes or names_, templates))
-        out[name] = Scoring(weights, image_embeds, reader.labels(name))
+        out[name] = Scoring(weights, image_embeds, reader.labels(name), keep)
     if out:
         return out
     if classes is not None:
@@ -214,7 +245,7 @@ def scorings(
         weights = F.normalize(pool_embeds().float(), dim=-1)
     else:
         raise ClipTermError(f"cache {reader.name} has no labels", hint="give --classes FILE, or --pool to score agreement")
-    return {"agreement": Scoring(weights, image_embeds, None)}
+    return {"agreement": Scoring(weights, image_embeds, None, keep)}
 
 
 def textspan_evaluation(reader: Any, scoring: Scoring, spans: dict[str, Any], last: int) -> dict[str, float]:

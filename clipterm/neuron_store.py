@@ -1,22 +1,26 @@
-"""`neurons.L{l}.safetensors` in a cache folder: built by one pass over the cache's images, read back.
+"""`neurons.L{l}.safetensors` in a cache folder: built from the cache's images, read back.
 
-| tensor        | shape      | meaning                                                                      |
-|---------------|------------|------------------------------------------------------------------------------|
-| `mean`        | (M, D) f32 | each neuron's mean second-order effect over the cache's images               |
-| `pc1`         | (M, D) f32 | first principal direction of its top-k effects, centred by `mean` (unit)     |
-| `pc1_share`   | (M,) f32   | share of those centred top-k effects' energy along `pc1`                     |
-| `norms`       | (N, M) f16 | per image (cache row order): the norm of the second-order effect             |
-| `activations` | (N, M) f16 | per image: the neuron's CLS post-activation value                            |
-| `top_rows`    | (M, k) i64 | the k rows with the largest norm, largest first (the images behind `pc1`)    |
-| `norm_mean`   | (M,) f32   | mean of `norms` over the readable images                                     |
-| `top1_share`  | (M,) f32   | sparsity: share of the neuron's Σ norm² carried by its top 1% of images      |
-| `missing`     | (N,) u8    | 1 where the image could not be read again for this build (its rows hold 0)   |
+| tensor            | shape      | meaning                                                                   |
+|-------------------|------------|---------------------------------------------------------------------------|
+| `mean`            | (M, D) f32 | each neuron's mean second-order effect over the cache's images            |
+| `pc1`             | (M, D) f32 | first principal direction of its top-k effects, centred by `mean` (unit)  |
+| `pc1_share`       | (M,) f32   | share of those centred top-k effects' energy along `pc1`                  |
+| `norms`           | (N, M) f16 | per image (cache row order): the norm of the second-order effect          |
+| `activations`     | (N, M) f16 | per image: the neuron's CLS post-activation value                         |
+| `top_rows`        | (M, k) i64 | the k rows whose effect is farthest from `mean`, farthest first           |
+| `top_norms`       | (M, k) f32 | those distances, |effect − mean|: the last is the significance threshold  |
+| `effect_sum`      | (N, D) f32 | per image: Σ over neurons of the effects                                  |
+| `significant_sum` | (N, D) f32 | per image: Σ of (effect − mean) over the neurons whose top k it is in     |
+| `norm_mean`       | (M,) f32   | mean of `norms` over the readable images                                  |
+| `top1_share`      | (M,) f32   | sparsity: share of the neuron's Σ norm² carried by its top 1% of images   |
+| `missing`         | (N,) u8    | 1 where the image could not be read again for this build (its rows hold 0) |
 
-`pc1` follows the reference (`compute_pcas.py`): the top-k images' effects, centred by the mean
-effect over all images, first right singular vector, signed so that most of them project
-positively. One difference: the reference picks the top k by the norm of the *centred* effect,
-which needs the mean before the ranking (a second pass over the images, or every image's effects
-kept); here they are picked by the norm of the effect itself, as the stored `norms` are.
+`pc1` and `top_rows` follow the reference (`compute_pcas.py`): the k images with the largest norm of
+the effect *centred by the mean effect over all images*, their centred effects' first right singular
+vector, signed so that most of them project positively. The mean is known only after every image,
+so the ranking is a second pass: over the per-image scalars kept in memory when they fit
+(KEEP_IN_MEMORY), else over the images again. `effect_sum` and `significant_sum` are what mean-
+ablation of the second-order effects needs (`clipterm ablate --second-order`, `ablation.py`).
 
 The metadata ties the file to one build of the cache (its creation time, weights and dataset), so a
 cache rebuilt with `--force` refuses a stale file rather than mixing two builds.
@@ -34,7 +38,9 @@ from typing import Any, Callable
 from clipterm import store
 from clipterm.errors import ClipTermError, ExitCode
 
-FORMAT = "clipterm.neurons/1"
+FORMAT = "clipterm.neurons/2"
+READABLE = ("clipterm.neurons/1", FORMAT)  # /1 lacks what second-order ablation needs, and ranked top_rows uncentred
+KEEP_IN_MEMORY = 1 << 30  # per-image scalars up to this many bytes are kept for the ranking pass, not recomputed
 
 
 def neurons_file(directory: str | Path, layer: int) -> Path:
@@ -95,19 +101,16 @@ class NeuronBuildResult:
 
 def build_neurons(reader: Any, layer: int, device: str = "auto", top_k: int = 100, batch_size: int = 64,
                   workers: int | None = None, progress: Callable | None = None, cancel: Callable[[], bool] | None = None,
-                  loaded: Any = None) -> NeuronBuildResult:
-    """Run the cache's images through its model once and write `neurons.L{layer}.safetensors` atomically.
+                  loaded: Any = None, keep_bytes: int = KEEP_IN_MEMORY) -> NeuronBuildResult:
+    """Run the cache's images through its model and write `neurons.L{layer}.safetensors` atomically.
 
     `progress(description, total, unit)` is a context manager yielding `advance(n)` (as for cache builds);
     `cancel()` is polled between batches; `loaded` reuses a model already in memory (it is checked).
+    The ranking by centred norm needs the mean first: it runs over the scalars kept from the first
+    pass when they take at most `keep_bytes`, else over a second pass of the images.
     """
-    from contextlib import nullcontext
-
-    from torch.utils.data import DataLoader
-
     from clipterm import neurons
-    from clipterm.build import default_workers, pick_device
-    from clipterm.images import ImageDataset, collate
+    from clipterm.build import pick_device
     from clipterm.reader import check_model
 
     started = time.perf_counter()
@@ -122,69 +125,117 @@ def build_neurons(reader: Any, layer: int, device: str = "auto", top_k: int = 10
         loaded = model_for_cache(reader, device)
     check_model(reader, loaded.info)
     model = loaded.model.to(device).eval()
-    source = cache_source(reader)
-    indices = reader.index().tolist()  # cache row -> input index
     vectors = neurons.path_vectors(model, layer)  # (M, K, D)
-    state = _Accumulator(reader, vectors, top_k, device)
-    workers = workers if workers is not None else default_workers(source)
-    dataset = ImageDataset(source, loaded.preprocess, indices, min_side=reader.manifest["model"]["image_size"])
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                        pin_memory=device.startswith("cuda"))
-    bar = progress(f"neurons L{layer}", len(indices), "images") if progress else nullcontext(lambda _n: None)
-    with store.CacheLock(reader.path), bar as advance:
-        for kept, pixels, skipped in loader:
-            if cancel is not None and cancel():
-                raise ClipTermError("neuron build cancelled", hint="run it again; nothing was written",
-                                    code=ExitCode.INTERRUPTED)
-            if pixels is not None:
-                state.add(kept, neurons.trace(model, pixels.to(device), layer))
-            advance(len(kept) + len(skipped))
+    keep = reader.n * vectors.shape[0] * vectors.shape[1] * 4 <= keep_bytes
+    state = _Accumulator(reader, vectors, top_k, device, keep)
+
+    def passes(description: str):
+        return _traced(reader, loaded, model, layer, device, batch_size, workers, progress, cancel, description)
+
+    with store.CacheLock(reader.path):
+        for kept, out in passes(f"neurons L{layer}"):
+            state.add(kept, out)
+        state.finish_first_pass()
+        for rows, scalars in state.kept or ((state.rows(kept), out.scalars) for kept, out in passes(f"ranking L{layer}")):
+            state.rank(rows, scalars)
         meta = {"format": FORMAT, "layer": str(layer), "top_k": str(state.top.rows.shape[1]),
                 "paths": json.dumps(neurons.paths(shape.layers, shape.heads, layer)),
                 "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **_identity(reader)}
         path = neurons_file(reader.path, layer)
         store.save_tensors(path, state.tensors(), metadata=meta)
     seconds = time.perf_counter() - started
-    n = len(indices)
+    n = reader.n
     return NeuronBuildResult(reader.name, layer, str(path), n, int(state.missing.sum()), state.changed,
                              state.top.rows.shape[1], round(seconds, 3), round(n / seconds, 2) if seconds > 0 else 0.0,
                              path.stat().st_size)
 
 
-class _Accumulator:
-    """A build's state while images stream past: per-image norms and activations, the scalar sum, the top k."""
+def _traced(reader: Any, loaded: Any, model: Any, layer: int, device: str, batch_size: int, workers: int | None,
+            progress: Callable | None, cancel: Callable[[], bool] | None, description: str):
+    """One pass over the cache's images: yields (input indices, NeuronPass) per batch of readable images."""
+    from contextlib import nullcontext
 
-    def __init__(self, reader: Any, vectors: Any, top_k: int, device: str):
+    from torch.utils.data import DataLoader
+
+    from clipterm import neurons
+    from clipterm.build import default_workers
+    from clipterm.images import ImageDataset, collate
+
+    source = cache_source(reader)
+    indices = reader.index().tolist()  # cache row -> input index
+    dataset = ImageDataset(source, loaded.preprocess, indices, min_side=reader.manifest["model"]["image_size"])
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers if workers is not None else default_workers(source),
+                        collate_fn=collate, pin_memory=device.startswith("cuda"))
+    bar = progress(description, len(indices), "images") if progress else nullcontext(lambda _n: None)
+    with bar as advance:
+        for kept, pixels, skipped in loader:
+            if cancel is not None and cancel():
+                raise ClipTermError("neuron build cancelled", hint="run it again; nothing was written",
+                                    code=ExitCode.INTERRUPTED)
+            if pixels is not None:
+                yield kept, neurons.trace(model, pixels.to(device), layer)
+            advance(len(kept) + len(skipped))
+
+
+class _Accumulator:
+    """A build's state: per-image norms, activations and effect sums, the scalar sum, then the top k by centred norm."""
+
+    def __init__(self, reader: Any, vectors: Any, top_k: int, device: str, keep: bool):
         import torch
 
         from clipterm import neurons
 
-        n, (m, k_paths, _) = reader.n, vectors.shape
+        n, (m, k_paths, d) = reader.n, vectors.shape
         self.reader, self.vectors, self.top_k, self.name = reader, vectors, top_k, reader.name
         self.row_of = {index: row for row, index in enumerate(reader.index().tolist())}
         self.expected = reader.image_embeds().to(device)  # (N, D)
         self.grams = neurons.gram(vectors)  # (M, K, K)
         self.norms = torch.zeros(n, m, dtype=torch.float16)  # (N, M)
         self.activations = torch.zeros(n, m, dtype=torch.float16)  # (N, M)
+        self.effect_sum = torch.zeros(n, d)  # (N, D)
         self.missing = torch.ones(n, dtype=torch.uint8)  # (N,) until the image is seen
         self.scalar_sum = torch.zeros(m, k_paths, dtype=torch.float64, device=device)  # (M, K)
         self.top = neurons.TopK.empty(m, k_paths, device=device)
+        self.kept: list | None = [] if keep else None  # (rows (B,), scalars (B, M, K)) per batch, for the ranking pass
+        self.mean_scalars = None
         self.changed = 0
 
-    def add(self, kept: list[int], out: Any) -> None:
+    def rows(self, kept: list[int]) -> Any:
         import torch
 
+        return torch.tensor([self.row_of[index] for index in kept])  # (B,)
+
+    def add(self, kept: list[int], out: Any) -> None:
+        """First pass: everything that does not need the mean."""
         from clipterm import neurons
 
-        rows = torch.tensor([self.row_of[index] for index in kept])  # (B,)
+        rows = self.rows(kept)  # (B,)
         norms = neurons.effect_norms(out.scalars, self.grams)  # (B, M)
         self.norms[rows], self.activations[rows] = norms.half().cpu(), out.activations.half().cpu()
+        self.effect_sum[rows] = neurons.effect_sums(out.scalars, self.vectors).cpu()  # (B, D)
         self.missing[rows] = 0
         self.scalar_sum += out.scalars.double().sum(0)  # (M, K)
-        self.top = self.top.add(norms, rows.to(norms.device), out.scalars, self.top_k)
+        if self.kept is not None:
+            self.kept.append((rows, out.scalars))
         expected = self.expected[rows.to(norms.device)]  # (B, D)
         gap = (out.image_embeds - expected).norm(dim=-1) / expected.norm(dim=-1)  # (B,)
         self.changed += int((gap > 0.05).sum())
+
+    def finish_first_pass(self) -> None:
+        """The mean scalars, over the images that could be read."""
+        readable = int(len(self.missing) - self.missing.sum())
+        if readable == 0:
+            raise ClipTermError(f"none of the {len(self.missing)} images of {self.name} could be read again",
+                                hint="the images moved or were deleted since the cache was built", code=ExitCode.NOT_FOUND)
+        self.readable = readable
+        self.mean_scalars = (self.scalar_sum / readable).float()  # (M, K)
+
+    def rank(self, rows: Any, scalars: Any) -> None:
+        """Second pass: keep each neuron's top k by the norm of the centred effect."""
+        from clipterm import neurons
+
+        centred = neurons.effect_norms(scalars - self.mean_scalars, self.grams)  # (B, M)
+        self.top = self.top.add(centred, rows.to(centred.device), scalars, self.top_k)
 
     def tensors(self) -> dict[str, Any]:
         """Everything the file holds; the means are over the images that could be read."""
@@ -192,21 +243,19 @@ class _Accumulator:
 
         from clipterm import neurons
 
-        readable = int(len(self.missing) - self.missing.sum())
-        if readable == 0:
-            raise ClipTermError(f"none of the {len(self.missing)} images of {self.name} could be read again",
-                                hint="the images moved or were deleted since the cache was built", code=ExitCode.NOT_FOUND)
-        mean_scalars = (self.scalar_sum / readable).float()  # (M, K)
-        pc1, share = neurons.principal_directions(self.top.scalars, mean_scalars, self.vectors)  # (M, D), (M,)
+        pc1, share = neurons.principal_directions(self.top.scalars, self.mean_scalars, self.vectors)  # (M, D), (M,)
+        significant = neurons.top_effect_sums(self.top.scalars, self.top.rows, self.mean_scalars, self.vectors,
+                                              len(self.missing))  # (N, D)
         seen = self.norms[self.missing == 0].float()  # (n, M)
         squared = seen**2  # (n, M)
-        top1 = squared.topk(max(1, readable // 100), dim=0).values.sum(0)  # (M,)
+        top1 = squared.topk(max(1, self.readable // 100), dim=0).values.sum(0)  # (M,)
         total = squared.sum(0)  # (M,)
         return {
-            "mean": neurons.mean_effects(mean_scalars, self.vectors).cpu(),  # (M, D)
+            "mean": neurons.mean_effects(self.mean_scalars, self.vectors).cpu(),  # (M, D)
             "pc1": pc1.cpu(), "pc1_share": share.cpu(),  # (M, D), (M,)
             "norms": self.norms, "activations": self.activations, "missing": self.missing,  # (N, M), (N, M), (N,)
-            "top_rows": self.top.rows.cpu(),  # (M, k)
+            "top_rows": self.top.rows.cpu(), "top_norms": self.top.norms.float().cpu(),  # (M, k), (M, k)
+            "effect_sum": self.effect_sum, "significant_sum": significant.cpu(),  # (N, D), (N, D)
             "norm_mean": seen.mean(0),  # (M,)
             "top1_share": torch.where(total > 0, top1 / total.clamp_min(1e-30), torch.zeros_like(total)),  # (M,)
         }
@@ -233,16 +282,22 @@ class NeuronFile:
         try:
             self._file = safe_open(str(self.path), framework="pt")
             self.meta: dict[str, str] = self._file.metadata() or {}
+            self._names = set(self._file.keys())
         except Exception as exc:
             raise ClipTermError(f"cannot read {self.path.name}: {str(exc)[:160]}", hint=hint, code=ExitCode.INVALID_DATA) from None
-        if self.meta.get("format") != FORMAT:
-            raise ClipTermError(f"{self.path.name} is not a clipterm neurons file ({FORMAT})", hint=hint, code=ExitCode.INVALID_DATA)
+        if self.meta.get("format") not in READABLE:
+            found = self.meta.get("format") or "no format"
+            raise ClipTermError(f"{self.path.name} is not a {FORMAT} file ({found})", hint=hint, code=ExitCode.INVALID_DATA)
+        self._hint = hint
         stale = [key for key, value in _identity(reader).items() if self.meta.get(key) != value]
         if stale:
             raise ClipTermError(f"{self.path.name} was built for an earlier build of {reader.name} ({stale[0]} differs)",
                                 hint=hint, code=ExitCode.INVALID_DATA)
 
     def tensor(self, name: str) -> Any:
+        if name not in self._names:  # a clipterm.neurons/1 file: no top_norms, effect_sum, significant_sum
+            raise ClipTermError(f"{self.path.name} has no {name!r}: an older clipterm built it", hint=self._hint,
+                                code=ExitCode.INVALID_DATA)
         return self._file.get_tensor(name)
 
     @property

@@ -147,7 +147,7 @@ def effect_norms(scalars: Tensor, grams: Tensor) -> Tensor:
 
 @dataclass
 class TopK:
-    """The k images with the largest effect norm per neuron, kept while images stream past."""
+    """The k images with the largest norm per neuron (the centred effect norm, in a build), kept while images stream past."""
 
     norms: Tensor  # (M, k) descending
     rows: Tensor  # (M, k) the images' rows
@@ -172,6 +172,28 @@ class TopK:
 def mean_effects(mean_scalars: Tensor, vectors: Tensor) -> Tensor:
     """The mean second-order effect of each neuron, (M, D), from its mean scalars (M, K)."""
     return torch.einsum("mk,mkd->md", mean_scalars.to(vectors), vectors)  # (M, D)
+
+
+def effect_sums(scalars: Tensor, vectors: Tensor) -> Tensor:
+    """Σ over neurons of each image's second-order effects, (B, D), without forming the (B, M, D) effects."""
+    return torch.einsum("bmk,mkd->bd", scalars, vectors.to(scalars))  # (B, D)
+
+
+def top_effect_sums(top_scalars: Tensor, top_rows: Tensor, mean_scalars: Tensor, vectors: Tensor, n_rows: int,
+                    chunk: int = 256) -> Tensor:
+    """Σ over the neurons whose top k an image is in of (effect − mean effect), per image: (n_rows, D).
+
+    These are the "significant" effects of the reference's ablation: an image's effect on a neuron
+    counts when its centred norm is among the neuron's k largest. Neurons go in chunks, so only
+    (chunk, k, D) centred effects exist at a time; the sums gather on the CPU, like the other per-image data.
+    """
+    total = torch.zeros(n_rows, vectors.shape[-1])  # (N, D)
+    for start in range(0, top_scalars.shape[0], chunk):
+        part = slice(start, start + chunk)
+        centred = (top_scalars[part] - mean_scalars[part, None]).to(vectors)  # (c, k, K)
+        centred_effects = centred @ vectors[part]  # (c, k, D)
+        total.index_add_(0, top_rows[part].reshape(-1).cpu(), centred_effects.reshape(-1, vectors.shape[-1]).float().cpu())
+    return total  # (N, D)
 
 
 def principal_directions(top_scalars: Tensor, mean_scalars: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
@@ -200,6 +222,7 @@ __all__ = [
     "TopK",
     "check_layer",
     "effect_norms",
+    "effect_sums",
     "effects",
     "gram",
     "mean_effects",
@@ -207,5 +230,6 @@ __all__ = [
     "path_vectors",
     "paths",
     "principal_directions",
+    "top_effect_sums",
     "trace",
 ]

@@ -248,9 +248,9 @@ def mismatch(old: dict, new: dict) -> str | None:
 
 
 def _owned(name: str) -> bool:
-    """Files a build writes; `--force` deletes these and nothing else."""
+    """Files a build writes, and the neurons files that describe its images; `--force` deletes these and nothing else."""
     return (name in (MANIFEST, READOUT, STATS, IMAGES) or name.endswith(".tmp")
-            or (name.startswith(("shard-", "stats-r")) and name.endswith(".safetensors"))
+            or (name.startswith(("shard-", "stats-r", "neurons.L")) and name.endswith(".safetensors"))
             or (name.startswith("progress-r") and name.endswith(".json")))
 
 

@@ -175,6 +175,101 @@ def test_forward_ablation_agrees_with_direct_ablation_for_the_last_layers_heads(
     assert all(abs(a - b) < 0.01 for a, b in cosines)
 
 
+# --------------------------------------------------------------------------- second-order effects of neurons
+
+
+@pytest.fixture(scope="module")
+def neurons_l4(toy_cache):
+    """The toy cache's L4 neurons file, top 10 images per neuron."""
+    from clipterm.neuron_store import NeuronFile, build_neurons
+    from clipterm.texts import model_for_cache
+
+    build_neurons(toy_cache, 4, device="cpu", top_k=10, loaded=model_for_cache(toy_cache))
+    return NeuronFile(toy_cache, 4)
+
+
+def test_second_order_mean_ablation_subtracts_the_centred_effects(toy_cache, neurons_l4):
+    """Against effects formed image by image with the model: embedding - Σ (effect - mean) over each set."""
+    from clipterm import neurons
+    from clipterm.texts import model_for_cache
+    from test_neurons import toy_images
+
+    model = model_for_cache(toy_cache).model
+    out = neurons.trace(model, toy_images(toy_cache.n), 4)
+    effects = neurons.effects(out.scalars, neurons.path_vectors(model, 4))  # (N, M, D)
+    centred = effects - effects.mean(0)  # (N, M, D)
+    norms = centred.norm(dim=-1)  # (N, M)
+    significant = torch.zeros_like(norms, dtype=torch.bool)  # (N, M)
+    significant.scatter_(0, norms.topk(10, dim=0).indices, True)  # each neuron's 10 farthest images
+    rows = [0, 5, 17, 123]
+    embeds = toy_cache.image_embeds(rows)  # (4, D)
+    expected = {
+        "all": embeds - centred[rows].sum(1),
+        "significant": embeds - (centred[rows] * significant[rows, :, None]).sum(1),
+        "insignificant": embeds - (centred[rows] * ~significant[rows, :, None]).sum(1),
+    }
+    shifts = dict(ablation.second_order_shifts(neurons_l4))
+    assert list(shifts) == ["L4 all", "L4 significant", "L4 insignificant"]
+    for which, ablated in expected.items():
+        torch.testing.assert_close(embeds + shifts[f"L4 {which}"][rows], ablated, atol=1e-4, rtol=1e-4)
+    assert (embeds - expected["all"]).norm(dim=-1).min() > 1e-2  # the check is not vacuous
+
+
+def test_significant_and_insignificant_partition_the_neurons(toy_cache, neurons_l4):
+    top_rows = neurons_l4.tensor("top_rows")  # (M, k)
+    significant = torch.zeros(toy_cache.n, top_rows.shape[0], dtype=torch.bool)  # (N, M)
+    significant.scatter_(0, top_rows.T, True)
+    assert significant.sum(0).eq(10).all()  # every neuron: its k images, no image twice
+    shifts = dict(ablation.second_order_shifts(neurons_l4))
+    torch.testing.assert_close(shifts["L4 significant"] + shifts["L4 insignificant"], shifts["L4 all"])
+    # The significant set is each image's own few neurons, not the same ones for every image.
+    assert 0 < significant.sum(1).float().mean() < 0.1 * top_rows.shape[0]
+    assert significant.any(0).all() and significant.sum(1).max() < top_rows.shape[0]
+
+
+def test_ablating_every_second_order_effect_moves_the_scores_at_least_as_much_as_the_insignificant_ones(
+        toy_scorings, neurons_l4):
+    shifts = dict(ablation.second_order_shifts(neurons_l4))
+    for task, scoring in toy_scorings.items():
+        change = {which: float((shifts[f"L4 {which}"][scoring.rows] @ scoring.weights.T).abs().mean())
+                  for which in ablation.SECOND_ORDER}  # mean |change of a class score|
+        assert change["all"] >= change["insignificant"] > 0, task
+        assert change["all"] >= change["significant"] > 0, task
+
+
+def test_ablate_second_order_command(cli, toy_cache, neurons_l4):
+    result = cli("ablate", str(toy_cache.path), "--second-order", "L4", "--task", "shape", "--draws", "200", "--json")
+    assert result.code == 0, result
+    payload = json.loads(result.out)
+    assert payload["schema"] == "clipterm.ablate/1" and payload["by"] == "second-order"
+    assert payload["second_order"] == {"layer": "L4", "top_k": 10, "missing": 0}
+    task = payload["tasks"]["shape"]
+    assert [c["component"] for c in task["components"]] == ["L4 all", "L4 significant", "L4 insignificant"]
+    for row in task["components"]:
+        assert row["low"] <= row["drop"] <= row["high"] and row["score"] == pytest.approx(task["baseline"] - row["drop"], abs=1e-4)
+        assert 0.9 < row["cosine"] < 1
+    one = json.loads(cli("ablate", str(toy_cache.path), "--second-order", "L4", "--which", "significant", "--task", "shape",
+                         "--draws", "200", "--json").out)
+    assert one["tasks"]["shape"]["components"] == task["components"][1:2]
+    table = cli("ablate", str(toy_cache.path), "--second-order", "L4", "--task", "colour", "--draws", "200")
+    assert table.code == 0 and "L4 insignificant" in table.out and "top 10 images" in table.out
+
+
+@pytest.mark.parametrize("args, message, hint", [
+    (["--second-order", "L5"], "last layer", "L0-L4"),
+    (["--second-order", "L9"], "no layer L9", "L0-L4"),
+    (["--second-order", "L3"], "no neurons file for L3", "clipterm neurons build toy200 --layer L3"),
+    (["--second-order", "L4.H2"], "--second-order takes a layer", "e.g. --second-order L4"),
+    (["--which", "all"], "--which needs --second-order", "--second-order L4"),
+    (["--second-order", "L4", "--forward"], "does not combine with --forward", "separate"),
+])
+def test_ablate_second_order_bad_inputs_get_one_line_and_a_hint(cli, toy_cache, neurons_l4, args, message, hint):
+    result = cli("ablate", str(toy_cache.path), *args)
+    assert result.code != 0 and "Traceback" not in result.err, result
+    error, hint_line = result.err.strip().splitlines()[:2]
+    assert message in error and hint in hint_line and hint_line.startswith("hint:")
+
+
 # --------------------------------------------------------------------------- the commands
 
 

@@ -297,6 +297,15 @@ def test_force_starts_over_and_cancel_stops_between_batches(toy, tmp_path):
     assert result.built == 8 and sum(steps) == 8 and CacheReader(tmp_path / "redo").n == 8
 
 
+def test_force_deletes_the_files_of_the_old_build_and_nothing_else(toy, tmp_path):
+    build(toy, tmp_path, "redo", images="toy:4")
+    folder = tmp_path / "redo"
+    for name in ("neurons.L2.safetensors", "neurons.L4.safetensors", "notes.txt", "neurons.md"):
+        (folder / name).write_text("x")
+    build_cache(BuildOptions(images="toy:4", name="redo", cache_dir=str(tmp_path), force=True), loaded=toy)
+    assert not list(folder.glob("neurons.L*")) and {"notes.txt", "neurons.md"} <= {p.name for p in folder.iterdir()}
+
+
 def _recording_progress(steps: list[int]):
     from contextlib import contextmanager
 

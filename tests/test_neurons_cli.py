@@ -70,13 +70,44 @@ def test_file_agrees_with_forming_every_effect(toy, cache):
     assert torch.allclose(neuron_file.tensor("norms").float(), norms, rtol=2e-3, atol=1e-5)
     assert torch.allclose(neuron_file.tensor("activations").float(), out.activations, rtol=2e-3, atol=1e-3)
     assert torch.allclose(neuron_file.tensor("mean"), effects.mean(0), atol=1e-6)
+    centred_norms = (effects - effects.mean(0)).norm(dim=-1)  # (N, M)
     for n in (0, 77, 300):
-        top = norms[:, n].topk(8).indices
-        assert set(neuron_file.tensor("top_rows")[n].tolist()) == set(top.tolist())
-        centred = effects[top, n] - effects[:, n].mean(0)  # (k, D)
+        top = centred_norms[:, n].topk(8)  # the reference ranks by the norm of the centred effect
+        assert set(neuron_file.tensor("top_rows")[n].tolist()) == set(top.indices.tolist())
+        assert torch.allclose(neuron_file.tensor("top_norms")[n], top.values, rtol=1e-4, atol=1e-6)
+        centred = effects[top.indices, n] - effects[:, n].mean(0)  # (k, D)
         right = torch.linalg.svd(centred, full_matrices=False).Vh[0]
         pc1 = neuron_file.tensor("pc1")[n]
         assert abs(abs(float(pc1 @ right)) - 1) < 1e-4 and int((centred @ pc1 > 0).sum()) > 4
+    assert torch.allclose(neuron_file.tensor("effect_sum"), effects.sum(1), rtol=1e-4, atol=1e-5)
+    significant = centred_norms >= centred_norms.topk(8, dim=0).values[-1]  # (N, M): each neuron's top 8 images
+    expected = ((effects - effects.mean(0)) * significant[..., None]).sum(1)  # (N, D)
+    assert torch.allclose(neuron_file.tensor("significant_sum"), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_ranking_pass_over_the_images_equals_the_one_over_kept_scalars(toy, cache, tmp_path):
+    """When the per-image scalars do not fit in memory, the ranking by centred norm runs the images again."""
+    from clipterm.neuron_store import NeuronFile, build_neurons
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy)
+    descriptions = []
+
+    class Bar:
+        def __init__(self, description, total, unit):
+            descriptions.append(description)
+
+        def __enter__(self):
+            return lambda n: None
+
+        def __exit__(self, *exc):
+            return False
+
+    build_neurons(open_cache(copy), 4, device="cpu", top_k=8, loaded=toy, keep_bytes=0, progress=Bar)
+    assert descriptions == ["neurons L4", "ranking L4"]
+    again, kept = NeuronFile(open_cache(copy), 4), NeuronFile(open_cache(cache), 4)
+    for name in ("top_rows", "top_norms", "pc1", "mean", "effect_sum", "significant_sum"):
+        assert torch.allclose(again.tensor(name).float(), kept.tensor(name).float(), atol=1e-6), name
 
 
 def test_list_sorts_by_norm_and_sparsity(cli, cache):
@@ -159,20 +190,46 @@ def test_vanished_image_shows_a_placeholder(toy, cli, tmp_path):
     assert table.code == 0 and "(missing)" in table.out
     rebuilt = as_json(cli("neurons", "build", str(tmp_path / "pics"), "--layer", "L4", "--device", "cpu", "--json"))
     assert rebuilt["missing"] == 1 and rebuilt["rows"] == 6
+    ablated = as_json(cli("ablate", str(tmp_path / "pics"), "--second-order", "L4", "--draws", "100", "--json"))
+    assert ablated["second_order"]["missing"] == 1  # its effects are unknown: left out of every score
+    assert [task["images"] for task in ablated["tasks"].values()] == [5]
 
 
-def test_stale_file_after_force_rebuild_is_refused(toy, cli, tmp_path):
+def test_force_rebuild_removes_the_neurons_files_and_a_stale_one_is_refused(toy, cli, tmp_path):
     from clipterm.neuron_store import build_neurons
 
     options = BuildOptions(images="toy:6", name="again", cache_dir=str(tmp_path))
     build_cache(options, loaded=toy)
     build_neurons(open_cache(tmp_path / "again"), 4, device="cpu", loaded=toy)
+    old = tmp_path / "old.safetensors"
+    shutil.copy(tmp_path / "again" / "neurons.L4.safetensors", old)
     import time
 
     time.sleep(1.1)  # the manifest's creation time has one-second resolution
     build_cache(BuildOptions(**{**options.__dict__, "force": True}), loaded=toy)
+    assert not list((tmp_path / "again").glob("neurons.L*"))  # they described the old build's images
+    result = cli("neurons", "list", str(tmp_path / "again"), "--layer", "L4")
+    assert result.code == ExitCode.NOT_FOUND and "no neurons file for L4" in result.err and "neurons build" in result.err
+    shutil.copy(old, tmp_path / "again" / "neurons.L4.safetensors")  # brought back by hand
     result = cli("neurons", "list", str(tmp_path / "again"), "--layer", "L4")
     assert result.code == ExitCode.INVALID_DATA and "earlier build" in result.err and "neurons build" in result.err
+
+
+def test_a_file_from_the_first_format_still_lists_but_cannot_ablate(cli, cache, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    copy = tmp_path / "old"
+    shutil.copytree(cache, copy)
+    path = copy / "neurons.L4.safetensors"
+    with safe_open(str(path), framework="pt") as file:
+        meta = {**file.metadata(), "format": "clipterm.neurons/1"}
+        tensors = {name: file.get_tensor(name) for name in file.keys() if name not in ("top_norms", "effect_sum", "significant_sum")}
+    save_file(tensors, str(path), metadata=meta)
+    assert as_json(cli("neurons", "list", str(copy), "--layer", "L4", "--top", "2", "--json"))["neurons"]
+    result = cli("ablate", str(copy), "--second-order", "L4", "--task", "colour")
+    assert result.code == ExitCode.INVALID_DATA and "an older clipterm built it" in result.err
+    assert f"hint: run `clipterm neurons build {copy.name} --layer L4`" in result.err
 
 
 def test_cancel_writes_nothing(toy, cache, tmp_path):
@@ -195,8 +252,13 @@ def test_cancel_writes_nothing(toy, cache, tmp_path):
     (["images", "{cache}", "-c", "L4.N7", "--top", "0"], "--top 0"),
     (["images", "{cache}", "-c", "L4.N7", "--by", "pc"], "norm or activation"),
     (["images", "{cache}", "-c", "L4.N999"], "no neuron 999"),
+    (["images", "{cache}", "-c", "L5.N3"], "no second-order effect"),
+    (["images", "{cache}", "-c", "L9.N3"], "no layer 9"),
+    (["neurons", "list", "{cache}", "--layer", "L4", "--top", "-2"], "--top -2"),
     (["images", "{cache}", "-c", "embed"], "no top images"),
 ])
 def test_bad_inputs_get_one_clear_line(cli, cache, args, message):
     result = cli(*[a.format(cache=cache) for a in args])
-    assert result.code != 0 and message in result.err and "hint:" in result.err and "Traceback" not in result.err
+    assert result.code != 0 and "Traceback" not in result.err, result
+    error, hint = result.err.strip().splitlines()
+    assert message in error and hint.startswith("hint: ")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import Enum
+
 import typer
 
 from clipterm.cli.common import CacheArg, CacheDirOpt, JsonOpt
@@ -12,6 +14,12 @@ TaskOpt = typer.Option(None, "--task", help="Label task to score (default: every
 ClassesOpt = typer.Option(None, "--classes", help="File of class names, one per line in label order (overrides the cache's).")
 TemplatesOpt = typer.Option(None, "--templates", help="File of prompt templates with `{}`, one per line (default: the "
                                                       "toy task's templates, or open_clip's ImageNet templates).")
+
+
+class SecondOrderSet(str, Enum):
+    all = "all"
+    significant = "significant"
+    insignificant = "insignificant"
 
 
 def _open(cache: str, cache_dir: str | None):
@@ -30,7 +38,7 @@ def _encoder(loaded):
     return lambda texts: encode_texts(loaded.model, loaded.tokenizer, texts)
 
 
-def _scorings(reader, loaded, task, classes, templates, pool, cache_dir):
+def _scorings(reader, loaded, task, classes, templates, pool, cache_dir, keep=None):
     from clipterm.ablation import read_lines, scorings
 
     return scorings(
@@ -38,6 +46,7 @@ def _scorings(reader, loaded, task, classes, templates, pool, cache_dir):
         classes=read_lines(classes, "classes") if classes else None,
         templates=_templates(templates),
         pool_embeds=lambda: embed_reporting(loaded, load_pool_reporting(default_pool_for(reader, pool)), cache_dir),
+        keep=keep,
     )
 
 
@@ -154,6 +163,11 @@ def ablate(
     draws: int = typer.Option(2000, "--draws", min=100, help="Bootstrap draws for the 95% intervals."),
     forward: bool = typer.Option(False, "--forward", help="Also ablate in the real forward pass (hooks replace each "
                                  "component's output by its mean, so indirect effects count); needs the images."),
+    second_order: str = typer.Option(None, "--second-order", help="Instead, mean-ablate the second-order effects of this "
+                                     "layer's neurons (e.g. L4; needs `clipterm neurons build CACHE --layer L4`)."),
+    which: list[SecondOrderSet] = typer.Option(None, "--which", help="With --second-order: all of them, the significant "
+                                               "ones (per neuron, its top-k images by |effect - mean|) or the rest "
+                                               "(repeatable; default: all three)."),
     cache_dir: str = CacheDirOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -161,23 +175,45 @@ def ablate(
 
     Drops carry bootstrap 95% intervals over images. Without labels, the score is agreement with the
     unablated top-1 prediction. With --forward, each row also gets the forward-pass drop, and each
-    task the largest gap between the two. JSON schema: clipterm.ablate/1.
+    task the largest gap between the two. With --second-order L4, the rows are L4's neurons' second-order
+    effects mean-ablated: all, significant only and insignificant only (Gandelsman et al., 2024).
+    JSON schema: clipterm.ablate/1.
     """
     from clipterm import ablation
+    from clipterm.errors import ClipTermError
     from clipterm.texts import model_for_cache
 
     reader = _open(cache, cache_dir)
-    components = ablation.group(reader, by)
+    neuron_file = None
+    if second_order is not None:
+        from clipterm.cli.neurons import layer_of
+        from clipterm.neuron_store import NeuronFile
+
+        if forward or cumulative:
+            flag = "--forward" if forward else "--cumulative"
+            raise ClipTermError(f"--second-order does not combine with {flag}", hint=f"run {flag} as a separate `clipterm ablate`")
+        neuron_file = NeuronFile(reader, layer_of(second_order, reader, "--second-order"))
+        by = "second-order"
+        components = [w.value for w in which] if which else list(ablation.SECOND_ORDER)
+        second_order_shifts = ablation.second_order_shifts(neuron_file, components)  # before the model loads
+    else:
+        if which:
+            raise ClipTermError("--which needs --second-order", hint="e.g. --second-order L4 --which significant")
+        components = ablation.group(reader, by)
     if task is not None:
         ablation.task_names(reader, task)  # fail before loading the model
     loaded = model_for_cache(reader)
-    scorings = _scorings(reader, loaded, task, classes, templates, pool, cache_dir)
-    with progress("ablating", total=len(components), unit="components") as advance:
-        def counted(items):
-            for item in items:
-                yield item
-                advance(1)
-        rows = ablation.ablate(scorings, counted(ablation.shifts(reader, components)), draws)
+    keep = None if neuron_file is None else ~neuron_file.missing
+    scorings = _scorings(reader, loaded, task, classes, templates, pool, cache_dir, keep)
+    if neuron_file is not None:
+        rows = ablation.ablate(scorings, second_order_shifts, draws)
+    else:
+        with progress("ablating", total=len(components), unit="components") as advance:
+            def counted(items):
+                for item in items:
+                    yield item
+                    advance(1)
+            rows = ablation.ablate(scorings, counted(ablation.shifts(reader, components)), draws)
     curve = ablation.ablate(scorings, ablation.cumulative_shifts(reader, by), draws) if cumulative else {}
     forward_rows = {}
     if forward:
@@ -186,12 +222,16 @@ def ablate(
         with progress("forward passes", total=len(components) + 1, unit="passes") as advance:
             forward_rows = ablation.ablate(scorings, forward_shifts(reader, loaded, components, on_pass=advance), draws)
     payload = {"cache": reader.name, "by": by, "n": reader.n, "forward": forward, "tasks": {}}
+    if neuron_file is not None:
+        payload["second_order"] = {"layer": f"L{neuron_file.layer}", "top_k": neuron_file.top_k,
+                                   "missing": int(neuron_file.missing.sum())}
     for name, scoring in scorings.items():
         entries = [r.to_json() for r in rows[name]]
         for entry, other in zip(entries, forward_rows.get(name, [])):
             entry["forward"] = {k: v for k, v in other.to_json().items() if k != "component"}
             entry["gap"] = round(abs(other.drop - entry["drop"]), 5)
-        entries.sort(key=lambda e: -e["drop"])
+        if neuron_file is None:
+            entries.sort(key=lambda e: -e["drop"])
         payload["tasks"][name] = {
             "metric": "agreement" if scoring.agreement else "accuracy", "images": int(len(scoring.rows)),
             "baseline": float(scoring.outcome().float().mean()),
@@ -219,6 +259,10 @@ def _print_ablation(payload: dict) -> None:
             table.add_row(r["component"], _pct(r["score"]), _pct(r["drop"]), f"[{_pct(r['low'])}, {_pct(r['high'])}]",
                           f"{r['cosine']:.3f}", *([_pct(r["forward"]["drop"])] if forward else []))
         stdout.print(table)
+        if "second_order" in payload:
+            about = payload["second_order"]
+            stdout.print(f"significant: per neuron of {about['layer']}, its top {about['top_k']} images by |effect - mean|"
+                         + (f"; {about['missing']} images the neurons build could not read are left out" if about["missing"] else ""))
         if forward:
             gap = result["largest_gap"]
             stdout.print(f"largest gap between direct and forward ablation: {_pct(gap['gap'])} ({gap['component']})")

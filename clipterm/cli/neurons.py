@@ -28,13 +28,14 @@ def _open(cache: str, cache_dir: str | None):
     return open_cache(cache, cache_dir)
 
 
-def _layer(spec: str, reader) -> int:
+def layer_of(spec: str, reader, option: str = "--layer") -> int:
+    """The layer number of a `--layer L9` option, checked: it must exist and must not be the last layer."""
     from clipterm import names
     from clipterm.neurons import check_layer
 
     component = names.parse(spec)
     if component.kind != "layer":
-        raise ClipTermError(f"--layer takes a layer, not {spec!r}", hint="e.g. --layer L9")
+        raise ClipTermError(f"{option} takes a layer, not {spec!r}", hint=f"e.g. {option} L{max(reader.shape.layers - 2, 0)}")
     check_layer(reader.shape.layers, component.layer)
     return component.layer
 
@@ -60,7 +61,8 @@ def build(
     cache: str = CacheArg,
     layer: str = LayerOpt,
     device: Device = typer.Option(Device.auto, "--device", help="auto picks CUDA when torch sees it."),
-    top_k: int = typer.Option(100, "--top-k", help="Images with the largest effect norm behind each neuron's principal direction."),
+    top_k: int = typer.Option(100, "--top-k", help="Images per neuron whose effect is farthest from its mean: behind its "
+                              "principal direction, and its significant set for `ablate --second-order`."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
     workers: int = typer.Option(None, "--workers", min=0, help="DataLoader worker processes (default: picked for this machine)."),
     cache_dir: str = CacheDirOpt,
@@ -74,7 +76,7 @@ def build(
     from clipterm.neuron_store import build_neurons
 
     reader = _open(cache, cache_dir)
-    result = build_neurons(reader, _layer(layer, reader), device=device.value, top_k=_positive(top_k, "--top-k", "100"),
+    result = build_neurons(reader, layer_of(layer, reader), device=device.value, top_k=_positive(top_k, "--top-k", "100"),
                            batch_size=_positive(batch_size, "--batch-size", "64"), workers=workers, progress=progress)
     if json_out:
         emit_json(result.to_json(), schema="clipterm.neurons.build/1")
@@ -111,7 +113,7 @@ def list_(
     from clipterm.neuron_store import NeuronFile, decompose_neurons
 
     reader = _open(cache, cache_dir)
-    neuron_file = NeuronFile(reader, _layer(layer, reader))
+    neuron_file = NeuronFile(reader, layer_of(layer, reader))
     ids = neuron_file.ranking(sort.value)[: _positive(top, "--top", "20")].tolist()
     norm_mean, top1, pc1_share = (neuron_file.tensor(key) for key in ("norm_mean", "top1_share", "pc1_share"))
     mean_norm = neuron_file.tensor("mean").norm(dim=-1)  # (M,)
