@@ -1,0 +1,158 @@
+"""The model tree side of the app: building and filtering the tree, hints, lazy neurons, moving the cursor.
+
+A mixin of `ClipTermApp` (it uses the app's reader, analyses and workers), kept apart so each file holds one idea.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.text import Text
+from textual.widgets import Input, Tree
+
+from clipterm import names
+
+
+class TreeMixin:
+    """Tree state lives on the app: `nodes`, `hints`, `neuron_rows`, `filter_text`."""
+
+    reader: Any
+    analyses: Any
+    selected: str
+
+    # ----------------------------------------------------------------- the tree
+
+    def _populate(self) -> None:
+        """(Re)build the tree, keeping only nodes that match the filter (and their parents)."""
+        tree = self.query_one(Tree)
+        tree.clear()
+        self.nodes = {"model": tree.root}
+        shape, built = self.reader.shape, set(self.analyses.neuron_layers())
+        for layer in range(shape.layers):
+            children = [f"L{layer}.H{h}" for h in range(shape.heads)]
+            neurons = [row.component for row in self.neuron_rows.get(layer, [])]
+            if not self._matches(f"L{layer}") and not any(self._matches(c) for c in children + [f"L{layer}.MLP"] + neurons):
+                continue
+            layer_node = tree.root.add(self._label(f"L{layer}"), data=f"L{layer}", expand=bool(self.filter_text))
+            self.nodes[f"L{layer}"] = layer_node
+            for name in children:
+                if self._matches(name) or self._matches(f"L{layer}"):
+                    self.nodes[name] = layer_node.add_leaf(self._label(name), data=name)
+            mlp = f"L{layer}.MLP"
+            shown_neurons = [n for n in neurons if self._matches(n)]
+            if not (self._matches(mlp) or self._matches(f"L{layer}") or shown_neurons):
+                continue
+            if layer in built:
+                mlp_node = layer_node.add(self._label(mlp), data=mlp, expand=bool(self.filter_text and shown_neurons))
+                self.nodes[mlp] = mlp_node
+                for name in neurons if self._matches(mlp) and not shown_neurons else shown_neurons:
+                    self.nodes[name] = mlp_node.add_leaf(self._label(name), data=name)
+            else:
+                self.nodes[mlp] = layer_node.add_leaf(self._label(mlp), data=mlp)
+        tree.root.expand()
+
+    def _matches(self, name: str) -> bool:
+        needle = self.filter_text.lower()
+        return not needle or needle in name.lower() or needle in self.hints.get(name, "").lower()
+
+    def _label(self, name: str) -> Text:
+        label = Text(name.split(".")[-1] if "." in name else name)
+        if self.hints.get(name):
+            label.append(f"  {self.hints[name]}", style="dim italic")
+        return label
+
+    def _set_hint(self, name: str, hint: str) -> None:
+        self.hints[name] = hint
+        if name in self.nodes:
+            self.nodes[name].set_label(self._label(name))
+
+    def _compute_hints(self) -> None:
+        """Background: each layer's ablation drop and each head's top TextSpan text, as tree hints."""
+        from textual.worker import get_current_worker
+
+        worker = get_current_worker()
+        model = self.analyses.model_ablation()  # task -> one bar per layer
+        for layer in range(self.reader.shape.layers):
+            drop, task = max((result.bars[layer].drop, task) for task, result in model.items())
+            self.call_from_thread(self._set_hint, f"L{layer}", f"−{100 * drop:.1f}% {task}")
+        shape = self.reader.shape
+        for component in [str(h) for h in names.heads(shape)] + [f"L{l}.MLP" for l in range(shape.layers)]:
+            if worker.is_cancelled:
+                return
+            rows = self.analyses.description(component).rows
+            self.call_from_thread(self._set_hint, component, rows[0].text if rows else "")
+
+    def on_tree_node_highlighted(self, event: Tree.NodeHighlighted) -> None:
+        if event.node.data and event.node.data != self.selected:
+            self.select(event.node.data)
+
+    def on_tree_node_expanded(self, event: Tree.NodeExpanded) -> None:
+        name = event.node.data
+        if name and name != "model" and names.parse(name).kind in ("layer", "mlp"):  # a layer prefetches its neurons
+            layer = names.parse(name).layer
+            if layer in self.analyses.neuron_layers() and layer not in self.neuron_rows:
+                self._compute("neurons", layer, lambda: self.analyses.neurons(layer))
+
+    def _add_neurons(self, layer: int) -> None:
+        rows = self.analyses.cached("neurons", layer) or []
+        self.neuron_rows[layer] = rows
+        mlp_node = self.nodes.get(f"L{layer}.MLP")
+        for row in rows:
+            self.hints.setdefault(row.component, row.hint)
+            if mlp_node is not None and row.component not in self.nodes:
+                self.nodes[row.component] = mlp_node.add_leaf(self._label(row.component), data=row.component)
+
+    def jump(self, component: str) -> None:
+        """Move the tree cursor to a component by name (expanding its parents; adding a neuron node if needed)."""
+        if self.filter_text:
+            self._clear_filter()
+        if component not in self.nodes and names.parse(component).kind == "neuron":
+            neuron = names.parse(component)
+            self.nodes[component] = self.nodes[f"L{neuron.layer}.MLP"].add_leaf(self._label(component), data=component)
+        node = self.nodes[component]
+        parent = node.parent
+        while parent is not None:
+            parent.expand()
+            parent = parent.parent
+        # expanded lines exist only after the next refresh
+        self.call_after_refresh(self.query_one(Tree).move_cursor, node)
+        self.select(component)
+
+    def action_move(self, step: int) -> None:
+        tree = self.query_one(Tree)
+        tree.action_cursor_down() if step > 0 else tree.action_cursor_up()
+
+    def action_expand(self) -> None:
+        node = self.query_one(Tree).cursor_node
+        if node is not None and node.allow_expand:
+            node.expand()
+
+    def action_collapse(self) -> None:
+        tree = self.query_one(Tree)
+        node = tree.cursor_node
+        if node is None:
+            return
+        if node.is_expanded and node.children and not node.is_root:  # the root stays open: it is the whole tree
+            node.collapse()
+        elif node.parent is not None:
+            tree.move_cursor(node.parent)
+
+    def action_filter(self) -> None:
+        field = self.query_one("#filter", Input)
+        field.display = True
+        field.focus()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "filter":
+            self.filter_text = event.value.strip()
+            self._populate()
+
+    def action_escape(self) -> None:
+        if self.query_one("#filter").display:
+            self._clear_filter()
+            self.query_one(Tree).focus()
+
+    def _clear_filter(self) -> None:
+        field = self.query_one("#filter", Input)
+        field.value, field.display, self.filter_text = "", False, ""
+        self._populate()
