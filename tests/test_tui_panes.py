@@ -6,7 +6,7 @@ import pytest
 
 from clipterm.tui.app import ClipTermApp
 from clipterm.tui.widgets import AblationPane, DescriptionPane, ImagesPane, SearchPane
-from tests.test_tui import pilot, settle
+from test_tui import pilot, settle
 
 
 @pytest.fixture(scope="module")

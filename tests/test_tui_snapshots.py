@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 
 from clipterm.tui.app import ClipTermApp
-from tests.test_tui_panes import neuron_cache  # noqa: F401  (a fixture)
+from test_tui_panes import neuron_cache  # noqa: F401  (a fixture)
 
 SIZES = [(80, 24), (160, 48)]
 
