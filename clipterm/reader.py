@@ -177,7 +177,9 @@ class CacheReader:
         if layer not in stored:
             have = names.format_layers(stored) if stored else "none"
             raise ClipTermError(f"cache {self.name} holds no tokens for L{layer} (it has {have})", hint="rebuild it with `--tokens L8-11`")
-        parts = self._per_shard(lambda f: f.get_tensor(f"tokens.L{layer}").transpose(0, 1), rows)  # (n, H, T, dh)
+        # (n, H, T, dh); with rows, only the span of rows each shard needs is read, not the shard's whole tensor
+        parts = self._per_shard(lambda f: f.get_tensor(f"tokens.L{layer}").transpose(0, 1), rows,
+                                span=lambda f, lo, hi: f.get_slice(f"tokens.L{layer}")[:, lo:hi].transpose(0, 1))
         return torch.cat(parts).transpose(0, 1)
 
     def stats(self, name: str | None = None) -> dict[str, Any]:
@@ -232,8 +234,10 @@ class CacheReader:
             self._handles[record["file"]] = handle
         return self._handles[record["file"]]
 
-    def _per_shard(self, read: Any, rows: Sequence[int] | None) -> list[Any]:
-        """`read(handle)` for each shard (rows first), restricted to `rows` (positions 0..N-1, any order) when given."""
+    def _per_shard(self, read: Any, rows: Sequence[int] | None, span: Any = None) -> list[Any]:
+        """`read(handle)` for each shard (rows first), restricted to `rows` (positions 0..N-1, any order) when given.
+
+        `span(handle, lo, hi)`, when given, reads only a shard's rows lo..hi-1: for tensors too big to read whole."""
         import torch
 
         if rows is None:
@@ -246,7 +250,10 @@ class CacheReader:
             lo, hi = offset, offset + record["rows"]
             offset = hi
             mine = wanted[(wanted >= lo) & (wanted < hi)] - lo
-            if mine.numel():
+            if mine.numel() and span is not None:
+                lo_row, hi_row = int(mine[0]), int(mine[-1]) + 1  # `mine` is sorted
+                parts.append(span(self._handle(record), lo_row, hi_row)[mine - lo_row])
+            elif mine.numel():
                 parts.append(read(self._handle(record))[mine])
         if not parts:
             return [read(self._handle(self.manifest["shards"][0]))[:0]]

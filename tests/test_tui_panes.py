@@ -23,6 +23,12 @@ def neuron_cache(tmp_path_factory, toy):
     return open_cache(root / "n64"), str(root)
 
 
+def browser(neuron_cache, toy, **options) -> ClipTermApp:
+    """The app on the neuron cache with the toy model already loaded; no background hints unless asked."""
+    reader, root = neuron_cache
+    return ClipTermApp(reader, cache_dir=root, loaded=toy, **{"hints": False, **options})
+
+
 def text_of(app, selector) -> str:
     widget = app.query_one(selector)
     return str(widget.content) if hasattr(widget, "content") else ""
@@ -37,9 +43,8 @@ def tree_labels(app) -> list[str]:
 
 @pilot
 async def test_a_layers_neurons_load_when_its_mlp_expands_and_show_their_decomposition(neuron_cache, toy):
-    reader, root = neuron_cache
     layer = toy.info.layers - 2
-    app = ClipTermApp(reader, cache_dir=root, loaded=toy)
+    app = browser(neuron_cache, toy, hints=True)
     async with app.run_test(size=(100, 30)) as pilot:
         await settle(app, pilot)
         app.jump(f"L{layer}.MLP")
@@ -62,8 +67,7 @@ async def test_a_layers_neurons_load_when_its_mlp_expands_and_show_their_decompo
 
 @pilot
 async def test_s_streams_a_search_for_the_selected_head_and_stops_it(neuron_cache, toy):
-    reader, root = neuron_cache
-    app = ClipTermApp(reader, cache_dir=root, loaded=toy, hints=False)
+    app = browser(neuron_cache, toy)
     seen: list[int] = []
     async with app.run_test(size=(100, 30)) as pilot:
         original = app._search_event
@@ -89,8 +93,7 @@ async def test_s_streams_a_search_for_the_selected_head_and_stops_it(neuron_cach
 
 @pilot
 async def test_the_palette_jumps_to_a_component_by_name(neuron_cache, toy):
-    reader, root = neuron_cache
-    app = ClipTermApp(reader, cache_dir=root, loaded=toy, hints=False)
+    app = browser(neuron_cache, toy)
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.press("ctrl+p")
         await pilot.pause()
@@ -104,8 +107,8 @@ async def test_the_palette_jumps_to_a_component_by_name(neuron_cache, toy):
 
 @pilot
 async def test_slash_filters_the_tree_and_escape_restores_it(neuron_cache, toy):
-    reader, root = neuron_cache
-    app = ClipTermApp(reader, cache_dir=root, loaded=toy, hints=False)
+    reader, _ = neuron_cache
+    app = browser(neuron_cache, toy)
     async with app.run_test(size=(100, 40)) as pilot:
         await pilot.press("slash", "H", "7")
         await pilot.pause()
@@ -119,8 +122,7 @@ async def test_slash_filters_the_tree_and_escape_restores_it(neuron_cache, toy):
 
 @pilot
 async def test_t_cycles_the_ablation_task_and_c_copies_the_pane(neuron_cache, toy):
-    reader, root = neuron_cache
-    app = ClipTermApp(reader, cache_dir=root, loaded=toy, hints=False)
+    app = browser(neuron_cache, toy)
     async with app.run_test(size=(100, 40)) as pilot:
         app.jump("L2.H1")
         await settle(app, pilot)
@@ -136,8 +138,7 @@ async def test_t_cycles_the_ablation_task_and_c_copies_the_pane(neuron_cache, to
 
 @pilot
 async def test_missing_parts_say_how_to_add_them(neuron_cache, toy):
-    reader, root = neuron_cache
-    app = ClipTermApp(reader, cache_dir=root, loaded=toy, hints=False, images="off")
+    app = browser(neuron_cache, toy, images="off")
     async with app.run_test(size=(100, 30)) as pilot:
         app.jump("L1.MLP")
         await settle(app, pilot)
@@ -169,8 +170,7 @@ def test_keys_remap_by_id_from_the_config_file(cli, neuron_cache, tmp_path, monk
 
 @pilot
 async def test_a_remapped_key_moves_the_tree(neuron_cache, toy):
-    reader, root = neuron_cache
-    app = ClipTermApp(reader, cache_dir=root, loaded=toy, hints=False, keymap={"tree.down": "n"})
+    app = browser(neuron_cache, toy, keymap={"tree.down": "n"})
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.press("n")
         assert app.selected == "L0"
@@ -190,8 +190,7 @@ def test_images_auto_falls_back_to_half_blocks_under_tmux_or_without_a_terminal(
 async def test_the_auto_image_mode_mounts_textual_image_widgets(neuron_cache, toy):
     from textual_image.widget import Image
 
-    reader, root = neuron_cache
-    app = ClipTermApp(reader, cache_dir=root, loaded=toy, hints=False, images="auto")
+    app = browser(neuron_cache, toy, images="auto")
     async with app.run_test(size=(120, 40)) as pilot:
         app.jump("L5.H0")
         await settle(app, pilot)
@@ -203,8 +202,8 @@ async def test_the_auto_image_mode_mounts_textual_image_widgets(neuron_cache, to
 async def test_the_spatial_pane_maps_the_selection_steps_images_and_takes_a_query(neuron_cache, toy):
     from clipterm.tui.widgets import SpatialPane
 
-    reader, root = neuron_cache
-    app = ClipTermApp(reader, cache_dir=root, loaded=toy, hints=False)
+    reader, _ = neuron_cache
+    app = browser(neuron_cache, toy)
     async with app.run_test(size=(100, 30)) as pilot:
         app.jump("L5.H3")
         await settle(app, pilot)

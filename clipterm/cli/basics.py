@@ -6,7 +6,7 @@ from enum import Enum
 
 import typer
 
-from clipterm.cli.common import JsonOpt
+from clipterm.cli.common import CacheDirOpt, JsonOpt
 from clipterm.cli.output import emit_json, stdout
 
 
@@ -60,7 +60,7 @@ def models(
 
 def locate(
     what: Place = typer.Argument(..., help="cache, config or themes."),
-    cache_dir: str = typer.Option(None, "--cache-dir", help="Cache root to use instead of the default rule."),
+    cache_dir: str = CacheDirOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Print where clipterm keeps its caches, its config, or its themes."""
@@ -86,7 +86,7 @@ def demo(
     seed: int = typer.Option(7, "--seed", help="Seed of the held-out sample."),
     scenes: int = typer.Option(2000, "--scenes", min=50, help="Synthetic images in the demo cache (built once)."),
     no_tui: bool = typer.Option(False, "--no-tui", help="Print the summary instead of opening the TUI."),
-    cache_dir: str = typer.Option(None, "--cache-dir", help="Cache root to use instead of the default rule."),
+    cache_dir: str = CacheDirOpt,
 ) -> None:
     """Run the whole job offline on the built-in toy CLIP: build a cache with neurons, score the model, open the TUI.
 

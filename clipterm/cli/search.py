@@ -9,6 +9,7 @@ from typing import Any, Iterator
 
 import typer
 
+from clipterm.cli.common import CacheDirOpt, PretrainedOpt
 from clipterm.cli.output import JSON_HELP, emit_json_line, stderr, stdout
 
 SCHEMA = "clipterm.search/1"
@@ -19,9 +20,9 @@ def search(
                                "'text:a red circle', image:PATH, class:NAME, or differences like 'text:red - text:blue'."),
     model: str = typer.Option(None, "--model", help="`toy`, an open_clip arch, or a local-dir model folder "
                               "(default: the cache's model, else toy)."),
-    pretrained: str = typer.Option(None, "--pretrained", help="Pretrained tag or weights file (open_clip archs)."),
+    pretrained: str = PretrainedOpt,
     cache: str = typer.Option(None, "--cache", help="Cache (path or name) for head and neuron targets and its classes."),
-    cache_dir: str = typer.Option(None, "--cache-dir", help="Cache root to use instead of the default rule."),
+    cache_dir: str = CacheDirOpt,
     beam: int = typer.Option(5, "--beam", help="Strings kept from step to step."),
     topk: int = typer.Option(16, "--topk", help="Tokens scored exactly per position, ranked by the gradient."),
     random_moves: int = typer.Option(8, "--random", help="Random moves per beam string and step."),

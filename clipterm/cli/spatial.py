@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from clipterm.cli.common import Device, JsonOpt
+from clipterm.cli.common import CacheDirOpt, Device, JsonOpt, PretrainedOpt
 from clipterm.cli.output import emit_json, stdout
 from clipterm.errors import ClipTermError
 
@@ -31,9 +31,9 @@ def spatial(
                                "(--nmf; default: the middle one), e.g. L4-5."),
     model: str = typer.Option(None, "--model", help="`toy`, an open_clip arch, or a local-dir folder. Default: toy "
                               "without --cache; with --cache, none: maps come from the cache's stored tokens."),
-    pretrained: str = typer.Option(None, "--pretrained", help="Pretrained tag or weights file (open_clip archs)."),
+    pretrained: str = PretrainedOpt,
     cache: str = typer.Option(None, "--cache", help="Cache (path or name) for row:N images and stored tokens."),
-    cache_dir: str = typer.Option(None, "--cache-dir", help="Cache root to use instead of the default rule."),
+    cache_dir: str = CacheDirOpt,
     contrast: str = typer.Option("auto", "--contrast", help="Pool whose mean text is subtracted from the query "
                                  "(auto: toy for the toy model, else general; none: no contrast)."),
     pool: str = typer.Option("auto", "--pool", help="Pool the factors' nearest texts come from (auto as --contrast)."),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from clipterm.cli.common import CacheDirOpt
+from clipterm.cli.common import CacheDirOpt, PretrainedOpt
 from clipterm.cli.output import JSON_HELP, emit_json, progress, stderr, stdout
 
 texts_app = typer.Typer(help="Text pools (built-in `toy` and `general`, or a UTF-8 file) and their cached embeddings.",
@@ -87,7 +87,7 @@ def show(
 @texts_app.command()
 def build(
     model: str = typer.Option("toy", "--model", help="`toy`, an open_clip arch, or a local-dir model folder."),
-    pretrained: str = typer.Option(None, "--pretrained", help="Pretrained tag or weights file (open_clip archs)."),
+    pretrained: str = PretrainedOpt,
     pool: str = PoolOpt,
     cache_dir: str = CacheDirOpt,
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),

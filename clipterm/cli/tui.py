@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from clipterm.cli.common import CacheArg, CacheDirOpt
+from clipterm.cli.common import CacheArg, CacheDirOpt, PretrainedOpt
 
 
 class ImageMode(str, Enum):
@@ -22,7 +22,7 @@ def tui(
     cache: str = CacheArg,
     model: str = typer.Option(None, "--model", help="Model to analyse with (default: the one the cache was built "
                               "with). Must be the same weights; `toy`, an open_clip arch, or a local-dir: folder."),
-    pretrained: str = typer.Option(None, "--pretrained", help="Tag or weights file for --model."),
+    pretrained: str = PretrainedOpt,
     pool: str = typer.Option(None, "--pool", help="`toy`, `general`, or a UTF-8 file (default: toy for the toy model, else general)."),
     theme: str = typer.Option(None, "--theme", help="A theme from the bundled themes/ or your theme dir, e.g. clipterm-dark."),
     images: ImageMode = typer.Option(ImageMode.auto, "--images", help="auto: the terminal's best image protocol "

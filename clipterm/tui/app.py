@@ -38,13 +38,7 @@ from clipterm.tui._tree import TreeMixin
 from clipterm.tui.analyses import Analyses
 from clipterm.tui.commands import ComponentCommands
 from clipterm.tui.screens import HelpScreen
-from clipterm.tui.widgets import AblationPane, DescriptionPane, ImagesPane, InfoPane, SearchPane, SpatialPane
-
-def steady(field: Input) -> Input:
-    """An input without a blinking cursor: calmer over SSH, and deterministic in snapshots."""
-    field.cursor_blink = False
-    return field
-
+from clipterm.tui.widgets import AblationPane, DescriptionPane, ImagesPane, InfoPane, SearchPane, SpatialPane, steady
 
 PANES = ["descriptions", "ablation", "search", "images", "spatial", "info"]
 
@@ -228,7 +222,7 @@ class ClipTermApp(TreeMixin, App[None]):
         if self.task_index is None:  # start on the task the layers' ablation hurts most
             self.task_index = max(range(len(tasks)), key=lambda i: max(b.drop for b in layers[tasks[i]].bars))
         task = tasks[self.task_index % len(tasks)]
-        pane.show(task, result[task] if result else None, layers[task], self.selected, tasks)
+        pane.show(task, layer, result[task] if result else None, layers[task], self.selected, tasks)
 
     def _refresh_images(self) -> None:
         pane, component, kind = self.query_one(ImagesPane), self.selected, self._kind()

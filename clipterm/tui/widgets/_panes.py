@@ -69,7 +69,8 @@ class DescriptionPane(Pane):
 class AblationPane(Pane):
     """Drop in score when each head of the current layer, and each layer, is mean-ablated; one task at a time."""
 
-    def show(self, task: str, layer: Any | None, layers: Any | None, selected: str | None, tasks: list[str]) -> None:
+    def show(self, task: str, layer_index: int | None, layer: Any | None, layers: Any | None, selected: str | None,
+             tasks: list[str]) -> None:
         out = Text(no_wrap=True, overflow="ellipsis")
         first = layer if layer is not None else layers
         out.append(f"mean-ablation, task {task}", style="bold")
@@ -79,7 +80,7 @@ class AblationPane(Pane):
             out.append(f"  (t: next of {len(tasks)} tasks)", style="dim")
         out.append("\n")
         lines = []
-        for title, result in ((f"L{self._layer(layer)} heads and MLP", layer), ("whole layers", layers)):
+        for title, result in ((f"L{layer_index} heads and MLP", layer), ("whole layers", layers)):
             if result is None:
                 continue
             out.append(f"{title}\n", style="underline")
@@ -93,10 +94,6 @@ class AblationPane(Pane):
                 lines.append(f"{b.component}\t{b.drop:+.4f}")
         self.copy_text = "\n".join(lines)
         self.update(out)
-
-    @staticmethod
-    def _layer(result: Any) -> str:
-        return result.bars[0].component.split(".")[0][1:] if result is not None and result.bars else "?"
 
 
 class InfoPane(Pane):

@@ -5,35 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from rich.text import Text
-from textual.app import ComposeResult
 from textual.containers import VerticalScroll
-from textual.widgets import Input, Static
+
+from clipterm.tui.widgets._query import QueryPane
 
 
-class SpatialPane(VerticalScroll):
+class SpatialPane(QueryPane, VerticalScroll):
     """A query field, a status line and the map. Empty field: the selected component's map."""
 
-    copy_text: str = ""
-
-    def compose(self) -> ComposeResult:
-        field = Input(placeholder="text query (a red star), class:red or nmf 3 — enter; empty: the selection",
-                      id="spatial-query")
-        field.cursor_blink = False  # calmer over SSH, deterministic in snapshots
-        yield field
-        yield Static(Text("[ and ]: previous / next image of the cache", style="dim"), id="spatial-status")
-        yield Static("", id="spatial-map", classes="pane-body")
-
-    @property
-    def typed(self) -> str:
-        return self.query_one("#spatial-query", Input).value.strip()
-
-    def show_message(self, message: str) -> None:
-        self.copy_text = ""
-        self.query_one("#spatial-status", Static).update(Text(message, style="dim"))
-        self.query_one("#spatial-map", Static).update("")
+    ids = ("spatial-query", "spatial-status", "spatial-map")
+    placeholder = "text query (a red star), class:red or nmf 3 — enter; empty: the selection"
+    hint = "[ and ]: previous / next image of the cache"
+    body_classes = "pane-body"
 
     def show(self, view: Any) -> None:
         self.copy_text = view.copy_text
-        self.query_one("#spatial-status", Static).update(Text.assemble(
-            (view.title, "bold"), f"  {view.about}  ", ("[ ]: other images", "dim")))
-        self.query_one("#spatial-map", Static).update(view.renderable)
+        self.set_status(Text.assemble((view.title, "bold"), f"  {view.about}  ", ("[ ]: other images", "dim")))
+        self.set_body(view.renderable)
