@@ -88,13 +88,29 @@ class ImageSource:
         """The RGB PIL image of input `index`, reduced to about `min_side` when huge; raises SkipImage."""
         item = self.items[index]
         if item.path is None:
-            from PIL import Image
-
-            from clipterm.toyworld import world
-
-            pixels, _ = world.render(world.scene_at(self.seed or 0, index))  # (64, 64, 3) uint8
-            return Image.fromarray(pixels)
+            return toy_scene(self.seed or 0, index)
         return decode(item.path, min_side)
+
+
+TOY_ID = re.compile(r"^toy:(\d+)/(\d+)$")  # the synthetic id of a toy scene, as images.jsonl records it
+
+
+def toy_scene(seed: int, index: int) -> Any:
+    """The RGB PIL image (64×64) of toy scene `index` of the world with `seed`."""
+    from PIL import Image
+
+    from clipterm.toyworld import world
+
+    pixels, _ = world.render(world.scene_at(seed, index))  # (64, 64, 3) uint8
+    return Image.fromarray(pixels)
+
+
+def synthetic_image(synthetic_id: str) -> Any:
+    """The image of a synthetic id (`toy:SEED/INDEX`); ValueError for anything else."""
+    match = TOY_ID.match(synthetic_id)
+    if match is None:
+        raise ValueError(f"not a synthetic image id: {synthetic_id!r}")
+    return toy_scene(int(match.group(1)), int(match.group(2)))
 
 
 def open_source(spec: str) -> ImageSource:

@@ -11,7 +11,6 @@ forward pass. Factorising activations over positions (Building Blocks) lives in 
 
 from __future__ import annotations
 
-import re
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,10 @@ from torch import Tensor
 
 from clipterm import names
 from clipterm.errors import ClipTermError, ExitCode
+from clipterm.images import TOY_ID, synthetic_image
 
 LAST_LAYERS = 4  # the paper's segmentation sums the heads of the last 4 layers
 IMAGE_HINT = "IMAGE is an image file, row:N of the --cache, or a toy scene toy:SEED/INDEX"
-_TOY_ID = re.compile(r"^toy:(\d+)/(\d+)$")
 _READOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -100,9 +99,8 @@ def open_image(ref: str, reader: Any = None) -> SpatialImage:
     """An image from a path, a cache row (`row:N`) or a toy scene (`toy:SEED/INDEX`)."""
     if ref.startswith("row:"):
         return _cache_row(ref, reader)
-    toy = _TOY_ID.match(ref)
-    if toy:
-        return SpatialImage(ref, _toy_scene(ref))
+    if TOY_ID.match(ref):
+        return SpatialImage(ref, synthetic_image(ref))
     path = Path(ref).expanduser()
     if not path.is_file():
         raise ClipTermError(f"no image file {ref}", hint=IMAGE_HINT, code=ExitCode.NOT_FOUND)
@@ -124,16 +122,7 @@ def _cache_row(ref: str, reader: Any) -> SpatialImage:
     if item.get("path") is not None:
         image, problem = _decode(Path(item["path"]))
         return SpatialImage(ref, image, row, None if image is not None else f"{item['path']}: {problem}")
-    return SpatialImage(ref, _toy_scene(item["id"]), row)
-
-
-def _toy_scene(synthetic_id: str) -> Any:
-    from PIL import Image
-
-    from clipterm.toyworld import world
-
-    seed, index = _TOY_ID.match(synthetic_id).groups()
-    return Image.fromarray(world.render(world.scene_at(int(seed), int(index)))[0])
+    return SpatialImage(ref, synthetic_image(item["id"]), row)
 
 
 def _decode(path: Path) -> tuple[Any, str | None]:

@@ -17,18 +17,13 @@ HEAT_STOPS = ((20, 20, 90), (120, 30, 150), (230, 50, 50), (255, 230, 60))
 
 def load_thumbnail(path: str | None, synthetic_id: str | None, size: int) -> Any:
     """An RGB thumbnail (size, size, 3) uint8 of a file or a `toy:SEED/INDEX` scene; None when it can't be read."""
-    from PIL import Image
-
-    from clipterm.images import SkipImage, decode
+    from clipterm.images import SkipImage, decode, synthetic_image
 
     try:
         if path is not None:
             image = decode(path, min_side=size)
-        elif synthetic_id is not None and synthetic_id.startswith("toy:"):
-            from clipterm.toyworld import world
-
-            seed, index = synthetic_id[4:].split("/")
-            image = Image.fromarray(world.render(world.scene_at(int(seed), int(index)))[0])
+        elif synthetic_id is not None:
+            image = synthetic_image(synthetic_id)
         else:
             return None
     except (SkipImage, ValueError):
