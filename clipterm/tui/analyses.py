@@ -147,6 +147,16 @@ class Analyses:
 
         return self._memoised("pool", None, load)
 
+    def _unit_pool(self) -> tuple[Any, list[str]]:
+        """The pool's embeddings scaled to unit norm (P, D), and its texts: the spatial contrast and factor names."""
+        def load():
+            import torch.nn.functional as F
+
+            pool, embeds = self._pool()
+            return F.normalize(embeds.float(), dim=-1), list(pool.texts)
+
+        return self._memoised("unit_pool", None, load)
+
     def _scorings(self) -> dict[str, Any]:
         def load():
             from clipterm import ablation
@@ -267,15 +277,12 @@ class Analyses:
 
             image = spatial.open_image(f"row:{row}", reader=self.reader)
             if target.startswith("query:"):
-                contrast = self._memoised("contrast", None, lambda: spatial.pool_embeddings(
-                    self.loaded(), self.pool_spec, self.cache_dir)[0])
                 result = spatial.query_map(image, target[6:], loaded=self.loaded(), reader=self.reader,
-                                           contrast=contrast, cache_dir=self.cache_dir)
+                                           contrast=self._unit_pool()[0], cache_dir=self.cache_dir)
                 title = f"“{target[6:]}”"
             elif target.startswith("nmf:"):
-                pool = self._memoised("contrast_pool", None, lambda: spatial.pool_embeddings(
-                    self.loaded(), self.pool_spec, self.cache_dir))
-                result = factorise.factorise(image, int(target[4:]), loaded=self.loaded(), reader=self.reader, pool=pool)
+                result = factorise.factorise(image, int(target[4:]), loaded=self.loaded(), reader=self.reader,
+                                             pool=self._unit_pool())
                 title = f"{target[4:]} NMF factors"
             else:
                 result = spatial.component_map(image, target, reader=self.reader, loaded=self.loaded())
