@@ -285,12 +285,14 @@ def cached_embeddings(cache_dir: str | os.PathLike | None = None) -> list[dict[s
     return rows
 
 
-def model_for_cache(reader: Any, device: str = "cpu") -> Any:
-    """Load the model a cache was built with (the weights are checked against the manifest)."""
+def model_for_cache(reader: Any, device: str = "cpu", model: str | None = None, pretrained: str | None = None) -> Any:
+    """Load the model a cache was built with, or `model` (+ `pretrained`); the weights are checked against the
+    manifest, so another model is refused with a hint."""
     from clipterm.models import load_model
     from clipterm.reader import check_model
 
     built = reader.manifest["model"]
-    loaded = load_model(built["spec"], built.get("pretrained"), device=device)
+    spec, tag = (model, pretrained) if model is not None else (built["spec"], built.get("pretrained"))
+    loaded = load_model(spec, tag, device=device)
     check_model(reader, loaded.info)
     return loaded

@@ -76,13 +76,11 @@ def _load(model: str | None, pretrained: str | None, cache: str | None, cache_di
     device = pick_device(device)
     if cache is None:
         return load_model(model or "toy", pretrained, device=device), None
-    from clipterm.reader import check_model, open_cache
+    from clipterm.reader import open_cache
+    from clipterm.texts import model_for_cache
 
     reader = open_cache(cache, cache_dir)
-    built = reader.manifest["model"]
-    loaded = load_model(model or built["spec"], pretrained if model else built.get("pretrained"), device=device)
-    check_model(reader, loaded.info)
-    return loaded, reader
+    return model_for_cache(reader, device, model, pretrained), reader
 
 
 def _vocabulary(loaded: Any, path: str | None) -> Any:

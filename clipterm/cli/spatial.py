@@ -87,14 +87,13 @@ def _load(model: str | None, pretrained: str | None, cache: str | None, cache_di
         from clipterm.reader import open_cache
 
         reader = open_cache(cache, cache_dir)
-    if model is None and reader is not None:
+    if reader is None:
+        return load_model(model or "toy", pretrained, device=pick_device(device)), None
+    if model is None:
         return None, reader
-    loaded = load_model(model or "toy", pretrained, device=pick_device(device))
-    if reader is not None:
-        from clipterm.reader import check_model
+    from clipterm.texts import model_for_cache
 
-        check_model(reader, loaded.info)
-    return loaded, reader
+    return model_for_cache(reader, pick_device(device), model, pretrained), reader
 
 
 def _print(result: Any, picture: Any, show: bool, size: int) -> None:

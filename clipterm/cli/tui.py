@@ -77,12 +77,9 @@ def _load_checked(reader: Any, model: str | None, pretrained: str | None) -> Any
     """The --model, loaded now so that wrong or missing weights fail before the app starts (None: load lazily)."""
     if model is None:
         return None
-    from clipterm.models import load_model
-    from clipterm.reader import check_model
+    from clipterm.texts import model_for_cache
 
-    loaded = load_model(model, pretrained=pretrained)
-    check_model(reader, loaded.info)
-    return loaded
+    return model_for_cache(reader, "cpu", model, pretrained)
 
 
 def register(app: typer.Typer) -> None:
