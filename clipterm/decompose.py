@@ -111,7 +111,7 @@ def vision_tower(model):
 # --------------------------------------------------------------------------- the linearised ln_post
 
 
-def _ln_post_affine(visual) -> tuple[Tensor, Tensor, Tensor]:
+def ln_post_affine(visual) -> tuple[Tensor, Tensor, Tensor]:
     """ln_post's γ and β and the projection, in fp32 (identity where the model has none)."""
     ln_post, width = visual.ln_post, visual.transformer.width
     device = visual.conv1.weight.device
@@ -144,7 +144,7 @@ def readout(model) -> Tensor:
     `R_h = W_O^h · head_scale · LayerScale · C · diag(γ) · proj`, with C the centring `I − 11ᵀ/width`.
     """
     visual = vision_tower(model)
-    gamma, _, proj = _ln_post_affine(visual)
+    gamma, _, proj = ln_post_affine(visual)
     width, device = visual.transformer.width, gamma.device
     rows = []
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
@@ -235,7 +235,7 @@ def decompose(model, images: Tensor, neurons: bool = False, token_layers: Sequen
             image_embeds = image_embeds @ visual.proj  # (B, D)
 
         with torch.autocast(device.type, enabled=False):
-            gamma, beta, proj = _ln_post_affine(visual)  # (W,), (W,), (W, D)
+            gamma, beta, proj = ln_post_affine(visual)  # (W,), (W,), (W, D)
             residual = stream[:, 0].float()  # (B, W)
             sigma = (residual.var(-1, unbiased=False) + visual.ln_post.eps).sqrt()  # (B,)
             batch = residual.shape[0]

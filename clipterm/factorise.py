@@ -137,12 +137,12 @@ def factor_directions(model: Any, layers: list[int], loadings: Tensor) -> Tensor
 
     Each layer's block of a loading is written into the residual by c_proj (with LayerScale), then centred,
     scaled by ln_post's γ and projected, as `decompose` does for an MLP's class-token output."""
-    from clipterm.decompose import _ln_post_affine, layer_scale_vector, refuse_neuron_split, vision_tower
+    from clipterm.decompose import ln_post_affine, layer_scale_vector, refuse_neuron_split, vision_tower
 
     visual = vision_tower(model)
     refuse_neuron_split(visual)
     width = visual.transformer.width
-    gamma, _, proj = _ln_post_affine(visual)  # (W,), (W,), (W, D)
+    gamma, _, proj = ln_post_affine(visual)  # (W,), (W,), (W, D)
     per_layer = loadings.to(gamma.device).reshape(len(loadings), len(layers), -1)  # (k, l, M)
     writes = torch.zeros(len(loadings), width, device=gamma.device)  # (k, W)
     with torch.no_grad():

@@ -9,6 +9,7 @@ below is written from the model's modules, not from the formula in neurons.py.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -275,44 +276,66 @@ def dominant_attribute(labels: dict[str, torch.Tensor], classes: dict[str, list[
     return best
 
 
-def ground_truth_rates(loaded, root, n_images: int = 1000, n_top: int = 40, n_random: int = 100, seed: int = 0) -> dict:
-    """For the second-to-last layer: which of the neurons with the largest effect norms are colour or background
-    neurons (their top-20 images share one at least 80% of the time), and how often the top text of their sparse
-    decomposition (pool `toy`) names that attribute; against how often the top texts of randomly drawn neurons do."""
+def names(text: str, attribute: str) -> bool:
+    """Whether a text names an attribute as a word ("a dark scene" names dark; "darkness" does not)."""
     import re
 
-    from clipterm.neuron_store import NeuronFile, build_neurons, decompose_neurons
+    return re.search(rf"\b{attribute}\b", text) is not None
+
+
+def attribute_neurons(reader, neuron_file, n_top: int = 40, top_images: int = 20, share: float = 0.8) -> list[dict]:
+    """Of the n_top neurons with the largest effect norms, those whose top images (by effect norm) share one
+    colour or background at least `share` of the time: [{"neuron", "attribute", "share"}]."""
+    labels = {task: reader.labels(task) for task in ("colour", "background")}
+    rows = []
+    for n in neuron_file.ranking("norm")[:n_top].tolist():
+        attribute, shared = dominant_attribute(labels, reader.tasks, neuron_file.column("norms", n).topk(top_images).indices)
+        if shared >= share:
+            rows.append({"neuron": n, "attribute": attribute, "share": shared})
+    return rows
+
+
+def truth_cache(loaded, root, n_images: int = 1000, layer: int | None = None):
+    """A cache of n_images toy scenes with the neurons of `layer` (default: the second-to-last) built."""
+    from clipterm.neuron_store import NeuronFile, build_neurons, neurons_file
+
+    if not (Path(root) / "truth" / "manifest.json").is_file():
+        build_cache(BuildOptions(images=f"toy:{n_images}", name="truth", cache_dir=str(root)), loaded=loaded)
+    reader = open_cache(Path(root) / "truth")
+    layer = loaded.info.layers - 2 if layer is None else layer
+    if not neurons_file(reader.path, layer).is_file():
+        build_neurons(reader, layer, device="cpu", loaded=loaded)
+    return reader, NeuronFile(reader, layer)
+
+
+def ground_truth_rates(loaded, root, n_images: int = 1000, n_top: int = 40, n_random: int = 100, seed: int = 0,
+                       layer: int | None = None, label=None) -> dict:
+    """For one layer (default: the second-to-last): which of the neurons with the largest effect norms are colour
+    or background neurons (their top-20 images share one at least 80% of the time), and how often the top text of
+    their sparse decomposition (pool `toy`) names that attribute; against how often the top texts of randomly drawn
+    neurons do. `label(neuron_file, ids, pool_embeds) -> texts` replaces the shipped labelling (for the bench)."""
+    from clipterm.neuron_store import decompose_neurons
     from clipterm.texts import embed_pool, load_pool
 
-    build_cache(BuildOptions(images=f"toy:{n_images}", name="truth", cache_dir=str(root)), loaded=loaded)
-    reader = open_cache(root / "truth")
-    layer = loaded.info.layers - 2
-    build_neurons(reader, layer, device="cpu", loaded=loaded)
-    neuron_file = NeuronFile(reader, layer)
-    labels = {task: reader.labels(task) for task in ("colour", "background")}
+    reader, neuron_file = truth_cache(loaded, root, n_images, layer)
     pool = load_pool("toy")
     embeds = embed_pool(loaded, pool, cache_dir=str(root))
 
     def top_texts(ids: list[int]) -> list[str]:
+        if label is not None:
+            return label(neuron_file, ids, embeds, pool.texts)
         code = decompose_neurons(neuron_file, ids, embeds, k=32)
         return [pool.texts[code.leading(i)] if code.leading(i) is not None else "" for i in range(len(ids))]
 
-    def names(text: str, attribute: str) -> bool:
-        return re.search(rf"\b{attribute}\b", text) is not None
-
-    ids = neuron_file.ranking("norm")[:n_top].tolist()
-    attribute_neurons = []
-    for n, text in zip(ids, top_texts(ids)):
-        attribute, share = dominant_attribute(labels, reader.tasks, neuron_file.column("norms", n).topk(20).indices)
-        if share >= 0.8:
-            attribute_neurons.append({"neuron": n, "attribute": attribute, "share": share, "text": text,
-                                      "named": names(text, attribute)})
+    rows = attribute_neurons(reader, neuron_file, n_top)
+    for row, text in zip(rows, top_texts([row["neuron"] for row in rows])):
+        row.update(text=text, named=names(text, row["attribute"]))
     drawn = torch.randperm(reader.shape.neurons, generator=torch.Generator().manual_seed(seed))[:n_random].tolist()
     random_texts = top_texts(drawn)
-    chance = [sum(names(text, row["attribute"]) for text in random_texts) / len(random_texts) for row in attribute_neurons]
+    chance = [sum(names(text, row["attribute"]) for text in random_texts) / len(random_texts) for row in rows]
     return {
-        "attribute_neurons": attribute_neurons,
-        "rate": sum(row["named"] for row in attribute_neurons) / max(len(attribute_neurons), 1),
+        "attribute_neurons": rows,
+        "rate": sum(row["named"] for row in rows) / max(len(rows), 1),
         "random_rate": sum(chance) / max(len(chance), 1),
     }
 
