@@ -120,6 +120,8 @@ def test_list_sorts_by_norm_and_sparsity(cli, cache):
     assert len(shares) == 20 and shares == sorted(shares, reverse=True) and all(0 < s <= 1 for s in shares)
     table = cli("neurons", "list", str(cache), "--layer", "L4", "--top", "3")
     assert table.code == 0 and by_norm["neurons"][0]["neuron"] in table.out
+    bare = as_json(cli("neurons", "list", str(cache), "--layer", "4", "--top", "6", "--json"))  # a bare number is L4
+    assert bare["neurons"] == by_norm["neurons"]
 
 
 def test_list_decompose_gives_texts_coefficients_and_cosine(cli, cache):
@@ -245,6 +247,7 @@ def test_cancel_writes_nothing(toy, cache, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["neurons", "list", "{cache}", "--layer", "L9"], "no layer L9"),
     (["neurons", "list", "{cache}", "--layer", "L5"], "last layer"),
+    (["neurons", "list", "{cache}", "--layer", "4.5"], "not a component name"),
     (["neurons", "build", "{cache}", "--layer", "L5"], "no second-order effect"),
     (["neurons", "list", "{cache}", "--layer", "L4", "--top", "0"], "--top 0"),
     (["neurons", "list", "{cache}", "--layer", "L3"], "no neurons file for L3"),

@@ -29,11 +29,11 @@ def _open(cache: str, cache_dir: str | None):
 
 
 def layer_of(spec: str, reader, option: str = "--layer") -> int:
-    """The layer number of a `--layer L9` option, checked: it must exist and must not be the last layer."""
+    """The layer number of a `--layer L9` (or `--layer 9`) option, checked: it must exist and must not be the last."""
     from clipterm import names
     from clipterm.neurons import check_layer
 
-    component = names.parse(spec)
+    component = names.parse(f"L{spec.strip()}" if spec.strip().isdigit() else spec)
     if component.kind != "layer":
         raise ClipTermError(f"{option} takes a layer, not {spec!r}", hint=f"e.g. {option} L{max(reader.shape.layers - 2, 0)}")
     check_layer(reader.shape.layers, component.layer)
