@@ -342,13 +342,14 @@ def ground_truth_rates(loaded, root, n_images: int = 1000, n_top: int = 40, n_ra
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _toy_is_trained(), reason="needs the trained toy model (the shipped weights are a placeholder)")
-@pytest.mark.xfail(reason="issue 5 is open: on the shipped toy (1800 steps) 28 background neurons at L4, 36% named vs 18% "
-                          "for random neurons with pc1 from the top 100 images by centred norm (as the reference; 39% vs "
-                          "19% by uncentred norm); other directions and text picks give 29-50%, and ranking neurons and "
-                          "their images by centred norm too gives 57% vs 20%: the 60% bar is not met yet", strict=False)
 def test_colour_and_background_neurons_are_named_by_their_top_text(toy, tmp_path):
     rates = ground_truth_rates(toy, tmp_path)
     print({key: value for key, value in rates.items() if key != "attribute_neurons"}, rates["attribute_neurons"])
+    # What holds on the shipped toy, kept as a guard: enough attribute neurons, and labels well above chance.
     assert len(rates["attribute_neurons"]) >= 5
-    assert rates["rate"] >= 0.6
-    assert rates["rate"] >= 2 * rates["random_rate"]
+    assert rates["rate"] >= 1.5 * rates["random_rate"]
+    if rates["rate"] < 0.6 or rates["rate"] < 2 * rates["random_rate"]:
+        pytest.xfail(f"issue 5's goal (>= 60% and >= 2x random) is not met: {rates['rate']:.0%} vs "
+                     f"{rates['random_rate']:.0%}. Even an oracle naming pc1 by the nearest class-mean image direction "
+                     "reaches only 68% vs 30% at L4 (bench/neuron_truth.py): the toy's L4 -> L5 paths are loosely "
+                     "tied to what their images share")
