@@ -103,3 +103,33 @@ def test_heldout_images_have_labels_for_each_task(task):
     images, per_task = heldout(64)
     assert images.shape == (64, 64, 64, 3)
     assert (per_task[task] >= 0).sum() > 0
+
+
+@pytest.mark.slow
+def test_train_from_scratch_then_on_from_the_checkpoint(cli, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    first = cli("toy", "train", str(tmp_path / "a"), "--steps", "2", "--batch-size", "8", "--threads", "1")
+    assert first.code == 0, first
+    notes = json.loads((tmp_path / "a" / "training.json").read_text())
+    assert notes["steps"] == 2 and [s["steps"] for s in notes["stages"]] == [2]
+    second = cli("toy", "train", str(tmp_path / "b"), "--from", str(tmp_path / "a"), "--steps", "3", "--batch-size", "8",
+                 "--lr", "3e-4", "--warmup", "1", "--seed", "1", "--threads", "1")
+    assert second.code == 0, second
+    notes = json.loads((tmp_path / "b" / "training.json").read_text())
+    assert notes["steps"] == 5 and [(s["steps"], s["lr"], s["seed"]) for s in notes["stages"]] == [(2, 0.001, 0), (3, 3e-4, 1)]
+    assert [h["step"] for h in notes["history"]] == [2, 5]
+    before, after = load_file(tmp_path / "a" / "open_clip_model.safetensors"), load_file(tmp_path / "b" / "open_clip_model.safetensors")
+    assert before.keys() == after.keys() and any(not before[k].equal(after[k]) for k in before)
+
+
+@pytest.mark.parametrize("source, message", [("nowhere", "not a folder written by"), ("{out}", "is the output folder")])
+def test_train_from_a_bad_checkpoint_is_refused(cli, tmp_path, source, message):
+    out = tmp_path / "out"
+    if source == "{out}":
+        out.mkdir()
+        (out / "training.json").write_text("{}")
+    result = cli("toy", "train", str(out), "--from", source.format(out=out), "--steps", "1")
+    assert result.code != 0 and message in result.err and "hint:" in result.err, result

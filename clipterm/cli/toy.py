@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from clipterm.cli.output import JSON_HELP, emit_json, progress, stderr, stdout
+from clipterm.errors import ClipTermError
 
 toy_app = typer.Typer(help="The synthetic world and the built-in toy CLIP: render images, train, evaluate.", no_args_is_help=True)
 
@@ -39,12 +40,24 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Seed for data and initialisation: the recipe is reproducible."),
     threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default)."),
     eval_every: int = typer.Option(300, "--eval-every", min=1, help="Evaluate and save every this many steps."),
+    warmup: int = typer.Option(150, "--warmup", min=1, help="Steps of linear learning-rate warmup."),
+    init: str = typer.Option(None, "--from", help="Train on from this checkpoint: `toy` (the shipped model) or a folder "
+                                                  "written by `clipterm toy train`. Its steps and history carry on."),
 ) -> None:
-    """Train the toy CLIP from scratch on freshly generated world data (about an hour on 2 CPU cores)."""
+    """Train the toy CLIP on freshly generated world data: from scratch (about an hour on 2 CPU cores), or on
+    from a checkpoint with --from. The shipped model's stages are in its training.json and the README."""
+    from clipterm.locations import TOY_MODEL_DIR
     from clipterm.toyworld.train import train as run
 
-    final = run(out_dir, steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads or None,
-                eval_every=eval_every, log=lambda line: stderr.print(line, highlight=False))
+    start = None if init is None else TOY_MODEL_DIR if init == "toy" else Path(init)
+    if start is not None and not (start / "training.json").is_file():
+        raise ClipTermError(f"--from {init}: not a folder written by `clipterm toy train` (no training.json)",
+                            hint="pass `--from toy` or a folder a previous `clipterm toy train OUT` wrote")
+    if start is not None and start.resolve() == out_dir.resolve():
+        raise ClipTermError(f"--from {init} is the output folder: it would be overwritten while training",
+                            hint="write to a new folder")
+    final = run(out_dir, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, threads=threads or None,
+                eval_every=eval_every, init=start, log=lambda line: stderr.print(line, highlight=False))
     stdout.print(f"saved {out_dir}: " + ", ".join(f"{k} {v}" for k, v in final.items()))
 
 

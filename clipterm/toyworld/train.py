@@ -82,8 +82,10 @@ def train(
     threads: int | None = None,
     log: Callable[[str], None] = lambda line: print(line, flush=True),
     eval_every: int = 500,
+    init: Path | None = None,
 ) -> dict:
-    """Train the toy CLIP from scratch and save it as a `local-dir:` model folder."""
+    """Train the toy CLIP and save it as a `local-dir:` model folder: from scratch, or on from the toy
+    checkpoint in `init` (a folder this wrote), whose steps and history the new notes carry on."""
     import open_clip
     import torch
 
@@ -94,13 +96,22 @@ def train(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = open_clip.model.CLIP(**MODEL_CFG)
+    done, history, stages = 0, [], []
+    if init is not None:
+        from clipterm.store import load_tensors
+
+        notes = json.loads((Path(init) / "training.json").read_text())
+        model.load_state_dict({k: v.float() for k, v in load_tensors(Path(init) / "open_clip_model.safetensors").items()})
+        done, history = notes["steps"], notes.get("history", [])
+        stages = notes.get("stages") or [{key: notes[key] for key in ("steps", "seed", "batch_size", "lr") if key in notes}]
+    stage = {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "warmup": warmup}
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=MODEL_CFG["text_cfg"]["context_length"])
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
     schedule = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    start, history = time.time(), []
+    start = time.time()
     for step in range(steps):
         model.train()
         images, captions = make_batch(rng, batch_size)
@@ -120,7 +131,8 @@ def train(
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             model.eval()
             acc = evaluate_model(model, tokenizer, n=512, seed=seed + 1)
-            history.append({"step": step + 1, "seconds": round(time.time() - start), **acc})
+            history.append({"step": done + step + 1, "seconds": round(time.time() - start), **acc})
             log(json.dumps(history[-1]))
-            save_model_dir(model, out_dir, {"steps": step + 1, "seed": seed, "batch_size": batch_size, "lr": lr, "history": history})
+            save_model_dir(model, out_dir, {"steps": done + step + 1, "seed": seed, "batch_size": batch_size, "lr": lr,
+                                            "stages": [*stages, {**stage, "steps": step + 1}], "history": history})
     return history[-1]
