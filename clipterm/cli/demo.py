@@ -19,6 +19,7 @@ DEMO_CACHE = "toy-demo"
 
 def prepare(n_images: int, console: Console, cache_dir: str | None = None) -> tuple[Any, Any]:
     """The toy model and the demo cache (built or resumed if missing, with neurons): (loaded, reader)."""
+    from clipterm import locations, store
     from clipterm.build import BuildOptions, build_cache
     from clipterm.cli.output import progress
     from clipterm.models import load_model
@@ -27,7 +28,14 @@ def prepare(n_images: int, console: Console, cache_dir: str | None = None) -> tu
 
     with console.status("loading the toy CLIP"):
         loaded = load_model("toy")
-    options = BuildOptions(images=f"toy:{n_images}", name=DEMO_CACHE, cache_dir=cache_dir, workers=0, device="cpu")
+    # The demo's own cache is rebuilt when the shipped toy changed (another clipterm version) or its size did.
+    old = store.read_manifest(locations.cache_root(cache_dir)[0] / DEMO_CACHE)
+    stale = old is not None and ((old.get("model") or {}).get("weights_sha256") != loaded.info.weights_sha256
+                                 or (old.get("dataset") or {}).get("source") != f"toy:{n_images}")
+    if stale:
+        console.print(f"rebuilding cache {DEMO_CACHE}: it was built with another toy model or size")
+    options = BuildOptions(images=f"toy:{n_images}", name=DEMO_CACHE, cache_dir=cache_dir, workers=0, device="cpu",
+                           force=stale)
     result = build_cache(options, progress=progress, loaded=loaded)
     if result.built:
         console.print(f"built cache {DEMO_CACHE}: {result.rows:,} synthetic images in {result.seconds:.1f}s")
