@@ -45,7 +45,7 @@ def train(
                                                   "written by `clipterm toy train`. Its steps and history carry on."),
 ) -> None:
     """Train the toy CLIP on freshly generated world data: from scratch (about an hour on 2 CPU cores), or on
-    from a checkpoint with --from. The shipped model's stages are in its training.json and the README."""
+    from a checkpoint with --from (each stage is recorded in training.json). The shipped recipe is in the README."""
     from clipterm.locations import TOY_MODEL_DIR
     from clipterm.toyworld.train import train as run
 
