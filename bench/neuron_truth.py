@@ -8,7 +8,7 @@ neurons. The issue's goal, at the second-to-last layer: >= 60% and >= 2x random.
 - `clipterm`: the first text OMP picks with a positive coefficient (the shipped `neurons list --decompose`);
 - `reference`: the reference script's recipe (`compute_sparse_decomposition.py`): pool texts centred and each
   *dimension* scaled to unit norm, scikit-learn's OMP with its tolerance 1e-4, the label its largest |coefficient|;
-- `image oracle`: not a text method. The nearest of the 16 class-mean image directions (colours and
+- `image oracle`: not a text method. The nearest of the 12 class-mean image directions (8 colours and 4
   backgrounds, from the labels) to the neuron's pc1. It uses what no text labeller has, so it bounds what any
   labelling of pc1 can reach on this model.
 
