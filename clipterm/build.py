@@ -101,6 +101,8 @@ def _build(options: BuildOptions, ranks: Ranks, progress: ProgressFactory | None
     lock = store.CacheLock(directory)
 
     def setup() -> tuple[bool, dict]:
+        if directory.is_dir():
+            store.refuse_foreign(directory)  # before the lock file, so nothing is written into someone's folder
         lock.acquire()
         old = None if options.force else store.read_manifest(directory)
         if old is not None and old["complete"] and store.mismatch(old, fresh) is None:

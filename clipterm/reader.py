@@ -26,7 +26,8 @@ def resolve(path_or_name: str | os.PathLike, cache_dir: str | os.PathLike | None
     if (given / MANIFEST).is_file():
         return given
     root, why = locations.cache_root(cache_dir)
-    if given.name == str(path_or_name) and (root / given.name / MANIFEST).is_file():
+    plain = str(path_or_name) not in ("", ".", "..") and given.name == str(path_or_name)  # a name, never `..`
+    if plain and (root / given.name / MANIFEST).is_file():
         return root / given.name
     known = ", ".join(c["name"] for c in list_caches(root)[:8]) or "none yet"
     raise ClipTermError(

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,15 @@ class CacheLock:
 
     def acquire(self) -> CacheLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # O_NOFOLLOW: a symlinked lock must never truncate whatever it points at
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            if self.path.is_symlink():
+                raise ClipTermError(f"{self.path} is a symbolic link; clipterm never writes through a link there",
+                                    hint=f"remove the link ({self.path}) and run the command again",
+                                    code=ExitCode.INVALID_DATA) from None
+            raise ClipTermError(f"cannot open the lock file {self.path}: {exc.strerror}",
+                                hint="check that the cache folder is writable", code=ExitCode.INVALID_DATA) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -221,17 +230,47 @@ def new_manifest(model: dict, convention: str, dataset: dict, dtype: str, stored
     }
 
 
+# Every key path a reader relies on; a manifest without one of them is damaged, never half-read.
+REQUIRED_KEYS = (("schema",), ("created",), ("complete",), ("dtype",), ("convention",), ("shards",), ("stored", "neurons"),
+                 ("stored", "tokens"), ("model", "arch"), ("dataset", "n"), ("dataset", "source"), ("dataset", "tasks"),
+                 ("shape", "layers"), ("shape", "heads"), ("shape", "head_dim"), ("shape", "embed_dim"),
+                 ("shape", "mlp_width"), ("shard_rows",))
+
+
+class NotACache(ClipTermError):
+    """A folder whose `manifest.json` is not a clipterm cache manifest: someone else's file, never ours to touch."""
+
+
+def missing_keys(manifest: Any) -> list[str]:
+    """The required key paths a parsed manifest lacks (empty: well-formed)."""
+    missing = []
+    for keys in REQUIRED_KEYS:
+        node = manifest
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is None:
+            missing.append(".".join(keys))
+    return missing
+
+
 def read_manifest(directory: Path) -> dict | None:
+    """The cache manifest in `directory`, None if there is none; raises if it is foreign or damaged."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         return None
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ClipTermError(f"unreadable manifest in {directory}: {exc}", hint="rebuild it with `clipterm cache build ... --force`",
+        raise ClipTermError(f"unreadable manifest in {directory}: {exc}",
+                            hint=f"run `clipterm cache verify {directory}`; if it is a clipterm cache, rebuild it with --force",
                             code=ExitCode.INVALID_DATA) from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-        raise ClipTermError(f"{path} is not a clipterm cache manifest ({SCHEMA})", hint="rebuild it with --force",
+        raise NotACache(f"{path} is not a clipterm cache manifest ({SCHEMA}): the folder is not a clipterm cache",
+                        hint="clipterm leaves it alone; build into another --name or folder", code=ExitCode.INVALID_DATA)
+    missing = missing_keys(manifest)
+    if missing:
+        raise ClipTermError(f"the manifest of cache {Path(directory).name} is damaged: no {', '.join(missing[:3])}",
+                            hint="rebuild it with the same `clipterm cache build ... --force`",
                             code=ExitCode.INVALID_DATA)
     return manifest
 
@@ -247,17 +286,34 @@ def mismatch(old: dict, new: dict) -> str | None:
     return None
 
 
-def _owned(name: str) -> bool:
+def owned(name: str) -> bool:
     """Files a build writes, and the neurons files that describe its images; `--force` deletes these and nothing else."""
     return (name in (MANIFEST, READOUT, STATS, IMAGES) or name.endswith(".tmp")
             or (name.startswith(("shard-", "stats-r", "neurons.L")) and name.endswith(".safetensors"))
             or (name.startswith("progress-r") and name.endswith(".json")))
 
 
+def refuse_foreign(directory: Path) -> None:
+    """Refuse to build into a folder that holds anything but a cache (someone's data, another tool's files)."""
+    try:
+        if read_manifest(directory) is not None:
+            return
+    except NotACache:
+        raise
+    except ClipTermError:
+        return  # our own cache, damaged: --force may rebuild it
+    # A build writes its manifest before anything else, so a cache folder without one holds at most the lock.
+    strays = sorted(p.name for p in Path(directory).iterdir() if p.name != LOCK)
+    if strays:
+        raise ClipTermError(f"{directory} is neither empty nor a clipterm cache (it holds {', '.join(strays[:3])}"
+                            f"{', ...' if len(strays) > 3 else ''})", hint="build into a new --name, or an empty folder",
+                            code=ExitCode.USAGE)
+
+
 def clear(directory: Path) -> None:
     """Delete every file a build writes (never anything else): `--force`."""
     for path in Path(directory).iterdir():
-        if path.is_file() and _owned(path.name):
+        if path.is_file() and owned(path.name):
             path.unlink()
 
 
@@ -285,6 +341,7 @@ def prepare(directory: Path, manifest: dict, force: bool) -> dict:
     (partial `.tmp` files, shards no record vouches for) is deleted and will be redone.
     """
     directory.mkdir(parents=True, exist_ok=True)
+    refuse_foreign(directory)
     old = None if force else read_manifest(directory)
     if old is not None:
         field = mismatch(old, manifest)
@@ -299,7 +356,7 @@ def prepare(directory: Path, manifest: dict, force: bool) -> dict:
         clear(directory)
     keep = {r["file"] for r in manifest["shards"]}
     for path in directory.iterdir():
-        if _owned(path.name) and path.name not in keep and path.name not in (MANIFEST, READOUT):
+        if owned(path.name) and path.name not in keep and path.name not in (MANIFEST, READOUT):
             path.unlink()
     manifest["complete"] = False
     write_json(directory / MANIFEST, manifest)
@@ -327,3 +384,78 @@ def finish(directory: Path, manifest: dict, records: list[dict], stats: dict[str
     for path in list(directory.glob("progress-r*.json")) + list(directory.glob("stats-r*.safetensors")):
         path.unlink()
     return manifest
+
+
+# --------------------------------------------------------------------------- removal (`cache rm`)
+
+
+@dataclass(frozen=True)
+class Removal:
+    """What `cache rm` will delete: the cache's own files, never a stray file someone put beside them."""
+
+    path: Path  # absolute, links resolved
+    files: tuple[Path, ...]  # the cache's own files (manifest last)
+    strays: tuple[str, ...]  # other entries, left in place (so the folder then stays)
+    bytes: int
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def _is_plain_name(text: str) -> bool:
+    return text not in ("", ".", "..") and "/" not in text and os.sep not in text
+
+
+def plan_removal(given: str, root: Path) -> Removal:
+    """Check that `given` (a name under `root`, or a path) is a clipterm cache that may be removed, and list its files.
+
+    Removable: a folder whose manifest is a well-formed clipterm cache manifest, inside the cache root
+    or named by an absolute path, that is neither the root nor above it, and not a symbolic link.
+    """
+    by_name = _is_plain_name(given) and (Path(root) / given).exists() and not (Path(given) / MANIFEST).is_file()
+    directory = Path(root) / given if by_name else Path(given).expanduser()
+    explicit = not by_name and directory.is_absolute()
+    if directory.is_symlink():
+        raise ClipTermError(f"{directory} is a symbolic link; `cache rm` removes only real cache folders",
+                            hint=f"remove the link itself with `rm {directory}`, or pass the folder it points to")
+    if not directory.is_dir():
+        raise ClipTermError(f"no cache {given!r} (no such folder, and not a name under {root})",
+                            hint="`clipterm cache ls` lists the caches", code=ExitCode.NOT_FOUND)
+    real, real_root = directory.resolve(), Path(root).expanduser().resolve()
+    if real == real_root or real in real_root.parents:
+        raise ClipTermError(f"{real} is the cache root or a folder above it, not a cache",
+                            hint="name one cache: `clipterm cache ls` lists them")
+    if not explicit and real_root not in real.parents:
+        raise ClipTermError(f"{real} is outside the cache root {real_root}",
+                            hint=f"to remove a cache elsewhere, pass its absolute path: `clipterm cache rm {real}`")
+    try:
+        manifest = read_manifest(real)
+    except NotACache:
+        raise
+    except ClipTermError as exc:
+        raise ClipTermError(f"{exc.message}; `cache rm` removes only folders it can identify as caches",
+                            hint=f"if you are sure, delete {real} by hand", code=ExitCode.INVALID_DATA) from None
+    if manifest is None:
+        raise ClipTermError(f"{real} is not a clipterm cache (no {MANIFEST})", hint="`clipterm cache ls` lists the caches",
+                            code=ExitCode.NOT_FOUND)
+    entries = sorted(real.iterdir())
+    files = [p for p in entries if (owned(p.name) or p.name == LOCK) and (p.is_file() or p.is_symlink())]
+    files.sort(key=lambda p: (p.name == MANIFEST, p.name == LOCK))  # the manifest goes last: a stopped rm can be rerun
+    strays = tuple(p.name for p in entries if p not in files)
+    size = sum(p.lstat().st_size for p in files)
+    return Removal(real, tuple(files), strays, size)
+
+
+def remove(plan: Removal) -> bool:
+    """Delete the cache's own files under its lock, then the folder if that left it empty. True if the folder went."""
+    with CacheLock(plan.path):  # never delete under a running build
+        for path in plan.files:
+            if path.name != LOCK:
+                path.unlink(missing_ok=True)
+    (plan.path / LOCK).unlink(missing_ok=True)
+    try:
+        plan.path.rmdir()
+    except OSError:
+        return False  # something else is in there: it stays
+    return True

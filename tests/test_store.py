@@ -81,8 +81,9 @@ def test_partial_stats_merge_to_the_whole():
 
 
 def test_resume_refuses_a_different_build(tmp_path):
-    manifest = store.new_manifest(model={"weights_sha256": "a", "arch": "toy"}, convention="c", dataset={"n": 10, "fingerprint": "f"},
-                                  dtype="float16", stored={"neurons": False, "tokens": []}, shape={}, shard_rows=4)
+    manifest = store.new_manifest(model={"weights_sha256": "a", "arch": "toy"}, convention="c", dataset={"n": 10, "fingerprint": "f", "source": "toy:10", "tasks": {}},
+                                  dtype="float16", stored={"neurons": False, "tokens": []},
+                                  shape={"layers": 1, "heads": 1, "head_dim": 2, "embed_dim": 2, "mlp_width": 4}, shard_rows=4)
     store.prepare(tmp_path, manifest, force=False)
     with pytest.raises(ClipTermError, match="another dtype") as info:
         store.prepare(tmp_path, {**manifest, "dtype": "float32"}, force=False)

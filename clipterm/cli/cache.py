@@ -152,25 +152,27 @@ def rm(
     dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be removed."),
     json_out: bool = JsonOpt,
 ) -> None:
-    """Delete a cache folder (asks first, unless --yes)."""
-    import shutil
+    """Delete a cache: its own files, then its folder if nothing else is in it (asks first, unless --yes).
 
-    from clipterm.reader import resolve
-    from clipterm.store import CacheLock
+    Only a folder with a clipterm cache manifest, inside the cache root or given by absolute path, is removed."""
+    from clipterm import locations
+    from clipterm.store import plan_removal, remove
 
-    path = resolve(cache, cache_dir)
-    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    plan = plan_removal(cache, locations.cache_root(cache_dir)[0])
+    kept = f"; {len(plan.strays)} other entries ({', '.join(plan.strays[:3])}) are not the cache's and stay" if plan.strays else ""
     if not dry_run and not yes:
         if not sys.stdin.isatty():
-            raise ClipTermError(f"refusing to remove {path} without confirmation", hint="pass --yes to remove it")
-        typer.confirm(f"remove cache {path.name} ({_size(size)}) at {path}?", abort=True)
-    if not dry_run:
-        with CacheLock(path):  # never delete under a running build
-            shutil.rmtree(path)
+            raise ClipTermError(f"refusing to remove cache {plan.name} at {plan.path} without confirmation",
+                                hint="pass --yes to remove it")
+        typer.confirm(f"remove cache {plan.name} ({_size(plan.bytes)}, {len(plan.files)} files) at {plan.path}{kept}?",
+                      abort=True)
+    folder_gone = remove(plan) if not dry_run else False
     if json_out:
-        emit_json({"cache": str(path), "bytes": size, "removed": not dry_run}, schema="clipterm.cache.rm/1")
+        emit_json({"cache": plan.name, "path": str(plan.path), "bytes": plan.bytes, "removed": not dry_run,
+                   "folder_removed": folder_gone, "kept": list(plan.strays)}, schema="clipterm.cache.rm/2")
     else:
-        stdout.print(f"{'would remove' if dry_run else 'removed'} {path} ({_size(size)})")
+        verb = "would remove" if dry_run else "removed"
+        stdout.print(f"{verb} cache {plan.name} ({_size(plan.bytes)}) at {plan.path}{kept}", highlight=False)
 
 
 def _size(n: int) -> str:
