@@ -105,7 +105,7 @@ def random_vit_b32(folder: Path):
     import open_clip
     from safetensors.torch import save_file
 
-    from clipterm.models import load_model
+    from clipterm.vit.models import load_model
 
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-32", pretrained=None)
@@ -117,9 +117,9 @@ def random_vit_b32(folder: Path):
 def bench_model(name: str, n: int, n_baseline: int, batch_size: int, repeat: int, work: Path) -> dict:
     from PIL import Image
 
-    from clipterm.build import BuildOptions, _decompose_batch, build_cache
-    from clipterm.models import load_model
+    from clipterm.cache.build import BuildOptions, decompose_batch, build_cache
     from clipterm.toyworld import world
+    from clipterm.vit.models import load_model
 
     loaded = random_vit_b32(work) if name == "ViT-B-32" else load_model("toy")
     model = loaded.model.eval()
@@ -132,7 +132,7 @@ def bench_model(name: str, n: int, n_baseline: int, batch_size: int, repeat: int
     for _ in range(repeat):  # interleaved, best of each: a busy machine slows one side or the other, not both
         with torch.no_grad():
             plain = max(plain, images_per_s(lambda b: model.encode_image(b), batches))
-        ours = max(ours, images_per_s(lambda b: _decompose_batch(model, b, "cpu", options, []), batches))
+        ours = max(ours, images_per_s(lambda b: decompose_batch(model, b, "cpu", options, []), batches))
     reference, reference_bytes = run_reference(model, pixels[: max(2, n_baseline)], work)
 
     folder = work / f"png-{name}"  # end to end: PNG files on disk -> decode -> preprocess -> decompose -> shards

@@ -30,7 +30,7 @@ from _common import write_result
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_neurons import ground_truth_rates, truth_cache  # noqa: E402  (one measure, shared with the test)
 
-from clipterm.models import load_model  # noqa: E402
+from clipterm.vit.models import load_model  # noqa: E402
 
 
 def reference_labels(neuron_file, ids: list[int], embeds: torch.Tensor, texts: list[str]) -> list[str]:

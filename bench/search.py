@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from _common import write_result
 
-from clipterm import targets
-from clipterm.search import SearchConfig, search_model
+from clipterm.analyses import targets
+from clipterm.analyses.search import SearchConfig, search_model
 
 
 def searched(loaded, target: torch.Tensor, seconds: float, device: str) -> dict:
@@ -78,7 +78,7 @@ def bench(name: str, loaded, args) -> dict:
 def main() -> None:
     import open_clip
 
-    from clipterm.models import LoadedModel, load_model
+    from clipterm.vit.models import LoadedModel, load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)

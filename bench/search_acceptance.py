@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from _common import write_result
 
-from clipterm import targets
-from clipterm.search import search_model
+from clipterm.analyses import targets
+from clipterm.analyses.search import search_model
 from clipterm.toyworld.evaluate import HELDOUT_SEED
 from clipterm.toyworld.world import COLOURS, render, scene_at
 
@@ -85,7 +85,7 @@ def ablate_heads(cache: Path) -> list[dict]:
 
 def head_check(loaded, spec: str, n_images: int, n_heads: int, seed: int, root: Path) -> dict:
     from clipterm import open_cache
-    from clipterm.build import BuildOptions, build_cache
+    from clipterm.cache.build import BuildOptions, build_cache
 
     build_cache(BuildOptions(images=f"toy:{n_images}", model=spec, cache_dir=str(root), name="acceptance", device="cpu",
                              workers=0), loaded=loaded)
@@ -109,7 +109,7 @@ def head_check(loaded, spec: str, n_images: int, n_heads: int, seed: int, root: 
 
 
 def main() -> None:
-    from clipterm.models import load_model
+    from clipterm.vit.models import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="toy", help="toy or local-dir:PATH (a toy-world model)")

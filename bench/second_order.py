@@ -20,7 +20,7 @@ import argparse
 import torch
 from _common import best_time, write_result
 
-from clipterm import neurons
+from clipterm.vit import second_order
 
 
 def record(model, image: torch.Tensor, layer: int) -> dict:
@@ -87,7 +87,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.model == "toy":
-        from clipterm.models import load_model
+        from clipterm.vit.models import load_model
 
         model = load_model("toy").model
     else:
@@ -102,11 +102,11 @@ def main() -> None:
     images = torch.randn(args.images, 3, size, size, generator=torch.Generator().manual_seed(0)).to(args.device)
 
     with torch.no_grad():
-        neurons.effects(neurons.trace(model, images[:2], layer).scalars, neurons.path_vectors(model, layer))  # warm-up
+        second_order.effects(second_order.trace(model, images[:2], layer).scalars, second_order.path_vectors(model, layer))  # warm-up
 
         def clipterm_all() -> torch.Tensor:
-            vectors = neurons.path_vectors(model, layer)  # (M, K, D), once per run
-            parts = [neurons.effects(neurons.trace(model, images[i : i + args.batch_size], layer).scalars, vectors)
+            vectors = second_order.path_vectors(model, layer)  # (M, K, D), once per run
+            parts = [second_order.effects(second_order.trace(model, images[i : i + args.batch_size], layer).scalars, vectors)
                      for i in range(0, args.images, args.batch_size)]
             return torch.cat(parts)  # (N, M, D)
 

@@ -16,7 +16,7 @@ import time
 import torch
 from _common import write_result
 
-from clipterm.sparse import omp, text_dictionary
+from clipterm.analyses.sparse import omp, text_dictionary
 
 
 def main() -> None:

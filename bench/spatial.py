@@ -25,12 +25,11 @@ import torch
 from _common import best_time, write_result
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_spatial import (  # noqa: E402  (one evaluation, shared with the test)
-    EVAL_SEED, NMF_LAYERS, baseline_ious, nmf_ious, query_ious, scenes_with)
+from test_spatial import EVAL_SEED, NMF_LAYERS, baseline_ious, nmf_ious, query_ious, scenes_with  # noqa: E402  (one evaluation, shared with the test)
 
-from clipterm import spatial  # noqa: E402
-from clipterm.models import load_model  # noqa: E402
+from clipterm.analyses import spatial  # noqa: E402
 from clipterm.names import format_layers  # noqa: E402
+from clipterm.vit.models import load_model  # noqa: E402
 
 
 def summary(values: list[float]) -> dict:
@@ -70,8 +69,8 @@ def main() -> None:
               f"{np.mean(np.array(values)[~distinct]):.3f} where they are the same, {int((~distinct).sum())} scenes)")
 
     with tempfile.TemporaryDirectory() as root:
-        from clipterm.build import BuildOptions, build_cache
-        from clipterm.reader import open_cache
+        from clipterm.cache.build import BuildOptions, build_cache
+        from clipterm.cache.reader import open_cache
 
         build_cache(BuildOptions(images="toy:64", name="t", cache_dir=root, tokens="L2-5", workers=0), loaded=loaded)
         reader = open_cache(Path(root) / "t")

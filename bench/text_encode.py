@@ -14,10 +14,8 @@ import argparse
 import torch
 from _common import best_time, write_result
 
-from clipterm.textencode import encode_tokens
-from clipterm.texts import load_pool
-
-
+from clipterm.inputs.texts import load_pool
+from clipterm.vit.textencode import encode_tokens
 
 
 def main() -> None:

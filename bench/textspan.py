@@ -23,7 +23,7 @@ from _common import write_result
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_textspan import reference_text_span  # noqa: E402  (one reference implementation, shared with the test)
 
-from clipterm.textspan import text_span  # noqa: E402
+from clipterm.analyses.textspan import text_span  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM, D = 12, 12, 64, 512
 

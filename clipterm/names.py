@@ -60,6 +60,31 @@ class ModelShape:
     neurons: int
 
 
+def layer(layer: int) -> str:
+    """`L9`: a layer's name."""
+    return str(Component("layer", layer))
+
+
+def head(layer: int, index: int, pc: int | None = None) -> str:
+    """`L10.H3` (or `L10.H3:pc2`): a head's name."""
+    return str(Component("head", layer, index, pc))
+
+
+def mlp(layer: int) -> str:
+    """`L10.MLP`: an MLP's name."""
+    return str(Component("mlp", layer))
+
+
+def neuron(layer: int, index: int, pc: int | None = None) -> str:
+    """`L9.N1234` (or `L9.N1234:pc1`): a neuron's name."""
+    return str(Component("neuron", layer, index, pc))
+
+
+def layer_range(lo: int, hi: int) -> str:
+    """`L8-11`: a run of layers, as a layer set spells it."""
+    return layer(lo) if lo == hi else f"{layer(lo)}-{hi}"
+
+
 def parse(name: str) -> Component:
     """Parse one component name, or raise ClipTermError with a hint."""
     match = _PATTERN.match(name.strip())
@@ -135,15 +160,15 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
 def format_layers(layers: list[int]) -> str:
     """The shortest layer-set spelling: [8, 9, 10, 11] -> 'L8-11', [1, 3] -> 'L1,L3'."""
     parts, run = [], []
-    for layer in sorted(set(layers)):
-        if run and layer == run[-1] + 1:
-            run.append(layer)
+    for number in sorted(set(layers)):
+        if run and number == run[-1] + 1:
+            run.append(number)
             continue
         if run:
-            parts.append(f"L{run[0]}" if len(run) == 1 else f"L{run[0]}-{run[-1]}")
-        run = [layer]
+            parts.append(layer_range(run[0], run[-1]))
+        run = [number]
     if run:
-        parts.append(f"L{run[0]}" if len(run) == 1 else f"L{run[0]}-{run[-1]}")
+        parts.append(layer_range(run[0], run[-1]))
     return ",".join(parts)
 
 
@@ -164,7 +189,12 @@ __all__ = [
     "describe",
     "direct_components",
     "format_layers",
+    "head",
     "heads",
+    "layer",
+    "layer_range",
+    "mlp",
+    "neuron",
     "parse",
     "parse_for",
     "parse_layers",

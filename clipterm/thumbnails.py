@@ -17,7 +17,7 @@ HEAT_STOPS = ((20, 20, 90), (120, 30, 150), (230, 50, 50), (255, 230, 60))
 
 def load_thumbnail(path: str | None, synthetic_id: str | None, size: int) -> Any:
     """An RGB thumbnail (size, size, 3) uint8 of a file or a `toy:SEED/INDEX` scene; None when it can't be read."""
-    from clipterm.images import SkipImage, decode, synthetic_image
+    from clipterm.inputs.images import SkipImage, decode, synthetic_image
 
     try:
         if path is not None:
@@ -129,9 +129,11 @@ def map_view(result: Any, pixels: Any, caption: str, size: int = 32) -> Any:
     from rich.console import Group
     from rich.text import Text
 
+    from clipterm.analyses.factorise import Factorisation
+
     base = pixels if pixels is not None else np.full((size, size, 3), PLACEHOLDER_RGB, dtype=np.uint8)
     tiles = [Tile(pixels, caption)]
-    if not hasattr(result, "factors"):
+    if not isinstance(result, Factorisation):
         tiles.append(Tile(heat_overlay(base, result.normalised(size).numpy()), result.title))
         return ThumbnailGrid(tiles, size)
     strengths = result.strengths(size).numpy()  # (k, S, S)

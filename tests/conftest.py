@@ -23,7 +23,7 @@ def toy():
     """The shipped toy CLIP, loaded once per session."""
     import torch
 
-    from clipterm.models import load_model
+    from clipterm.vit.models import load_model
 
     torch.manual_seed(0)
     return load_model("toy")

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipterm import ablation
-from clipterm.ablation import Scoring, bootstrap_drop
+from clipterm.analyses import ablation
+from clipterm.analyses.ablation import Scoring, bootstrap_drop
 from clipterm.errors import ClipTermError
 
 # --------------------------------------------------------------------------- the math, on tensors
@@ -103,8 +103,8 @@ def test_attribution_shares_add_up_to_the_cosine():
 @pytest.fixture(scope="module")
 def toy_cache(tmp_path_factory):
     """A 200-image fp32 cache of the shipped toy model on the synthetic world."""
-    from clipterm.build import BuildOptions, build_cache
-    from clipterm.reader import open_cache
+    from clipterm.cache.build import BuildOptions, build_cache
+    from clipterm.cache.reader import open_cache
 
     root = tmp_path_factory.mktemp("caches")
     torch.manual_seed(0)
@@ -114,8 +114,8 @@ def toy_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def toy_scorings(toy_cache):
-    from clipterm.textencode import encode_texts
-    from clipterm.texts import model_for_cache
+    from clipterm.cache.reader import model_for_cache
+    from clipterm.vit.textencode import encode_texts
 
     loaded = model_for_cache(toy_cache)
     return ablation.scorings(toy_cache, lambda texts: encode_texts(loaded.model, loaded.tokenizer, texts))
@@ -145,8 +145,9 @@ def test_cumulative_curve_ends_with_every_layer_ablated(toy_cache, toy_scorings)
 
 
 def test_textspan_reconstruction_with_a_full_span_changes_nothing(toy_cache, toy_scorings):
-    from clipterm.texts import embed_pool, load_pool, model_for_cache
-    from clipterm.textspan import describe
+    from clipterm.analyses.textspan import describe
+    from clipterm.cache.reader import model_for_cache
+    from clipterm.inputs.texts import embed_pool, load_pool
 
     embeds = embed_pool(model_for_cache(toy_cache), load_pool("toy"), use_cache=False)
     heads = [f"L5.H{h}" for h in range(8)]
@@ -162,8 +163,8 @@ def test_contributions_of_one_image_sum_to_its_embedding(toy_cache):
 
 
 def test_forward_ablation_agrees_with_direct_ablation_for_the_last_layers_heads(toy_cache, toy_scorings):
-    from clipterm.forward_ablation import forward_shifts
-    from clipterm.texts import model_for_cache
+    from clipterm.analyses.forward_ablation import forward_shifts
+    from clipterm.cache.reader import model_for_cache
 
     heads = [f"L5.H{h}" for h in range(8)]
     direct = ablation.ablate(toy_scorings, ablation.shifts(toy_cache, heads), draws=100)
@@ -181,8 +182,8 @@ def test_forward_ablation_agrees_with_direct_ablation_for_the_last_layers_heads(
 @pytest.fixture(scope="module")
 def neurons_l4(toy_cache):
     """The toy cache's L4 neurons file, top 10 images per neuron."""
-    from clipterm.neuron_store import NeuronFile, build_neurons
-    from clipterm.texts import model_for_cache
+    from clipterm.cache.neurons import NeuronFile, build_neurons
+    from clipterm.cache.reader import model_for_cache
 
     build_neurons(toy_cache, 4, device="cpu", top_k=10, loaded=model_for_cache(toy_cache))
     return NeuronFile(toy_cache, 4)
@@ -190,13 +191,14 @@ def neurons_l4(toy_cache):
 
 def test_second_order_mean_ablation_subtracts_the_centred_effects(toy_cache, neurons_l4):
     """Against effects formed image by image with the model: embedding - Σ (effect - mean) over each set."""
-    from clipterm import neurons
-    from clipterm.texts import model_for_cache
     from test_neurons import toy_images
 
+    from clipterm.cache.reader import model_for_cache
+    from clipterm.vit import second_order
+
     model = model_for_cache(toy_cache).model
-    out = neurons.trace(model, toy_images(toy_cache.n), 4)
-    effects = neurons.effects(out.scalars, neurons.path_vectors(model, 4))  # (N, M, D)
+    out = second_order.trace(model, toy_images(toy_cache.n), 4)
+    effects = second_order.effects(out.scalars, second_order.path_vectors(model, 4))  # (N, M, D)
     centred = effects - effects.mean(0)  # (N, M, D)
     norms = centred.norm(dim=-1)  # (N, M)
     significant = torch.zeros_like(norms, dtype=torch.bool)  # (N, M)
@@ -371,11 +373,11 @@ def test_the_most_colour_critical_head_is_described_by_colour_phrases(tmp_path):
     share of colour phrases."""
     import statistics
 
-    from clipterm.build import BuildOptions, build_cache
-    from clipterm.reader import open_cache
-    from clipterm.textencode import encode_texts
-    from clipterm.texts import embed_pool, load_pool, model_for_cache
-    from clipterm.textspan import describe
+    from clipterm.analyses.textspan import describe
+    from clipterm.cache.build import BuildOptions, build_cache
+    from clipterm.cache.reader import model_for_cache, open_cache
+    from clipterm.inputs.texts import embed_pool, load_pool
+    from clipterm.vit.textencode import encode_texts
 
     build_cache(BuildOptions(images="toy:1000", model="toy", name="truth", cache_dir=str(tmp_path), workers=0))
     reader = open_cache(tmp_path / "truth")

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from clipterm.build import BuildOptions, build_cache
-from clipterm.errors import ClipTermError, ExitCode
-from clipterm.reader import CacheReader, check_model
 from test_images import write_bad_images, write_odd_images  # tests/ is on sys.path (rootdir conftest)
+
+from clipterm.cache.build import BuildOptions, build_cache
+from clipterm.cache.reader import CacheReader, check_model
+from clipterm.errors import ClipTermError, ExitCode
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
 
@@ -57,8 +57,8 @@ def build(toy, root, name: str, images: str = "toy:24", **options) -> CacheReade
 
 
 def test_fp32_cache_is_exact_and_in_input_order(toy, tmp_path):
-    from clipterm import decompose
     from clipterm.toyworld import world
+    from clipterm.vit import decompose
 
     # batches of 7 straddle shards of 10 rows: rows must still land in their own shard, in order
     cache = build(toy, tmp_path, "exact", dtype="float32", shard_rows=10, batch_size=7, neurons=True, tokens="L5")
@@ -167,7 +167,7 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _lock_is_free(directory: Path) -> bool:
-    from clipterm.store import CacheLock
+    from clipterm.cache.store import CacheLock
 
     try:
         CacheLock(directory).acquire().release()
@@ -206,7 +206,7 @@ def test_killed_build_resumes_to_the_same_cache(toy, reference, tmp_path):
     resumed = CacheReader(directory)
     assert not list(directory.glob("*.tmp")) and resumed.manifest["shard_rows"] == 32  # the cache keeps its own shard size
     assert_same_cache(resumed, reference)
-    from clipterm.reader import verify
+    from clipterm.cache.reader import verify
 
     assert verify(directory) == []
 
@@ -238,7 +238,7 @@ def test_second_concurrent_build_fails_cleanly(cli, tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import time
-            from clipterm.store import CacheLock
+            from clipterm.cache.store import CacheLock
             CacheLock({str(tmp_path / "busy")!r}).acquire()
             print("locked", flush=True)
             time.sleep(60)
@@ -263,7 +263,7 @@ def other_toy(toy, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from clipterm import locations
-    from clipterm.models import load_model
+    from clipterm.vit.models import load_model
 
     folder = tmp_path / "other-toy"
     folder.mkdir()

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from clipterm.build import BuildOptions, build_cache
+from clipterm.cache.build import BuildOptions, build_cache
 from clipterm.errors import ExitCode
 
 
@@ -80,7 +80,7 @@ def test_rm_needs_confirmation_then_removes(cli, root):
 
 
 def test_rm_waits_for_no_build(cli, root):
-    from clipterm.store import CacheLock
+    from clipterm.cache.store import CacheLock
 
     with CacheLock(root / "pets"):
         result = cli("cache", "rm", "pets", "--yes")

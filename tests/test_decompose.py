@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipterm.decompose import CONVENTION, Decomposition, check_supported, decompose, readout
 from clipterm.errors import ClipTermError, ExitCode
+from clipterm.vit.decompose import CONVENTION, Decomposition, check_supported, decompose, readout
 
 TEXT_CFG = dict(context_length=8, vocab_size=100, width=16, heads=2, layers=1)
 

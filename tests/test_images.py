@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from clipterm.errors import ClipTermError, ExitCode
-from clipterm.images import ImageDataset, SkipImage, collate, decode, open_source
+from clipterm.inputs.images import ImageDataset, SkipImage, collate, decode, open_source
 
 
 def _pixels(h: int = 40, w: int = 50, seed: int = 0) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 The acceptance test runs the real model in float64 with every attention pattern, every LayerNorm σ
 and every later MLP output frozen at its clean value, zeroes one neuron, and compares the change
-of the image embedding, minus the neuron's direct effect, with `clipterm.neurons`. The frozen pass
+of the image embedding, minus the neuron's direct effect, with `clipterm.vit.second_order`. The frozen pass
 below is written from the model's modules, not from the formula in neurons.py.
 """
 
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipterm import neurons
-from clipterm.build import BuildOptions, build_cache
+from clipterm.cache.build import BuildOptions, build_cache
+from clipterm.cache.reader import open_cache
 from clipterm.errors import ClipTermError
-from clipterm.reader import open_cache
+from clipterm.vit import second_order
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -135,8 +135,8 @@ def second_order_truth(model64, images64: torch.Tensor, layer: int, neuron: int)
 
 
 def computed(model, images: torch.Tensor, layer: int, neuron: int) -> torch.Tensor:
-    out = neurons.trace(model, images, layer)
-    return neurons.effects(out.scalars, neurons.path_vectors(model, layer))[:, neuron]  # (B, D)
+    out = second_order.trace(model, images, layer)
+    return second_order.effects(out.scalars, second_order.path_vectors(model, layer))[:, neuron]  # (B, D)
 
 
 # --------------------------------------------------------------------------- acceptance
@@ -169,15 +169,15 @@ def test_layerscale_head_scale_and_custom_block():
 
 def test_norms_paths_and_mean_agree_with_effects(toy):
     images = toy_images(5)
-    out = neurons.trace(toy.model, images, 3)
-    vectors = neurons.path_vectors(toy.model, 3)  # (M, K, D)
+    out = second_order.trace(toy.model, images, 3)
+    vectors = second_order.path_vectors(toy.model, 3)  # (M, K, D)
     assert vectors.shape == (toy.info.mlp_width, 2 * toy.info.heads, toy.info.embed_dim)
-    assert neurons.paths(toy.info.layers, toy.info.heads, 3)[:2] == ["L4.H0", "L4.H1"]
-    full = neurons.effects(out.scalars, vectors)  # (B, M, D)
-    assert rel(neurons.path_effects(out.scalars, vectors).sum(2), full) < 1e-5
-    assert rel(neurons.effect_norms(out.scalars, neurons.gram(vectors)), full.norm(dim=-1)) < 1e-4
-    assert rel(neurons.mean_effects(out.scalars.mean(0), vectors), full.mean(0)) < 1e-5
-    assert rel(neurons.effect_sums(out.scalars, vectors), full.sum(1)) < 1e-5
+    assert second_order.paths(toy.info.layers, toy.info.heads, 3)[:2] == ["L4.H0", "L4.H1"]
+    full = second_order.effects(out.scalars, vectors)  # (B, M, D)
+    assert rel(second_order.path_effects(out.scalars, vectors).sum(2), full) < 1e-5
+    assert rel(second_order.effect_norms(out.scalars, second_order.gram(vectors)), full.norm(dim=-1)) < 1e-4
+    assert rel(second_order.mean_effects(out.scalars.mean(0), vectors), full.mean(0)) < 1e-5
+    assert rel(second_order.effect_sums(out.scalars, vectors), full.sum(1)) < 1e-5
     with torch.no_grad():
         assert rel(out.image_embeds, toy.model.encode_image(images)) < 1e-5
 
@@ -185,7 +185,7 @@ def test_norms_paths_and_mean_agree_with_effects(toy):
 def test_top_k_streaming_equals_sorting_everything(toy):
     torch.manual_seed(0)
     norms, scalars = torch.rand(40, 6), torch.randn(40, 6, 3)  # (N, M), (N, M, K)
-    top = neurons.TopK.empty(6, 3)
+    top = second_order.TopK.empty(6, 3)
     for start in range(0, 40, 7):
         rows = torch.arange(start, min(start + 7, 40))
         top = top.add(norms[rows], rows, scalars[rows], k=5)
@@ -199,7 +199,7 @@ def test_principal_direction_matches_svd_of_formed_effects():
     vectors = torch.randn(4, 6, 10)  # (M, K, D)
     top = torch.randn(4, 20, 6) + 2.0  # (M, k, K)
     mean = torch.randn(4, 6) * 0.1  # (M, K)
-    pc, share = neurons.principal_directions(top, mean, vectors)
+    pc, share = second_order.principal_directions(top, mean, vectors)
     for n in range(4):
         effects = (top[n] - mean[n]) @ vectors[n]  # (k, D)
         _, singular, right = torch.linalg.svd(effects, full_matrices=False)
@@ -210,11 +210,11 @@ def test_principal_direction_matches_svd_of_formed_effects():
 
 def test_last_layer_and_bad_layers_are_refused(toy):
     with pytest.raises(ClipTermError, match="last layer.*no second-order effect"):
-        neurons.path_vectors(toy.model, toy.info.layers - 1)
+        second_order.path_vectors(toy.model, toy.info.layers - 1)
     with pytest.raises(ClipTermError, match="last layer"):
-        neurons.trace(toy.model, toy_images(1), toy.info.layers - 1)
+        second_order.trace(toy.model, toy_images(1), toy.info.layers - 1)
     with pytest.raises(ClipTermError, match="no layer L9"):
-        neurons.check_layer(6, 9)
+        second_order.check_layer(6, 9)
 
 
 # --------------------------------------------------------------------------- sparse text decomposition
@@ -222,7 +222,7 @@ def test_last_layer_and_bad_layers_are_refused(toy):
 
 def test_batched_omp_equals_scikit_learn():
     sklearn = pytest.importorskip("sklearn.linear_model")
-    from clipterm.sparse import omp, text_dictionary
+    from clipterm.analyses.sparse import omp, text_dictionary
 
     generator = torch.Generator().manual_seed(0)
     dictionary = text_dictionary(torch.randn(300, 48, generator=generator))  # (P, D)
@@ -239,7 +239,7 @@ def test_batched_omp_equals_scikit_learn():
 
 
 def test_omp_recovers_an_exact_combination_and_stops_early():
-    from clipterm.sparse import omp
+    from clipterm.analyses.sparse import omp
 
     generator = torch.Generator().manual_seed(1)
     dictionary = torch.nn.functional.normalize(torch.randn(50, 32, generator=generator), dim=-1)  # (P, D)
@@ -297,7 +297,7 @@ def attribute_neurons(reader, neuron_file, n_top: int = 40, top_images: int = 20
 
 def truth_cache(loaded, root, n_images: int = 1000, layer: int | None = None):
     """A cache of n_images toy scenes with the neurons of `layer` (default: the second-to-last) built."""
-    from clipterm.neuron_store import NeuronFile, build_neurons, neurons_file
+    from clipterm.cache.neurons import NeuronFile, build_neurons, neurons_file
 
     if not (Path(root) / "truth" / "manifest.json").is_file():
         build_cache(BuildOptions(images=f"toy:{n_images}", name="truth", cache_dir=str(root)), loaded=loaded)
@@ -314,8 +314,8 @@ def ground_truth_rates(loaded, root, n_images: int = 1000, n_top: int = 40, n_ra
     or background neurons (their top-20 images share one at least 80% of the time), and how often the top text of
     their sparse decomposition (pool `toy`) names that attribute; against how often the top texts of randomly drawn
     neurons do. `label(neuron_file, ids, pool_embeds) -> texts` replaces the shipped labelling (for the bench)."""
-    from clipterm.neuron_store import decompose_neurons
-    from clipterm.texts import embed_pool, load_pool
+    from clipterm.cache.neurons import decompose_neurons
+    from clipterm.inputs.texts import embed_pool, load_pool
 
     reader, neuron_file = truth_cache(loaded, root, n_images, layer)
     pool = load_pool("toy")

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipterm.build import BuildOptions, build_cache
+from clipterm.cache.build import BuildOptions, build_cache
+from clipterm.cache.reader import open_cache
 from clipterm.errors import ClipTermError, ExitCode
-from clipterm.reader import open_cache
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def cache(toy, tmp_path_factory) -> Path:
     """A 40-image toy cache with its L4 neurons built (top-k 8)."""
     root = tmp_path_factory.mktemp("neuron-caches")
     build_cache(BuildOptions(images="toy:40", name="toy40", cache_dir=str(root), neurons=True), loaded=toy)
-    from clipterm.neuron_store import build_neurons
+    from clipterm.cache.neurons import build_neurons
 
     build_neurons(open_cache(root / "toy40"), 4, device="cpu", top_k=8, loaded=toy)
     return root / "toy40"
@@ -31,7 +31,7 @@ def as_json(result) -> dict:
 
 
 def test_build_writes_the_file_with_progress(toy, tmp_path):
-    from clipterm.neuron_store import NeuronFile, build_neurons
+    from clipterm.cache.neurons import NeuronFile, build_neurons
 
     build_cache(BuildOptions(images="toy:12", name="small", cache_dir=str(tmp_path)), loaded=toy)
     reader = open_cache(tmp_path / "small")
@@ -59,13 +59,14 @@ def test_build_writes_the_file_with_progress(toy, tmp_path):
 
 def test_file_agrees_with_forming_every_effect(toy, cache):
     """Norms, means, activations and pc1 in the file equal the same quantities from full (N, M, D) effects."""
-    from clipterm import neurons
-    from clipterm.neuron_store import NeuronFile
     from test_neurons import toy_images
 
+    from clipterm.cache.neurons import NeuronFile
+    from clipterm.vit import second_order
+
     neuron_file = NeuronFile(open_cache(cache), 4)
-    out = neurons.trace(toy.model, toy_images(40), 4)
-    effects = neurons.effects(out.scalars, neurons.path_vectors(toy.model, 4))  # (N, M, D)
+    out = second_order.trace(toy.model, toy_images(40), 4)
+    effects = second_order.effects(out.scalars, second_order.path_vectors(toy.model, 4))  # (N, M, D)
     norms = effects.norm(dim=-1)  # (N, M)
     assert torch.allclose(neuron_file.tensor("norms").float(), norms, rtol=2e-3, atol=1e-5)
     assert torch.allclose(neuron_file.tensor("activations").float(), out.activations, rtol=2e-3, atol=1e-3)
@@ -87,7 +88,7 @@ def test_file_agrees_with_forming_every_effect(toy, cache):
 
 def test_ranking_pass_over_the_images_equals_the_one_over_kept_scalars(toy, cache, tmp_path):
     """When the per-image scalars do not fit in memory, the ranking by centred norm runs the images again."""
-    from clipterm.neuron_store import NeuronFile, build_neurons
+    from clipterm.cache.neurons import NeuronFile, build_neurons
 
     copy = tmp_path / "copy"
     shutil.copytree(cache, copy)
@@ -138,7 +139,7 @@ def test_list_decompose_gives_texts_coefficients_and_cosine(cli, cache):
 
 
 def test_images_of_a_neuron_by_norm_and_activation(cli, cache):
-    from clipterm.neuron_store import NeuronFile
+    from clipterm.cache.neurons import NeuronFile
 
     neuron_file = NeuronFile(open_cache(cache), 4)
     payload = as_json(cli("images", str(cache), "--component", "L4.N77", "--top", "5", "--json"))
@@ -198,7 +199,7 @@ def test_vanished_image_shows_a_placeholder(toy, cli, tmp_path):
 
 
 def test_force_rebuild_removes_the_neurons_files_and_a_stale_one_is_refused(toy, cli, tmp_path):
-    from clipterm.neuron_store import build_neurons
+    from clipterm.cache.neurons import build_neurons
 
     options = BuildOptions(images="toy:6", name="again", cache_dir=str(tmp_path))
     build_cache(options, loaded=toy)
@@ -235,7 +236,7 @@ def test_a_file_from_the_first_format_still_lists_but_cannot_ablate(cli, cache, 
 
 
 def test_cancel_writes_nothing(toy, cache, tmp_path):
-    from clipterm.neuron_store import build_neurons
+    from clipterm.cache.neurons import build_neurons
 
     copy = tmp_path / "copy"
     shutil.copytree(cache, copy)

@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
-from clipterm.build import BuildOptions, build_cache
+from clipterm.cache.build import BuildOptions, build_cache
+from clipterm.cache.store import CacheLock
 from clipterm.errors import ClipTermError, ExitCode
-from clipterm.store import CacheLock
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_rm_keeps_a_stray_file_and_says_so(cli, root):
 
 
 def test_rm_prompt_names_the_cache_its_absolute_path_and_size(root, monkeypatch):
-    from clipterm.store import plan_removal
+    from clipterm.cache.store import plan_removal
 
     plan = plan_removal("pets", root)
     assert plan.name == "pets" and plan.path == (root / "pets").resolve() and plan.bytes > 0

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipterm import targets
+from clipterm.analyses import targets
+from clipterm.analyses.search import SearchConfig, search_model
 from clipterm.errors import ClipTermError
-from clipterm.search import SearchConfig, search_model
-from clipterm.vocab import default_vocabulary, file_vocabulary
+from clipterm.inputs.vocab import default_vocabulary, file_vocabulary
 
 FAST = SearchConfig(beam=3, topk=8, random=4, steps=6, patience=None)
 
@@ -185,7 +185,7 @@ def test_bad_targets(toy, spec, message):
 @pytest.fixture(scope="module")
 def toy_cache(tmp_path_factory, toy):
     from clipterm import open_cache
-    from clipterm.build import BuildOptions, build_cache
+    from clipterm.cache.build import BuildOptions, build_cache
 
     root = tmp_path_factory.mktemp("caches")
     build_cache(BuildOptions(images="toy:64", cache_dir=str(root), name="toy64", device="cpu", workers=0, dtype="float32"),
@@ -216,7 +216,7 @@ def test_class_targets_from_the_cache_and_missing_neuron_directions(toy, toy_cac
 
 
 def test_neuron_targets_read_the_neurons_file(toy, toy_cache):
-    from clipterm.neuron_store import NeuronFile, build_neurons
+    from clipterm.cache.neurons import NeuronFile, build_neurons
 
     build_neurons(toy_cache, 4, device="cpu", top_k=8, workers=0, loaded=toy)
     pc1 = NeuronFile(toy_cache, 4).tensor("pc1")[7]  # (D,)

@@ -50,7 +50,7 @@ def test_live_table_on_a_terminal(cli, monkeypatch):
 
 
 def test_head_targets_with_a_cache_use_the_cache_model(cli, tmp_path, toy):
-    from clipterm.build import BuildOptions, build_cache
+    from clipterm.cache.build import BuildOptions, build_cache
 
     build_cache(BuildOptions(images="toy:32", cache_dir=str(tmp_path), name="tiny", device="cpu", workers=0), loaded=toy)
     result = cli("search", "--cache", str(tmp_path / "tiny"), "--target", "L5.H2:pc2 - class:colour/red", *QUICK, "--json")

@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipterm import spatial
-from clipterm.build import BuildOptions, build_cache
+from clipterm.analyses import spatial
+from clipterm.analyses.factorise import factorise
+from clipterm.cache.build import BuildOptions, build_cache
+from clipterm.cache.reader import open_cache
 from clipterm.errors import ClipTermError, ExitCode
-from clipterm.factorise import factorise
-from clipterm.reader import open_cache
 from clipterm.toyworld import world
 from clipterm.toyworld.evaluate import HELDOUT_SEED
 
@@ -59,7 +59,7 @@ def query_ious(loaded, scenes, contrast) -> list[float]:
 
 def baseline_map(loaded, ref: str, text: str) -> torch.Tensor:
     """The baseline: cosine between the last layer's patch tokens, through ln_post and proj, and the text. (g, g)"""
-    from clipterm.textencode import encode_texts
+    from clipterm.vit.textencode import encode_texts
 
     visual = loaded.model.visual
     pixels = spatial.model_pixels(loaded, spatial.open_image(ref))  # (1, 3, S, S)

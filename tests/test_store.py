@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import clipterm
-from clipterm import store
-from clipterm.build import BuildOptions, build_cache
+from clipterm import files
+from clipterm.cache import store
+from clipterm.cache.build import BuildOptions, build_cache
+from clipterm.cache.reader import CacheReader, check_model
 from clipterm.errors import ClipTermError, ExitCode
-from clipterm.reader import CacheReader, check_model
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,8 @@ def cache(toy, tmp_path_factory):
 
 def test_atomic_write_replaces_whole_files(tmp_path):
     target = tmp_path / "f.json"
-    sha = store.atomic_write(target, b"old")
-    assert store.atomic_write(target, b"new") != sha
+    sha = files.atomic_write(target, b"old")
+    assert files.atomic_write(target, b"new") != sha
     assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
 
 
@@ -46,7 +47,7 @@ def test_a_killed_holder_releases_the_lock(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import time
-            from clipterm.store import CacheLock
+            from clipterm.cache.store import CacheLock
             CacheLock({str(tmp_path)!r}).acquire()
             print("locked", flush=True)
             time.sleep(60)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from clipterm.errors import ClipTermError
-from clipterm.textencode import encode_tokens, fallback_reason
-from clipterm.texts import embed_pool, embeddings_path, load_pool, model_key, pool_sha256
+from clipterm.inputs.texts import embed_pool, embeddings_path, load_pool, model_key, pool_sha256
+from clipterm.vit.textencode import encode_tokens, fallback_reason
 
 SHORT_AND_LONG = ["a red circle", "x", 'the word "cat" written in blue on a dark striped background', "big " * 40, "a"]
 
@@ -142,7 +142,7 @@ def test_pool_embeddings_are_cached_per_weights_and_pool(toy, tmp_path, monkeypa
     def refuse(*_, **__):
         raise AssertionError("should have come from the cache")
 
-    monkeypatch.setattr("clipterm.textencode.encode_texts", refuse)
+    monkeypatch.setattr("clipterm.vit.textencode.encode_texts", refuse)
     torch.testing.assert_close(embed_pool(toy, pool), first)
 
     path.write_text("a red circle\na green star\n", encoding="utf-8")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clipterm.textspan import random_baseline, reconstruct, text_span
+from clipterm.analyses.textspan import random_baseline, reconstruct, text_span
 
 
 def reference_text_span(effects: torch.Tensor, texts: torch.Tensor, n_texts: int, rank: int, dtype=torch.float64):

@@ -18,8 +18,8 @@ def toy_cache(tmp_path_factory):
     """A 64-image fp32 cache of the shipped toy model, plus a cache root for pool embeddings."""
     import torch
 
-    from clipterm.build import BuildOptions, build_cache
-    from clipterm.reader import open_cache
+    from clipterm.cache.build import BuildOptions, build_cache
+    from clipterm.cache.reader import open_cache
 
     root = tmp_path_factory.mktemp("caches")
     torch.manual_seed(0)
@@ -48,7 +48,7 @@ async def settle(app: ClipTermApp, pilot) -> None:
 
 @pilot
 async def test_selecting_a_head_fills_descriptions_ablation_and_info(toy_cache):
-    from clipterm.texts import load_pool
+    from clipterm.inputs.texts import load_pool
 
     reader, root = toy_cache
     app = ClipTermApp(reader, cache_dir=root)
@@ -132,10 +132,13 @@ async def test_a_failing_worker_notifies_and_the_app_keeps_running(toy_cache, mo
         raise RuntimeError("stats are gone")
 
     monkeypatch.setattr(app.analyses, "description", broken)
+    titles: list[str] = []
+    notify = app.notify
+    monkeypatch.setattr(app, "notify", lambda message, **kw: (titles.append(kw.get("title")), notify(message, **kw)))
     async with app.run_test(size=(80, 24)) as pilot:
         app.jump("L2.MLP")
         await settle(app, pilot)
-        assert [n.title for n in app._notifications] == ["describe failed"]
+        assert titles == ["describe failed"]
         assert "failed: RuntimeError: stats are gone" in pane_text(app, DescriptionPane)
         assert "L2.MLP" in pane_text(app, AblationPane)  # the other worker still delivered
         await pilot.press("k")
@@ -170,7 +173,7 @@ def test_an_unknown_theme_is_a_clear_error(cli, toy_cache):
 
 FIRST_FRAME_PROBE = """
 import sys
-from clipterm.reader import open_cache
+from clipterm.cache.reader import open_cache
 from clipterm.tui.app import ClipTermApp
 
 class Probe(ClipTermApp):

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import pytest
+from test_tui import pilot, settle
 
 from clipterm.tui.app import ClipTermApp
 from clipterm.tui.widgets import AblationPane, DescriptionPane, ImagesPane, SearchPane
-from test_tui import pilot, settle
 
 
 @pytest.fixture(scope="module")
 def neuron_cache(tmp_path_factory, toy):
     """64 toy images with the second-to-last layer's neurons built."""
-    from clipterm.build import BuildOptions, build_cache
-    from clipterm.neuron_store import build_neurons
-    from clipterm.reader import open_cache
+    from clipterm.cache.build import BuildOptions, build_cache
+    from clipterm.cache.neurons import build_neurons
+    from clipterm.cache.reader import open_cache
 
     root = tmp_path_factory.mktemp("tui-neurons")
     build_cache(BuildOptions(images="toy:64", name="n64", cache_dir=str(root), workers=0), loaded=toy)
@@ -177,7 +177,7 @@ async def test_a_remapped_key_moves_the_tree(neuron_cache, toy):
 
 
 def test_images_auto_falls_back_to_half_blocks_under_tmux_or_without_a_terminal(monkeypatch):
-    from clipterm.cli.tui import resolve_images
+    from clipterm.tui.command import resolve_images
 
     monkeypatch.setenv("TMUX", "/tmp/tmux-0/default,1,0")
     assert resolve_images("auto") == "half"

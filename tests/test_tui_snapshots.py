@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from test_tui_panes import neuron_cache  # noqa: F401  (a fixture)
 
 from clipterm.tui.app import ClipTermApp
-from test_tui_panes import neuron_cache  # noqa: F401  (a fixture)
 
 SIZES = [(80, 24), (160, 48)]
 

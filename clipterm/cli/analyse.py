@@ -6,9 +6,18 @@ from enum import Enum
 
 import typer
 
-from clipterm.cli.common import CacheArg, CacheDirOpt, JsonOpt
+from clipterm import names
+from clipterm.cli.common import (
+    CacheArg,
+    CacheDirOpt,
+    JsonOpt,
+    default_pool_for,
+    embed_reporting,
+    layer_of,
+    load_pool_reporting,
+)
+from clipterm.cli.common import open_reader as _open
 from clipterm.cli.output import emit_json, progress, stdout
-from clipterm.cli.texts import embed_reporting, load_pool_reporting
 
 TaskOpt = typer.Option(None, "--task", help="Label task to score (default: every task of the cache).")
 ClassesOpt = typer.Option(None, "--classes", help="File of class names, one per line in label order (overrides the cache's).")
@@ -22,24 +31,14 @@ class SecondOrderSet(str, Enum):
     insignificant = "insignificant"
 
 
-def _open(cache: str, cache_dir: str | None):
-    from clipterm.reader import open_cache
-
-    return open_cache(cache, cache_dir)
-
-
-def default_pool_for(reader, pool: str | None) -> str:
-    return pool or ("toy" if reader.manifest["model"].get("spec") == "toy" else "general")
-
-
 def _encoder(loaded):
-    from clipterm.textencode import encode_texts
+    from clipterm.vit.textencode import encode_texts
 
     return lambda texts: encode_texts(loaded.model, loaded.tokenizer, texts)
 
 
 def _scorings(reader, loaded, task, classes, templates, pool, cache_dir, keep=None):
-    from clipterm.ablation import read_lines, scorings
+    from clipterm.analyses.ablation import read_lines, scorings
 
     return scorings(
         reader, _encoder(loaded), task,
@@ -51,7 +50,7 @@ def _scorings(reader, loaded, task, classes, templates, pool, cache_dir, keep=No
 
 
 def _templates(path: str | None) -> list[str] | None:
-    from clipterm.ablation import read_lines
+    from clipterm.analyses.ablation import read_lines
     from clipterm.errors import ClipTermError
 
     if not path:
@@ -87,8 +86,8 @@ def textspan(
     baseline is the same share for as many random pool texts. JSON schema: clipterm.textspan/1.
     """
     from clipterm import names
-    from clipterm.texts import model_for_cache
-    from clipterm.textspan import describe
+    from clipterm.analyses.textspan import describe
+    from clipterm.cache.reader import model_for_cache
 
     reader = _open(cache, cache_dir)
     shape = reader.shape
@@ -121,7 +120,7 @@ def textspan(
         } for name in requested],
     }
     if evaluate is not None:
-        from clipterm.ablation import textspan_evaluation
+        from clipterm.analyses.ablation import textspan_evaluation
 
         spans = {name: results[name] for name in components}
         payload["evaluation"] = {"last_layers": evaluate, "tasks": {
@@ -179,15 +178,14 @@ def ablate(
     effects mean-ablated: all, significant only and insignificant only (Gandelsman et al., 2024).
     JSON schema: clipterm.ablate/1.
     """
-    from clipterm import ablation
+    from clipterm.analyses import ablation
+    from clipterm.cache.reader import model_for_cache
     from clipterm.errors import ClipTermError
-    from clipterm.texts import model_for_cache
 
     reader = _open(cache, cache_dir)
     neuron_file = None
     if second_order is not None:
-        from clipterm.cli.neurons import layer_of
-        from clipterm.neuron_store import NeuronFile
+        from clipterm.cache.neurons import NeuronFile
 
         if forward or cumulative:
             flag = "--forward" if forward else "--cumulative"
@@ -217,13 +215,13 @@ def ablate(
     curve = ablation.ablate(scorings, ablation.cumulative_shifts(reader, by), draws) if cumulative else {}
     forward_rows = {}
     if forward:
-        from clipterm.forward_ablation import forward_shifts
+        from clipterm.analyses.forward_ablation import forward_shifts
 
         with progress("forward passes", total=len(components) + 1, unit="passes") as advance:
             forward_rows = ablation.ablate(scorings, forward_shifts(reader, loaded, components, on_pass=advance), draws)
     payload = {"cache": reader.name, "by": by, "n": reader.n, "forward": forward, "tasks": {}}
     if neuron_file is not None:
-        payload["second_order"] = {"layer": f"L{neuron_file.layer}", "top_k": neuron_file.top_k,
+        payload["second_order"] = {"layer": names.layer(neuron_file.layer), "top_k": neuron_file.top_k,
                                    "missing": int(neuron_file.missing.sum())}
     for name, scoring in scorings.items():
         entries = [r.to_json() for r in rows[name]]
@@ -291,9 +289,9 @@ def attribute(
     """
     import torch.nn.functional as F
 
-    from clipterm import ablation
+    from clipterm.analyses import ablation
+    from clipterm.cache.reader import model_for_cache
     from clipterm.errors import ClipTermError
-    from clipterm.texts import model_for_cache
 
     if (text is None) == (class_name is None):
         raise ClipTermError("give exactly one of --text and --class", hint='e.g. --text "a red circle"')

@@ -1,4 +1,4 @@
-"""Top-level commands: doctor, models, locate, demo."""
+"""Top-level commands: doctor, models, locate, names."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import typer
 
 from clipterm.cli.common import CacheDirOpt, JsonOpt
 from clipterm.cli.output import emit_json, stdout
-
 
 
 class Place(str, Enum):
@@ -42,7 +41,7 @@ def models(
     supported: bool = typer.Option(False, "--supported", help="Only models the exact decomposition supports."),
 ) -> None:
     """List models: the built-in toy and every open_clip arch and pretrained tag, with weights and support status."""
-    from clipterm.models import catalogue
+    from clipterm.vit.models import catalogue
 
     rows = [r for r in catalogue() if (not present or r["weights"] == "present") and (not supported or r["supported"])]
     if json_out:
@@ -81,31 +80,14 @@ def locate(
         print(path)
 
 
-def demo(
-    n: int = typer.Option(400, "--n", min=10, help="Fresh synthetic images to score the model on."),
-    seed: int = typer.Option(7, "--seed", help="Seed of the held-out sample."),
-    scenes: int = typer.Option(2000, "--scenes", min=50, help="Synthetic images in the demo cache (built once)."),
-    no_tui: bool = typer.Option(False, "--no-tui", help="Print the summary instead of opening the TUI."),
-    cache_dir: str = CacheDirOpt,
-) -> None:
-    """Run the whole job offline on the built-in toy CLIP: build a cache with neurons, score the model, open the TUI.
-
-    Without a terminal (or with --no-tui) it prints what the TUI would show and exits.
-    """
-    from clipterm.cli.demo import run_demo
-
-    run_demo(n=n, seed=seed, n_images=scenes, console=stdout, interactive=stdout.is_terminal and not no_tui,
-             cache_dir=cache_dir)
-
-
 def names(
     components: list[str] = typer.Argument(..., help="Component names: embed, bias, L10, L10.H3, L10.H3:pc2, L10.MLP, L9.N1234."),
     model: str = typer.Option("toy", "--model", help="Model whose shape the names are checked against."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Check component names against a model and print them in canonical form."""
-    from clipterm.models import model_shape
     from clipterm.names import describe, parse_for
+    from clipterm.vit.models import model_shape
 
     shape = model_shape(model)
     parsed = [parse_for(name, shape) for name in components]
@@ -121,5 +103,4 @@ def register(app: typer.Typer) -> None:
     app.command()(doctor)
     app.command()(models)
     app.command()(locate)
-    app.command()(demo)
     app.command()(names)

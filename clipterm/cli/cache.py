@@ -39,7 +39,7 @@ def build(
     json_out: bool = JsonOpt,
 ) -> None:
     """Run images through the model and store each component's exact direct effect. Works under torchrun."""
-    from clipterm.build import BuildOptions, build_cache
+    from clipterm.cache.build import BuildOptions, build_cache
 
     options = BuildOptions(images=images, model=model, pretrained=pretrained, name=name, cache_dir=cache_dir,
                            device=device.value, batch_size=batch_size, workers=workers, dtype=dtype.value, neurons=neurons,
@@ -63,7 +63,7 @@ def build(
 def list_(cache_dir: str = CacheDirOpt, json_out: bool = JsonOpt) -> None:
     """List the caches under the cache root."""
     from clipterm import locations
-    from clipterm.reader import list_caches
+    from clipterm.cache.reader import list_caches
 
     root, why = locations.cache_root(cache_dir)
     caches = list_caches(root)
@@ -86,7 +86,7 @@ def list_(cache_dir: str = CacheDirOpt, json_out: bool = JsonOpt) -> None:
 @cache_app.command()
 def info(cache: str = CacheArg, cache_dir: str = CacheDirOpt, json_out: bool = JsonOpt) -> None:
     """Show a cache's model, inputs, shards, size on disk, what was stored, and skipped inputs."""
-    from clipterm.reader import CacheReader, resolve
+    from clipterm.cache.reader import CacheReader, resolve
 
     reader = CacheReader(resolve(cache, cache_dir), allow_incomplete=True)
     summary = {**reader.info, "skipped_inputs": reader.manifest.get("skipped", []), "dataset": reader.manifest["dataset"],
@@ -126,8 +126,8 @@ def info(cache: str = CacheArg, cache_dir: str = CacheDirOpt, json_out: bool = J
 @cache_app.command()
 def verify(cache: str = CacheArg, cache_dir: str = CacheDirOpt, json_out: bool = JsonOpt) -> None:
     """Re-hash every file and check shard shapes against the manifest; exit non-zero naming any damaged file."""
-    from clipterm.reader import resolve
-    from clipterm.reader import verify as check
+    from clipterm.cache.reader import resolve
+    from clipterm.cache.reader import verify as check
 
     path = resolve(cache, cache_dir)
     problems = check(path)
@@ -156,7 +156,7 @@ def rm(
 
     Only a folder with a clipterm cache manifest, inside the cache root or given by absolute path, is removed."""
     from clipterm import locations
-    from clipterm.store import plan_removal, remove
+    from clipterm.cache.store import plan_removal, remove
 
     plan = plan_removal(cache, locations.cache_root(cache_dir)[0])
     kept = f"; {len(plan.strays)} other entries ({', '.join(plan.strays[:3])}) are not the cache's and stay" if plan.strays else ""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from enum import Enum
+from typing import Any, Callable
 
 import typer
 
-from clipterm.cli.output import JSON_HELP
+from clipterm.cli.output import JSON_HELP, progress, stderr
+from clipterm.errors import ClipTermError
 
 JsonOpt = typer.Option(False, "--json", help=JSON_HELP)
 CacheDirOpt = typer.Option(None, "--cache-dir", help="Cache root to use instead of the default rule (`clipterm locate cache`).")
@@ -18,3 +20,76 @@ class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
+
+
+def open_reader(cache: str, cache_dir: str | None) -> Any:
+    """The cache a command names (first positional argument), as a reader."""
+    from clipterm.cache.reader import open_cache
+
+    return open_cache(cache, cache_dir)
+
+
+def default_pool_for(reader: Any, pool: str | None) -> str:
+    """The text pool a command uses when `--pool` is not given: `toy` for the toy model, else `general`."""
+    return pool or ("toy" if reader.manifest["model"].get("spec") == "toy" else "general")
+
+
+def layer_of(spec: str, reader: Any, option: str = "--layer") -> int:
+    """The layer number of a `--layer L9` (or `--layer 9`) option, checked: it must exist and must not be the last."""
+    from clipterm import names
+    from clipterm.vit.second_order import check_layer
+
+    component = names.parse(names.layer(int(spec.strip())) if spec.strip().isdigit() else spec)
+    if component.kind != "layer":
+        raise ClipTermError(f"{option} takes a layer, not {spec!r}",
+                            hint=f"e.g. {option} {names.layer(max(reader.shape.layers - 2, 0))}")
+    check_layer(reader.shape.layers, component.layer)
+    return component.layer
+
+
+def load_pool_reporting(spec: str) -> Any:
+    """Load a text pool and say on stderr what was dropped."""
+    from clipterm.inputs.texts import load_pool
+
+    pool = load_pool(spec)
+    if pool.dropped_blank or pool.dropped_duplicates:
+        stderr.print(f"[dim]pool {pool.name}: dropped {pool.dropped_blank} blank and {pool.dropped_duplicates} duplicate lines[/]")
+    return pool
+
+
+def embed_reporting(loaded: Any, pool: Any, cache_dir: str | None = None, refresh: bool = False) -> Any:
+    """Embeddings of a pool under a model (cached), with a progress bar and a warning for over-long texts."""
+    from clipterm.inputs.texts import embed_pool
+
+    too_long = pool.too_long(loaded.tokenizer, loaded.info.context_length)
+    if too_long:
+        stderr.print(f"[yellow]warning:[/] {len(too_long)} text(s) longer than the context ({loaded.info.context_length} "
+                     f"tokens) will be truncated, e.g. text {too_long[0] + 1}: {pool.texts[too_long[0]][:60]!r}")
+    with progress(f"embedding {pool.name}", total=len(pool), unit="texts") as advance:
+        return embed_pool(loaded, pool, cache_dir=cache_dir, on_batch=advance, refresh=refresh)
+
+
+def accuracy_table(acc: dict[str, float], title: str):
+    from rich.table import Table
+
+    from clipterm.toyworld.world import TASKS
+
+    table = Table("task", "classes", "accuracy", "chance", title=title)
+    for task, value in acc.items():
+        table.add_row(task, str(len(TASKS[task])), f"{value:.3f}", f"{1 / len(TASKS[task]):.3f}")
+    return table
+
+
+# The TUI registers its launcher when the app is assembled (clipterm.tui.command), so that no CLI module imports it.
+_tui_launcher: list[Callable[..., None]] = []
+
+
+def set_tui_launcher(launch: Callable[..., None]) -> None:
+    _tui_launcher[:] = [launch]
+
+
+def open_tui(cache: str, **options: Any) -> None:
+    """Run the TUI on a cache (`clipterm tui`, `clipterm demo`)."""
+    if not _tui_launcher:
+        raise ClipTermError("the TUI is not available in this build of clipterm", hint="reinstall clipterm with its tui package")
+    _tui_launcher[0](cache, **options)

@@ -11,20 +11,26 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import typer
 from rich.console import Console
 from rich.table import Table
+
+from clipterm import names
+from clipterm.cli.common import CacheDirOpt
+from clipterm.cli.output import stdout
 
 DEMO_CACHE = "toy-demo"
 
 
 def prepare(n_images: int, console: Console, cache_dir: str | None = None) -> tuple[Any, Any]:
     """The toy model and the demo cache (built or resumed if missing, with neurons): (loaded, reader)."""
-    from clipterm import locations, store
-    from clipterm.build import BuildOptions, build_cache
+    from clipterm import locations
+    from clipterm.cache import store
+    from clipterm.cache.build import BuildOptions, build_cache
+    from clipterm.cache.neurons import build_neurons, built_layers
+    from clipterm.cache.reader import open_cache
     from clipterm.cli.output import progress
-    from clipterm.models import load_model
-    from clipterm.neuron_store import build_neurons, built_layers
-    from clipterm.reader import open_cache
+    from clipterm.vit.models import load_model
 
     with console.status("loading the toy CLIP"):
         loaded = load_model("toy")
@@ -49,7 +55,7 @@ def prepare(n_images: int, console: Console, cache_dir: str | None = None) -> tu
 
 def run_demo(n: int, seed: int, n_images: int, console: Console, interactive: bool, cache_dir: str | None = None) -> dict:
     """Score the toy CLIP on n fresh scenes, then open the TUI on the demo cache (or print its summary)."""
-    from clipterm.cli.toy import accuracy_table
+    from clipterm.cli.common import accuracy_table
     from clipterm.toyworld.evaluate import evaluate_model
 
     start = time.perf_counter()
@@ -63,7 +69,7 @@ def run_demo(n: int, seed: int, n_images: int, console: Console, interactive: bo
         acc = evaluate_model(loaded.model, loaded.tokenizer, n=n, seed=seed)
     console.print(accuracy_table(acc, title=f"zero-shot accuracy on {n} fresh images (seed {seed})"))
     if interactive:
-        from clipterm.cli.tui import open_tui
+        from clipterm.cli.common import open_tui
 
         open_tui(str(reader.path), cache_dir=cache_dir, loaded=loaded)
         return acc
@@ -77,7 +83,7 @@ def run_demo(n: int, seed: int, n_images: int, console: Console, interactive: bo
 
 def summarise(reader: Any, loaded: Any, cache_dir: str | None = None, heads_per_layer: int = 2) -> dict:
     """What the TUI's tree and panes show for the demo cache, as plain data."""
-    from clipterm.tui.analyses import Analyses
+    from clipterm.analyses.session import Analyses
 
     analyses = Analyses(reader, cache_dir=cache_dir, loaded=loaded)
     layers = analyses.model_ablation()  # task -> drops per layer
@@ -89,8 +95,8 @@ def summarise(reader: Any, loaded: Any, cache_dir: str | None = None, heads_per_
     rows = []
     for layer in range(reader.shape.layers):
         per_head = analyses.layer_ablation(layer)
-        drops = sorted(((*worst(per_head, h), f"L{layer}.H{h}") for h in range(reader.shape.heads)), reverse=True)
-        rows.append({"layer": f"L{layer}", "drop": worst(layers, layer),
+        drops = sorted(((*worst(per_head, h), names.head(layer, h)) for h in range(reader.shape.heads)), reverse=True)
+        rows.append({"layer": names.layer(layer), "drop": worst(layers, layer),
                      "heads": [(head, drop, task, analyses.description(head).rows[0].text)
                                for drop, task, head in drops[:heads_per_layer]]})
     neurons = []
@@ -118,3 +124,22 @@ def print_summary(summary: dict, console: Console) -> None:
         for name, norm, hint in summary["neurons"]:
             neurons.add_row(name, f"{norm:.3g}", hint)
         console.print(neurons)
+
+
+def demo(
+    n: int = typer.Option(400, "--n", min=10, help="Fresh synthetic images to score the model on."),
+    seed: int = typer.Option(7, "--seed", help="Seed of the held-out sample."),
+    scenes: int = typer.Option(2000, "--scenes", min=50, help="Synthetic images in the demo cache (built once)."),
+    no_tui: bool = typer.Option(False, "--no-tui", help="Print the summary instead of opening the TUI."),
+    cache_dir: str = CacheDirOpt,
+) -> None:
+    """Run the whole job offline on the built-in toy CLIP: build a cache with neurons, score the model, open the TUI.
+
+    Without a terminal (or with --no-tui) it prints what the TUI would show and exits.
+    """
+    run_demo(n=n, seed=seed, n_images=scenes, console=stdout, interactive=stdout.is_terminal and not no_tui,
+             cache_dir=cache_dir)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(demo)

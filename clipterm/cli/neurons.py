@@ -6,7 +6,18 @@ from enum import Enum
 
 import typer
 
-from clipterm.cli.common import CacheArg, CacheDirOpt, Device, JsonOpt
+from clipterm import names
+from clipterm.cli.common import (
+    CacheArg,
+    CacheDirOpt,
+    Device,
+    JsonOpt,
+    default_pool_for,
+    embed_reporting,
+    layer_of,
+    load_pool_reporting,
+)
+from clipterm.cli.common import open_reader as _open
 from clipterm.cli.output import emit_json, progress, stdout
 from clipterm.errors import ClipTermError
 
@@ -22,24 +33,6 @@ class Sort(str, Enum):
     sparsity = "sparsity"
 
 
-def _open(cache: str, cache_dir: str | None):
-    from clipterm.reader import open_cache
-
-    return open_cache(cache, cache_dir)
-
-
-def layer_of(spec: str, reader, option: str = "--layer") -> int:
-    """The layer number of a `--layer L9` (or `--layer 9`) option, checked: it must exist and must not be the last."""
-    from clipterm import names
-    from clipterm.neurons import check_layer
-
-    component = names.parse(f"L{spec.strip()}" if spec.strip().isdigit() else spec)
-    if component.kind != "layer":
-        raise ClipTermError(f"{option} takes a layer, not {spec!r}", hint=f"e.g. {option} L{max(reader.shape.layers - 2, 0)}")
-    check_layer(reader.shape.layers, component.layer)
-    return component.layer
-
-
 def _positive(value: int, option: str, example: str) -> int:
     if value < 1:
         raise ClipTermError(f"{option} {value}: must be at least 1", hint=f"e.g. {option} {example}")
@@ -48,9 +41,7 @@ def _positive(value: int, option: str, example: str) -> int:
 
 def _pool_embeddings(reader, pool: str | None, cache_dir: str | None):
     """(embeddings (P, D), pool) of a text pool under the cache's model (cached on disk)."""
-    from clipterm.cli.analyse import default_pool_for
-    from clipterm.cli.texts import embed_reporting, load_pool_reporting
-    from clipterm.texts import model_for_cache
+    from clipterm.cache.reader import model_for_cache
 
     text_pool = load_pool_reporting(default_pool_for(reader, pool))
     return embed_reporting(model_for_cache(reader), text_pool, cache_dir), text_pool
@@ -73,7 +64,7 @@ def build(
     Writes neurons.L{l}.safetensors into the cache: per neuron its mean effect and principal direction,
     and per image its effect norm and CLS activation. JSON schema: clipterm.neurons.build/1.
     """
-    from clipterm.neuron_store import build_neurons
+    from clipterm.cache.neurons import build_neurons
 
     reader = _open(cache, cache_dir)
     result = build_neurons(reader, layer_of(layer, reader), device=device.value, top_k=_positive(top_k, "--top-k", "100"),
@@ -84,7 +75,7 @@ def build(
     notes = [f"{result.missing} images could not be read again and were left out"] if result.missing else []
     if result.changed:
         notes.append(f"{result.changed} images now give another embedding than the cache's (changed on disk?)")
-    stdout.print(f"built second-order effects of L{result.layer} for {result.rows:,} images of [bold]{result.cache}[/] "
+    stdout.print(f"built second-order effects of {names.layer(result.layer)} for {result.rows:,} images of [bold]{result.cache}[/] "
                  f"({result.images_per_s:,.1f} images/s): {result.path}")
     for note in notes:
         stdout.print(f"[yellow]note:[/] {note}")
@@ -110,16 +101,16 @@ def list_(
 
     JSON schema: clipterm.neurons.list/1.
     """
-    from clipterm.neuron_store import NeuronFile, decompose_neurons
+    from clipterm.cache.neurons import NeuronFile, decompose_neurons
 
     reader = _open(cache, cache_dir)
     neuron_file = NeuronFile(reader, layer_of(layer, reader))
     ids = neuron_file.ranking(sort.value)[: _positive(top, "--top", "20")].tolist()
     norm_mean, top1, pc1_share = (neuron_file.tensor(key) for key in ("norm_mean", "top1_share", "pc1_share"))
     mean_norm = neuron_file.tensor("mean").norm(dim=-1)  # (M,)
-    rows = [{"neuron": f"L{neuron_file.layer}.N{n}", "norm_mean": float(norm_mean[n]), "top1_share": float(top1[n]),
+    rows = [{"neuron": names.neuron(neuron_file.layer, n), "norm_mean": float(norm_mean[n]), "top1_share": float(top1[n]),
              "pc1_share": float(pc1_share[n]), "mean_effect_norm": float(mean_norm[n])} for n in ids]
-    payload = {"cache": reader.name, "layer": f"L{neuron_file.layer}", "sort": sort.value, "top_k": neuron_file.top_k,
+    payload = {"cache": reader.name, "layer": names.layer(neuron_file.layer), "sort": sort.value, "top_k": neuron_file.top_k,
                "images": reader.n, "neurons": rows}
     if decompose:
         embeds, text_pool = _pool_embeddings(reader, pool, cache_dir)
@@ -166,7 +157,7 @@ def images(
     json_out: bool = JsonOpt,
 ) -> None:
     """The cache's images that excite a component most: dataset examples. JSON schema: clipterm.images/1."""
-    from clipterm.examples import top_images
+    from clipterm.analyses.examples import top_images
 
     reader = _open(cache, cache_dir)
 

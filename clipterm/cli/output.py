@@ -43,7 +43,14 @@ def error(message: str, hint: str | None = None) -> None:
 @contextmanager
 def progress(description: str, total: int | None, unit: str = "images") -> Iterator[Any]:
     """A rich progress bar on stderr with a rate column; yields `advance(n)`."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = [
         TextColumn("[progress.description]{task.description}"),

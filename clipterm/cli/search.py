@@ -44,8 +44,8 @@ def search(
     strings by cos(text, target) - lambda * prior. Ctrl-C stops after the current step and prints the
     best found so far. JSON: one event per line, schema clipterm.search/1.
     """
-    from clipterm import targets
-    from clipterm.search import SearchConfig, search_model
+    from clipterm.analyses import targets
+    from clipterm.analyses.search import SearchConfig, search_model
 
     config = SearchConfig(beam=beam, topk=topk, random=random_moves, steps=steps, patience=patience or None,
                           time_limit=time_limit, lam=lam, max_tokens=max_tokens, seed=seed)
@@ -70,21 +70,19 @@ def search(
 def _load(model: str | None, pretrained: str | None, cache: str | None, cache_dir: str | None, device: str
           ) -> tuple[Any, Any]:
     """The model (the cache's by default), and the cache reader when one is given, checked to match."""
-    from clipterm.build import pick_device
-    from clipterm.models import load_model
+    from clipterm.vit.models import load_model, pick_device
 
     device = pick_device(device)
     if cache is None:
         return load_model(model or "toy", pretrained, device=device), None
-    from clipterm.reader import open_cache
-    from clipterm.texts import model_for_cache
+    from clipterm.cache.reader import model_for_cache, open_cache
 
     reader = open_cache(cache, cache_dir)
     return model_for_cache(reader, device, model, pretrained), reader
 
 
 def _vocabulary(loaded: Any, path: str | None) -> Any:
-    from clipterm.vocab import default_vocabulary, file_vocabulary
+    from clipterm.inputs.vocab import default_vocabulary, file_vocabulary
 
     if path is None:
         return default_vocabulary(loaded.tokenizer)

@@ -47,8 +47,9 @@ def spatial(
     Query and head maps come from per-token direct effects (TextSpan), read from the cache's tokens when it
     stored them, else from one forward pass. JSON schema: clipterm.spatial/1 (raw per-patch grids).
     """
-    from clipterm import factorise, names, spatial as core
-
+    from clipterm import names
+    from clipterm.analyses import factorise
+    from clipterm.analyses import spatial as core
     modes = [name for name, given in (("--query", query), ("--component", component), ("--nmf", nmf)) if given is not None]
     if len(modes) != 1:
         raise ClipTermError(f"give one of --query, --component or --nmf ({'none' if not modes else ' and '.join(modes)} given)",
@@ -79,19 +80,18 @@ def spatial(
 def _load(model: str | None, pretrained: str | None, cache: str | None, cache_dir: str | None, device: str
           ) -> tuple[Any, Any]:
     """The model (None with a cache and no --model) and the cache reader, checked to match."""
-    from clipterm.build import pick_device
-    from clipterm.models import load_model
+    from clipterm.vit.models import load_model, pick_device
 
     reader = None
     if cache is not None:
-        from clipterm.reader import open_cache
+        from clipterm.cache.reader import open_cache
 
         reader = open_cache(cache, cache_dir)
     if reader is None:
         return load_model(model or "toy", pretrained, device=pick_device(device)), None
     if model is None:
         return None, reader
-    from clipterm.texts import model_for_cache
+    from clipterm.cache.reader import model_for_cache
 
     return model_for_cache(reader, pick_device(device), model, pretrained), reader
 
@@ -99,10 +99,11 @@ def _load(model: str | None, pretrained: str | None, cache: str | None, cache_di
 def _print(result: Any, picture: Any, show: bool, size: int) -> None:
     from rich.table import Table
 
+    from clipterm.analyses.factorise import Factorisation
     from clipterm.names import format_layers
 
-    where = "the cache's tokens" if getattr(result, "source", "forward") == "cache" else "a forward pass"
-    if hasattr(result, "factors"):
+    factors = isinstance(result, Factorisation)
+    if factors:
         stdout.print(f"[bold]{len(result.factors)} {result.method.upper()} factors[/] of {format_layers(result.layers)}'s MLP "
                      f"activations in {picture.ref} (relative error {result.error:.3f})")
         table = Table("factor", "share", "peak patch", "nearest texts (cosine)")
@@ -110,6 +111,7 @@ def _print(result: Any, picture: Any, show: bool, size: int) -> None:
             texts = " · ".join(f"{text} ({cos:.2f})" for text, cos in factor.texts[:4])
             table.add_row(str(i), f"{100 * factor.share:.0f}%", _peak(factor.grid), texts)
     else:
+        where = "the cache's tokens" if result.source == "cache" else "a forward pass"
         stdout.print(f"[bold]{result.title}[/] in {picture.ref}: {result.measure}; {format_layers(result.layers)}, "
                      f"from {where}; class token {result.cls:+.4f}, peak at {_peak(result.grid)}")
         exponent = math.floor(math.log10(max(float(result.grid.abs().max()), 1e-30)))
@@ -121,7 +123,7 @@ def _print(result: Any, picture: Any, show: bool, size: int) -> None:
         from clipterm.thumbnails import map_view
 
         stdout.print(map_view(result, picture.pixels(size), picture.ref, size))
-    if not show or hasattr(result, "factors"):
+    if not show or factors:
         stdout.print(table)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from clipterm.cli.common import CacheDirOpt, PretrainedOpt
-from clipterm.cli.output import JSON_HELP, emit_json, progress, stderr, stdout
+from clipterm.cli.common import CacheDirOpt, PretrainedOpt, embed_reporting, load_pool_reporting
+from clipterm.cli.output import JSON_HELP, emit_json, stdout
 
 texts_app = typer.Typer(help="Text pools (built-in `toy` and `general`, or a UTF-8 file) and their cached embeddings.",
                         no_args_is_help=True)
@@ -13,32 +13,10 @@ texts_app = typer.Typer(help="Text pools (built-in `toy` and `general`, or a UTF
 PoolOpt = typer.Option("toy", "--pool", help="`toy`, `general`, or a UTF-8 file with one text per line.")
 
 
-def load_pool_reporting(spec: str):
-    """Load a pool and say on stderr what was dropped."""
-    from clipterm.texts import load_pool
-
-    pool = load_pool(spec)
-    if pool.dropped_blank or pool.dropped_duplicates:
-        stderr.print(f"[dim]pool {pool.name}: dropped {pool.dropped_blank} blank and {pool.dropped_duplicates} duplicate lines[/]")
-    return pool
-
-
-def embed_reporting(loaded, pool, cache_dir: str | None = None, refresh: bool = False):
-    """Embeddings of a pool under a model (cached), with a progress bar and a warning for over-long texts."""
-    from clipterm.texts import embed_pool
-
-    too_long = pool.too_long(loaded.tokenizer, loaded.info.context_length)
-    if too_long:
-        stderr.print(f"[yellow]warning:[/] {len(too_long)} text(s) longer than the context ({loaded.info.context_length} "
-                     f"tokens) will be truncated, e.g. text {too_long[0] + 1}: {pool.texts[too_long[0]][:60]!r}")
-    with progress(f"embedding {pool.name}", total=len(pool), unit="texts") as advance:
-        return embed_pool(loaded, pool, cache_dir=cache_dir, on_batch=advance, refresh=refresh)
-
-
 @texts_app.command("ls")
 def ls(cache_dir: str = CacheDirOpt, json_out: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """List the built-in pools and the pool embeddings cached under the cache root."""
-    from clipterm.texts import BUILTIN_POOLS, cached_embeddings, load_pool, texts_dir
+    from clipterm.inputs.texts import BUILTIN_POOLS, cached_embeddings, load_pool, texts_dir
 
     builtin = [{"name": name, "n": len(load_pool(name)), "about": about} for name, about in BUILTIN_POOLS.items()]
     cached = cached_embeddings(cache_dir)
@@ -97,8 +75,8 @@ def build(
     """Embed a pool with a model's text tower and cache it per (weights sha256, pool sha256)."""
     import time
 
-    from clipterm.models import load_model
-    from clipterm.texts import embeddings_path, model_key
+    from clipterm.inputs.texts import embeddings_path, model_key
+    from clipterm.vit.models import load_model
 
     text_pool = load_pool_reporting(pool)
     loaded = load_model(model, pretrained, device=device)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from clipterm.cli.common import accuracy_table
 from clipterm.cli.output import JSON_HELP, emit_json, progress, stderr, stdout
 from clipterm.errors import ClipTermError
 
@@ -69,8 +70,8 @@ def evaluate(
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Zero-shot accuracy per task on freshly generated held-out images."""
-    from clipterm.models import load_model
     from clipterm.toyworld.evaluate import HELDOUT_SEED, evaluate_model
+    from clipterm.vit.models import load_model
 
     loaded = load_model(model)
     acc = evaluate_model(loaded.model, loaded.tokenizer, n=n, seed=HELDOUT_SEED if seed is None else seed)
@@ -78,17 +79,6 @@ def evaluate(
         emit_json({"model": model, "n": n, "accuracy": acc}, schema="clipterm.toy.eval/1")
         return
     stdout.print(accuracy_table(acc, title=f"zero-shot accuracy of {model} on {n} held-out images"))
-
-
-def accuracy_table(acc: dict[str, float], title: str):
-    from rich.table import Table
-
-    from clipterm.toyworld.world import TASKS
-
-    table = Table("task", "classes", "accuracy", "chance", title=title)
-    for task, value in acc.items():
-        table.add_row(task, str(len(TASKS[task])), f"{value:.3f}", f"{1 / len(TASKS[task]):.3f}")
-    return table
 
 
 def register(app: typer.Typer) -> None:

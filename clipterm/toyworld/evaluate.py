@@ -60,7 +60,7 @@ def save_model_dir(model, out_dir: Path, meta: dict) -> None:
     """Write an open_clip `local-dir:` folder: config JSON + fp16 safetensors (+ training notes)."""
     import torch
 
-    from clipterm.store import save_tensors
+    from clipterm.files import save_tensors
     from clipterm.toyworld.train import MODEL_CFG, PREPROCESS_CFG
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from clipterm.toyworld.captions import caption
-from clipterm.toyworld.world import COLOURS, POSITIONS, SHAPES, SIZES, WORDS, BACKGROUNDS, Scene, render, sample_scene
+from clipterm.toyworld.world import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, WORDS, Scene, render, sample_scene
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -98,7 +98,7 @@ def train(
     model = open_clip.model.CLIP(**MODEL_CFG)
     done, history, stages = 0, [], []
     if init is not None:
-        from clipterm.store import load_tensors
+        from clipterm.files import load_tensors
 
         notes = json.loads((Path(init) / "training.json").read_text())
         model.load_state_dict({k: v.float() for k, v in load_tensors(Path(init) / "open_clip_model.safetensors").items()})

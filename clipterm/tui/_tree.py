@@ -29,18 +29,18 @@ class TreeMixin:
         self.nodes = {"model": tree.root}
         shape, built = self.reader.shape, set(self.analyses.neuron_layers())
         for layer in range(shape.layers):
-            children = [f"L{layer}.H{h}" for h in range(shape.heads)]
+            children = [names.head(layer, h) for h in range(shape.heads)]
             neurons = [row.component for row in self.neuron_rows.get(layer, [])]
-            if not self._matches(f"L{layer}") and not any(self._matches(c) for c in children + [f"L{layer}.MLP"] + neurons):
+            if not self._matches(names.layer(layer)) and not any(self._matches(c) for c in children + [names.mlp(layer)] + neurons):
                 continue
-            layer_node = tree.root.add(self._label(f"L{layer}"), data=f"L{layer}", expand=bool(self.filter_text))
-            self.nodes[f"L{layer}"] = layer_node
+            layer_node = tree.root.add(self._label(names.layer(layer)), data=names.layer(layer), expand=bool(self.filter_text))
+            self.nodes[names.layer(layer)] = layer_node
             for name in children:
-                if self._matches(name) or self._matches(f"L{layer}"):
+                if self._matches(name) or self._matches(names.layer(layer)):
                     self.nodes[name] = layer_node.add_leaf(self._label(name), data=name)
-            mlp = f"L{layer}.MLP"
+            mlp = names.mlp(layer)
             shown_neurons = [n for n in neurons if self._matches(n)]
-            if not (self._matches(mlp) or self._matches(f"L{layer}") or shown_neurons):
+            if not (self._matches(mlp) or self._matches(names.layer(layer)) or shown_neurons):
                 continue
             if layer in built:
                 mlp_node = layer_node.add(self._label(mlp), data=mlp, expand=bool(self.filter_text and shown_neurons))
@@ -74,9 +74,9 @@ class TreeMixin:
         model = self.analyses.model_ablation()  # task -> one bar per layer
         for layer in range(self.reader.shape.layers):
             drop, task = max((result.bars[layer].drop, task) for task, result in model.items())
-            self.call_from_thread(self._set_hint, f"L{layer}", f"−{100 * drop:.1f}% {task}")
+            self.call_from_thread(self._set_hint, names.layer(layer), f"−{100 * drop:.1f}% {task}")
         shape = self.reader.shape
-        for component in [str(h) for h in names.heads(shape)] + [f"L{l}.MLP" for l in range(shape.layers)]:
+        for component in [str(h) for h in names.heads(shape)] + [names.mlp(l) for l in range(shape.layers)]:
             if worker.is_cancelled:
                 return
             rows = self.analyses.description(component).rows
@@ -96,7 +96,7 @@ class TreeMixin:
     def _add_neurons(self, layer: int) -> None:
         rows = self.analyses.cached("neurons", layer) or []
         self.neuron_rows[layer] = rows
-        mlp_node = self.nodes.get(f"L{layer}.MLP")
+        mlp_node = self.nodes.get(names.mlp(layer))
         for row in rows:
             self.hints.setdefault(row.component, row.hint)
             if mlp_node is not None and row.component not in self.nodes:
@@ -108,7 +108,7 @@ class TreeMixin:
             self._clear_filter()
         if component not in self.nodes and names.parse(component).kind == "neuron":
             neuron = names.parse(component)
-            self.nodes[component] = self.nodes[f"L{neuron.layer}.MLP"].add_leaf(self._label(component), data=component)
+            self.nodes[component] = self.nodes[names.mlp(neuron.layer)].add_leaf(self._label(component), data=component)
         node = self.nodes[component]
         parent = node.parent
         while parent is not None:

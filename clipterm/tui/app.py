@@ -34,8 +34,8 @@ from textual.widgets import Footer, Input, TabbedContent, TabPane, Tree
 from textual.worker import Worker, WorkerState
 
 from clipterm import names
+from clipterm.analyses.session import Analyses, SpatialRequest
 from clipterm.tui._tree import TreeMixin
-from clipterm.tui.analyses import Analyses
 from clipterm.tui.commands import ComponentCommands
 from clipterm.tui.screens import HelpScreen
 from clipterm.tui.widgets import AblationPane, DescriptionPane, ImagesPane, InfoPane, SearchPane, SpatialPane, steady
@@ -83,7 +83,7 @@ class ClipTermApp(TreeMixin, App[None]):
         self.search_results: dict[str, Any] = {}  # target -> last event
         self.search_running: str | None = None
         self.spatial_row: int | None = None  # the Spatial pane's cache row; None: the selection's top image
-        self.spatial_typed = ""  # a typed query (or "nmf K") that replaces the selection in the Spatial pane
+        self.spatial_typed = ""  # a typed target (or `nmf K`) that replaces the selection in the Spatial pane
         self._search_stop = threading.Event()
         self._theme, self._keymap, self._with_hints = theme, keymap or {}, hints
         self.animation_level = "none"  # calm over SSH; no smooth scrolling or fades
@@ -195,7 +195,7 @@ class ClipTermApp(TreeMixin, App[None]):
         component = self.selected
         if self._kind() == "neuron" and names.parse(component).layer not in self.analyses.neuron_layers():
             layer = names.parse(component).layer
-            pane.show_message(f"no neurons file for L{layer}: run clipterm neurons build {self.reader.name} --layer L{layer}")
+            pane.show_message(f"no neurons file for {names.layer(layer)}: run clipterm neurons build {self.reader.name} --layer {names.layer(layer)}")
             return
         result = self.analyses.cached(kind, component)
         if result is not None:
@@ -209,7 +209,7 @@ class ClipTermApp(TreeMixin, App[None]):
         layers = self.analyses.cached("ablation", "layers")
         result = self.analyses.cached("ablation", layer) if layer is not None else None
         if layers is None or (layer is not None and result is None):
-            pane.show_message("mean-ablating " + (f"L{layer}'s heads and MLP…" if layer is not None else "each layer…"))
+            pane.show_message("mean-ablating " + (f"{names.layer(layer)}'s heads and MLP…" if layer is not None else "each layer…"))
 
             def compute() -> None:
                 self.analyses.model_ablation()
@@ -237,14 +237,12 @@ class ClipTermApp(TreeMixin, App[None]):
 
     # ----------------------------------------------------------------- spatial
 
-    def _spatial_key(self) -> tuple[int, str] | None:
+    def _spatial_key(self) -> tuple[int, SpatialRequest] | None:
         """(cache row, what to map) for the Spatial pane, or None when the selection has no map."""
-        typed = self.spatial_typed
-        if typed:
-            words = typed.split()
-            target = f"nmf:{words[1]}" if len(words) == 2 and words[0] == "nmf" and words[1].isdigit() else f"query:{typed}"
+        if self.spatial_typed:
+            target = SpatialRequest.typed(self.spatial_typed)
         elif self._kind() in ("layer", "head", "mlp", "neuron"):
-            target = self.selected
+            target = SpatialRequest(self.selected)
         else:
             return None
         if self.spatial_row is not None:
@@ -265,7 +263,7 @@ class ClipTermApp(TreeMixin, App[None]):
         if self.spatial_row is None and self._wanted("images") and not self.analyses.cached("images", self.selected):
             pane.show_message(f"{self.selected}: finding its top image to map…")  # the images worker brings us back
             return
-        pane.show_message(f"{key[1].removeprefix('query:')} · row {key[0]}: mapping…")
+        pane.show_message(f"{key[1].title} · row {key[0]}: mapping…")
         self._compute("spatial", key, lambda: self.analyses.spatial(*key))
 
     def action_spatial_step(self, step: int) -> None:

@@ -23,8 +23,8 @@ class ComponentCommands(Provider):
     def _components(self) -> list[str]:
         app = self.app
         shape = app.reader.shape
-        found = [f"L{l}" for l in range(shape.layers)] + [str(h) for h in names.heads(shape)]
-        found += [f"L{l}.MLP" for l in range(shape.layers)]
+        found = [names.layer(l) for l in range(shape.layers)] + [str(h) for h in names.heads(shape)]
+        found += [names.mlp(l) for l in range(shape.layers)]
         return found + [n for n in app.nodes if n not in found and n != "model"]
 
     async def discover(self) -> Hits:

@@ -1,4 +1,4 @@
-"""The right-hand text panes. Each takes plain results (see `clipterm.tui.analyses`) and renders them."""
+"""The right-hand text panes. Each takes plain results (see `clipterm.analyses.session`) and renders them."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ from typing import Any
 
 from rich.text import Text
 from textual.widgets import Static
+
+from clipterm import names
+from clipterm.analyses.session import NeuronDescription
 
 BAR_WIDTH = 20
 
@@ -31,7 +34,7 @@ class DescriptionPane(Pane):
     """TextSpan texts of the selected head or MLP, or the sparse text decomposition of a neuron."""
 
     def show(self, description: Any) -> None:
-        if hasattr(description, "cosine"):
+        if isinstance(description, NeuronDescription):
             self._show_neuron(description)
             return
         out = Text(no_wrap=True, overflow="ellipsis")  # one line per text, however narrow the terminal
@@ -80,7 +83,7 @@ class AblationPane(Pane):
             out.append(f"  (t: next of {len(tasks)} tasks)", style="dim")
         out.append("\n")
         lines = []
-        for title, result in ((f"L{layer_index} heads and MLP", layer), ("whole layers", layers)):
+        for title, result in ((f"{names.layer(layer_index)} heads and MLP", layer), ("whole layers", layers)):
             if result is None:
                 continue
             out.append(f"{title}\n", style="underline")

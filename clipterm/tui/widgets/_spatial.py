@@ -14,7 +14,7 @@ class SpatialPane(QueryPane, VerticalScroll):
     """A query field, a status line and the map. Empty field: the selected component's map."""
 
     ids = ("spatial-query", "spatial-status", "spatial-map")
-    placeholder = "text query (a red star), class:red or nmf 3 — enter; empty: the selection"
+    placeholder = "a red star, text:…, class:red, L5.H2, or nmf 3 — enter; empty: the selection"
     hint = "[ and ]: previous / next image of the cache"
     body_classes = "pane-body"
 

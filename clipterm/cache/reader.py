@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from clipterm import locations, names
+from clipterm.cache.store import IMAGES, MANIFEST, READOUT, STATS, read_manifest
 from clipterm.errors import ClipTermError, ExitCode
-from clipterm.store import IMAGES, MANIFEST, READOUT, STATS, file_sha256, read_manifest
+from clipterm.files import file_sha256
 
 
 def resolve(path_or_name: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -55,6 +56,18 @@ def check_model(reader: CacheReader, model_info: Any) -> None:
                  + (f" --pretrained {built['pretrained']}" if built.get("pretrained") else "") + "), or build a cache for this one",
             code=ExitCode.INVALID_DATA,
         )
+
+
+def model_for_cache(reader: Any, device: str = "cpu", model: str | None = None, pretrained: str | None = None) -> Any:
+    """Load the model a cache was built with, or `model` (+ `pretrained`); the weights are checked against the
+    manifest, so another model is refused with a hint."""
+    from clipterm.vit.models import load_model
+
+    built = reader.manifest["model"]
+    spec, tag = (model, pretrained) if model is not None else (built["spec"], built.get("pretrained"))
+    loaded = load_model(spec, tag, device=device)
+    check_model(reader, loaded.info)
+    return loaded
 
 
 class CacheReader:
@@ -126,7 +139,7 @@ class CacheReader:
         if comp.kind == "layer":
             head_out = self._gather(lambda f: f.get_slice("head_out")[comp.layer].transpose(0, 1), rows)  # (N, H, dh)
             heads = torch.einsum("nhd,hde->ne", head_out.float(), self.readout[comp.layer])  # (N, D)
-            return heads + self.effects(f"L{comp.layer}.MLP", rows)
+            return heads + self.effects(names.mlp(comp.layer), rows)
         raise ClipTermError(f"{name} has no stored direct effect", hint="neurons have second-order effects: see `clipterm neurons`")
 
     def head_out(self, head: str | tuple[int, int], rows: Sequence[int] | None = None) -> Any:
@@ -177,10 +190,10 @@ class CacheReader:
         stored = self.manifest["stored"]["tokens"]
         if layer not in stored:
             have = names.format_layers(stored) if stored else "none"
-            raise ClipTermError(f"cache {self.name} holds no tokens for L{layer} (it has {have})", hint="rebuild it with `--tokens L8-11`")
+            raise ClipTermError(f"cache {self.name} holds no tokens for {names.layer(layer)} (it has {have})", hint="rebuild it with `--tokens L8-11`")
         # (n, H, T, dh); with rows, only the span of rows each shard needs is read, not the shard's whole tensor
-        parts = self._per_shard(lambda f: f.get_tensor(f"tokens.L{layer}").transpose(0, 1), rows,
-                                span=lambda f, lo, hi: f.get_slice(f"tokens.L{layer}")[:, lo:hi].transpose(0, 1))
+        parts = self._per_shard(lambda f: f.get_tensor(f"tokens.{names.layer(layer)}").transpose(0, 1), rows,
+                                span=lambda f, lo, hi: f.get_slice(f"tokens.{names.layer(layer)}")[:, lo:hi].transpose(0, 1))
         return torch.cat(parts).transpose(0, 1)
 
     def stats(self, name: str | None = None) -> dict[str, Any]:
@@ -323,7 +336,7 @@ def verify(directory: Path) -> list[dict[str, str]]:
             "image_embeds": [n, s["embed_dim"]], "index": [n],
             **{f"labels.{t}": [n] for t in m["dataset"]["tasks"]},
             **({"neurons": [s["layers"], n, s["mlp_width"]]} if m["stored"]["neurons"] else {}),
-            **{f"tokens.L{l}": [s["heads"], n, s["tokens"], s["head_dim"]] for l in m["stored"]["tokens"]},
+            **{f"tokens.{names.layer(l)}": [s["heads"], n, s["tokens"], s["head_dim"]] for l in m["stored"]["tokens"]},
         }
         try:
             with safe_open(str(path), framework="pt") as f:

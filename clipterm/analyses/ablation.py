@@ -111,9 +111,9 @@ def group(reader: Any, by: str) -> list[str]:
     if by == "head":
         return [str(c) for c in names.heads(shape)]
     if by == "mlp":
-        return [f"L{l}.MLP" for l in range(shape.layers)]
+        return [names.mlp(l) for l in range(shape.layers)]
     if by == "layer":
-        return [f"L{l}" for l in range(shape.layers)]
+        return [names.layer(l) for l in range(shape.layers)]
     raise ClipTermError(f"cannot ablate by {by!r}", hint="--by takes layer, head or mlp")
 
 
@@ -144,15 +144,15 @@ def second_order_shifts(neuron_file: Any, which: Iterable[str] = SECOND_ORDER) -
     everything = (mean_total - neuron_file.tensor("effect_sum")) * readable  # (N, D): Σ_n (mean_n - e_n)
     significant = -neuron_file.tensor("significant_sum") * readable  # (N, D): Σ_{n significant} (mean_n - e_n)
     shifts = {"all": everything, "significant": significant, "insignificant": everything - significant}  # (N, D) each
-    return [(f"L{neuron_file.layer} {name}", shifts[name]) for name in which]
+    return [(f"{names.layer(neuron_file.layer)} {name}", shifts[name]) for name in which]
 
 
 def cumulative_shifts(reader: Any, by: str) -> Iterable[tuple[str, torch.Tensor]]:
     """Layers 0..l all mean-ablated (their heads, MLPs, or both), for each l."""
     total = None
     for layer in range(reader.shape.layers):
-        parts = {"head": [f"L{layer}.H{h}" for h in range(reader.shape.heads)], "mlp": [f"L{layer}.MLP"],
-                 "layer": [f"L{layer}"]}[by]
+        parts = {"head": [names.head(layer, h) for h in range(reader.shape.heads)], "mlp": [names.mlp(layer)],
+                 "layer": [names.layer(layer)]}[by]
         for name in parts:
             total = shift(reader, name) if total is None else total + shift(reader, name)
         yield names.format_layers(list(range(layer + 1))), total
@@ -251,19 +251,19 @@ def scorings(
 def textspan_evaluation(reader: Any, scoring: Scoring, spans: dict[str, Any], last: int) -> dict[str, float]:
     """The paper's check: heads of the last `last` layers replaced by their TextSpan reconstructions,
     every earlier head mean-ablated (MLPs, embed and bias kept). `spans` maps those heads to SpanResults."""
-    from clipterm.textspan import reconstruct
+    from clipterm.analyses.textspan import reconstruct
 
     shape = reader.shape
     early = None
     for layer in range(shape.layers - last):
         for head in range(shape.heads):
-            part = shift(reader, f"L{layer}.H{head}")
+            part = shift(reader, names.head(layer, head))
             early = part if early is None else early + part
     early = torch.zeros_like(reader.image_embeds()) if early is None else early
     replaced = early.clone()
     for layer in range(shape.layers - last, shape.layers):
         for head in range(shape.heads):
-            name = f"L{layer}.H{head}"
+            name = names.head(layer, head)
             effects = reader.effects(name)  # (N, D)
             replaced += reconstruct(effects, spans[name]) - effects
     accuracy = lambda s=None: float(scoring.outcome(s).float().mean())  # noqa: E731
@@ -286,8 +286,8 @@ def image_contributions(reader: Any, row: int) -> dict[str, torch.Tensor]:
     out = {"embed": reader.effects("embed", [row])[0], "bias": reader.effects("bias", [row])[0]}
     for layer in range(shape.layers):
         for head in range(shape.heads):
-            out[f"L{layer}.H{head}"] = reader.head_out((layer, head), [row])[0].float() @ reader.readout[layer, head]
-        out[f"L{layer}.MLP"] = reader.effects(f"L{layer}.MLP", [row])[0]
+            out[names.head(layer, head)] = reader.head_out((layer, head), [row])[0].float() @ reader.readout[layer, head]
+        out[names.mlp(layer)] = reader.effects(names.mlp(layer), [row])[0]
     return out
 
 

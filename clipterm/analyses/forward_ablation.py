@@ -38,7 +38,7 @@ def parts(component: str, shape: names.ModelShape) -> dict[int, tuple[list[int],
 
 def _head_outputs(attn: Any, normed: torch.Tensor) -> torch.Tensor:
     """Each head's attention output before out_proj, (B, H, T, dh), with head_scale applied."""
-    from clipterm.decompose import attention_qkv
+    from clipterm.vit.decompose import attention_qkv
 
     q, k, v, scale = attention_qkv(attn, normed)  # (B, H, T, dh) each
     heads = F.scaled_dot_product_attention(q, k, v, scale=scale)  # (B, H, T, dh)
@@ -84,7 +84,7 @@ def _hooks(blocks: Any, plan: dict[int, tuple[list[int], bool]], means: dict[int
 
 def _image_batches(reader: Any, loaded: Any, batch_size: int) -> Callable[[], Iterator[torch.Tensor]]:
     """The cache's images, preprocessed, in row order; refuses when the inputs changed since the build."""
-    from clipterm.images import ImageDataset, collate, open_source
+    from clipterm.inputs.images import ImageDataset, collate, open_source
 
     dataset = reader.manifest["dataset"]
     source = open_source(dataset["root"] or dataset["source"])

@@ -74,7 +74,7 @@ def top_images(reader: Any, name: str, top: int = 16, by: str | None = None,
 
 
 def _neuron_scores(reader: Any, component: names.Component, by: str) -> tuple[Any, str]:
-    from clipterm.neuron_store import NeuronFile
+    from clipterm.cache.neurons import NeuronFile
 
     if by not in NEURON_BY:
         raise ClipTermError(f"a neuron's images are ranked by {' or '.join(NEURON_BY)}, not {by!r}",
@@ -104,7 +104,7 @@ def _direct_scores(reader: Any, component: names.Component, by: str, text_embeds
         return effects @ principal_direction(reader, str(component.base), k), f"projection on principal direction {k}"
     if text_embeds is None:
         raise ClipTermError("ranking by TextSpan needs a text pool", hint="use --by pc, or give a pool")
-    from clipterm.textspan import component_stats, text_span
+    from clipterm.analyses.textspan import component_stats, text_span
 
     embeds, texts = text_embeds()
     span = text_span(*component_stats(reader, str(component.base)), embeds, n_texts=1)
@@ -118,7 +118,7 @@ def principal_direction(reader: Any, name: str, k: int = 1) -> Any:
     its sign makes the mean projection positive (DESIGN.md: `L5.H2:pc2`)."""
     import torch
 
-    from clipterm.textspan import component_stats
+    from clipterm.analyses.textspan import component_stats
 
     count, total, outer, head_readout = component_stats(reader, name)  # head space for heads, joint for MLPs
     head_readout = head_readout.double()  # (dh, D)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from clipterm import names
+from clipterm.errors import ClipTermError
 
 NEURONS_IN_TREE = 64  # a layer's neurons listed under its MLP node, by effect norm; the palette reaches the rest
 
@@ -91,6 +92,33 @@ class SpatialView:
     copy_text: str  # the grid, one row of numbers per line
 
 
+@dataclass(frozen=True)
+class SpatialRequest:
+    """What the Spatial pane maps: a target of the search grammar, or (with `factors` K) the image's K NMF factors."""
+
+    target: str = ""  # `L5.H2`, `text:a red star`, `class:red`, …
+    factors: int = 0
+
+    @classmethod
+    def typed(cls, text: str) -> SpatialRequest:
+        """From what a user typed: `nmf K`, a target, or plain words (taken as `text:`)."""
+        words = text.split()
+        if len(words) == 2 and words[0].lower() == "nmf" and words[1].isdigit():
+            return cls(factors=int(words[1]))
+        if text.startswith(("text:", "class:")):
+            return cls(target=text)
+        try:
+            return cls(target=str(names.parse(text)))
+        except ClipTermError:
+            return cls(target=f"text:{text}")
+
+    @property
+    def title(self) -> str:
+        if self.factors:
+            return f"{self.factors} NMF factors"
+        return f"“{self.target[5:]}”" if self.target.startswith("text:") else self.target
+
+
 class Analyses:
     """Memoised results for one cache. Safe to call from several worker threads."""
 
@@ -123,7 +151,7 @@ class Analyses:
     def neuron_layers(self) -> list[int]:
         """Layers whose neurons file was built (`clipterm neurons build`), as of the first call."""
         if self._neuron_layers is None:
-            from clipterm.neuron_store import built_layers
+            from clipterm.cache.neurons import built_layers
 
             self._neuron_layers = built_layers(self.reader.path)
         return self._neuron_layers
@@ -134,13 +162,13 @@ class Analyses:
     # ----------------------------------------------------------------- shared inputs, loaded once
 
     def loaded(self) -> Any:
-        from clipterm.texts import model_for_cache
+        from clipterm.cache.reader import model_for_cache
 
         return self._memoised("model", None, self._load_model or (lambda: model_for_cache(self.reader)))
 
     def _pool(self) -> tuple[Any, Any]:
         def load():
-            from clipterm.texts import embed_pool, load_pool
+            from clipterm.inputs.texts import embed_pool, load_pool
 
             pool = load_pool(self.pool_spec)
             return pool, embed_pool(self.loaded(), pool, cache_dir=self.cache_dir)
@@ -159,8 +187,8 @@ class Analyses:
 
     def _scorings(self) -> dict[str, Any]:
         def load():
-            from clipterm import ablation
-            from clipterm.textencode import encode_texts
+            from clipterm.analyses import ablation
+            from clipterm.vit.textencode import encode_texts
 
             loaded = self.loaded()
             return ablation.scorings(self.reader, lambda texts: encode_texts(loaded.model, loaded.tokenizer, texts),
@@ -169,7 +197,7 @@ class Analyses:
         return self._memoised("scorings", None, load)
 
     def _neuron_file(self, layer: int) -> Any:
-        from clipterm.neuron_store import NeuronFile
+        from clipterm.cache.neurons import NeuronFile
 
         return self._memoised("neuron_file", layer, lambda: NeuronFile(self.reader, layer))
 
@@ -178,7 +206,7 @@ class Analyses:
     def description(self, component: str) -> Description:
         """TextSpan texts of a head or MLP over the pool, with the variance each explains."""
         def compute():
-            from clipterm.textspan import component_stats, text_span
+            from clipterm.analyses.textspan import component_stats, text_span
 
             pool, embeds = self._pool()
             span = text_span(*component_stats(self.reader, component), embeds, n_texts=self.n_texts)
@@ -190,7 +218,7 @@ class Analyses:
     def neuron_description(self, component: str, k: int = 32) -> NeuronDescription:
         """A neuron's second-order direction as a sparse sum of pool texts (OMP), strongest first."""
         def compute():
-            from clipterm.neuron_store import decompose_neurons
+            from clipterm.cache.neurons import decompose_neurons
 
             neuron = names.parse(component)
             pool, embeds = self._pool()
@@ -205,7 +233,7 @@ class Analyses:
     def neurons(self, layer: int, top: int = NEURONS_IN_TREE) -> list[NeuronRow]:
         """A layer's neurons with the largest second-order effects, each with its top decomposition text."""
         def compute():
-            from clipterm.neuron_store import decompose_neurons
+            from clipterm.cache.neurons import decompose_neurons
 
             neuron_file = self._neuron_file(layer)
             norms = neuron_file.tensor("norm_mean")  # (M,)
@@ -213,7 +241,7 @@ class Analyses:
             pool, embeds = self._pool()
             code = decompose_neurons(neuron_file, ids, embeds, k=8)
             hints = [pool.texts[code.leading(i)] if code.leading(i) is not None else "" for i in range(len(ids))]
-            return [NeuronRow(f"L{layer}.N{n}", float(norms[n]), hint) for n, hint in zip(ids, hints)]
+            return [NeuronRow(names.neuron(layer, n), float(norms[n]), hint) for n, hint in zip(ids, hints)]
 
         return self._memoised("neurons", layer, compute)
 
@@ -226,16 +254,16 @@ class Analyses:
     def layer_ablation(self, layer: int) -> dict[str, TaskAblation]:
         """Per task: the drop when each head (and the MLP) of a layer is mean-ablated on its own."""
         shape = self.reader.shape
-        components = [f"L{layer}.H{h}" for h in range(shape.heads)] + [f"L{layer}.MLP"]
+        components = [names.head(layer, h) for h in range(shape.heads)] + [names.mlp(layer)]
         return self._memoised("ablation", layer, lambda: self._ablate(components))
 
     def model_ablation(self) -> dict[str, TaskAblation]:
         """Per task: the drop when each whole layer (its heads and MLP) is mean-ablated."""
         return self._memoised("ablation", "layers",
-                              lambda: self._ablate([f"L{l}" for l in range(self.reader.shape.layers)]))
+                              lambda: self._ablate([names.layer(l) for l in range(self.reader.shape.layers)]))
 
     def _ablate(self, components: list[str]) -> dict[str, TaskAblation]:
-        from clipterm import ablation
+        from clipterm.analyses import ablation
 
         scorings = self._scorings()
         rows = ablation.ablate(scorings, ablation.shifts(self.reader, components), self.draws)
@@ -249,7 +277,7 @@ class Analyses:
     def top_images(self, component: str, top: int = 12, size: int = 16) -> ImageRanking:
         """The images that score highest for a head, MLP or neuron, as small RGB thumbnails."""
         def compute():
-            from clipterm.examples import top_images
+            from clipterm.analyses.examples import top_images
             from clipterm.thumbnails import load_thumbnail
 
             def pool_embeds():
@@ -268,32 +296,30 @@ class Analyses:
 
     # ----------------------------------------------------------------- spatial
 
-    def spatial(self, row: int, target: str) -> SpatialView:
-        """Where `target` acts in cache row `row`: a component (`L5.H2`, `L5`, `L4.MLP`, `L4.N12`), a text query
-        (`query:a red star`, `query:class:red`), or `nmf:K` factors of the image's MLP activations."""
+    def spatial(self, row: int, request: SpatialRequest) -> SpatialView:
+        """Where a request acts in cache row `row`: a target of the search grammar (a component such as `L5.H2`,
+        `L5`, `L4.MLP`, `L4.N12`; `text:a red star`; `class:red`), or NMF factors of the image's MLP activations."""
         def compute():
-            from clipterm import factorise, spatial
+            from clipterm.analyses import factorise, spatial
             from clipterm.thumbnails import map_view
 
             image = spatial.open_image(f"row:{row}", reader=self.reader)
-            if target.startswith("query:"):
-                result = spatial.query_map(image, target[6:], loaded=self.loaded(), reader=self.reader,
-                                           contrast=self._unit_pool()[0], cache_dir=self.cache_dir)
-                title = f"“{target[6:]}”"
-            elif target.startswith("nmf:"):
-                result = factorise.factorise(image, int(target[4:]), loaded=self.loaded(), reader=self.reader,
+            if request.factors:
+                result = factorise.factorise(image, request.factors, loaded=self.loaded(), reader=self.reader,
                                              pool=self._unit_pool())
-                title = f"{target[4:]} NMF factors"
+                grid, about = result.factors[0].grid, "parts of the image that push together (Building Blocks)"
+            elif request.target.startswith(("text:", "class:")):
+                result = spatial.query_map(image, request.target, loaded=self.loaded(), reader=self.reader,
+                                           contrast=self._unit_pool()[0], cache_dir=self.cache_dir)
+                grid, about = result.grid, result.measure
             else:
-                result = spatial.component_map(image, target, reader=self.reader, loaded=self.loaded())
-                title = target
-            grid = result.grid if hasattr(result, "grid") else result.factors[0].grid
-            about = getattr(result, "measure", "parts of the image that push together (Building Blocks)")
+                result = spatial.component_map(image, request.target, reader=self.reader, loaded=self.loaded())
+                grid, about = result.grid, result.measure
             copy_text = "\n".join(" ".join(f"{v:.4g}" for v in line) for line in grid.tolist())
-            return SpatialView(f"{title} · row {row}", about, map_view(result, image.pixels(32), f"row {row}"),
+            return SpatialView(f"{request.title} · row {row}", about, map_view(result, image.pixels(32), f"row {row}"),
                                copy_text)
 
-        return self._memoised("spatial", (row, target), compute)
+        return self._memoised("spatial", (row, request), compute)
 
     # ----------------------------------------------------------------- search
 
@@ -308,8 +334,8 @@ class Analyses:
 
     def search(self, target: str, cancel: Callable[[], bool], seed: int = 0, steps: int = 200) -> Iterator[Any]:
         """Stream `SearchEvent`s of a hill-climb towards a target (any `clipterm search` target syntax)."""
-        from clipterm import targets
-        from clipterm.search import SearchConfig, search_model
+        from clipterm.analyses import targets
+        from clipterm.analyses.search import SearchConfig, search_model
 
         loaded = self.loaded()
         with self._lock:  # the direction reads the cache; the climb itself only needs the text tower
@@ -337,8 +363,8 @@ class Analyses:
             "model": " ".join(str(v) for v in (model.get("arch"), model.get("pretrained")) if v) or model.get("spec", ""),
             "source": manifest["dataset"].get("source"),
             "tasks": ", ".join(self.reader.tasks) or "none",
-            "neurons": ", ".join(f"L{l}" for l in built) or "none (clipterm neurons build CACHE --layer L…)",
-            "tokens": ", ".join(f"L{l}" for l in self.token_layers()) or "none",
+            "neurons": ", ".join(names.layer(l) for l in built) or "none (clipterm neurons build CACHE --layer L…)",
+            "tokens": ", ".join(names.layer(l) for l in self.token_layers()) or "none",
             "pool": self.pool_spec,
         }
 

@@ -114,14 +114,14 @@ def _direction(term: Term, loaded: Any, reader: Any | None) -> torch.Tensor:
 
 
 def _encode(loaded: Any, texts: list[str]) -> torch.Tensor:
-    from clipterm.textencode import encode_texts
+    from clipterm.vit.textencode import encode_texts
 
     return encode_texts(loaded.model, loaded.tokenizer, texts, normalize=True)  # (n, D)
 
 
 def image_direction(loaded: Any, path: str) -> torch.Tensor:
     """The unit embedding (D,) of one image file."""
-    from clipterm.images import SkipImage, decode
+    from clipterm.inputs.images import SkipImage, decode
 
     file = Path(path).expanduser()
     if not file.is_file():
@@ -139,7 +139,7 @@ def image_direction(loaded: Any, path: str) -> torch.Tensor:
 def class_direction(loaded: Any, spec: str, reader: Any | None = None) -> torch.Tensor:
     """A class's template-averaged unit embedding (D,): the cache's classes first, then the toy world's
     (for the toy model), then ImageNet's. `TASK/NAME` picks the task when a name is in several."""
-    from clipterm.ablation import class_weights, imagenet_templates, prompts_for
+    from clipterm.analyses.ablation import class_weights, imagenet_templates, prompts_for
 
     task, _, name = spec.rpartition("/")
     kind, tasks = "", {}
@@ -167,7 +167,7 @@ def head_direction(reader: Any, head: str, pc: int = 1) -> torch.Tensor:
     """The pc-th principal direction (D,) of a head's centred joint-space effects, from the cache's
     statistics: the top eigenvectors of R^T Σ R, found in head space (Σ the head-space covariance,
     R the readout). Its sign makes the mean effect project positively."""
-    from clipterm.textspan import head_moments, component_stats
+    from clipterm.analyses.textspan import component_stats, head_moments
 
     count, total, outer, readout = component_stats(reader, head)
     moments = head_moments(count, total, outer, readout)  # covariance in orthonormal coordinates of R's row space
@@ -183,6 +183,6 @@ def head_direction(reader: Any, head: str, pc: int = 1) -> torch.Tensor:
 
 def neuron_direction(reader: Any, layer: int, index: int) -> torch.Tensor:
     """A neuron's second-order principal direction (D,): `pc1` of the cache's `neurons.L{layer}.safetensors`."""
-    from clipterm.neuron_store import NeuronFile
+    from clipterm.cache.neurons import NeuronFile
 
     return NeuronFile(reader, layer).tensor("pc1")[index].float()  # (D,)

@@ -35,7 +35,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
-from clipterm import store
+from clipterm import files, names
+from clipterm.cache import store
 from clipterm.errors import ClipTermError, ExitCode
 
 FORMAT = "clipterm.neurons/2"
@@ -44,7 +45,7 @@ KEEP_IN_MEMORY = 1 << 30  # per-image scalars up to this many bytes are kept for
 
 
 def neurons_file(directory: str | Path, layer: int) -> Path:
-    return Path(directory) / f"neurons.L{layer}.safetensors"
+    return Path(directory) / f"neurons.{names.layer(layer)}.safetensors"
 
 
 def built_layers(directory: str | Path) -> list[int]:
@@ -68,7 +69,7 @@ def _identity(reader: Any) -> dict[str, str]:
 
 def cache_source(reader: Any) -> Any:
     """The cache's inputs as an ImageSource, from images.jsonl (paths and ids as they were at build time)."""
-    from clipterm.images import ImageItem, ImageSource
+    from clipterm.inputs.images import ImageItem, ImageSource
 
     dataset = reader.manifest["dataset"]
     lines = sorted(reader.images(), key=lambda row: row["index"])
@@ -109,23 +110,23 @@ def build_neurons(reader: Any, layer: int, device: str = "auto", top_k: int = 10
     The ranking by centred norm needs the mean first: it runs over the scalars kept from the first
     pass when they take at most `keep_bytes`, else over a second pass of the images.
     """
-    from clipterm import neurons
-    from clipterm.build import pick_device
-    from clipterm.reader import check_model
+    from clipterm.cache.reader import check_model
+    from clipterm.vit import second_order
+    from clipterm.vit.models import pick_device
 
     started = time.perf_counter()
     shape = reader.shape
-    neurons.check_layer(shape.layers, layer)
+    second_order.check_layer(shape.layers, layer)
     if top_k < 1:
         raise ClipTermError(f"--top-k {top_k}: the principal direction needs at least one image", hint="the default is 100")
     device = pick_device(device)
     if loaded is None:
-        from clipterm.texts import model_for_cache
+        from clipterm.cache.reader import model_for_cache
 
         loaded = model_for_cache(reader, device)
     check_model(reader, loaded.info)
     model = loaded.model.to(device).eval()
-    vectors = neurons.path_vectors(model, layer)  # (M, K, D)
+    vectors = second_order.path_vectors(model, layer)  # (M, K, D)
     keep = reader.n * vectors.shape[0] * vectors.shape[1] * 4 <= keep_bytes
     state = _Accumulator(reader, vectors, top_k, device, keep)
 
@@ -133,16 +134,16 @@ def build_neurons(reader: Any, layer: int, device: str = "auto", top_k: int = 10
         return _traced(reader, loaded, model, layer, device, batch_size, workers, progress, cancel, description)
 
     with store.CacheLock(reader.path):
-        for kept, out in passes(f"neurons L{layer}"):
+        for kept, out in passes(f"neurons {names.layer(layer)}"):
             state.add(kept, out)
         state.finish_first_pass()
-        for rows, scalars in state.kept or ((state.rows(kept), out.scalars) for kept, out in passes(f"ranking L{layer}")):
+        for rows, scalars in state.kept or ((state.rows(kept), out.scalars) for kept, out in passes(f"ranking {names.layer(layer)}")):
             state.rank(rows, scalars)
         meta = {"format": FORMAT, "layer": str(layer), "top_k": str(state.top.rows.shape[1]),
-                "paths": json.dumps(neurons.paths(shape.layers, shape.heads, layer)),
+                "paths": json.dumps(second_order.paths(shape.layers, shape.heads, layer)),
                 "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **_identity(reader)}
         path = neurons_file(reader.path, layer)
-        store.save_tensors(path, state.tensors(), metadata=meta)
+        files.save_tensors(path, state.tensors(), metadata=meta)
     seconds = time.perf_counter() - started
     n = reader.n
     return NeuronBuildResult(reader.name, layer, str(path), n, int(state.missing.sum()), state.changed,
@@ -157,9 +158,9 @@ def _traced(reader: Any, loaded: Any, model: Any, layer: int, device: str, batch
 
     from torch.utils.data import DataLoader
 
-    from clipterm import neurons
-    from clipterm.build import default_workers
-    from clipterm.images import ImageDataset, collate
+    from clipterm.cache.build import default_workers
+    from clipterm.inputs.images import ImageDataset, collate
+    from clipterm.vit import second_order
 
     source = cache_source(reader)
     indices = reader.index().tolist()  # cache row -> input index
@@ -173,7 +174,7 @@ def _traced(reader: Any, loaded: Any, model: Any, layer: int, device: str, batch
                 raise ClipTermError("neuron build cancelled", hint="run it again; nothing was written",
                                     code=ExitCode.INTERRUPTED)
             if pixels is not None:
-                yield kept, neurons.trace(model, pixels.to(device), layer)
+                yield kept, second_order.trace(model, pixels.to(device), layer)
             advance(len(kept) + len(skipped))
 
 
@@ -183,19 +184,19 @@ class _Accumulator:
     def __init__(self, reader: Any, vectors: Any, top_k: int, device: str, keep: bool):
         import torch
 
-        from clipterm import neurons
+        from clipterm.vit import second_order
 
         n, (m, k_paths, d) = reader.n, vectors.shape
         self.reader, self.vectors, self.top_k, self.name = reader, vectors, top_k, reader.name
         self.row_of = {index: row for row, index in enumerate(reader.index().tolist())}
         self.expected = reader.image_embeds().to(device)  # (N, D)
-        self.grams = neurons.gram(vectors)  # (M, K, K)
+        self.grams = second_order.gram(vectors)  # (M, K, K)
         self.norms = torch.zeros(n, m, dtype=torch.float16)  # (N, M)
         self.activations = torch.zeros(n, m, dtype=torch.float16)  # (N, M)
         self.effect_sum = torch.zeros(n, d)  # (N, D)
         self.missing = torch.ones(n, dtype=torch.uint8)  # (N,) until the image is seen
         self.scalar_sum = torch.zeros(m, k_paths, dtype=torch.float64, device=device)  # (M, K)
-        self.top = neurons.TopK.empty(m, k_paths, device=device)
+        self.top = second_order.TopK.empty(m, k_paths, device=device)
         self.kept: list | None = [] if keep else None  # (rows (B,), scalars (B, M, K)) per batch, for the ranking pass
         self.mean_scalars = None
         self.changed = 0
@@ -207,12 +208,12 @@ class _Accumulator:
 
     def add(self, kept: list[int], out: Any) -> None:
         """First pass: everything that does not need the mean."""
-        from clipterm import neurons
+        from clipterm.vit import second_order
 
         rows = self.rows(kept)  # (B,)
-        norms = neurons.effect_norms(out.scalars, self.grams)  # (B, M)
+        norms = second_order.effect_norms(out.scalars, self.grams)  # (B, M)
         self.norms[rows], self.activations[rows] = norms.half().cpu(), out.activations.half().cpu()
-        self.effect_sum[rows] = neurons.effect_sums(out.scalars, self.vectors).cpu()  # (B, D)
+        self.effect_sum[rows] = second_order.effect_sums(out.scalars, self.vectors).cpu()  # (B, D)
         self.missing[rows] = 0
         self.scalar_sum += out.scalars.double().sum(0)  # (M, K)
         if self.kept is not None:
@@ -232,26 +233,26 @@ class _Accumulator:
 
     def rank(self, rows: Any, scalars: Any) -> None:
         """Second pass: keep each neuron's top k by the norm of the centred effect."""
-        from clipterm import neurons
+        from clipterm.vit import second_order
 
-        centred = neurons.effect_norms(scalars - self.mean_scalars, self.grams)  # (B, M)
+        centred = second_order.effect_norms(scalars - self.mean_scalars, self.grams)  # (B, M)
         self.top = self.top.add(centred, rows.to(centred.device), scalars, self.top_k)
 
     def tensors(self) -> dict[str, Any]:
         """Everything the file holds; the means are over the images that could be read."""
         import torch
 
-        from clipterm import neurons
+        from clipterm.vit import second_order
 
-        pc1, share = neurons.principal_directions(self.top.scalars, self.mean_scalars, self.vectors)  # (M, D), (M,)
-        significant = neurons.top_effect_sums(self.top.scalars, self.top.rows, self.mean_scalars, self.vectors,
+        pc1, share = second_order.principal_directions(self.top.scalars, self.mean_scalars, self.vectors)  # (M, D), (M,)
+        significant = second_order.top_effect_sums(self.top.scalars, self.top.rows, self.mean_scalars, self.vectors,
                                               len(self.missing))  # (N, D)
         seen = self.norms[self.missing == 0].float()  # (n, M)
         squared = seen**2  # (n, M)
         top1 = squared.topk(max(1, self.readable // 100), dim=0).values.sum(0)  # (M,)
         total = squared.sum(0)  # (M,)
         return {
-            "mean": neurons.mean_effects(self.mean_scalars, self.vectors).cpu(),  # (M, D)
+            "mean": second_order.mean_effects(self.mean_scalars, self.vectors).cpu(),  # (M, D)
             "pc1": pc1.cpu(), "pc1_share": share.cpu(),  # (M, D), (M,)
             "norms": self.norms, "activations": self.activations, "missing": self.missing,  # (N, M), (N, M), (N,)
             "top_rows": self.top.rows.cpu(), "top_norms": self.top.norms.float().cpu(),  # (M, k), (M, k)
@@ -268,14 +269,14 @@ class NeuronFile:
     """One layer's neurons file, checked against the cache it sits in. Tensors come back on the CPU."""
 
     def __init__(self, reader: Any, layer: int):
-        from clipterm import neurons
+        from clipterm.vit import second_order
 
-        neurons.check_layer(reader.shape.layers, layer)
+        second_order.check_layer(reader.shape.layers, layer)
         self.reader, self.layer, self.path = reader, layer, neurons_file(reader.path, layer)
-        hint = f"run `clipterm neurons build {reader.name} --layer L{layer}`"
+        hint = f"run `clipterm neurons build {reader.name} --layer {names.layer(layer)}`"
         if not self.path.is_file():
-            built = ", ".join(f"L{l}" for l in built_layers(reader.path)) or "none"
-            raise ClipTermError(f"cache {reader.name} has no neurons file for L{layer} (built: {built})", hint=hint,
+            built = ", ".join(names.layer(l) for l in built_layers(reader.path)) or "none"
+            raise ClipTermError(f"cache {reader.name} has no neurons file for {names.layer(layer)} (built: {built})", hint=hint,
                                 code=ExitCode.NOT_FOUND)
         from safetensors import safe_open
 
@@ -327,7 +328,7 @@ class NeuronFile:
 
 def decompose_neurons(neuron_file: NeuronFile, ids: list[int], text_embeds: Any, k: int = 32) -> Any:
     """Sparse text decomposition (OMP over the centred, unit pool texts) of the neurons' `pc1` directions."""
-    from clipterm.sparse import omp, text_dictionary
+    from clipterm.analyses.sparse import omp, text_dictionary
 
     pc1 = neuron_file.tensor("pc1")[ids]  # (m, D)
     return omp(pc1.to(text_embeds.device), text_dictionary(text_embeds), k)

@@ -19,8 +19,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clipterm import names
+from clipterm.analyses.spatial import (
+    SpatialImage,
+    mlp_activations,
+    model_hint,
+    model_pixels,
+    open_image,
+    pool_embeddings,
+)
 from clipterm.errors import ClipTermError
-from clipterm.spatial import SpatialImage, mlp_activations, model_hint, model_pixels, open_image, pool_embeddings
 
 METHODS = ("nmf", "pca")
 
@@ -137,7 +144,7 @@ def factor_directions(model: Any, layers: list[int], loadings: Tensor) -> Tensor
 
     Each layer's block of a loading is written into the residual by c_proj (with LayerScale), then centred,
     scaled by ln_post's γ and projected, as `decompose` does for an MLP's class-token output."""
-    from clipterm.decompose import ln_post_affine, layer_scale_vector, refuse_neuron_split, vision_tower
+    from clipterm.vit.decompose import layer_scale_vector, ln_post_affine, refuse_neuron_split, vision_tower
 
     visual = vision_tower(model)
     refuse_neuron_split(visual)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from clipterm import names
 from clipterm.errors import ClipTermError, ExitCode
-from clipterm.images import TOY_ID, synthetic_image
+from clipterm.inputs.images import TOY_ID, synthetic_image
 
 LAST_LAYERS = 4  # the paper's segmentation sums the heads of the last 4 layers
 IMAGE_HINT = "IMAGE is an image file, row:N of the --cache, or a toy scene toy:SEED/INDEX"
@@ -126,7 +126,7 @@ def _cache_row(ref: str, reader: Any) -> SpatialImage:
 
 
 def _decode(path: Path) -> tuple[Any, str | None]:
-    from clipterm.images import SkipImage, decode
+    from clipterm.inputs.images import SkipImage, decode
 
     try:
         return decode(path, min_side=448), None
@@ -167,7 +167,7 @@ def token_effects(image: SpatialImage, layers: list[int], reader: Any = None, lo
         raise ClipTermError(f"{where}, and there is no model to recompute them",
                             hint=f"{model_hint(reader)}, or pick stored layers with --layers, or build the cache with "
                                  f"--tokens {missing}")
-    from clipterm.decompose import decompose
+    from clipterm.vit.decompose import decompose
 
     out = decompose(loaded.model, model_pixels(loaded, image), token_layers=layers)
     tokens = {layer: out.tokens[layer][0].float().cpu() for layer in layers}  # (H, T, dh) each
@@ -184,7 +184,7 @@ def model_hint(reader: Any) -> str:
 
 def _readout(model: Any) -> Tensor:
     """decompose.readout, computed once per model object."""
-    from clipterm.decompose import readout
+    from clipterm.vit.decompose import readout
 
     if model not in _READOUTS:
         _READOUTS[model] = readout(model).cpu()  # (L, H, dh, D)
@@ -210,7 +210,7 @@ def check_query(tokenizer: Any, query: str) -> None:
 
 def pool_embeddings(loaded: Any, pool: str = "auto", cache_dir: Any = None) -> tuple[Tensor, list[str]]:
     """Unit text embeddings (C, D) and texts of a pool (`auto`: toy for the toy model, else general); disk-cached."""
-    from clipterm.texts import embed_pool, load_pool
+    from clipterm.inputs.texts import embed_pool, load_pool
 
     name = ("toy" if loaded.info.spec == "toy" else "general") if pool == "auto" else pool
     text_pool = load_pool(name)
@@ -219,8 +219,8 @@ def pool_embeddings(loaded: Any, pool: str = "auto", cache_dir: Any = None) -> t
 
 def query_direction(loaded: Any, query: str, reader: Any = None, contrast: Tensor | None = None) -> Tensor:
     """The unit embedding (D,) of a text (or `class:NAME`: its prompts' mean), minus the contrast texts' mean."""
-    from clipterm import targets
-    from clipterm.textencode import encode_texts
+    from clipterm.analyses import targets
+    from clipterm.vit.textencode import encode_texts
 
     if query.startswith("class:"):
         direction = targets.class_direction(loaded, query[6:], reader).float().cpu()  # (D,)
@@ -281,7 +281,7 @@ def component_map(image: str | SpatialImage, component: str, *, reader: Any = No
     if comp.pc is not None:
         if reader is None:
             raise ClipTermError(f"{comp} needs a cache: principal directions come from its statistics", hint="pass --cache")
-        from clipterm.targets import head_direction
+        from clipterm.analyses.targets import head_direction
 
         direction = head_direction(reader, str(comp.base), comp.pc)  # (D,)
     else:
@@ -308,7 +308,7 @@ def _mlp_map(image: SpatialImage, comp: names.Component, loaded: Any, reader: An
 
 def mlp_activations(model: Any, pixels: Tensor, layers: list[int], outputs: bool = False) -> tuple[dict, dict]:
     """One forward pass: per-token MLP post-activations {layer: (B, T, M)}, and outputs {layer: (B, T, W)} if asked."""
-    from clipterm.decompose import vision_tower
+    from clipterm.vit.decompose import vision_tower
 
     visual = vision_tower(model)
     acts: dict[int, Tensor] = {}

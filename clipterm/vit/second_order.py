@@ -18,8 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clipterm.decompose import layer_scale_vector, attention_qkv, refuse_neuron_split, vision_tower, check_supported, readout
+from clipterm import names
 from clipterm.errors import ClipTermError, ExitCode
+from clipterm.vit.decompose import (
+    attention_qkv,
+    check_supported,
+    layer_scale_vector,
+    readout,
+    refuse_neuron_split,
+    vision_tower,
+)
 
 
 @dataclass
@@ -35,18 +43,18 @@ class NeuronPass:
 def check_layer(n_layers: int, layer: int) -> None:
     """Refuse a layer that does not exist, and the last layer, whose neurons have no later heads."""
     if not 0 <= layer < n_layers:
-        raise ClipTermError(f"no layer L{layer}: the model has {n_layers} layers", hint=f"use L0-L{n_layers - 2}")
+        raise ClipTermError(f"no layer {names.layer(layer)}: the model has {n_layers} layers", hint=f"use L0-{names.layer(n_layers - 2)}")
     if layer == n_layers - 1:
         raise ClipTermError(
-            f"L{layer} is the last layer: its neurons have no second-order effect (no attention layer follows it)",
-            hint=f"use L0-L{n_layers - 2}; the last MLP's effect is direct, see L{layer}.MLP",
+            f"{names.layer(layer)} is the last layer: its neurons have no second-order effect (no attention layer follows it)",
+            hint=f"use L0-{names.layer(n_layers - 2)}; the last MLP's effect is direct, see {names.mlp(layer)}",
             code=ExitCode.USAGE,
         )
 
 
 def paths(n_layers: int, n_heads: int, layer: int) -> list[str]:
     """Names of the K paths of layer `layer`'s neurons, in the order of the K axis: ["L10.H0", ...]."""
-    return [f"L{later}.H{head}" for later in range(layer + 1, n_layers) for head in range(n_heads)]
+    return [names.head(later, head) for later in range(layer + 1, n_layers) for head in range(n_heads)]
 
 
 def path_vectors(model, layer: int) -> Tensor:

@@ -244,7 +244,7 @@ def embed_pool(
     import torch
     from safetensors import safe_open
 
-    from clipterm.textencode import encode_texts
+    from clipterm.vit.textencode import encode_texts
 
     weights = model_key(loaded)
     path = embeddings_path(weights, pool, cache_dir)
@@ -262,7 +262,7 @@ def embed_pool(
 
 
 def _save(path: Path, embeds, metadata: dict[str, str]) -> None:
-    from clipterm.store import save_tensors
+    from clipterm.files import save_tensors
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_tensors(path, {"embeds": embeds}, metadata=metadata)
@@ -283,16 +283,3 @@ def cached_embeddings(cache_dir: str | os.PathLike | None = None) -> list[dict[s
                      "pool_sha256": meta.get("pool_sha256"), "weights_sha256": meta.get("weights_sha256"),
                      "bytes": path.stat().st_size})
     return rows
-
-
-def model_for_cache(reader: Any, device: str = "cpu", model: str | None = None, pretrained: str | None = None) -> Any:
-    """Load the model a cache was built with, or `model` (+ `pretrained`); the weights are checked against the
-    manifest, so another model is refused with a hint."""
-    from clipterm.models import load_model
-    from clipterm.reader import check_model
-
-    built = reader.manifest["model"]
-    spec, tag = (model, pretrained) if model is not None else (built["spec"], built.get("pretrained"))
-    loaded = load_model(spec, tag, device=device)
-    check_model(reader, loaded.info)
-    return loaded

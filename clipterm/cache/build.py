@@ -17,9 +17,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
-from clipterm import locations, store
+from clipterm import files, locations, names
+from clipterm.cache import store
 from clipterm.errors import ClipTermError, ExitCode
-from clipterm.images import ImageDataset, ImageSource, collate, open_source
+from clipterm.inputs.images import ImageDataset, ImageSource, collate, open_source
 
 # progress(description, total, unit) -> context manager yielding advance(n): clipterm.cli.output.progress fits.
 ProgressFactory = Callable[[str, "int | None", str], ContextManager[Callable[[int], None]]]
@@ -78,9 +79,9 @@ def _build(options: BuildOptions, ranks: Ranks, progress: ProgressFactory | None
            loaded: Any) -> BuildResult:
     import torch
 
-    from clipterm import decompose
-    from clipterm.models import load_model
     from clipterm.names import parse_layers
+    from clipterm.vit import decompose
+    from clipterm.vit.models import load_model, pick_device
 
     started = time.perf_counter()
     _check_options(options)
@@ -109,7 +110,7 @@ def _build(options: BuildOptions, ranks: Ranks, progress: ProgressFactory | None
             return True, old
         manifest = store.prepare(directory, fresh, options.force)
         with torch.no_grad():
-            store.save_tensors(directory / store.READOUT, {"heads": decompose.readout(model).float().cpu()})  # (L, H, dh, D)
+            files.save_tensors(directory / store.READOUT, {"heads": decompose.readout(model).float().cpu()})  # (L, H, dh, D)
         return False, manifest
 
     try:
@@ -119,7 +120,7 @@ def _build(options: BuildOptions, ranks: Ranks, progress: ProgressFactory | None
         built = len(source) - sum(r["stop"] - r["start"] for r in manifest["shards"])  # by all ranks together
         stats = _run(source, loaded, model, manifest, directory, options, token_layers, device, ranks, progress, cancel)
         if ranks.world > 1:
-            store.save_tensors(directory / store.partial_stats_name(ranks.rank), stats)
+            files.save_tensors(directory / store.partial_stats_name(ranks.rank), stats)
             ranks.barrier()
         manifest = ranks.on_zero(lambda: _merge(directory, source, ranks, stats))
         return _result(directory, manifest, ranks, built=built, started=started, already=False)
@@ -158,7 +159,7 @@ def _run(source: ImageSource, loaded: Any, model: Any, manifest: dict, directory
             if cancel is not None and cancel():
                 raise ClipTermError("build cancelled", hint="rerun the same command to resume it", code=ExitCode.INTERRUPTED)
             if pixels is not None:
-                part, batch_stats = _decompose_batch(model, pixels, device, options, token_layers)
+                part, batch_stats = decompose_batch(model, pixels, device, options, token_layers)
                 stats = store.add_stats(stats, batch_stats)
                 part["index"] = torch.tensor(kept)  # (B,)
                 for task in source.tasks:
@@ -179,11 +180,11 @@ def _run(source: ImageSource, loaded: Any, model: Any, manifest: dict, directory
     return {key: value.cpu() for key, value in stats.items()}
 
 
-def _decompose_batch(model: Any, pixels: Any, device: str, options: BuildOptions, token_layers: list[int]) -> tuple[dict, dict]:
+def decompose_batch(model: Any, pixels: Any, device: str, options: BuildOptions, token_layers: list[int]) -> tuple[dict, dict]:
     """One batch through the decomposition; returns batch-major CPU tensors in the storage dtype, and their fp64 stats."""
     import torch
 
-    from clipterm import decompose
+    from clipterm.vit import decompose
 
     store_dtype = getattr(torch, options.dtype)
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.startswith("cuda") and options.dtype == "float16" else nullcontext()
@@ -200,7 +201,7 @@ def _decompose_batch(model: Any, pixels: Any, device: str, options: BuildOptions
     if options.neurons:
         part["neurons"] = out.neurons.to(store_dtype)  # (B, L, M)
     for layer in token_layers:
-        part[f"tokens.L{layer}"] = out.tokens[layer].to(store_dtype)  # (B, H, T, dh)
+        part[f"tokens.{names.layer(layer)}"] = out.tokens[layer].to(store_dtype)  # (B, H, T, dh)
     with torch.no_grad():
         batch_stats = store.partial_stats({**part, "head_out": part["head_out"].permute(1, 2, 0, 3),  # (L, H, B, dh)
                                            "mlps": part["mlps"].transpose(0, 1)})  # (L, B, D)
@@ -219,9 +220,9 @@ def _record_progress(directory: Path, manifest: dict, new_records: list[dict], r
     if ranks.world == 1:
         manifest["shards"] = sorted(manifest["shards"] + new_records[-1:], key=lambda r: r["chunk"])
         manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        store.write_json(directory / store.MANIFEST, manifest)
+        files.write_json(directory / store.MANIFEST, manifest)
     else:
-        store.write_json(directory / store.progress_name(ranks.rank), new_records)
+        files.write_json(directory / store.progress_name(ranks.rank), new_records)
 
 
 def _merge(directory: Path, source: ImageSource, ranks: Ranks, stats: dict) -> dict:
@@ -235,7 +236,7 @@ def _merge(directory: Path, source: ImageSource, ranks: Ranks, stats: dict) -> d
     if ranks.world > 1:
         stats = None
         for rank in range(ranks.world):
-            stats = store.add_stats(stats, store.load_tensors(directory / store.partial_stats_name(rank)))
+            stats = store.add_stats(stats, files.load_tensors(directory / store.partial_stats_name(rank)))
     if sum(r["rows"] for r in records) == 0:
         reasons = [f"{Path(source.items[i].path or '').name}: {why}" for r in records for i, why in r["skipped"]][:3]
         store.clear(directory)
@@ -287,7 +288,7 @@ def _empty_part(manifest: dict, dtype: str, token_layers: list[int], with_index:
     if manifest["stored"]["neurons"]:
         part["neurons"] = torch.zeros(0, s["layers"], s["mlp_width"], dtype=store_dtype)
     for layer in token_layers:
-        part[f"tokens.L{layer}"] = torch.zeros(0, s["heads"], s["tokens"], s["head_dim"], dtype=store_dtype)
+        part[f"tokens.{names.layer(layer)}"] = torch.zeros(0, s["heads"], s["tokens"], s["head_dim"], dtype=store_dtype)
     return part
 
 
@@ -317,22 +318,6 @@ def default_workers(source: ImageSource) -> int:
     """No workers for the synthetic world (rendering is cheap) or 2-core machines; else up to 8."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return 0 if source.kind == "toy" or cpus <= 2 else min(8, cpus - 1)
-
-
-def pick_device(device: str, local_rank: int = 0) -> str:
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ClipTermError("--device cuda, but torch sees no CUDA device", hint="use --device cpu, or check `clipterm doctor`",
-                                code=ExitCode.UNSUPPORTED)
-        if device == "cuda":
-            device = f"cuda:{local_rank % torch.cuda.device_count()}"
-    elif device != "cpu":
-        raise ClipTermError(f"unknown device {device!r}", hint="use auto, cpu, cuda or cuda:N")
-    return device
 
 
 @dataclass

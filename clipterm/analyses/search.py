@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from clipterm.errors import ClipTermError, ExitCode
-from clipterm.vocab import Vocabulary
+from clipterm.inputs.vocab import Vocabulary
 
 Tokens = tuple[int, ...]  # a string, as rows of the vocabulary
 
@@ -83,7 +83,7 @@ class TextTower:
     """open_clip's causal text tower run from token embeddings, on sequences cut right after EOT."""
 
     def __init__(self, model, sot_id: int, eot_id: int):
-        from clipterm.textencode import text_tower, fallback_reason
+        from clipterm.vit.textencode import fallback_reason, text_tower
 
         reason = fallback_reason(model)
         if reason is not None:
@@ -268,7 +268,7 @@ def _climb(tower: TextTower, target: torch.Tensor, vocab: Vocabulary, config: Se
 def search_model(loaded, target: torch.Tensor, vocab: Vocabulary | None = None, config: SearchConfig = SearchConfig(),
                  cancel: Callable[[], bool] | None = None) -> Iterator[SearchEvent]:
     """`search` on a loaded model (models.LoadedModel), over its whole-word BPE vocabulary by default."""
-    from clipterm.vocab import bpe_tokenizer, default_vocabulary
+    from clipterm.inputs.vocab import bpe_tokenizer, default_vocabulary
 
     tokenizer = bpe_tokenizer(loaded.tokenizer)
     tower = TextTower(loaded.model, tokenizer.sot_token_id, tokenizer.eot_token_id)

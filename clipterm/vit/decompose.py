@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clipterm import names
 from clipterm.errors import ClipTermError, ExitCode
-from clipterm.models import refuse_unsupported
+from clipterm.vit.models import refuse_unsupported
 
 CONVENTION = (
     "ln_post linearised per image: each component centred by its own mean, divided by the image's sigma, "
@@ -197,8 +198,8 @@ def decompose(model, images: Tensor, neurons: bool = False, token_layers: Sequen
     layers, width = len(blocks), visual.transformer.width
     bad = [layer for layer in token_layers if not 0 <= layer < layers]
     if bad:
-        hint = f"use layers L0-L{layers - 1}"
-        raise ClipTermError(f"no layer L{bad[0]}: the model has {layers} layers", hint=hint, code=ExitCode.USAGE)
+        hint = f"use layers L0-{names.layer(layers - 1)}"
+        raise ClipTermError(f"no layer {names.layer(bad[0])}: the model has {layers} layers", hint=hint, code=ExitCode.USAGE)
     token_layers = set(token_layers)
     weight = visual.conv1.weight
     device = weight.device

@@ -158,7 +158,7 @@ def find_local_weights(arch: str, pretrained: str) -> tuple[Path | None, list[Pa
 
 def weights_sha256(path: Path) -> str:
     """sha256 of a weights file, memoised on disk by (path, size, mtime) because real weights are large."""
-    from clipterm.store import atomic_write, file_sha256
+    from clipterm.files import atomic_write, file_sha256
 
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
@@ -424,3 +424,20 @@ def model_shape(spec: str = TOY) -> ModelShape:
     width = vision.get("width", 768)
     return ModelShape(layers=vision.get("layers", 12), heads=width // vision.get("head_width", 64),
                       neurons=int(width * vision.get("mlp_ratio", 4.0)))
+
+
+def pick_device(device: str, local_rank: int = 0) -> str:
+    """`auto` -> CUDA when torch sees it, else CPU; `cuda` -> this rank's GPU under torchrun. Checked: one line if absent."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ClipTermError("--device cuda, but torch sees no CUDA device", hint="use --device cpu, or check `clipterm doctor`",
+                                code=ExitCode.UNSUPPORTED)
+        if device == "cuda":
+            device = f"cuda:{local_rank % torch.cuda.device_count()}"
+    elif device != "cpu":
+        raise ClipTermError(f"unknown device {device!r}", hint="use auto, cpu, cuda or cuda:N")
+    return device

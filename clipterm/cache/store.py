@@ -3,13 +3,12 @@
 A cache is a directory holding `manifest.json`, `readout.safetensors`, `shard-XXXXX.safetensors`,
 `images.jsonl` and `stats.safetensors` (docs/cache-format.md describes every tensor). Input i
 belongs to chunk `i // shard_rows`, and chunk k is written to `shard-{k:05d}.safetensors`, so the
-layout does not depend on how many processes built it. Reading lives in `clipterm.reader`.
+layout does not depend on how many processes built it. Reading lives in `clipterm.cache.reader`.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import time
@@ -19,6 +18,7 @@ from typing import Any
 
 from clipterm import __version__
 from clipterm.errors import ClipTermError, ExitCode
+from clipterm.files import atomic_write, file_sha256, save_tensors, write_json
 
 SCHEMA = "clipterm.cache/1"
 MANIFEST = "manifest.json"
@@ -44,35 +44,7 @@ def partial_stats_name(rank: int) -> str:
     return f"stats-r{rank}.safetensors"
 
 
-# --------------------------------------------------------------------------- atomic files and the lock
-
-
-def atomic_write(path: Path, data: bytes) -> str:
-    """Write `path` via a per-process `.tmp` + fsync + rename, so readers see the old file or the new one; returns sha256."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return hashlib.sha256(data).hexdigest()
-
-
-def write_json(path: Path, payload: Any) -> str:
-    return atomic_write(path, (json.dumps(payload, indent=1, ensure_ascii=False) + "\n").encode())
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# --------------------------------------------------------------------------- the lock
 
 
 class CacheLock:
@@ -202,18 +174,6 @@ def write_shard(directory: Path, chunk: int, tensors: dict[str, Any], start: int
     sha = atomic_write(directory / name, data)
     return {"file": name, "chunk": chunk, "start": start, "stop": stop, "rows": rows, "bytes": len(data), "sha256": sha,
             "skipped": [[index, reason] for index, reason in skipped]}
-
-
-def save_tensors(path: Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> str:
-    from safetensors.torch import save
-
-    return atomic_write(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
-
-
-def load_tensors(path: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 # --------------------------------------------------------------------------- the manifest and resuming

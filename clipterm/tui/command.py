@@ -1,4 +1,4 @@
-"""`clipterm tui CACHE`: open the interactive browser. Everything that can fail for the user fails here, before it starts."""
+"""`clipterm tui CACHE`: open the interactive browser (registered with the CLI when the app is assembled). Everything that can fail for the user fails here, before it starts."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from clipterm.cli.common import CacheArg, CacheDirOpt, PretrainedOpt
+from clipterm.cli.common import CacheArg, CacheDirOpt, PretrainedOpt, set_tui_launcher
 
 
 class ImageMode(str, Enum):
@@ -38,8 +38,8 @@ def tui(
 def open_tui(cache: str, cache_dir: str | None = None, model: str | None = None, pretrained: str | None = None,
              pool: str | None = None, theme: str | None = None, images: str = "auto", loaded: Any = None) -> None:
     """Check everything a user can get wrong, then run the app (also used by `clipterm demo`)."""
-    from clipterm.reader import open_cache
-    from clipterm.texts import BUILTIN_POOLS, load_pool
+    from clipterm.cache.reader import open_cache
+    from clipterm.inputs.texts import BUILTIN_POOLS, load_pool
     from clipterm.tui.config import load_keymap
 
     reader = open_cache(cache, cache_dir)
@@ -77,10 +77,11 @@ def _load_checked(reader: Any, model: str | None, pretrained: str | None) -> Any
     """The --model, loaded now so that wrong or missing weights fail before the app starts (None: load lazily)."""
     if model is None:
         return None
-    from clipterm.texts import model_for_cache
+    from clipterm.cache.reader import model_for_cache
 
     return model_for_cache(reader, "cpu", model, pretrained)
 
 
 def register(app: typer.Typer) -> None:
+    set_tui_launcher(open_tui)
     app.command()(tui)

@@ -1,0 +1,1 @@
+"""The methods, reading the cache (and the model where they must): pure results, no UI."""

@@ -1,0 +1,1 @@
+"""What goes into a build or an analysis: image sources, text pools, search vocabularies."""

@@ -1,0 +1,1 @@
+"""Model families: loading, the exact decomposition, second-order effects, fast text encoding."""
