@@ -211,9 +211,9 @@ def test_second_order_mean_ablation_subtracts_the_centred_effects(toy_cache, neu
         "insignificant": embeds - (centred[rows] * ~significant[rows, :, None]).sum(1),
     }
     shifts = dict(ablation.second_order_shifts(neurons_l4))
-    assert list(shifts) == ["L4 all", "L4 significant", "L4 insignificant"]
+    assert list(shifts) == ["all", "significant", "insignificant"]
     for which, ablated in expected.items():
-        torch.testing.assert_close(embeds + shifts[f"L4 {which}"][rows], ablated, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(embeds + shifts[which][rows], ablated, atol=1e-4, rtol=1e-4)
     assert (embeds - expected["all"]).norm(dim=-1).min() > 1e-2  # the check is not vacuous
 
 
@@ -223,7 +223,7 @@ def test_significant_and_insignificant_partition_the_neurons(toy_cache, neurons_
     significant.scatter_(0, top_rows.T, True)
     assert significant.sum(0).eq(10).all()  # every neuron: its k images, no image twice
     shifts = dict(ablation.second_order_shifts(neurons_l4))
-    torch.testing.assert_close(shifts["L4 significant"] + shifts["L4 insignificant"], shifts["L4 all"])
+    torch.testing.assert_close(shifts["significant"] + shifts["insignificant"], shifts["all"])
     # The significant set is each image's own few neurons, not the same ones for every image.
     assert 0 < significant.sum(1).float().mean() < 0.1 * top_rows.shape[0]
     assert significant.any(0).all() and significant.sum(1).max() < top_rows.shape[0]
@@ -233,7 +233,7 @@ def test_ablating_every_second_order_effect_moves_the_scores_at_least_as_much_as
         toy_scorings, neurons_l4):
     shifts = dict(ablation.second_order_shifts(neurons_l4))
     for task, scoring in toy_scorings.items():
-        change = {which: float((shifts[f"L4 {which}"][scoring.rows] @ scoring.weights.T).abs().mean())
+        change = {which: float((shifts[which][scoring.rows] @ scoring.weights.T).abs().mean())
                   for which in ablation.SECOND_ORDER}  # mean |change of a class score|
         assert change["all"] >= change["insignificant"] > 0, task
         assert change["all"] >= change["significant"] > 0, task
@@ -243,10 +243,11 @@ def test_ablate_second_order_command(cli, toy_cache, neurons_l4):
     result = cli("ablate", str(toy_cache.path), "--second-order", "L4", "--task", "shape", "--draws", "200", "--json")
     assert result.code == 0, result
     payload = json.loads(result.out)
-    assert payload["schema"] == "clipterm.ablate/1" and payload["by"] == "second-order"
-    assert payload["second_order"] == {"layer": "L4", "top_k": 10, "missing": 0}
+    assert payload["schema"] == "clipterm.ablate/2" and payload["by"] == "second-order"
+    assert payload["second_order"] == {"layer": "L4", "top_images": 10, "missing": 0}
     task = payload["tasks"]["shape"]
-    assert [c["component"] for c in task["components"]] == ["L4 all", "L4 significant", "L4 insignificant"]
+    assert [(c["component"], c["set"]) for c in task["components"]] == [("L4", "all"), ("L4", "significant"),
+                                                                         ("L4", "insignificant")]
     for row in task["components"]:
         assert row["low"] <= row["drop"] <= row["high"] and row["score"] == pytest.approx(task["baseline"] - row["drop"], abs=1e-4)
         assert 0.9 < row["cosine"] < 1
@@ -279,7 +280,7 @@ def test_textspan_command_json(cli, toy_cache):
     result = cli("textspan", str(toy_cache.path), "--component", "L5.H2", "--texts", "4", "--json")
     assert result.code == 0, result
     payload = json.loads(result.out)
-    assert payload["schema"] == "clipterm.textspan/1" and payload["pool"]["name"] == "toy"
+    assert payload["schema"] == "clipterm.textspan/2" and payload["pool"]["name"] == "toy"
     (entry,) = payload["components"]
     assert entry["component"] == "L5.H2" and len(entry["texts"]) == 4
     assert entry["texts"][-1]["cumulative"] == pytest.approx(entry["explained"])

@@ -95,7 +95,7 @@ def test_bad_inputs_are_skipped_with_reasons_and_odd_ones_kept(cli, tmp_path):
     result = cli("cache", "build", "--images", str(tmp_path / "images"), "--name", "mixed", "--shard-rows", "3", "--json")
     assert result.code == 0, result
     summary = json.loads(result.out)
-    assert summary["schema"] == "clipterm.cache.build/1" and (summary["rows"], summary["skipped"]) == (6, 3)
+    assert summary["schema"] == "clipterm.cache.build/2" and (summary["images"], summary["skipped"]) == (6, 3)
     cache = CacheReader(Path(summary["path"]))
     skipped = {Path(cache.images()[s["index"]]["path"]).name: s["reason"] for s in cache.manifest["skipped"]}
     assert skipped.keys() == reasons.keys()

@@ -31,11 +31,11 @@ def root(built, tmp_path, monkeypatch):
 
 def test_ls_and_info_json(cli, root):
     listing = json.loads(cli("cache", "ls", "--json").out)
-    assert listing["schema"] == "clipterm.cache.ls/1" and listing["reason"] == "$CLIPTERM_CACHE"
-    assert [c["name"] for c in listing["caches"]] == ["pets"] and listing["caches"][0]["rows"] == 36
+    assert listing["schema"] == "clipterm.cache.ls/2" and listing["reason"] == "$CLIPTERM_CACHE"
+    assert [c["name"] for c in listing["caches"]] == ["pets"] and listing["caches"][0]["images"] == 36
     info = json.loads(cli("cache", "info", "pets", "--json").out)
-    assert info["schema"] == "clipterm.cache.info/1"
-    assert (info["rows"], info["shards"], info["dtype"], info["complete"]) == (36, 3, "float16", True)
+    assert info["schema"] == "clipterm.cache.info/2"
+    assert (info["images"], info["shards"], info["dtype"], info["complete"]) == (36, 3, "float16", True)
     assert info["model"]["arch"] == "toy" and info["tasks"]["colour"] == 8 and info["skipped_inputs"] == []
     assert info["bytes"] > 0 and info["stored"] == {"neurons": False, "tokens": []}
 
@@ -43,7 +43,7 @@ def test_ls_and_info_json(cli, root):
 def test_ls_and_info_tables(cli, root):
     assert "pets" in cli("cache", "ls").out
     text = cli("cache", "info", str(root / "pets")).out  # a path works as well as a name
-    assert "36 rows" in text and "float16" in text and "colour (8 classes)" in text
+    assert "36 images stored" in text and "float16" in text and "colour (8 classes)" in text
 
 
 def test_verify_passes_then_names_a_damaged_shard(cli, root):

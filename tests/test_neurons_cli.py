@@ -49,7 +49,7 @@ def test_build_writes_the_file_with_progress(toy, tmp_path):
 
     result = build_neurons(reader, 3, device="cpu", top_k=100, batch_size=5, loaded=toy, progress=Bar)
     assert sum(advanced) == 12 and len(advanced) == 3
-    assert (result.rows, result.missing, result.changed, result.top_k) == (12, 0, 0, 12)  # top-k capped at N
+    assert (result.images, result.missing, result.changed, result.top_images) == (12, 0, 0, 12)  # top-k capped at N
     assert sorted(p.name for p in tmp_path.joinpath("small").iterdir() if p.name.startswith("neurons")) == ["neurons.L3.safetensors"]
     neuron_file = NeuronFile(reader, 3)
     assert neuron_file.tensor("norms").shape == (12, 512) and neuron_file.tensor("norms").dtype == torch.float16
@@ -113,14 +113,14 @@ def test_ranking_pass_over_the_images_equals_the_one_over_kept_scalars(toy, cach
 
 def test_list_sorts_by_norm_and_sparsity(cli, cache):
     by_norm = as_json(cli("neurons", "list", str(cache), "--layer", "L4", "--top", "6", "--json"))
-    assert by_norm["schema"] == "clipterm.neurons.list/1" and by_norm["images"] == 40 and by_norm["top_k"] == 8
+    assert by_norm["schema"] == "clipterm.neurons.list/2" and by_norm["images"] == 40 and by_norm["top_images"] == 8
     norms = [row["norm_mean"] for row in by_norm["neurons"]]
     assert len(norms) == 6 and norms == sorted(norms, reverse=True)
     by_sparsity = as_json(cli("neurons", "list", str(cache), "--layer", "L4", "--sort", "sparsity", "--json"))
     shares = [row["top1_share"] for row in by_sparsity["neurons"]]
     assert len(shares) == 20 and shares == sorted(shares, reverse=True) and all(0 < s <= 1 for s in shares)
     table = cli("neurons", "list", str(cache), "--layer", "L4", "--top", "3")
-    assert table.code == 0 and by_norm["neurons"][0]["neuron"] in table.out
+    assert table.code == 0 and by_norm["neurons"][0]["component"] in table.out
     bare = as_json(cli("neurons", "list", str(cache), "--layer", "4", "--top", "6", "--json"))  # a bare number is L4
     assert bare["neurons"] == by_norm["neurons"]
 
@@ -143,22 +143,22 @@ def test_images_of_a_neuron_by_norm_and_activation(cli, cache):
 
     neuron_file = NeuronFile(open_cache(cache), 4)
     payload = as_json(cli("images", str(cache), "--component", "L4.N77", "--top", "5", "--json"))
-    assert payload["schema"] == "clipterm.images/1" and payload["by"] == "norm"
+    assert payload["schema"] == "clipterm.images/2" and payload["by"] == "norm"
     expected = neuron_file.column("norms", 77).topk(5).indices.tolist()
-    assert [image["row"] for image in payload["images"]] == expected
-    assert payload["images"][0]["id"] == f"toy:0/{expected[0]}" and payload["images"][0]["missing"] is False
+    assert [image["row"] for image in payload["examples"]] == expected
+    assert payload["examples"][0]["id"] == f"toy:0/{expected[0]}" and payload["examples"][0]["missing"] is False
     by_activation = as_json(cli("images", str(cache), "-c", "L4.N77", "--by", "activation", "--top", "3", "--json"))
-    scores = [image["score"] for image in by_activation["images"]]
+    scores = [image["score"] for image in by_activation["examples"]]
     assert scores == sorted(scores, reverse=True) and scores[0] == pytest.approx(float(neuron_file.column("activations", 77).max()))
     # The last layer has no neurons file, but the cache holds CLS activations.
     last = as_json(cli("images", str(cache), "-c", "L5.N3", "--by", "activation", "--top", "2", "--json"))
-    assert len(last["images"]) == 2
+    assert len(last["examples"]) == 2
 
 
 def test_images_of_a_head(cli, cache):
     for by in ("textspan", "pc", "norm"):
         payload = as_json(cli("images", str(cache), "-c", "L5.H2", "--by", by, "--top", "4", "--json"))
-        scores = [image["score"] for image in payload["images"]]
+        scores = [image["score"] for image in payload["examples"]]
         assert len(scores) == 4 and scores == sorted(scores, reverse=True), by
     assert "TextSpan" in as_json(cli("images", str(cache), "-c", "L5.H2", "--json"))["score"]
     pc2 = as_json(cli("images", str(cache), "-c", "L5.H2:pc2", "--top", "2", "--json"))
@@ -183,16 +183,16 @@ def test_vanished_image_shows_a_placeholder(toy, cli, tmp_path):
         Image.fromarray(world.render(world.scene_at(0, i))[0]).save(folder / ("dark" if i % 2 else "light") / f"{i}.png")
     build_cache(BuildOptions(images=str(folder), name="pics", cache_dir=str(tmp_path)), loaded=toy)
     as_json(cli("neurons", "build", str(tmp_path / "pics"), "--layer", "L4", "--device", "cpu", "--json"))
-    first = as_json(cli("images", str(tmp_path / "pics"), "-c", "L4.N5", "--json"))["images"][0]
+    first = as_json(cli("images", str(tmp_path / "pics"), "-c", "L4.N5", "--json"))["examples"][0]
     Path(first["path"]).unlink()
-    after = as_json(cli("images", str(tmp_path / "pics"), "-c", "L4.N5", "--json"))["images"]
+    after = as_json(cli("images", str(tmp_path / "pics"), "-c", "L4.N5", "--json"))["examples"]
     assert after[0]["path"] == first["path"] and after[0]["missing"] is True and not after[1]["missing"]
     shown = cli("images", str(tmp_path / "pics"), "-c", "L4.N5", "--show", "--size", "8")
     assert shown.code == 0 and "missing" in shown.out and shown.out.count("▀" * 8) == 5 * 4
     table = cli("images", str(tmp_path / "pics"), "-c", "L4.N5")
     assert table.code == 0 and "(missing)" in table.out
     rebuilt = as_json(cli("neurons", "build", str(tmp_path / "pics"), "--layer", "L4", "--device", "cpu", "--json"))
-    assert rebuilt["missing"] == 1 and rebuilt["rows"] == 6
+    assert rebuilt["missing"] == 1 and rebuilt["images"] == 6
     ablated = as_json(cli("ablate", str(tmp_path / "pics"), "--second-order", "L4", "--draws", "100", "--json"))
     assert ablated["second_order"]["missing"] == 1  # its effects are unknown: left out of every score
     assert [task["images"] for task in ablated["tasks"].values()] == [5]
@@ -252,7 +252,7 @@ def test_cancel_writes_nothing(toy, cache, tmp_path):
     (["neurons", "build", "{cache}", "--layer", "L5"], "no second-order effect"),
     (["neurons", "list", "{cache}", "--layer", "L4", "--top", "0"], "--top 0"),
     (["neurons", "list", "{cache}", "--layer", "L3"], "no neurons file for L3"),
-    (["neurons", "build", "{cache}", "--layer", "L4", "--top-k", "0"], "--top-k 0"),
+    (["neurons", "build", "{cache}", "--layer", "L4", "--top-images", "0"], "--top-images 0"),
     (["images", "{cache}", "-c", "L4.N7", "--top", "0"], "--top 0"),
     (["images", "{cache}", "-c", "L4.N7", "--by", "pc"], "norm or activation"),
     (["images", "{cache}", "-c", "L4.N999"], "no neuron 999"),

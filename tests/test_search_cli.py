@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-QUICK = ["--beam", "3", "--topk", "8", "--random", "4", "--steps", "4"]
+QUICK = ["--beam", "3", "--top-tokens", "8", "--random", "4", "--steps", "4"]
 
 
 def test_json_lines(cli):

@@ -157,7 +157,7 @@ def test_texts_show_and_ls_as_json(cli):
     shown = cli("texts", "show", "toy", "--grep", "red", "--limit", "5", "--json")
     assert shown.code == 0, shown
     payload = json.loads(shown.out)
-    assert payload["schema"] == "clipterm.texts.show/1" and len(payload["texts"]) == 5
+    assert payload["schema"] == "clipterm.texts.show/2" and len(payload["texts"]) == 5
     assert all("red" in row["text"] for row in payload["texts"])
     listed = json.loads(cli("texts", "ls", "--json").out)
     assert {row["name"] for row in listed["builtin"]} == {"toy", "general"}
@@ -173,7 +173,7 @@ def test_texts_build_embeds_a_user_pool_and_lists_it(cli, tmp_path):
     assert "dropped 1 blank and 1 duplicate" in built.err
     assert "1 text(s) longer than the context (32 tokens) will be truncated, e.g. text 3" in built.err
     listed = json.loads(cli("texts", "ls", "--json").out)["cached"]
-    assert [row["n"] for row in listed] == ["3"]
+    assert [row["texts"] for row in listed] == [3]
 
 
 def test_texts_build_on_a_bad_pool_is_one_line_with_a_hint(cli, tmp_path):

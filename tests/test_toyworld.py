@@ -68,7 +68,7 @@ def test_render_writes_class_folders_and_labels(cli, tmp_path):
     result = cli("toy", "render", "--n", "24", "--task", "shape", str(tmp_path / "imgs"), "--json")
     assert result.code == 0, result
     summary = json.loads(result.out)
-    assert summary["n"] == 24 and sum(summary["classes"].values()) == 24
+    assert summary["images"] == 24 and sum(summary["classes"].values()) == 24
     lines = [json.loads(x) for x in (tmp_path / "imgs" / "labels.jsonl").read_text().splitlines()]
     assert len(lines) == 24
     from PIL import Image

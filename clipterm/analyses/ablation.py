@@ -132,7 +132,7 @@ SECOND_ORDER = ("all", "significant", "insignificant")
 
 
 def second_order_shifts(neuron_file: Any, which: Iterable[str] = SECOND_ORDER) -> list[tuple[str, torch.Tensor]]:
-    """Mean-ablation of layer l's second-order effects: (`L{l} all`, shift (N, D)) per set in `which`.
+    """Mean-ablation of layer l's second-order effects: (set name, shift (N, D)) per set in `which` (`all`, …).
 
     Rows the neurons build could not read again get a zero shift: score them out with `Scoring.keep`.
     """
@@ -144,7 +144,7 @@ def second_order_shifts(neuron_file: Any, which: Iterable[str] = SECOND_ORDER) -
     everything = (mean_total - neuron_file.tensor("effect_sum")) * readable  # (N, D): Σ_n (mean_n - e_n)
     significant = -neuron_file.tensor("significant_sum") * readable  # (N, D): Σ_{n significant} (mean_n - e_n)
     shifts = {"all": everything, "significant": significant, "insignificant": everything - significant}  # (N, D) each
-    return [(f"{names.layer(neuron_file.layer)} {name}", shifts[name]) for name in which]
+    return [(name, shifts[name]) for name in which]
 
 
 def cumulative_shifts(reader: Any, by: str) -> Iterable[tuple[str, torch.Tensor]]:

@@ -115,7 +115,7 @@ def _direct_scores(reader: Any, component: names.Component, by: str, text_embeds
 
 def principal_direction(reader: Any, name: str, k: int = 1) -> Any:
     """The k-th principal direction (D,) of a head's or MLP's centred joint-space effects, from the cache's stats;
-    its sign makes the mean projection positive (DESIGN.md: `L5.H2:pc2`)."""
+    its sign makes the mean projection positive (the names table in `clipterm.names`: `L5.H2:pc2`)."""
     import torch
 
     from clipterm.analyses.textspan import component_stats

@@ -51,7 +51,7 @@ class BuildResult:
     name: str
     path: str
     inputs: int  # inputs in the source
-    rows: int  # inputs stored (inputs - skipped)
+    images: int  # inputs stored (inputs - skipped)
     skipped: int
     shards: int
     built: int  # inputs processed by this run (0 when the cache was already complete)
@@ -252,7 +252,7 @@ def _result(directory: Path, manifest: dict, ranks: Ranks, built: int, started: 
     seconds = time.perf_counter() - started
     rows = sum(r["rows"] for r in manifest["shards"])
     return BuildResult(
-        name=directory.name, path=str(directory), inputs=manifest["dataset"]["n"], rows=rows,
+        name=directory.name, path=str(directory), inputs=manifest["dataset"]["n"], images=rows,
         skipped=len(manifest.get("skipped", [])), shards=len(manifest["shards"]), built=built, seconds=round(seconds, 3),
         images_per_s=round(built / seconds, 2) if seconds > 0 else 0.0, already_complete=already,
         world_size=ranks.world,

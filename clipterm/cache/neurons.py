@@ -86,12 +86,12 @@ def cache_source(reader: Any) -> Any:
 @dataclass
 class NeuronBuildResult:
     cache: str
-    layer: int
+    layer: str  # `L4`
     path: str
-    rows: int  # images of the cache
+    images: int  # images of the cache
     missing: int  # images that could not be read again (left out of every statistic)
     changed: int  # images whose embedding now differs from the cache's by over 5% (changed on disk?)
-    top_k: int
+    top_images: int  # images per neuron behind its principal direction (`--top-images`)
     seconds: float
     images_per_s: float
     bytes: int
@@ -146,7 +146,7 @@ def build_neurons(reader: Any, layer: int, device: str = "auto", top_k: int = 10
         files.save_tensors(path, state.tensors(), metadata=meta)
     seconds = time.perf_counter() - started
     n = reader.n
-    return NeuronBuildResult(reader.name, layer, str(path), n, int(state.missing.sum()), state.changed,
+    return NeuronBuildResult(reader.name, names.layer(layer), str(path), n, int(state.missing.sum()), state.changed,
                              state.top.rows.shape[1], round(seconds, 3), round(n / seconds, 2) if seconds > 0 else 0.0,
                              path.stat().st_size)
 

@@ -114,7 +114,7 @@ class CacheReader:
         return {
             "name": self.name, "path": str(self.path), "complete": m["complete"], "created": m["created"],
             "model": {k: m["model"].get(k) for k in ("spec", "arch", "pretrained", "weights_sha256")},
-            "inputs": m["dataset"]["n"], "rows": self.n, "skipped": len(m.get("skipped", [])),
+            "inputs": m["dataset"]["n"], "images": self.n, "skipped": len(m.get("skipped", [])),
             "source": m["dataset"]["source"], "tasks": {t: len(c) for t, c in self.tasks.items()},
             "dtype": m["dtype"], "stored": m["stored"], "convention": m["convention"],
             "shards": len(m["shards"]), "bytes": size, "bytes_per_row": round(size / max(self.n, 1)),

@@ -111,7 +111,7 @@ def textspan(
     with progress("textspan", total=None, unit="heads"):
         results = describe(reader, components, embeds, n_texts=n_texts, rank=rank, baseline_draws=draws)
     payload = {
-        "cache": reader.name, "pool": text_pool.summary(), "rank": rank, "n_texts": n_texts,
+        "cache": reader.name, "pool": text_pool.summary(), "rank": rank, "texts_per_component": n_texts,
         "components": [{
             "component": name, "total_variance": results[name].total_variance, "baseline": results[name].baseline,
             "explained": results[name].cumulative[-1] if results[name].cumulative else 0.0,
@@ -127,7 +127,7 @@ def textspan(
             t: textspan_evaluation(reader, s, spans, evaluate)
             for t, s in _scorings(reader, loaded, task, None, None, pool, cache_dir).items()}}
     if json_out:
-        emit_json(payload, schema="clipterm.textspan/1")
+        emit_json(payload, schema="clipterm.textspan/2")
         return
     _print_textspan(payload)
 
@@ -136,7 +136,7 @@ def _print_textspan(payload: dict) -> None:
     from rich.table import Table
 
     table = Table("component", "#", "text", "explained", "cumulative",
-                  title=f"TextSpan of {payload['cache']} over pool {payload['pool']['name']} ({payload['pool']['n']:,} texts)")
+                  title=f"TextSpan of {payload['cache']} over pool {payload['pool']['name']} ({payload['pool']['texts']:,} texts)")
     for entry in payload["components"]:
         baseline = f"random texts: {_pct(entry['baseline'])}" if entry["baseline"] is not None else ""
         for k, text in enumerate(entry["texts"]):
@@ -219,12 +219,14 @@ def ablate(
 
         with progress("forward passes", total=len(components) + 1, unit="passes") as advance:
             forward_rows = ablation.ablate(scorings, forward_shifts(reader, loaded, components, on_pass=advance), draws)
-    payload = {"cache": reader.name, "by": by, "n": reader.n, "forward": forward, "tasks": {}}
+    payload = {"cache": reader.name, "by": by, "images": reader.n, "forward": forward, "tasks": {}}
     if neuron_file is not None:
-        payload["second_order"] = {"layer": names.layer(neuron_file.layer), "top_k": neuron_file.top_k,
+        payload["second_order"] = {"layer": names.layer(neuron_file.layer), "top_images": neuron_file.top_k,
                                    "missing": int(neuron_file.missing.sum())}
     for name, scoring in scorings.items():
         entries = [r.to_json() for r in rows[name]]
+        if neuron_file is not None:  # rows are the sets of one layer's neurons: the component is the layer
+            entries = [{"component": names.layer(neuron_file.layer), "set": e.pop("component"), **e} for e in entries]
         for entry, other in zip(entries, forward_rows.get(name, [])):
             entry["forward"] = {k: v for k, v in other.to_json().items() if k != "component"}
             entry["gap"] = round(abs(other.drop - entry["drop"]), 5)
@@ -239,7 +241,7 @@ def ablate(
             **({"cumulative": [r.to_json() for r in curve[name]]} if cumulative else {}),
         }
     if json_out:
-        emit_json(payload, schema="clipterm.ablate/1")
+        emit_json(payload, schema="clipterm.ablate/2")
         return
     _print_ablation(payload)
 
@@ -254,12 +256,12 @@ def _print_ablation(payload: dict) -> None:
         table = Table(payload["by"], result["metric"], "drop", "95% interval", "cosine", *(["forward drop"] if forward else []),
                       title=title)
         for r in result["components"]:
-            table.add_row(r["component"], _pct(r["score"]), _pct(r["drop"]), f"[{_pct(r['low'])}, {_pct(r['high'])}]",
+            table.add_row(" ".join(filter(None, (r["component"], r.get("set")))), _pct(r["score"]), _pct(r["drop"]), f"[{_pct(r['low'])}, {_pct(r['high'])}]",
                           f"{r['cosine']:.3f}", *([_pct(r["forward"]["drop"])] if forward else []))
         stdout.print(table)
         if "second_order" in payload:
             about = payload["second_order"]
-            stdout.print(f"significant: per neuron of {about['layer']}, its top {about['top_k']} images by |effect - mean|"
+            stdout.print(f"significant: per neuron of {about['layer']}, its top {about['top_images']} images by |effect - mean|"
                          + (f"; {about['missing']} images the neurons build could not read are left out" if about["missing"] else ""))
         if forward:
             gap = result["largest_gap"]

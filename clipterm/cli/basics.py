@@ -86,17 +86,18 @@ def names(
     json_out: bool = JsonOpt,
 ) -> None:
     """Check component names against a model and print them in canonical form."""
-    from clipterm.names import describe, parse_for
+    from clipterm.names import describe, layer, parse_for
     from clipterm.vit.models import model_shape
 
     shape = model_shape(model)
     parsed = [parse_for(name, shape) for name in components]
-    rows = [{"name": str(c), "kind": c.kind, "layer": c.layer, "index": c.index, "pc": c.pc, "about": describe(c)} for c in parsed]
+    rows = [{"component": str(c), "kind": c.kind, "layer": None if c.layer is None else layer(c.layer), "index": c.index,
+             "pc": c.pc, "about": describe(c)} for c in parsed]
     if json_out:
-        emit_json({"model": model, "shape": shape.__dict__, "components": rows}, schema="clipterm.names/1")
+        emit_json({"model": model, "shape": shape.__dict__, "components": rows}, schema="clipterm.names/2")
         return
     for row in rows:
-        stdout.print(f"[bold]{row['name']}[/]  {row['about']}")
+        stdout.print(f"[bold]{row['component']}[/]  {row['about']}")
 
 
 def register(app: typer.Typer) -> None:

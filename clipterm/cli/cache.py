@@ -7,7 +7,7 @@ from enum import Enum
 
 import typer
 
-from clipterm.cli.common import CacheArg, CacheDirOpt, Device, JsonOpt
+from clipterm.cli.common import CacheArg, CacheDirOpt, Device, DeviceOpt, JsonOpt, PretrainedOpt
 from clipterm.cli.output import emit_json, progress, stderr, stdout
 from clipterm.errors import ClipTermError, ExitCode
 
@@ -25,10 +25,10 @@ class Dtype(str, Enum):
 def build(
     images: str = typer.Option(..., "--images", help="A folder (class = sub-folder), a list file (path[TAB class] per line), or toy:N[@SEED]."),
     model: str = typer.Option("toy", "--model", help="toy, an open_clip architecture, or local-dir:PATH."),
-    pretrained: str = typer.Option(None, "--pretrained", help="Pretrained tag, or a local weights file."),
+    pretrained: str = PretrainedOpt,
     name: str = typer.Option(None, "--name", help="Cache name under the cache root (default: model and images)."),
     cache_dir: str = CacheDirOpt,
-    device: Device = typer.Option(Device.auto, "--device", help="auto picks CUDA when torch sees it."),
+    device: Device = DeviceOpt,
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
     workers: int = typer.Option(None, "--workers", min=0, help="DataLoader worker processes (default: picked for this machine)."),
     dtype: Dtype = typer.Option(Dtype.float16, "--dtype", help="Storage dtype of the components; image_embeds stay float32."),
@@ -48,14 +48,14 @@ def build(
     if _rank() != 0:
         return
     if json_out:
-        emit_json(result.to_json(), schema="clipterm.cache.build/1")
+        emit_json(result.to_json(), schema="clipterm.cache.build/2")
         return
     if result.already_complete:
-        stdout.print(f"cache [bold]{result.name}[/] is already complete ({result.rows:,} rows): {result.path}")
+        stdout.print(f"cache [bold]{result.name}[/] is already complete ({result.images:,} images): {result.path}")
         stderr.print("[dim]hint:[/] pass --force to build it again", highlight=False)
         return
     skipped = f", {result.skipped} skipped (see `clipterm cache info {result.name}`)" if result.skipped else ""
-    stdout.print(f"built cache [bold]{result.name}[/]: {result.rows:,} rows{skipped}, {result.shards} shards, "
+    stdout.print(f"built cache [bold]{result.name}[/]: {result.images:,} images{skipped}, {result.shards} shards, "
                  f"{result.images_per_s:,.1f} images/s: {result.path}")
 
 
@@ -68,18 +68,18 @@ def list_(cache_dir: str = CacheDirOpt, json_out: bool = JsonOpt) -> None:
     root, why = locations.cache_root(cache_dir)
     caches = list_caches(root)
     if json_out:
-        emit_json({"root": str(root), "reason": why, "caches": caches}, schema="clipterm.cache.ls/1")
+        emit_json({"root": str(root), "reason": why, "caches": caches}, schema="clipterm.cache.ls/2")
         return
     from rich.table import Table
 
-    table = Table("name", "model", "rows", "dtype", "size", "state", title=f"{len(caches)} caches in {root} ({why})")
+    table = Table("name", "model", "images", "dtype", "size", "state", title=f"{len(caches)} caches in {root} ({why})")
     for c in caches:
         if "error" in c:
             table.add_row(c["name"], "", "", "", "", f"[red]{c['error']}[/]")
             continue
         model = f"{c['model']['arch']} {c['model']['pretrained'] or ''}".strip()
         state = "[green]complete[/]" if c["complete"] else "[yellow]incomplete[/]"
-        table.add_row(c["name"], model, f"{c['rows']:,}", c["dtype"], _size(c["bytes"]), state)
+        table.add_row(c["name"], model, f"{c['images']:,}", c["dtype"], _size(c["bytes"]), state)
     stdout.print(table)
 
 
@@ -89,10 +89,12 @@ def info(cache: str = CacheArg, cache_dir: str = CacheDirOpt, json_out: bool = J
     from clipterm.cache.reader import CacheReader, resolve
 
     reader = CacheReader(resolve(cache, cache_dir), allow_incomplete=True)
-    summary = {**reader.info, "skipped_inputs": reader.manifest.get("skipped", []), "dataset": reader.manifest["dataset"],
+    dataset = {k: v for k, v in reader.manifest["dataset"].items() if k not in ("n", "rows")}
+    summary = {**reader.info, "skipped_inputs": reader.manifest.get("skipped", []),
+               "dataset": {**dataset, "inputs": reader.manifest["dataset"]["n"], "images": reader.n},
                "shape": reader.manifest["shape"]}
     if json_out:
-        emit_json(summary, schema="clipterm.cache.info/1")
+        emit_json(summary, schema="clipterm.cache.info/2")
         return
     from rich.table import Table
 
@@ -108,7 +110,7 @@ def info(cache: str = CacheArg, cache_dir: str = CacheDirOpt, json_out: bool = J
         "state": "complete" if summary["complete"] else "incomplete: rerun the build command to resume",
         "model": " ".join(filter(None, [m["arch"], m["pretrained"], f"(sha256 {str(m['weights_sha256'])[:12]})"])),
         "shape": f"{s['layers']} layers x {s['heads']} heads (head dim {s['head_dim']}), embed dim {s['embed_dim']}",
-        "images": f"{summary['source']}: {summary['inputs']:,} inputs, {summary['rows']:,} rows, {summary['skipped']} skipped",
+        "images": f"{summary['source']}: {summary['inputs']:,} inputs, {summary['images']:,} images stored, {summary['skipped']} skipped",
         "labels": ", ".join(f"{t} ({k} classes)" for t, k in summary["tasks"].items()) or "none",
         "stored": f"{', '.join(stored)} in {summary['dtype']}",
         "size": f"{_size(summary['bytes'])} in {summary['shards']} shards ({_size(summary['bytes_per_row'])} per image)",
@@ -132,7 +134,8 @@ def verify(cache: str = CacheArg, cache_dir: str = CacheDirOpt, json_out: bool =
     path = resolve(cache, cache_dir)
     problems = check(path)
     if json_out:
-        emit_json({"cache": str(path), "ok": not problems, "problems": problems}, schema="clipterm.cache.verify/1")
+        emit_json({"cache": path.name, "path": str(path), "ok": not problems, "problems": problems},
+                  schema="clipterm.cache.verify/2")
     elif not problems:
         stdout.print(f"cache [bold]{path.name}[/] is intact: every file matches its sha256 and the manifest")
     if problems:

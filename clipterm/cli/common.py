@@ -11,6 +11,7 @@ from clipterm.cli.output import JSON_HELP, progress, stderr
 from clipterm.errors import ClipTermError
 
 JsonOpt = typer.Option(False, "--json", help=JSON_HELP)
+JsonLinesOpt = typer.Option(False, "--json", help=JSON_HELP + " One event per line, as it happens.")
 CacheDirOpt = typer.Option(None, "--cache-dir", help="Cache root to use instead of the default rule (`clipterm locate cache`).")
 PretrainedOpt = typer.Option(None, "--pretrained", help="Pretrained tag or weights file (open_clip archs).")
 CacheArg = typer.Argument(..., help="A cache name under the cache root, or a path to a cache folder.")
@@ -20,6 +21,9 @@ class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
+
+
+DeviceOpt = typer.Option(Device.auto, "--device", help="auto picks CUDA when torch sees it (this rank's GPU under torchrun).")
 
 
 def open_reader(cache: str, cache_dir: str | None) -> Any:

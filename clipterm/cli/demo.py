@@ -44,7 +44,7 @@ def prepare(n_images: int, console: Console, cache_dir: str | None = None) -> tu
                            force=stale)
     result = build_cache(options, progress=progress, loaded=loaded)
     if result.built:
-        console.print(f"built cache {DEMO_CACHE}: {result.rows:,} synthetic images in {result.seconds:.1f}s")
+        console.print(f"built cache {DEMO_CACHE}: {result.images:,} synthetic images in {result.seconds:.1f}s")
     reader = open_cache(result.path)
     layer = loaded.info.layers - 2  # the last layer with second-order effects
     if layer not in built_layers(reader.path):
@@ -102,11 +102,11 @@ def summarise(reader: Any, loaded: Any, cache_dir: str | None = None, heads_per_
     neurons = []
     for layer in analyses.neuron_layers():
         neurons += [(row.component, row.norm, row.hint) for row in analyses.neurons(layer, top=5)]
-    return {"layers": rows, "neurons": neurons, "cache": reader.name, "n": reader.n}
+    return {"layers": rows, "neurons": neurons, "cache": reader.name, "images": reader.n}
 
 
 def print_summary(summary: dict, console: Console) -> None:
-    table = Table(title=f"{summary['cache']} ({summary['n']:,} images): accuracy lost when a layer or head is "
+    table = Table(title=f"{summary['cache']} ({summary['images']:,} images): accuracy lost when a layer or head is "
                         "mean-ablated (the task it hurts most), and what the head says (TextSpan)", title_justify="left")
     for column in ("layer", "drop", "head", "drop", "its top text"):
         table.add_column(column)

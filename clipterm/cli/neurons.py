@@ -11,6 +11,7 @@ from clipterm.cli.common import (
     CacheArg,
     CacheDirOpt,
     Device,
+    DeviceOpt,
     JsonOpt,
     default_pool_for,
     embed_reporting,
@@ -51,8 +52,8 @@ def _pool_embeddings(reader, pool: str | None, cache_dir: str | None):
 def build(
     cache: str = CacheArg,
     layer: str = LayerOpt,
-    device: Device = typer.Option(Device.auto, "--device", help="auto picks CUDA when torch sees it."),
-    top_k: int = typer.Option(100, "--top-k", help="Images per neuron whose effect is farthest from its mean: behind its "
+    device: Device = DeviceOpt,
+    top_k: int = typer.Option(100, "--top-images", "--top-k", help="Images per neuron whose effect is farthest from its mean: behind its "
                               "principal direction, and its significant set for `ablate --second-order`."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
     workers: int = typer.Option(None, "--workers", min=0, help="DataLoader worker processes (default: picked for this machine)."),
@@ -67,15 +68,15 @@ def build(
     from clipterm.cache.neurons import build_neurons
 
     reader = _open(cache, cache_dir)
-    result = build_neurons(reader, layer_of(layer, reader), device=device.value, top_k=_positive(top_k, "--top-k", "100"),
+    result = build_neurons(reader, layer_of(layer, reader), device=device.value, top_k=_positive(top_k, "--top-images", "100"),
                            batch_size=_positive(batch_size, "--batch-size", "64"), workers=workers, progress=progress)
     if json_out:
-        emit_json(result.to_json(), schema="clipterm.neurons.build/1")
+        emit_json(result.to_json(), schema="clipterm.neurons.build/2")
         return
     notes = [f"{result.missing} images could not be read again and were left out"] if result.missing else []
     if result.changed:
         notes.append(f"{result.changed} images now give another embedding than the cache's (changed on disk?)")
-    stdout.print(f"built second-order effects of {names.layer(result.layer)} for {result.rows:,} images of [bold]{result.cache}[/] "
+    stdout.print(f"built second-order effects of {result.layer} for {result.images:,} images of [bold]{result.cache}[/] "
                  f"({result.images_per_s:,.1f} images/s): {result.path}")
     for note in notes:
         stdout.print(f"[yellow]note:[/] {note}")
@@ -108,9 +109,9 @@ def list_(
     ids = neuron_file.ranking(sort.value)[: _positive(top, "--top", "20")].tolist()
     norm_mean, top1, pc1_share = (neuron_file.tensor(key) for key in ("norm_mean", "top1_share", "pc1_share"))
     mean_norm = neuron_file.tensor("mean").norm(dim=-1)  # (M,)
-    rows = [{"neuron": names.neuron(neuron_file.layer, n), "norm_mean": float(norm_mean[n]), "top1_share": float(top1[n]),
+    rows = [{"component": names.neuron(neuron_file.layer, n), "norm_mean": float(norm_mean[n]), "top1_share": float(top1[n]),
              "pc1_share": float(pc1_share[n]), "mean_effect_norm": float(mean_norm[n])} for n in ids]
-    payload = {"cache": reader.name, "layer": names.layer(neuron_file.layer), "sort": sort.value, "top_k": neuron_file.top_k,
+    payload = {"cache": reader.name, "layer": names.layer(neuron_file.layer), "sort": sort.value, "top_images": neuron_file.top_k,
                "images": reader.n, "neurons": rows}
     if decompose:
         embeds, text_pool = _pool_embeddings(reader, pool, cache_dir)
@@ -122,7 +123,7 @@ def list_(
             row["decomposition"] = {"cosine": float(code.cosine[i]), "texts": texts_chosen,
                                     "top_text": None if leading is None else text_pool.texts[leading]}
     if json_out:
-        emit_json(payload, schema="clipterm.neurons.list/1")
+        emit_json(payload, schema="clipterm.neurons.list/2")
         return
     _print_list(payload, _positive(texts, "--texts", "3"))
 
@@ -136,7 +137,7 @@ def _print_list(payload: dict, n_texts: int) -> None:
         columns += ["texts (coefficient)", "cos"]
     table = Table(*columns, title=title)
     for row in payload["neurons"]:
-        cells = [row["neuron"], f"{row['norm_mean']:.4f}", f"{100 * row['top1_share']:.1f}%", f"{100 * row['pc1_share']:.0f}%"]
+        cells = [row["component"], f"{row['norm_mean']:.4f}", f"{100 * row['top1_share']:.1f}%", f"{100 * row['pc1_share']:.0f}%"]
         if "decomposition" in row:
             words = [f"{t['text']} ({t['coefficient']:+.2f})" for t in row["decomposition"]["texts"][:n_texts]]
             cells += [" · ".join(words), f"{row['decomposition']['cosine']:.2f}"]
@@ -168,7 +169,7 @@ def images(
     ranking = top_images(reader, component, _positive(top, "--top", "16"), by, text_embeds)
     if json_out:
         emit_json({"cache": reader.name, "component": ranking.component, "by": ranking.by, "score": ranking.about,
-                   "images": [e.to_json() for e in ranking.examples]}, schema="clipterm.images/1")
+                   "images": reader.n, "examples": [e.to_json() for e in ranking.examples]}, schema="clipterm.images/2")
         return
     stdout.print(f"[bold]{ranking.component}[/]: top {len(ranking.examples)} images of {reader.name} by {ranking.about}")
     if show:

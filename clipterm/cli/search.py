@@ -9,8 +9,8 @@ from typing import Any, Iterator
 
 import typer
 
-from clipterm.cli.common import CacheDirOpt, PretrainedOpt
-from clipterm.cli.output import JSON_HELP, emit_json_line, stderr, stdout
+from clipterm.cli.common import CacheDirOpt, Device, DeviceOpt, JsonLinesOpt, PretrainedOpt
+from clipterm.cli.output import emit_json_line, stderr, stdout
 
 SCHEMA = "clipterm.search/1"
 
@@ -24,7 +24,7 @@ def search(
     cache: str = typer.Option(None, "--cache", help="Cache (path or name) for head and neuron targets and its classes."),
     cache_dir: str = CacheDirOpt,
     beam: int = typer.Option(5, "--beam", help="Strings kept from step to step."),
-    topk: int = typer.Option(16, "--topk", help="Tokens scored exactly per position, ranked by the gradient."),
+    topk: int = typer.Option(16, "--top-tokens", "--topk", help="Tokens scored exactly per position, ranked by the gradient."),
     random_moves: int = typer.Option(8, "--random", help="Random moves per beam string and step."),
     steps: int = typer.Option(100, "--steps", help="Stop after this many steps."),
     patience: int = typer.Option(10, "--patience", help="Stop when the best score has not improved for this many steps "
@@ -35,8 +35,8 @@ def search(
     max_tokens: int = typer.Option(12, "--max-tokens", help="Longest string, in tokens."),
     vocab: str = typer.Option(None, "--vocab", help="UTF-8 file of words to build strings from (default: every "
                               "whole-word token of the BPE vocabulary)."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when torch sees it), cpu, cuda or cuda:N."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP + " One event per line."),
+    device: Device = DeviceOpt,
+    json_out: bool = JsonLinesOpt,
 ) -> None:
     """Find the strings whose text embedding points along a target (OpenAI's "Multimodal Neurons" search).
 
@@ -51,7 +51,7 @@ def search(
                           time_limit=time_limit, lam=lam, max_tokens=max_tokens, seed=seed)
     config.check()
     targets.require_cache(targets.parse(target), cache is not None)
-    loaded, reader = _load(model, pretrained, cache, cache_dir, device)
+    loaded, reader = _load(model, pretrained, cache, cache_dir, device.value)
     words = _vocabulary(loaded, vocab)
     direction = targets.resolve(target, loaded, reader).direction
     cancelled = threading.Event()

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from clipterm.cli.common import CacheDirOpt, Device, JsonOpt, PretrainedOpt
+from clipterm.cli.common import CacheDirOpt, Device, DeviceOpt, JsonOpt, PretrainedOpt
 from clipterm.cli.output import emit_json, stdout
 from clipterm.errors import ClipTermError
 
@@ -39,7 +39,7 @@ def spatial(
     pool: str = typer.Option("auto", "--pool", help="Pool the factors' nearest texts come from (auto as --contrast)."),
     show: bool = typer.Option(False, "--show", help="Draw the map over the image in half-block colour cells."),
     size: int = typer.Option(32, "--size", min=8, help="Image size in pixels with --show (two pixels per character row)."),
-    device: Device = typer.Option(Device.auto, "--device", help="auto picks CUDA when torch sees it."),
+    device: Device = DeviceOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Where in the image: a text query's zero-shot segmentation map, a component's per-patch map, or NMF factors.

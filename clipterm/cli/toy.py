@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from clipterm.cli.common import accuracy_table
-from clipterm.cli.output import JSON_HELP, emit_json, progress, stderr, stdout
+from clipterm.cli.common import JsonOpt, accuracy_table
+from clipterm.cli.output import emit_json, progress, stderr, stdout
 from clipterm.errors import ClipTermError
 
 toy_app = typer.Typer(help="The synthetic world and the built-in toy CLIP: render images, train, evaluate.", no_args_is_help=True)
@@ -19,7 +19,7 @@ def render(
     n: int = typer.Option(100, "--n", min=1, help="Number of images."),
     task: str = typer.Option("colour", "--task", help="Task whose class names the sub-folders get."),
     seed: int = typer.Option(0, "--seed", help="World seed; image i depends only on (seed, i)."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    json_out: bool = JsonOpt,
 ) -> None:
     """Write N synthetic scenes as PNG files in class sub-folders, plus labels.jsonl with every task's label."""
     from clipterm.toyworld.files import render_folder
@@ -27,9 +27,9 @@ def render(
     with progress("rendering", total=n) as advance:
         summary = render_folder(out_dir, n=n, task=task, seed=seed, on_image=advance)
     if json_out:
-        emit_json(summary, schema="clipterm.toy.render/1")
+        emit_json(summary, schema="clipterm.toy.render/2")
     else:
-        stdout.print(f"wrote {summary['n']} images to {out_dir} ({', '.join(f'{k}: {v}' for k, v in summary['classes'].items())})")
+        stdout.print(f"wrote {summary['images']} images to {out_dir} ({', '.join(f'{k}: {v}' for k, v in summary['classes'].items())})")
 
 
 @toy_app.command()
@@ -67,7 +67,7 @@ def evaluate(
     model: str = typer.Option("toy", "--model", help="`toy`, or a local-dir model folder trained by `clipterm toy train`."),
     n: int = typer.Option(1000, "--n", min=10, help="Held-out images to evaluate on."),
     seed: int = typer.Option(None, "--seed", help="Seed of the held-out scenes (default: the fixed held-out seed)."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    json_out: bool = JsonOpt,
 ) -> None:
     """Zero-shot accuracy per task on freshly generated held-out images."""
     from clipterm.toyworld.evaluate import HELDOUT_SEED, evaluate_model
@@ -76,7 +76,7 @@ def evaluate(
     loaded = load_model(model)
     acc = evaluate_model(loaded.model, loaded.tokenizer, n=n, seed=HELDOUT_SEED if seed is None else seed)
     if json_out:
-        emit_json({"model": model, "n": n, "accuracy": acc}, schema="clipterm.toy.eval/1")
+        emit_json({"model": model, "images": n, "accuracy": acc}, schema="clipterm.toy.eval/2")
         return
     stdout.print(accuracy_table(acc, title=f"zero-shot accuracy of {model} on {n} held-out images"))
 

@@ -59,7 +59,7 @@ class TextPool:
         return [i for i, text in enumerate(self.texts) if len(encode(text)) + 2 > context_length]
 
     def summary(self) -> dict[str, Any]:
-        return {"name": self.name, "n": len(self), "sha256": self.sha256,
+        return {"name": self.name, "texts": len(self), "sha256": self.sha256,
                 "dropped_blank": self.dropped_blank, "dropped_duplicates": self.dropped_duplicates}
 
 
@@ -279,7 +279,8 @@ def cached_embeddings(cache_dir: str | os.PathLike | None = None) -> list[dict[s
                 meta = f.metadata() or {}
         except Exception:  # a foreign or broken file: listed, not trusted
             meta = {"pool": "?", "model": "?", "n": "?"}
-        rows.append({"path": str(path), "pool": meta.get("pool"), "model": meta.get("model"), "n": meta.get("n"),
+        rows.append({"path": str(path), "pool": meta.get("pool"), "model": meta.get("model"),
+                     "texts": int(meta["n"]) if str(meta.get("n", "")).isdigit() else None,
                      "pool_sha256": meta.get("pool_sha256"), "weights_sha256": meta.get("weights_sha256"),
                      "bytes": path.stat().st_size})
     return rows

@@ -38,4 +38,4 @@ def render_folder(out_dir: Path, n: int, task: str = "colour", seed: int = 0, on
                 on_image(1)
         index += 1
     (out_dir / "labels.jsonl").write_text("\n".join(lines) + "\n")
-    return {"dir": str(out_dir), "n": n, "task": task, "seed": seed, "classes": dict(sorted(counts.items()))}
+    return {"dir": str(out_dir), "images": n, "task": task, "seed": seed, "classes": dict(sorted(counts.items()))}
