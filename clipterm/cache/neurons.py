@@ -159,12 +159,13 @@ def _traced(reader: Any, loaded: Any, model: Any, layer: int, device: str, batch
     from torch.utils.data import DataLoader
 
     from clipterm.cache.build import default_workers
-    from clipterm.inputs.images import ImageDataset, collate
+    from clipterm.inputs.images import ImageDataset, collate, fast_decode
     from clipterm.vit import second_order
 
     source = cache_source(reader)
     indices = reader.index().tolist()  # cache row -> input index
-    dataset = ImageDataset(source, loaded.preprocess, indices, min_side=reader.manifest["model"]["image_size"])
+    dataset = ImageDataset(source, loaded.preprocess, indices, min_side=reader.manifest["model"]["image_size"],
+                           fast=fast_decode(reader.manifest))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers if workers is not None else default_workers(source),
                         collate_fn=collate, pin_memory=device.startswith("cuda"))
     bar = progress(description, len(indices), "images") if progress else nullcontext(lambda _n: None)
