@@ -1,0 +1,128 @@
+"""`--convention reference`: the quantities of the reference repositories, checked against their formulas.
+
+The reference formulas are written out here the way the reference code computes them (second_order_lens'
+`prs_second_order_neurons_hook.py`: every neuron's write materialised per token, the LayerNorms split in
+equal shares, attention applied to all tokens, then ×100/‖embedding‖), from the model's own modules and
+hooks, not from `clipterm.vit.second_order`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clipterm.vit import second_order
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def small_vit_b32():
+    """ViT-B-32's vision tower (width 768, 12 heads, 32 px patches, 224 px) cut to 3 layers, random weights,
+    with every LayerNorm and bias perturbed so no share of β or of a bias is zero by accident."""
+    import open_clip
+
+    torch.manual_seed(0)
+    cfg = open_clip.get_model_config("ViT-B-32")
+    cfg = {**cfg, "vision_cfg": {**cfg["vision_cfg"], "layers": 3}, "text_cfg": {**cfg["text_cfg"], "layers": 1}}
+    model = open_clip.model.CLIP(**cfg, quick_gelu=True).eval()
+    with torch.no_grad():
+        for name, param in model.visual.named_parameters():
+            if param.dim() == 1:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def _attention_probs(attn, normed: torch.Tensor) -> torch.Tensor:
+    """The full attention pattern (B, H, T, T) of nn.MultiheadAttention."""
+    return attn(normed, normed, normed, need_weights=True, average_attn_weights=False)[1]
+
+
+def reference_second_order(model, images: torch.Tensor, layer: int, neurons: list[int]) -> torch.Tensor:
+    """The reference's merged second-order effects (B, m, D) of some neurons of `layer`, summed over later heads."""
+    visual = model.visual
+    blocks = visual.transformer.resblocks
+    inputs, hidden, final = {}, {}, {}
+    hooks = [b.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0])) for i, b in enumerate(blocks)]
+    hooks.append(blocks[layer].mlp.gelu.register_forward_hook(lambda m, a, out: hidden.__setitem__("m", out)))
+    hooks.append(visual.ln_post.register_forward_pre_hook(lambda m, a: final.__setitem__("r", a[0])))
+    with torch.no_grad():
+        representation = model.encode_image(images)  # (B, D), unnormalised
+    for hook in hooks:
+        hook.remove()
+    n_layers, c_proj = len(blocks), blocks[layer].mlp.c_proj
+    n_neurons = c_proj.weight.shape[1]
+    residual = final["r"][:, 0] if final["r"].dim() == 3 else final["r"]  # (B, W): the class token
+    mean_post = residual.mean(-1, keepdim=True)  # (B, 1)
+    std_post = (residual.var(-1, unbiased=False, keepdim=True) + visual.ln_post.eps).sqrt()  # (B, 1)
+    total = 0.0
+    with torch.no_grad():
+        # apply_mlp_post: each neuron's write at every token, plus an equal share of c_proj's bias
+        writes = hidden["m"][..., neurons, None] * c_proj.weight.T[neurons] + c_proj.bias / n_neurons  # (B, T, m, W)
+        for out_layer in range(layer + 1, n_layers):
+            block = blocks[out_layer]
+            attn, ln_1 = block.attn, block.ln_1
+            x = inputs[out_layer]  # (B, T, W)
+            mean = x.mean(-1, keepdim=True)[..., None]  # (B, T, 1, 1)
+            std = (x.var(-1, unbiased=False, keepdim=True) + ln_1.eps).sqrt()[..., None]  # (B, T, 1, 1)
+            share_1 = (1 + out_layer * 2) * n_neurons
+            normalized = ln_1.weight * (writes - mean / share_1) / std + ln_1.bias / share_1  # (B, T, m, W)
+            probs = _attention_probs(attn, ln_1(x))  # (B, H, T, T)
+            heads, width = attn.num_heads, x.shape[-1]
+            w_v = attn.in_proj_weight[2 * width :].view(heads, width // heads, width)  # (H, dh, W)
+            b_v = attn.in_proj_bias[2 * width :].view(heads, width // heads)  # (H, dh)
+            w_o = attn.out_proj.weight.view(width, heads, width // heads)  # (W, H, dh)
+            for head in range(heads):
+                v = normalized @ w_v[head].T + b_v[head] / share_1  # (B, T, m, dh)
+                after = torch.einsum("bt,btmc->bmc", probs[:, head, 0], v)  # (B, m, dh): the CLS query row
+                after = after @ w_o[:, head].T + attn.out_proj.bias / (share_1 * heads)  # (B, m, W)
+                share_2 = share_1 * (1 + n_layers * 2) * heads
+                post = visual.ln_post.weight * (after - mean_post[:, None] / share_2) / std_post[:, None]
+                total = total + (post + visual.ln_post.bias / share_2) @ visual.proj  # (B, m, D)
+    return total * second_order.REFERENCE_COEFFICIENT / representation.norm(dim=-1)[:, None, None]
+
+
+def _clipterm_reference(model, images, layer, neurons):
+    out = second_order.trace(model, images, layer, convention="reference")
+    vectors = second_order.path_vectors(model, layer, convention="reference")  # (M, K, D)
+    return second_order.effects(out.scalars[:, neurons], vectors[neurons], out.constant), out  # (B, m, D)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_reference_second_order_equals_the_reference_formulas_on_vit_b32(layer):
+    model = small_vit_b32().double()
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    neurons = [0, 7, 1000, 3071]
+    expected = reference_second_order(model, images, layer, neurons)  # (B, m, D)
+    ours, out = _clipterm_reference(model.float(), images.float(), layer, neurons)
+    assert rel(ours.double(), expected) <= 1e-5
+    assert out.constant.abs().sum() > 0.01 * ours.abs().sum()  # the shares are there and matter
+    clipterm = second_order.effects(second_order.trace(model, images.float(), layer).scalars[:, neurons],
+                                    second_order.path_vectors(model, layer)[neurons])
+    assert rel(clipterm.double(), expected) > 1e-3  # the default convention differs
+
+
+def test_reference_second_order_equals_the_reference_formulas_on_the_toy(toy):
+    from test_neurons import toy_images  # tests/ is on sys.path (rootdir conftest)
+
+    model = toy.model.eval()
+    images = toy_images(3)
+    for layer in (1, 4):
+        neurons = list(range(0, model.visual.transformer.resblocks[layer].mlp.c_proj.weight.shape[1], 37))
+        expected = reference_second_order(model.double(), images.double(), layer, neurons)
+        ours, _ = _clipterm_reference(model.float(), images, layer, neurons)
+        assert rel(ours.double(), expected) <= 1e-5, layer
+    model.float()
+
+
+def test_reference_norms_with_the_shared_term_equal_formed_effects(toy):
+    from test_neurons import toy_images
+
+    model = toy.model.eval()
+    out = second_order.trace(model, toy_images(4), 2, convention="reference")
+    vectors = second_order.path_vectors(model, 2, convention="reference")
+    formed = second_order.effects(out.scalars, vectors, out.constant)  # (B, M, D)
+    norms = second_order.effect_norms(out.scalars, second_order.gram(vectors), vectors, out.constant.sum(1))
+    assert torch.allclose(norms, formed.norm(dim=-1), rtol=1e-4, atol=1e-5)
