@@ -126,3 +126,40 @@ def test_reference_norms_with_the_shared_term_equal_formed_effects(toy):
     formed = second_order.effects(out.scalars, vectors, out.constant)  # (B, M, D)
     norms = second_order.effect_norms(out.scalars, second_order.gram(vectors), vectors, out.constant.sum(1))
     assert torch.allclose(norms, formed.norm(dim=-1), rtol=1e-4, atol=1e-5)
+
+
+def test_neurons_build_in_the_reference_convention_holds_the_reference_effects(toy, tmp_path):
+    from test_neurons import toy_images
+
+    from clipterm.analyses import ablation
+    from clipterm.cache.build import BuildOptions, build_cache
+    from clipterm.cache.neurons import NeuronFile, build_neurons
+    from clipterm.cache.reader import CacheReader
+
+    build_cache(BuildOptions(images="toy:12", name="c", cache_dir=str(tmp_path), dtype="float32"), loaded=toy)
+    reader = CacheReader(tmp_path / "c")
+    result = build_neurons(reader, 3, device="cpu", top_k=4, batch_size=5, loaded=toy, convention="reference")
+    assert result.convention == "reference"
+    file = NeuronFile(reader, 3)
+    assert file.convention == "reference"
+    out = second_order.trace(toy.model, toy_images(12), 3, convention="reference")
+    formed = second_order.effects(out.scalars, second_order.path_vectors(toy.model, 3, "reference"), out.constant)  # (N, M, D)
+    mean = formed.mean(0)  # (M, D)
+    assert rel(file.tensor("mean"), mean) < 1e-5
+    assert rel(file.tensor("norms").float(), formed.norm(dim=-1)) < 2e-3  # stored in float16
+    assert rel(file.tensor("effect_sum"), formed.sum(1)) < 1e-5
+    centred = formed - mean  # (N, M, D)
+    top = centred.norm(dim=-1).T.topk(4, dim=1)  # (M, 4)
+    assert torch.equal(file.tensor("top_rows"), top.indices)
+    picked = centred.transpose(0, 1).gather(1, top.indices[..., None].expand(-1, -1, centred.shape[-1]))  # (M, 4, D)
+    first = torch.linalg.svd(picked, full_matrices=False)[2][:, 0]  # (M, D)
+    assert (torch.nn.functional.cosine_similarity(file.tensor("pc1"), first, dim=-1).abs() > 1 - 1e-4).all()
+    significant = torch.zeros_like(formed[:, 0])  # (N, D)
+    for neuron in range(formed.shape[1]):
+        significant[top.indices[neuron]] += picked[neuron]
+    assert rel(file.tensor("significant_sum"), significant) < 1e-5
+    # ablation shifts are back in clipterm's space: the reference adds mean - effect to 100 e/|e|
+    (name, shift), = ablation.second_order_shifts(file, ["all"])
+    norm = reader.image_embeds().norm(dim=-1, keepdim=True)  # (N, 1)
+    expected = (mean.sum(0) - formed.sum(1)) * norm / 100  # (N, D)
+    assert rel(shift, expected) < 1e-5

@@ -129,6 +129,7 @@ def shifts(reader: Any, components: list[str]) -> Iterable[tuple[str, torch.Tens
 
 
 SECOND_ORDER = ("all", "significant", "insignificant")
+REFERENCE_COEFFICIENT = 100.0  # second_order_lens' scale of the normalised embedding (vit.second_order's too)
 
 
 def second_order_shifts(neuron_file: Any, which: Iterable[str] = SECOND_ORDER) -> list[tuple[str, torch.Tensor]]:
@@ -144,6 +145,9 @@ def second_order_shifts(neuron_file: Any, which: Iterable[str] = SECOND_ORDER) -
     everything = (mean_total - neuron_file.tensor("effect_sum")) * readable  # (N, D): Σ_n (mean_n - e_n)
     significant = -neuron_file.tensor("significant_sum") * readable  # (N, D): Σ_{n significant} (mean_n - e_n)
     shifts = {"all": everything, "significant": significant, "insignificant": everything - significant}  # (N, D) each
+    if neuron_file.convention == "reference":  # effects are ×100/‖e‖: the reference ablates in that scaled space
+        scale = neuron_file.reader.image_embeds().norm(dim=-1, keepdim=True) / REFERENCE_COEFFICIENT  # (N, 1)
+        shifts = {name: shift * scale for name, shift in shifts.items()}
     return [(f"{names.layer(neuron_file.layer)} {name}", shifts[name]) for name in which]
 
 

@@ -56,6 +56,9 @@ def build(
                               "principal direction, and its significant set for `ablate --second-order`."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
     workers: int = typer.Option(None, "--workers", min=0, help="DataLoader worker processes (default: picked for this machine)."),
+    convention: str = typer.Option("clipterm", "--convention", help="clipterm (each write centred by its own mean), or "
+                                   "reference: second_order_lens' numbers (equal shares of means and biases, x100/|embedding|); "
+                                   "see docs/conventions.md."),
     cache_dir: str = CacheDirOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -68,7 +71,8 @@ def build(
 
     reader = _open(cache, cache_dir)
     result = build_neurons(reader, layer_of(layer, reader), device=device.value, top_k=_positive(top_k, "--top-k", "100"),
-                           batch_size=_positive(batch_size, "--batch-size", "64"), workers=workers, progress=progress)
+                           batch_size=_positive(batch_size, "--batch-size", "64"), workers=workers, progress=progress,
+                           convention=convention)
     if json_out:
         emit_json(result.to_json(), schema="clipterm.neurons.build/1")
         return

@@ -20,6 +20,7 @@ shares make a per-image term `constant`, the same for every neuron of the layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -279,46 +280,73 @@ def effect_sums(scalars: Tensor, vectors: Tensor) -> Tensor:
 
 
 def top_effect_sums(top_scalars: Tensor, top_rows: Tensor, mean_scalars: Tensor, vectors: Tensor, n_rows: int,
-                    chunk: int = 256) -> Tensor:
+                    chunk: int = 256, top_offsets: Callable[[slice], Tensor] | None = None) -> Tensor:
     """Σ over the neurons whose top k an image is in of (effect − mean effect), per image: (n_rows, D).
 
     These are the "significant" effects of the reference's ablation: an image's effect on a neuron
     counts when its centred norm is among the neuron's k largest. Neurons go in chunks, so only
     (chunk, k, D) centred effects exist at a time; the sums gather on the CPU, like the other per-image data.
+    `top_offsets(neurons)` (c, k, D): the reference convention's shared term of those images, centred.
     """
     total = torch.zeros(n_rows, vectors.shape[-1])  # (N, D)
     for start in range(0, top_scalars.shape[0], chunk):
         part = slice(start, start + chunk)
         centred = (top_scalars[part] - mean_scalars[part, None]).to(vectors)  # (c, k, K)
         centred_effects = centred @ vectors[part]  # (c, k, D)
+        if top_offsets is not None:
+            centred_effects = centred_effects + top_offsets(part).to(centred_effects)  # (c, k, D)
         total.index_add_(0, top_rows[part].reshape(-1).cpu(), centred_effects.reshape(-1, vectors.shape[-1]).float().cpu())
     return total  # (N, D)
 
 
-def principal_directions(top_scalars: Tensor, mean_scalars: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
+def principal_directions(top_scalars: Tensor, mean_scalars: Tensor, vectors: Tensor,
+                         top_offsets: Callable[[slice], Tensor] | None = None, chunk: int = 256) -> tuple[Tensor, Tensor]:
     """First principal direction of each neuron's top-k effects, centred by its mean effect, as in the reference.
 
     Returns the unit directions (M, D), signed so that most top-k effects project positively, and the
     share of the centred top-k effects' energy along them (M,). The effects `S Uᵀ` are never formed:
     with `Uᵀ = Q R` (QR), the right singular vectors of `S Rᵀ` (k × K) carried by Q are those of the effects.
+    With `top_offsets` (the reference convention's shared term, which has no fixed basis) the centred
+    effects are formed, `chunk` neurons at a time, and their SVD taken directly.
     """
+    if top_offsets is not None:
+        pcs, shares = [], []
+        for start in range(0, top_scalars.shape[0], chunk):
+            part = slice(start, start + chunk)
+            centred = (top_scalars[part] - mean_scalars[part, None]).to(vectors) @ vectors[part]  # (c, k, D)
+            centred = centred + top_offsets(part).to(centred)  # (c, k, D)
+            _, singular, right = torch.linalg.svd(centred, full_matrices=False)  # (c, q), (c, q, D)
+            pcs.append(right[:, 0])  # (c, D)
+            shares.append(_share(singular))  # (c,)
+            pcs[-1] = pcs[-1] * _majority_sign(centred @ pcs[-1][..., None])[:, None]  # (c, D)
+        return torch.cat(pcs), torch.cat(shares)
     centred = (top_scalars - mean_scalars[:, None]).to(vectors)  # (M, k, K)
     basis, triangle = torch.linalg.qr(vectors.transpose(1, 2))  # (M, D, r), (M, r, K) with r = min(D, K)
     small = centred @ triangle.transpose(1, 2)  # (M, k, r): the effects in the orthonormal basis
     _, singular, right = torch.linalg.svd(small, full_matrices=False)  # (M, q), (M, q, r)
     first = right[:, 0]  # (M, r)
     projections = small @ first[..., None]  # (M, k, 1)
+    pc = (basis @ first[..., None])[..., 0] * _majority_sign(projections)[:, None]  # (M, D)
+    return pc, _share(singular)
+
+
+def _majority_sign(projections: Tensor) -> Tensor:
+    """+1 where most of the k projections (M, k, 1) are positive, else -1: (M,)."""
     positive = (projections[..., 0] > 0).sum(1)  # (M,)
-    sign = torch.where(positive > small.shape[1] // 2, 1.0, -1.0).to(first)  # (M,)
-    pc = (basis @ first[..., None])[..., 0] * sign[:, None]  # (M, D)
+    return torch.where(positive > projections.shape[1] // 2, 1.0, -1.0).to(projections)  # (M,)
+
+
+def _share(singular: Tensor) -> Tensor:
+    """Share of the energy along the first singular direction, (M,), from singular values (M, q)."""
     energy = (singular**2).sum(1)  # (M,)
-    share = torch.where(energy > 0, singular[:, 0] ** 2 / energy.clamp_min(1e-30), torch.zeros_like(energy))  # (M,)
-    return pc, share
+    return torch.where(energy > 0, singular[:, 0] ** 2 / energy.clamp_min(1e-30), torch.zeros_like(energy))  # (M,)
 
 
 __all__ = [
     "NeuronPass",
     "TopK",
+    "CONVENTIONS",
+    "check_convention",
     "check_layer",
     "effect_norms",
     "effect_sums",
@@ -329,6 +357,7 @@ __all__ = [
     "path_vectors",
     "paths",
     "principal_directions",
+    "reference_terms",
     "top_effect_sums",
     "trace",
 ]
