@@ -163,3 +163,134 @@ def test_neurons_build_in_the_reference_convention_holds_the_reference_effects(t
     norm = reader.image_embeds().norm(dim=-1, keepdim=True)  # (N, 1)
     expected = (mean.sum(0) - formed.sum(1)) * norm / 100  # (N, D)
     assert rel(shift, expected) < 1e-5
+
+
+# --------------------------------------------------------------------------- clip_text_span's direct effects and ablations
+
+
+def reference_direct_effects(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """clip_text_span's (`prs_hook.py`, non-spatial) per-head and per-"MLP" effects, ([B, L, H, D], [B, L+1, D]):
+    each head's CLS output through its out-proj slice plus 1/H of the bias, ln_pre's output then each MLP's,
+    ln_post split in equal shares of the class token's mean and β, all divided by ‖embedding‖."""
+    visual = model.visual
+    blocks = visual.transformer.resblocks
+    inputs, outputs = {}, {}
+    hooks = [b.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0])) for i, b in enumerate(blocks)]
+    hooks += [b.mlp.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out)) for i, b in enumerate(blocks)]
+    hooks.append(visual.ln_pre.register_forward_hook(lambda m, a, out: outputs.__setitem__("pre", out)))
+    hooks.append(visual.ln_post.register_forward_pre_hook(lambda m, a: outputs.__setitem__("post", a[0])))
+    with torch.no_grad():
+        representation = model.encode_image(images)  # (B, D)
+    for hook in hooks:
+        hook.remove()
+    attentions, mlps = [], [outputs["pre"][:, 0]]
+    with torch.no_grad():
+        for i, block in enumerate(blocks):
+            attn, x = block.attn, inputs[i]
+            heads, width = attn.num_heads, x.shape[-1]
+            normed = block.ln_1(x)
+            probs = _attention_probs(attn, normed)  # (B, H, T, T)
+            v = (normed @ attn.in_proj_weight[2 * width :].T + attn.in_proj_bias[2 * width :]).unflatten(-1, (heads, -1))  # (B, T, H, dh)
+            cls = torch.einsum("bht,bthd->bhd", probs[:, :, 0], v)  # (B, H, dh)
+            w_o = attn.out_proj.weight.view(width, heads, width // heads)  # (W, H, dh)
+            per_head = torch.einsum("bhd,whd->bhw", cls, w_o) + attn.out_proj.bias / heads  # (B, H, W)
+            attentions.append(block.ls_1(per_head))
+            mlps.append(outputs[i][:, 0])
+    attentions, mlps = torch.stack(attentions, 1), torch.stack(mlps, 1)  # (B, L, H, W), (B, L+1, W)
+    residual = outputs["post"][:, 0] if outputs["post"].dim() == 3 else outputs["post"]  # (B, W)
+    mean = residual.mean(-1, keepdim=True)  # (B, 1)
+    std = (residual.var(-1, unbiased=False, keepdim=True) + visual.ln_post.eps).sqrt()  # (B, 1)
+    terms = attentions.shape[1] + mlps.shape[1]  # 2L + 1
+    ln = visual.ln_post
+    share = terms * attentions.shape[2]
+    attn_post = ln.weight * (attentions - mean[:, :, None, None] / share) / std[:, :, None, None] + ln.bias / share
+    mlp_post = ln.weight * (mlps - mean[:, :, None] / terms) / std[:, :, None] + ln.bias / terms
+    norm = representation.norm(dim=-1)
+    return (attn_post @ visual.proj) / norm[:, None, None, None], (mlp_post @ visual.proj) / norm[:, None, None]
+
+
+def _accuracy(embeds: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor) -> float:
+    """The recipe's top-1 accuracy over the images with a label (clipterm leaves label -1 out too)."""
+    known = labels >= 0
+    return float(((embeds[known] @ weights.T).argmax(1) == labels[known]).float().mean())
+
+
+def test_reference_ablation_equals_clip_text_span_recipe_on_the_same_images(toy, tmp_path):
+    from test_neurons import toy_images
+
+    from clipterm.analyses import ablation
+    from clipterm.analyses.conventions import ReferenceView
+    from clipterm.cache.build import BuildOptions, build_cache
+    from clipterm.cache.reader import CacheReader
+
+    n = 48
+    build_cache(BuildOptions(images=f"toy:{n}", name="c", cache_dir=str(tmp_path), dtype="float32", neurons=True), loaded=toy)
+    reader = CacheReader(tmp_path / "c")
+    view = ReferenceView(reader, toy.model)
+    attns, mlps = reference_direct_effects(toy.model.eval(), toy_images(n))  # (N, L, H, D), (N, L+1, D)
+    assert rel(view.effects("L2.H1"), attns[:, 2, 1]) < 1e-5
+    assert rel(view.effects("embed"), mlps[:, 0]) < 1e-5 and rel(view.effects("L3.MLP"), mlps[:, 4]) < 1e-5
+    assert rel(view.effects("L4"), attns[:, 4].sum(1) + mlps[:, 5]) < 1e-5
+    assert rel(view.effects("L2.H1"), reader.effects("L2.H1") / view.norm) > 1e-3  # clipterm's own differs
+
+    task = "colour"
+    labels = reader.labels(task)
+
+    def encode(texts):
+        with torch.no_grad():
+            return toy.model.encode_text(toy.tokenizer(texts))
+
+    weights = ablation.class_weights(encode, ablation.prompts_for("toy", task, reader.tasks[task], None))  # (K, D)
+    scoring = ablation.Scoring(weights, reader.image_embeds(), labels)
+    attns, mlps = attns.detach(), mlps.detach()
+
+    # compute_ablations.py: baseline, "+ MLPs ablation" (ln_pre's term included), attention layers 0..l mean-ablated
+    baseline = attns.sum((1, 2)) + mlps.sum(1)  # (N, D) = e/|e|
+    all_mlps = attns.sum((1, 2)) + mlps.mean(0).sum(0)
+    per_layer = attns.sum(2)  # (N, L, D)
+    layers = per_layer.shape[1]
+    curve = [mlps.sum(1) + per_layer[:, : l + 1].mean(0).sum(0) + per_layer[:, l + 1 :].sum(1) for l in range(layers)]
+    assert _accuracy(baseline, weights, labels) == float(scoring.outcome().float().mean())
+    mlp_rows = list(ablation.cumulative_shifts(reader, "mlp", view))
+    assert mlp_rows[-1][0] == "embed+" + names_all(layers)
+    assert _accuracy(all_mlps, weights, labels) == float(scoring.outcome(mlp_rows[-1][1]).float().mean())
+    for layer, (_, shift) in enumerate(ablation.cumulative_shifts(reader, "head", view)):
+        assert _accuracy(curve[layer], weights, labels) == float(scoring.outcome(shift).float().mean()), layer
+    # the ablated embeddings themselves agree, not only the counts
+    assert rel((reader.image_embeds() + mlp_rows[-1][1]) / view.norm, all_mlps) < 1e-5
+    accuracies = [_accuracy(e, weights, labels) for e in [baseline, all_mlps, *curve]]
+    assert accuracies[0] > 0.5 and len(set(accuracies)) > 2, accuracies  # a real classifier, and ablations that bite
+
+
+def names_all(layers: int) -> str:
+    from clipterm import names
+
+    return names.format_layers(list(range(layers)))
+
+
+def test_ablate_convention_reference_command(cli, toy, tmp_path):
+    import json
+
+    from clipterm.cache.build import BuildOptions, build_cache
+    from clipterm.cache.neurons import build_neurons
+    from clipterm.cache.reader import CacheReader
+
+    build_cache(BuildOptions(images="toy:24", name="n", cache_dir=str(tmp_path), neurons=True), loaded=toy)
+    build_cache(BuildOptions(images="toy:24", name="plain", cache_dir=str(tmp_path)), loaded=toy)
+    path = str(tmp_path / "n")
+    result = cli("ablate", path, "--by", "mlp", "--cumulative", "--task", "colour", "--draws", "200", "--convention", "reference", "--json")
+    assert result.code == 0, result
+    payload = json.loads(result.out)
+    assert payload["convention"] == "reference"
+    rows = payload["tasks"]["colour"]
+    assert {r["component"] for r in rows["components"]} == {"embed", *[f"L{l}.MLP" for l in range(6)]}
+    assert rows["cumulative"][-1]["component"] == "embed+L0-5"
+    own = json.loads(cli("ablate", path, "--by", "mlp", "--task", "colour", "--draws", "200", "--json").out)
+    assert own["convention"] == "clipterm" and "embed" not in {r["component"] for r in own["tasks"]["colour"]["components"]}
+
+    refused = cli("ablate", str(tmp_path / "plain"), "--convention", "reference", "--task", "colour")
+    assert refused.code == 2 and "--neurons" in refused.err
+    assert cli("ablate", path, "--convention", "theirs").code == 2
+    build_neurons(CacheReader(tmp_path / "n"), 4, device="cpu", top_k=3, loaded=toy)
+    mismatch = cli("ablate", path, "--second-order", "L4", "--task", "colour", "--convention", "reference")
+    assert mismatch.code == 2 and "--convention reference" in mismatch.err
