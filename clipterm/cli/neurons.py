@@ -79,8 +79,9 @@ def build(
     notes = [f"{result.missing} images could not be read again and were left out"] if result.missing else []
     if result.changed:
         notes.append(f"{result.changed} images now give another embedding than the cache's (changed on disk?)")
-    stdout.print(f"built second-order effects of {names.layer(result.layer)} for {result.rows:,} images of [bold]{result.cache}[/] "
-                 f"({result.images_per_s:,.1f} images/s): {result.path}")
+    convention = " in the reference's convention (x100/|embedding|)" if result.convention == "reference" else ""
+    stdout.print(f"built second-order effects of {names.layer(result.layer)}{convention} for {result.rows:,} images of "
+                 f"[bold]{result.cache}[/] ({result.images_per_s:,.1f} images/s): {result.path}")
     for note in notes:
         stdout.print(f"[yellow]note:[/] {note}")
 
