@@ -159,7 +159,7 @@ def test_neurons_build_in_the_reference_convention_holds_the_reference_effects(t
         significant[top.indices[neuron]] += picked[neuron]
     assert rel(file.tensor("significant_sum"), significant) < 1e-5
     # ablation shifts are back in clipterm's space: the reference adds mean - effect to 100 e/|e|
-    (name, shift), = ablation.second_order_shifts(file, ["all"])
+    (_, shift), = ablation.second_order_shifts(file, ["all"])
     norm = reader.image_embeds().norm(dim=-1, keepdim=True)  # (N, 1)
     expected = (mean.sum(0) - formed.sum(1)) * norm / 100  # (N, D)
     assert rel(shift, expected) < 1e-5

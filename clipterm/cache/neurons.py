@@ -269,7 +269,10 @@ class _Accumulator:
 
         top_offsets = None
         if self.offsets is not None:
-            top_offsets = lambda part: self.offsets[self.top.rows[part].to(self.offsets.device)] - self.mean_offset  # noqa: E731 (c, k, D)
+            offsets, rows, mean_offset = self.offsets, self.top.rows, self.mean_offset
+
+            def top_offsets(part: slice) -> Any:
+                return offsets[rows[part].to(offsets.device)] - mean_offset  # (c, k, D)
         pc1, share = second_order.principal_directions(self.top.scalars, self.mean_scalars, self.vectors,
                                                        top_offsets)  # (M, D), (M,)
         significant = second_order.top_effect_sums(self.top.scalars, self.top.rows, self.mean_scalars, self.vectors,

@@ -143,8 +143,14 @@ def reference_terms(model, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor, 
             out_bias = attn.out_proj.bias.float() if attn.out_proj.bias is not None else zeros  # (W,)
             n1 = (1 + 2 * later) * n_neurons
             n2 = n1 * (1 + 2 * n_layers) * heads
-            through = lambda vector: torch.einsum("hd,hde->he", vector, heads_readout[later])  # noqa: E731  (H, dh) -> (H, D)
-            values = lambda vector: torch.einsum("w,hdw->hd", vector, w_value)  # noqa: E731  (W,) -> (H, dh)
+            readout_here = heads_readout[later]  # (H, dh, D)
+
+            def through(vector: Tensor, readout_here: Tensor = readout_here) -> Tensor:
+                return torch.einsum("hd,hde->he", vector, readout_here)  # (H, dh) -> (H, D)
+
+            def values(vector: Tensor, w_value: Tensor = w_value) -> Tensor:
+                return torch.einsum("w,hdw->hd", vector, w_value)  # (W,) -> (H, dh)
+
             post_bias = (out_bias * layer_scale_vector(blocks[later].ls_1, width, device) * gamma_post) @ proj / (n1 * heads)  # (D,)
             parts[0].append(through(values(gamma * mlp_bias / n_neurons)))  # (H, D)
             parts[1].append(through(values(-gamma / n1)))  # (H, D)
@@ -343,9 +349,10 @@ def _share(singular: Tensor) -> Tensor:
 
 
 __all__ = [
+    "CONVENTIONS",
+    "REFERENCE_COEFFICIENT",
     "NeuronPass",
     "TopK",
-    "CONVENTIONS",
     "check_convention",
     "check_layer",
     "effect_norms",
