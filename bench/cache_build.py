@@ -10,7 +10,10 @@ preloaded pixel tensors:
   head's output for every query and source token materialised ([B, N, N, H, width]) before the
   CLS row is reduced, fp32 `.npy` of [N, L, H, D] plus MLPs: goal clipterm >= 10x faster;
 
-and end to end, `build_cache` from PNG files on disk. It also reports the bytes per image of the
+and end to end, `build_cache` from PNG files on disk (the renders, at the input size), and from
+photo-sized JPEGs (500x375, as ImageNet's, over twice the input size) with the default faithful
+decode and with `--fast-decode` (reduced-scale JPEG draft), with the largest relative gap between
+the two builds' image_embeds. It also reports the bytes per image of the
 default fp16 cache (shard bytes per row; readout and stats are a fixed cost) against the baseline's
 `.npy` bytes per image: goal <= 1/8. Figures print as a table and go to bench/results/*.json.
 
@@ -117,7 +120,8 @@ def random_vit_b32(folder: Path):
 def bench_model(name: str, n: int, n_baseline: int, batch_size: int, repeat: int, work: Path) -> dict:
     from PIL import Image
 
-    from clipterm.cache.build import BuildOptions, decompose_batch, build_cache
+    from clipterm.cache.build import BuildOptions, build_cache, decompose_batch
+    from clipterm.cache.reader import CacheReader
     from clipterm.toyworld import world
     from clipterm.vit.models import load_model
 
@@ -145,6 +149,18 @@ def bench_model(name: str, n: int, n_baseline: int, batch_size: int, repeat: int
     shard_bytes = sum(p.stat().st_size for p in cache.glob("shard-*.safetensors"))
     fixed_bytes = sum(p.stat().st_size for p in cache.iterdir() if p.is_file() and not p.name.startswith("shard-"))
     per_image = shard_bytes / result.rows
+    jpegs = work / f"jpeg-{name}"  # photo-sized JPEGs: where --fast-decode's draft applies
+    rng = np.random.default_rng(0)
+    for i, image in enumerate(renders):
+        (jpegs / world.TASKS["colour"][i % 8]).mkdir(parents=True, exist_ok=True)
+        big = np.asarray(image.resize((500, 375), Image.BICUBIC), dtype=np.float64) + rng.normal(0, 8, (375, 500, 3))
+        Image.fromarray(np.clip(big, 0, 255).astype(np.uint8)).save(jpegs / world.TASKS["colour"][i % 8] / f"{i:05d}.jpg", quality=90)
+    decoded = {}
+    for fast in (False, True):
+        built = build_cache(BuildOptions(images=str(jpegs), name=f"bench-{name}-jpeg-{fast}", cache_dir=str(work / "caches"),
+                                         batch_size=batch_size, force=True, fast_decode=fast), loaded=loaded)
+        decoded[fast] = (built.images_per_s, CacheReader(Path(built.path)).image_embeds())
+    gap = ((decoded[True][1] - decoded[False][1]).norm(dim=-1) / decoded[False][1].norm(dim=-1)).max()
     return {
         "model": name, "n": n, "n_baseline": max(2, n_baseline), "batch_size": batch_size, "repeat": repeat,
         "plain_encode_image_per_s": round(plain, 2),
@@ -153,6 +169,10 @@ def bench_model(name: str, n: int, n_baseline: int, batch_size: int, repeat: int
         "reference_per_s": round(reference, 3),
         "ratio_clipterm_vs_plain": round(ours / plain, 3),
         "ratio_end_to_end_vs_plain": round(result.images_per_s / plain, 3),
+        "end_to_end_jpeg_500x375_per_s": round(decoded[False][0], 2),
+        "end_to_end_jpeg_500x375_fast_decode_per_s": round(decoded[True][0], 2),
+        "ratio_fast_decode_vs_default": round(decoded[True][0] / decoded[False][0], 3),
+        "fast_decode_max_relative_gap": round(float(gap), 5),
         "speedup_vs_reference": round(ours / reference, 1),
         "cache_bytes_per_image": round(per_image),
         "cache_fixed_bytes": fixed_bytes,
@@ -180,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             r = rows[-1]
             print(f"{name}: plain {r['plain_encode_image_per_s']} img/s | clipterm {r['clipterm_per_s']} img/s "
                   f"({r['ratio_clipterm_vs_plain']}x plain, goal >= 0.8) | end-to-end from files {r['clipterm_end_to_end_files_per_s']} img/s "
-                  f"({r['ratio_end_to_end_vs_plain']}x plain) | reference {r['reference_per_s']} img/s "
+                  f"({r['ratio_end_to_end_vs_plain']}x plain) | end-to-end from 500x375 JPEGs {r['end_to_end_jpeg_500x375_per_s']} img/s, "
+                  f"--fast-decode {r['end_to_end_jpeg_500x375_fast_decode_per_s']} img/s ({r['ratio_fast_decode_vs_default']}x, "
+                  f"image_embeds within {r['fast_decode_max_relative_gap']:.2%}) | reference {r['reference_per_s']} img/s "
                   f"(clipterm {r['speedup_vs_reference']}x faster, goal >= 10) | bytes/image {r['cache_bytes_per_image']:,} "
                   f"vs {r['reference_bytes_per_image']:,} ({r['size_ratio_vs_reference']}, goal <= 0.125; "
                   f"+{r['cache_fixed_bytes']:,} fixed)", flush=True)

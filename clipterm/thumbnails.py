@@ -21,7 +21,7 @@ def load_thumbnail(path: str | None, synthetic_id: str | None, size: int) -> Any
 
     try:
         if path is not None:
-            image = decode(path, min_side=size)
+            image = decode(path, min_side=size, fast=True)  # for display only
         elif synthetic_id is not None:
             image = synthetic_image(synthetic_id)
         else:

@@ -47,9 +47,11 @@ def test_odd_images_decode_to_rgb(tmp_path):
         image = decode(tmp_path / name, min_side=64)
         assert image.mode == "RGB", name
         assert min(image.size) >= 40, name
-    assert 128 <= min(decode(tmp_path / "huge.png", min_side=64).size) < 6000 // 4  # reduced on the way in
+    assert decode(tmp_path / "huge.png", min_side=64).size == (6000, 6000)  # by default, as open_clip decodes it
+    assert 128 <= min(decode(tmp_path / "huge.png", min_side=64, fast=True).size) < 6000 // 4  # fast: reduced on the way in
     grey = np.asarray(decode(tmp_path / "grey16.png"))
-    assert 100 < grey.mean() < 155  # 16-bit values rescaled, not clipped to white
+    assert 100 < grey.mean() < 155  # 16-bit values rescaled, not clipped to white (PIL's convert would clip)
+    assert np.array_equal(np.asarray(decode(tmp_path / "grey16.png", fast=True)), grey)
 
 
 def test_alpha_is_composited_over_white(tmp_path):

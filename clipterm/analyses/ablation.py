@@ -105,30 +105,40 @@ def ablate(scorings: dict[str, Scoring], shifts: Iterable[tuple[str, torch.Tenso
 # --------------------------------------------------------------------------- shifts read from a cache
 
 
-def group(reader: Any, by: str) -> list[str]:
-    """Component names to ablate one at a time: every head, every MLP, or every layer (its heads plus MLP)."""
+def group(reader: Any, by: str, reference: bool = False) -> list[str]:
+    """Component names to ablate one at a time: every head, every MLP, or every layer (its heads plus MLP).
+
+    In the `reference` convention (analyses.conventions), `embed` counts among the MLPs, as clip_text_span's
+    ln_pre term does."""
     shape = reader.shape
     if by == "head":
         return [str(c) for c in names.heads(shape)]
     if by == "mlp":
-        return [names.mlp(l) for l in range(shape.layers)]
+        return (["embed"] if reference else []) + [names.mlp(l) for l in range(shape.layers)]
     if by == "layer":
         return [names.layer(l) for l in range(shape.layers)]
     raise ClipTermError(f"cannot ablate by {by!r}", hint="--by takes layer, head or mlp")
 
 
-def shift(reader: Any, name: str) -> torch.Tensor:
-    """mean - effect of one component (or layer), (N, D): what mean-ablating it adds to each embedding."""
+def shift(reader: Any, name: str, view: Any = None) -> torch.Tensor:
+    """mean - effect of one component (or layer), (N, D): what mean-ablating it adds to each embedding.
+
+    With a reference `view` the mean is over the reference's effects (each image's divided by its
+    ‖embedding‖), and the shift, added there to e/‖e‖, is scaled back by ‖e‖ to be added to e."""
+    if view is not None:
+        effects = view.effects(name)  # (N, D), in units of ‖e‖
+        return (effects.mean(0, keepdim=True) - effects) * view.norm
     effects = reader.effects(name)  # (N, D)
     return effects.mean(0, keepdim=True) - effects
 
 
-def shifts(reader: Any, components: list[str]) -> Iterable[tuple[str, torch.Tensor]]:
+def shifts(reader: Any, components: list[str], view: Any = None) -> Iterable[tuple[str, torch.Tensor]]:
     for name in components:
-        yield name, shift(reader, name)
+        yield name, shift(reader, name, view)
 
 
 SECOND_ORDER = ("all", "significant", "insignificant")
+REFERENCE_COEFFICIENT = 100.0  # second_order_lens' scale of the normalised embedding (vit.second_order's too)
 
 
 def second_order_shifts(neuron_file: Any, which: Iterable[str] = SECOND_ORDER) -> list[tuple[str, torch.Tensor]]:
@@ -144,18 +154,26 @@ def second_order_shifts(neuron_file: Any, which: Iterable[str] = SECOND_ORDER) -
     everything = (mean_total - neuron_file.tensor("effect_sum")) * readable  # (N, D): Σ_n (mean_n - e_n)
     significant = -neuron_file.tensor("significant_sum") * readable  # (N, D): Σ_{n significant} (mean_n - e_n)
     shifts = {"all": everything, "significant": significant, "insignificant": everything - significant}  # (N, D) each
+    if neuron_file.convention == "reference":  # effects are ×100/‖e‖: the reference ablates in that scaled space
+        scale = neuron_file.reader.image_embeds().norm(dim=-1, keepdim=True) / REFERENCE_COEFFICIENT  # (N, 1)
+        shifts = {name: shift * scale for name, shift in shifts.items()}
     return [(name, shifts[name]) for name in which]
 
 
-def cumulative_shifts(reader: Any, by: str) -> Iterable[tuple[str, torch.Tensor]]:
-    """Layers 0..l all mean-ablated (their heads, MLPs, or both), for each l."""
-    total = None
+def cumulative_shifts(reader: Any, by: str, view: Any = None) -> Iterable[tuple[str, torch.Tensor]]:
+    """Layers 0..l all mean-ablated (their heads, MLPs, or both), for each l.
+
+    With a reference `view` and `by="mlp"`, `embed` is ablated with the MLPs from the first row on
+    (the rows are named `embed+L0-l`): the last row is clip_text_span's "all MLPs" ablation."""
+    with_embed = view is not None and by == "mlp"
+    total = shift(reader, "embed", view) if with_embed else None
     for layer in range(reader.shape.layers):
         parts = {"head": [names.head(layer, h) for h in range(reader.shape.heads)], "mlp": [names.mlp(layer)],
                  "layer": [names.layer(layer)]}[by]
         for name in parts:
-            total = shift(reader, name) if total is None else total + shift(reader, name)
-        yield names.format_layers(list(range(layer + 1))), total
+            total = shift(reader, name, view) if total is None else total + shift(reader, name, view)
+        label = names.format_layers(list(range(layer + 1)))
+        yield ("embed+" + label if with_embed else label), total
 
 
 # --------------------------------------------------------------------------- classifiers

@@ -84,7 +84,7 @@ def _hooks(blocks: Any, plan: dict[int, tuple[list[int], bool]], means: dict[int
 
 def _image_batches(reader: Any, loaded: Any, batch_size: int) -> Callable[[], Iterator[torch.Tensor]]:
     """The cache's images, preprocessed, in row order; refuses when the inputs changed since the build."""
-    from clipterm.inputs.images import ImageDataset, collate, open_source
+    from clipterm.inputs.images import ImageDataset, collate, fast_decode, open_source
 
     dataset = reader.manifest["dataset"]
     source = open_source(dataset["root"] or dataset["source"])
@@ -92,7 +92,8 @@ def _image_batches(reader: Any, loaded: Any, batch_size: int) -> Callable[[], It
         raise ClipTermError(f"the images of cache {reader.name} changed since it was built",
                             hint="--forward re-runs the model on them; rebuild the cache", code=ExitCode.INVALID_DATA)
     indices = reader.index().tolist()
-    images = ImageDataset(source, loaded.preprocess, indices, min_side=reader.manifest["model"]["image_size"])
+    images = ImageDataset(source, loaded.preprocess, indices, min_side=reader.manifest["model"]["image_size"],
+                          fast=fast_decode(reader.manifest))
 
     def decoded() -> Iterator[torch.Tensor]:
         for start in range(0, len(indices), batch_size):

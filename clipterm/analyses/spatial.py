@@ -120,16 +120,18 @@ def _cache_row(ref: str, reader: Any) -> SpatialImage:
         raise ClipTermError(f"no row {row} in cache {reader.name} (it has {reader.n} rows)", hint=f"rows run row:0..row:{reader.n - 1}")
     item = reader.images()[int(reader.index()[row])]
     if item.get("path") is not None:
-        image, problem = _decode(Path(item["path"]))
+        from clipterm.inputs.images import fast_decode
+
+        image, problem = _decode(Path(item["path"]), fast_decode(reader.manifest))
         return SpatialImage(ref, image, row, None if image is not None else f"{item['path']}: {problem}")
     return SpatialImage(ref, synthetic_image(item["id"]), row)
 
 
-def _decode(path: Path) -> tuple[Any, str | None]:
+def _decode(path: Path, fast: bool = False) -> tuple[Any, str | None]:
     from clipterm.inputs.images import SkipImage, decode
 
     try:
-        return decode(path, min_side=448), None
+        return decode(path, min_side=448, fast=fast), None
     except SkipImage as exc:
         return None, str(exc)
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, ContextManager
 from clipterm import files, locations, names
 from clipterm.cache import store
 from clipterm.errors import ClipTermError, ExitCode
-from clipterm.inputs.images import ImageDataset, ImageSource, collate, open_source
+from clipterm.inputs.images import DECODE_FAST, DECODE_FULL, ImageDataset, ImageSource, collate, fast_decode, open_source
 
 # progress(description, total, unit) -> context manager yielding advance(n): clipterm.cli.output.progress fits.
 ProgressFactory = Callable[[str, "int | None", str], ContextManager[Callable[[int], None]]]
@@ -44,6 +44,7 @@ class BuildOptions:
     tokens: str | None = None  # layer set whose per-token head outputs are stored, e.g. "L8-11"
     force: bool = False  # start over instead of resuming
     shard_rows: int = 1024  # inputs per shard (a resumed build keeps the cache's own value)
+    fast_decode: bool = False  # decode JPEGs at reduced scale and box-reduce huge files (not open_clip's pixels)
 
 
 @dataclass
@@ -98,6 +99,7 @@ def _build(options: BuildOptions, ranks: Ranks, progress: ProgressFactory | None
     fresh = store.new_manifest(
         model=info.to_json(), convention=decompose.CONVENTION, dataset=source.describe(), dtype=options.dtype,
         stored={"neurons": options.neurons, "tokens": token_layers}, shape=_shape(info), shard_rows=options.shard_rows,
+        decode=DECODE_FAST if options.fast_decode else DECODE_FULL,
     )
     lock = store.CacheLock(directory)
 
@@ -146,7 +148,7 @@ def _run(source: ImageSource, loaded: Any, model: Any, manifest: dict, directory
     indices = [i for k in pending for i in range(k * rows, min((k + 1) * rows, n))]
     workers = options.workers if options.workers is not None else default_workers(source)
     loader = DataLoader(
-        ImageDataset(source, loaded.preprocess, indices, min_side=manifest["model"]["image_size"]),
+        ImageDataset(source, loaded.preprocess, indices, min_side=manifest["model"]["image_size"], fast=fast_decode(manifest)),
         batch_size=options.batch_size, num_workers=workers, collate_fn=collate, pin_memory=device.startswith("cuda"),
     )
     chunks = {k: {"parts": [], "skipped": [], "seen": 0, "size": min((k + 1) * rows, n) - k * rows} for k in pending}

@@ -22,6 +22,11 @@ so the ranking is a second pass: over the per-image scalars kept in memory when 
 (KEEP_IN_MEMORY), else over the images again. `effect_sum` and `significant_sum` are what mean-
 ablation of the second-order effects needs (`clipterm ablate --second-order`, `ablation.py`).
 
+With `convention="reference"` (`neurons build --convention reference`) every effect is the reference's
+(second_order_lens: equal shares of the LayerNorm means, β and biases, ×100/‖embedding‖; see
+`vit/second_order.py` and docs/conventions.md), and the metadata's `convention` says so; ablation then
+scales its shifts back by ‖embedding‖/100, as the reference ablates in that scaled space.
+
 The metadata ties the file to one build of the cache (its creation time, weights and dataset), so a
 cache rebuilt with `--force` refuses a stale file rather than mixing two builds.
 """
@@ -92,6 +97,7 @@ class NeuronBuildResult:
     missing: int  # images that could not be read again (left out of every statistic)
     changed: int  # images whose embedding now differs from the cache's by over 5% (changed on disk?)
     top_images: int  # images per neuron behind its principal direction (`--top-images`)
+    convention: str
     seconds: float
     images_per_s: float
     bytes: int
@@ -102,7 +108,7 @@ class NeuronBuildResult:
 
 def build_neurons(reader: Any, layer: int, device: str = "auto", top_k: int = 100, batch_size: int = 64,
                   workers: int | None = None, progress: Callable | None = None, cancel: Callable[[], bool] | None = None,
-                  loaded: Any = None, keep_bytes: int = KEEP_IN_MEMORY) -> NeuronBuildResult:
+                  loaded: Any = None, keep_bytes: int = KEEP_IN_MEMORY, convention: str = "clipterm") -> NeuronBuildResult:
     """Run the cache's images through its model and write `neurons.L{layer}.safetensors` atomically.
 
     `progress(description, total, unit)` is a context manager yielding `advance(n)` (as for cache builds);
@@ -117,6 +123,7 @@ def build_neurons(reader: Any, layer: int, device: str = "auto", top_k: int = 10
     started = time.perf_counter()
     shape = reader.shape
     second_order.check_layer(shape.layers, layer)
+    second_order.check_convention(convention)
     if top_k < 1:
         raise ClipTermError(f"--top-k {top_k}: the principal direction needs at least one image", hint="the default is 100")
     device = pick_device(device)
@@ -126,12 +133,12 @@ def build_neurons(reader: Any, layer: int, device: str = "auto", top_k: int = 10
         loaded = model_for_cache(reader, device)
     check_model(reader, loaded.info)
     model = loaded.model.to(device).eval()
-    vectors = second_order.path_vectors(model, layer)  # (M, K, D)
+    vectors = second_order.path_vectors(model, layer, convention)  # (M, K, D)
     keep = reader.n * vectors.shape[0] * vectors.shape[1] * 4 <= keep_bytes
-    state = _Accumulator(reader, vectors, top_k, device, keep)
+    state = _Accumulator(reader, vectors, top_k, device, keep, shared=convention == "reference")
 
     def passes(description: str):
-        return _traced(reader, loaded, model, layer, device, batch_size, workers, progress, cancel, description)
+        return _traced(reader, loaded, model, layer, device, batch_size, workers, progress, cancel, description, convention)
 
     with store.CacheLock(reader.path):
         for kept, out in passes(f"neurons {names.layer(layer)}"):
@@ -140,31 +147,32 @@ def build_neurons(reader: Any, layer: int, device: str = "auto", top_k: int = 10
         for rows, scalars in state.kept or ((state.rows(kept), out.scalars) for kept, out in passes(f"ranking {names.layer(layer)}")):
             state.rank(rows, scalars)
         meta = {"format": FORMAT, "layer": str(layer), "top_k": str(state.top.rows.shape[1]),
-                "paths": json.dumps(second_order.paths(shape.layers, shape.heads, layer)),
+                "paths": json.dumps(second_order.paths(shape.layers, shape.heads, layer)), "convention": convention,
                 "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **_identity(reader)}
         path = neurons_file(reader.path, layer)
         files.save_tensors(path, state.tensors(), metadata=meta)
     seconds = time.perf_counter() - started
     n = reader.n
     return NeuronBuildResult(reader.name, names.layer(layer), str(path), n, int(state.missing.sum()), state.changed,
-                             state.top.rows.shape[1], round(seconds, 3), round(n / seconds, 2) if seconds > 0 else 0.0,
+                             state.top.rows.shape[1], convention, round(seconds, 3), round(n / seconds, 2) if seconds > 0 else 0.0,
                              path.stat().st_size)
 
 
 def _traced(reader: Any, loaded: Any, model: Any, layer: int, device: str, batch_size: int, workers: int | None,
-            progress: Callable | None, cancel: Callable[[], bool] | None, description: str):
+            progress: Callable | None, cancel: Callable[[], bool] | None, description: str, convention: str = "clipterm"):
     """One pass over the cache's images: yields (input indices, NeuronPass) per batch of readable images."""
     from contextlib import nullcontext
 
     from torch.utils.data import DataLoader
 
     from clipterm.cache.build import default_workers
-    from clipterm.inputs.images import ImageDataset, collate
+    from clipterm.inputs.images import ImageDataset, collate, fast_decode
     from clipterm.vit import second_order
 
     source = cache_source(reader)
     indices = reader.index().tolist()  # cache row -> input index
-    dataset = ImageDataset(source, loaded.preprocess, indices, min_side=reader.manifest["model"]["image_size"])
+    dataset = ImageDataset(source, loaded.preprocess, indices, min_side=reader.manifest["model"]["image_size"],
+                           fast=fast_decode(reader.manifest))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers if workers is not None else default_workers(source),
                         collate_fn=collate, pin_memory=device.startswith("cuda"))
     bar = progress(description, len(indices), "images") if progress else nullcontext(lambda _n: None)
@@ -174,14 +182,18 @@ def _traced(reader: Any, loaded: Any, model: Any, layer: int, device: str, batch
                 raise ClipTermError("neuron build cancelled", hint="run it again; nothing was written",
                                     code=ExitCode.INTERRUPTED)
             if pixels is not None:
-                yield kept, second_order.trace(model, pixels.to(device), layer)
+                yield kept, second_order.trace(model, pixels.to(device), layer, convention)
             advance(len(kept) + len(skipped))
 
 
 class _Accumulator:
-    """A build's state: per-image norms, activations and effect sums, the scalar sum, then the top k by centred norm."""
+    """A build's state: per-image norms, activations and effect sums, the scalar sum, then the top k by centred norm.
 
-    def __init__(self, reader: Any, vectors: Any, top_k: int, device: str, keep: bool):
+    `shared`: the reference convention, whose effects all carry a per-image term common to the layer's
+    neurons (the pass's constant summed over paths); it is kept per row and folded into every statistic.
+    """
+
+    def __init__(self, reader: Any, vectors: Any, top_k: int, device: str, keep: bool, shared: bool = False):
         import torch
 
         from clipterm.vit import second_order
@@ -200,6 +212,9 @@ class _Accumulator:
         self.kept: list | None = [] if keep else None  # (rows (B,), scalars (B, M, K)) per batch, for the ranking pass
         self.mean_scalars = None
         self.changed = 0
+        self.offsets = torch.zeros(n, d, device=device) if shared else None  # (N, D) the shared term per row
+        self.offset_sum = torch.zeros(d, dtype=torch.float64, device=device)  # (D,)
+        self.mean_offset = None
 
     def rows(self, kept: list[int]) -> Any:
         import torch
@@ -211,9 +226,15 @@ class _Accumulator:
         from clipterm.vit import second_order
 
         rows = self.rows(kept)  # (B,)
-        norms = second_order.effect_norms(out.scalars, self.grams)  # (B, M)
+        shared = None if self.offsets is None else out.constant.sum(1)  # (B, D)
+        norms = second_order.effect_norms(out.scalars, self.grams, self.vectors, shared)  # (B, M)
         self.norms[rows], self.activations[rows] = norms.half().cpu(), out.activations.half().cpu()
-        self.effect_sum[rows] = second_order.effect_sums(out.scalars, self.vectors).cpu()  # (B, D)
+        sums = second_order.effect_sums(out.scalars, self.vectors)  # (B, D)
+        if shared is not None:
+            self.offsets[rows.to(shared.device)] = shared
+            self.offset_sum += shared.double().sum(0)
+            sums = sums + self.vectors.shape[0] * shared  # every neuron carries it
+        self.effect_sum[rows] = sums.cpu()  # (B, D)
         self.missing[rows] = 0
         self.scalar_sum += out.scalars.double().sum(0)  # (M, K)
         if self.kept is not None:
@@ -230,12 +251,14 @@ class _Accumulator:
                                 hint="the images moved or were deleted since the cache was built", code=ExitCode.NOT_FOUND)
         self.readable = readable
         self.mean_scalars = (self.scalar_sum / readable).float()  # (M, K)
+        self.mean_offset = (self.offset_sum / readable).float()  # (D,)
 
     def rank(self, rows: Any, scalars: Any) -> None:
         """Second pass: keep each neuron's top k by the norm of the centred effect."""
         from clipterm.vit import second_order
 
-        centred = second_order.effect_norms(scalars - self.mean_scalars, self.grams)  # (B, M)
+        offsets = None if self.offsets is None else self.offsets[rows.to(self.offsets.device)] - self.mean_offset  # (B, D)
+        centred = second_order.effect_norms(scalars - self.mean_scalars, self.grams, self.vectors, offsets)  # (B, M)
         self.top = self.top.add(centred, rows.to(centred.device), scalars, self.top_k)
 
     def tensors(self) -> dict[str, Any]:
@@ -244,15 +267,25 @@ class _Accumulator:
 
         from clipterm.vit import second_order
 
-        pc1, share = second_order.principal_directions(self.top.scalars, self.mean_scalars, self.vectors)  # (M, D), (M,)
+        top_offsets = None
+        if self.offsets is not None:
+            offsets, rows, mean_offset = self.offsets, self.top.rows, self.mean_offset
+
+            def top_offsets(part: slice) -> Any:
+                return offsets[rows[part].to(offsets.device)] - mean_offset  # (c, k, D)
+        pc1, share = second_order.principal_directions(self.top.scalars, self.mean_scalars, self.vectors,
+                                                       top_offsets)  # (M, D), (M,)
         significant = second_order.top_effect_sums(self.top.scalars, self.top.rows, self.mean_scalars, self.vectors,
-                                              len(self.missing))  # (N, D)
+                                                   len(self.missing), top_offsets=top_offsets)  # (N, D)
+        mean = second_order.mean_effects(self.mean_scalars, self.vectors)  # (M, D)
+        if self.mean_offset is not None and self.offsets is not None:
+            mean = mean + self.mean_offset
         seen = self.norms[self.missing == 0].float()  # (n, M)
         squared = seen**2  # (n, M)
         top1 = squared.topk(max(1, self.readable // 100), dim=0).values.sum(0)  # (M,)
         total = squared.sum(0)  # (M,)
         return {
-            "mean": second_order.mean_effects(self.mean_scalars, self.vectors).cpu(),  # (M, D)
+            "mean": mean.cpu(),  # (M, D)
             "pc1": pc1.cpu(), "pc1_share": share.cpu(),  # (M, D), (M,)
             "norms": self.norms, "activations": self.activations, "missing": self.missing,  # (N, M), (N, M), (N,)
             "top_rows": self.top.rows.cpu(), "top_norms": self.top.norms.float().cpu(),  # (M, k), (M, k)
@@ -300,6 +333,11 @@ class NeuronFile:
             raise ClipTermError(f"{self.path.name} has no {name!r}: an older clipterm built it", hint=self._hint,
                                 code=ExitCode.INVALID_DATA)
         return self._file.get_tensor(name)
+
+    @property
+    def convention(self) -> str:
+        """"clipterm", or "reference" (effects ×100/‖embedding‖ with the reference's shares); older files: clipterm."""
+        return self.meta.get("convention", "clipterm")
 
     @property
     def top_k(self) -> int:

@@ -28,7 +28,8 @@ IMAGES = "images.jsonl"
 LOCK = ".lock"
 DTYPES = ("float16", "float32")
 # Fields that must agree before a build may resume into an existing cache.
-RESUME_KEYS = (("model", "weights_sha256"), ("model", "arch"), ("convention",), ("dataset", "fingerprint"), ("dtype",), ("stored",))
+RESUME_KEYS = (("model", "weights_sha256"), ("model", "arch"), ("convention",), ("dataset", "fingerprint"), ("dtype",), ("stored",),
+               ("decode",))
 
 
 def shard_name(chunk: int) -> str:
@@ -179,13 +180,14 @@ def write_shard(directory: Path, chunk: int, tensors: dict[str, Any], start: int
 # --------------------------------------------------------------------------- the manifest and resuming
 
 
-def new_manifest(model: dict, convention: str, dataset: dict, dtype: str, stored: dict, shape: dict, shard_rows: int) -> dict:
-    """The manifest of a build that has not written any shard yet."""
+def new_manifest(model: dict, convention: str, dataset: dict, dtype: str, stored: dict, shape: dict, shard_rows: int,
+                 decode: str = "full") -> dict:
+    """The manifest of a build that has not written any shard yet. `decode`: "full" (open_clip's pixels) or "fast"."""
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return {
         "schema": SCHEMA, "clipterm_version": __version__, "created": now, "updated": now,
         "model": model, "convention": convention, "dataset": dataset, "dtype": dtype, "stored": stored,
-        "shape": shape, "shard_rows": shard_rows, "chunks": -(-dataset["n"] // shard_rows),
+        "shape": shape, "shard_rows": shard_rows, "decode": decode, "chunks": -(-dataset["n"] // shard_rows),
         "shards": [], "skipped": [], "files": {}, "complete": False,
     }
 

@@ -167,6 +167,10 @@ def ablate(
     which: list[SecondOrderSet] = typer.Option(None, "--which", help="With --second-order: all of them, the significant "
                                                "ones (per neuron, its top-k images by |effect - mean|) or the rest "
                                                "(repeatable; default: all three)."),
+    convention: str = typer.Option("clipterm", "--convention", help="clipterm (each write centred by its own mean), or "
+                                   "reference: clip_text_span's effects (equal shares of ln_post's mean and beta, each image "
+                                   "divided by |embedding|; embed counts as an MLP; needs a --neurons cache). With "
+                                   "--second-order it must match the neurons file's. See docs/conventions.md."),
     cache_dir: str = CacheDirOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -178,10 +182,12 @@ def ablate(
     effects mean-ablated: all, significant only and insignificant only (Gandelsman et al., 2024).
     JSON schema: clipterm.ablate/1.
     """
-    from clipterm.analyses import ablation
+    from clipterm.analyses import ablation, conventions
     from clipterm.cache.reader import model_for_cache
     from clipterm.errors import ClipTermError
 
+    conventions.check_convention(convention)
+    reference = convention == "reference"
     reader = _open(cache, cache_dir)
     neuron_file = None
     if second_order is not None:
@@ -191,18 +197,29 @@ def ablate(
             flag = "--forward" if forward else "--cumulative"
             raise ClipTermError(f"--second-order does not combine with {flag}", hint=f"run {flag} as a separate `clipterm ablate`")
         neuron_file = NeuronFile(reader, layer_of(second_order, reader, "--second-order"))
+        if neuron_file.convention != convention:
+            raise ClipTermError(f"the neurons file of {names.layer(neuron_file.layer)} holds {neuron_file.convention}-convention "
+                                f"effects, not {convention}",
+                                hint=f"run `clipterm neurons build {reader.name} --layer {names.layer(neuron_file.layer)} "
+                                     f"--convention {convention}`, or pass --convention {neuron_file.convention}")
         by = "second-order"
         components = [w.value for w in which] if which else list(ablation.SECOND_ORDER)
         second_order_shifts = ablation.second_order_shifts(neuron_file, components)  # before the model loads
     else:
         if which:
             raise ClipTermError("--which needs --second-order", hint="e.g. --second-order L4 --which significant")
-        components = ablation.group(reader, by)
+        if reference and forward:
+            raise ClipTermError("--convention reference does not combine with --forward",
+                                hint="the forward pass replaces outputs by their means; run it without --convention")
+        if reference:
+            conventions.require(reader)
+        components = ablation.group(reader, by, reference)
     if task is not None:
         ablation.task_names(reader, task)  # fail before loading the model
     loaded = model_for_cache(reader)
     keep = None if neuron_file is None else ~neuron_file.missing
     scorings = _scorings(reader, loaded, task, classes, templates, pool, cache_dir, keep)
+    view = conventions.ReferenceView(reader, loaded.model) if reference and neuron_file is None else None
     if neuron_file is not None:
         rows = ablation.ablate(scorings, second_order_shifts, draws)
     else:
@@ -211,15 +228,15 @@ def ablate(
                 for item in items:
                     yield item
                     advance(1)
-            rows = ablation.ablate(scorings, counted(ablation.shifts(reader, components)), draws)
-    curve = ablation.ablate(scorings, ablation.cumulative_shifts(reader, by), draws) if cumulative else {}
+            rows = ablation.ablate(scorings, counted(ablation.shifts(reader, components, view)), draws)
+    curve = ablation.ablate(scorings, ablation.cumulative_shifts(reader, by, view), draws) if cumulative else {}
     forward_rows = {}
     if forward:
         from clipterm.analyses.forward_ablation import forward_shifts
 
         with progress("forward passes", total=len(components) + 1, unit="passes") as advance:
             forward_rows = ablation.ablate(scorings, forward_shifts(reader, loaded, components, on_pass=advance), draws)
-    payload = {"cache": reader.name, "by": by, "images": reader.n, "forward": forward, "tasks": {}}
+    payload = {"cache": reader.name, "by": by, "images": reader.n, "forward": forward, "convention": convention, "tasks": {}}
     if neuron_file is not None:
         payload["second_order"] = {"layer": names.layer(neuron_file.layer), "top_images": neuron_file.top_k,
                                    "missing": int(neuron_file.missing.sum())}

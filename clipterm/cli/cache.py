@@ -36,6 +36,8 @@ def build(
     tokens: str = typer.Option(None, "--tokens", help="Also store per-token head outputs for these layers, e.g. L8-11."),
     resume: bool = typer.Option(True, "--resume/--force", help="Resume an interrupted build (default), or start over."),
     shard_rows: int = typer.Option(1024, "--shard-rows", min=1, help="Inputs per shard file."),
+    fast_decode: bool = typer.Option(False, "--fast-decode", help="Decode large JPEGs at reduced scale and shrink huge "
+                                     "images first: faster, but embeddings differ from open_clip's by a few %."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Run images through the model and store each component's exact direct effect. Works under torchrun."""
@@ -43,7 +45,7 @@ def build(
 
     options = BuildOptions(images=images, model=model, pretrained=pretrained, name=name, cache_dir=cache_dir,
                            device=device.value, batch_size=batch_size, workers=workers, dtype=dtype.value, neurons=neurons,
-                           tokens=tokens, force=not resume, shard_rows=shard_rows)
+                           tokens=tokens, force=not resume, shard_rows=shard_rows, fast_decode=fast_decode)
     result = build_cache(options, progress=progress)
     if _rank() != 0:
         return
@@ -90,7 +92,8 @@ def info(cache: str = CacheArg, cache_dir: str = CacheDirOpt, json_out: bool = J
 
     reader = CacheReader(resolve(cache, cache_dir), allow_incomplete=True)
     dataset = {k: v for k, v in reader.manifest["dataset"].items() if k not in ("n", "rows")}
-    summary = {**reader.info, "skipped_inputs": reader.manifest.get("skipped", []),
+    summary = {**reader.info, "decode": reader.manifest.get("decode", "fast"),
+               "skipped_inputs": reader.manifest.get("skipped", []),
                "dataset": {**dataset, "inputs": reader.manifest["dataset"]["n"], "images": reader.n},
                "shape": reader.manifest["shape"]}
     if json_out:
@@ -113,6 +116,7 @@ def info(cache: str = CacheArg, cache_dir: str = CacheDirOpt, json_out: bool = J
         "images": f"{summary['source']}: {summary['inputs']:,} inputs, {summary['images']:,} images stored, {summary['skipped']} skipped",
         "labels": ", ".join(f"{t} ({k} classes)" for t, k in summary["tasks"].items()) or "none",
         "stored": f"{', '.join(stored)} in {summary['dtype']}",
+        "decode": "fast (reduced-scale JPEG, box-reduced huge files)" if summary["decode"] == "fast" else "full, as open_clip",
         "size": f"{_size(summary['bytes'])} in {summary['shards']} shards ({_size(summary['bytes_per_row'])} per image)",
         "created": summary["created"],
     }

@@ -57,6 +57,9 @@ def build(
                               "principal direction, and its significant set for `ablate --second-order`."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
     workers: int = typer.Option(None, "--workers", min=0, help="DataLoader worker processes (default: picked for this machine)."),
+    convention: str = typer.Option("clipterm", "--convention", help="clipterm (each write centred by its own mean), or "
+                                   "reference: second_order_lens' numbers (equal shares of means and biases, x100/|embedding|); "
+                                   "see docs/conventions.md."),
     cache_dir: str = CacheDirOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -69,15 +72,17 @@ def build(
 
     reader = _open(cache, cache_dir)
     result = build_neurons(reader, layer_of(layer, reader), device=device.value, top_k=_positive(top_k, "--top-images", "100"),
-                           batch_size=_positive(batch_size, "--batch-size", "64"), workers=workers, progress=progress)
+                           batch_size=_positive(batch_size, "--batch-size", "64"), workers=workers, progress=progress,
+                           convention=convention)
     if json_out:
         emit_json(result.to_json(), schema="clipterm.neurons.build/2")
         return
     notes = [f"{result.missing} images could not be read again and were left out"] if result.missing else []
     if result.changed:
         notes.append(f"{result.changed} images now give another embedding than the cache's (changed on disk?)")
-    stdout.print(f"built second-order effects of {result.layer} for {result.images:,} images of [bold]{result.cache}[/] "
-                 f"({result.images_per_s:,.1f} images/s): {result.path}")
+    convention = " in the reference's convention (x100/|embedding|)" if result.convention == "reference" else ""
+    stdout.print(f"built second-order effects of {result.layer}{convention} for {result.images:,} images of "
+                 f"[bold]{result.cache}[/] ({result.images_per_s:,.1f} images/s): {result.path}")
     for note in notes:
         stdout.print(f"[yellow]note:[/] {note}")
 

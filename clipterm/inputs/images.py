@@ -7,8 +7,16 @@
 | `toy:N`       | the first N scenes of the synthetic world, seed 0, with every toy task's labels |
 | `toy:N@SEED`  | the same with another seed                                                  |
 
-Decoding is forgiving where it can be and honest where it can't: CMYK, alpha, palette, 16-bit and
-huge images are turned into RGB; empty, truncated and non-image files are skipped with a reason.
+Decoding is forgiving where it can be and honest where it can't: CMYK, alpha, palette and 16-bit
+images are turned into RGB; empty, truncated and non-image files are skipped with a reason.
+
+By default a file decodes as plain open_clip sees it (`Image.open(path).convert("RGB")`, full size),
+so cached embeddings equal open_clip's own on the same file. Two deliberate exceptions, where PIL's
+`convert("RGB")` is wrong: 16/32-bit images are rescaled to 8 bits (PIL clips them, a 16-bit PNG
+turns nearly white), and alpha is composited over white (PIL drops it and shows whatever colour
+sits under transparent pixels). `fast=True` (`cache build --fast-decode`) is the older, faster
+path: a JPEG over 2x the input size decodes at a reduced scale (`Image.draft`), huge images are
+box-reduced, and EXIF orientation is applied; embeddings then differ from open_clip's by a few %.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from clipterm.errors import ClipTermError, ExitCode
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif")
 # Decompression-bomb guard: more pixels than this (16k x 16k) is refused rather than decoded.
 MAX_PIXELS = 16384 * 16384
+DECODE_FULL, DECODE_FAST = "full", "fast"  # the manifest's `decode`: how a build decoded its files
 _TOY = re.compile(r"^toy:(\d+)(?:@(\d+))?$")
 
 
@@ -84,12 +93,12 @@ class ImageSource:
         return {"source": self.spec, "kind": self.kind, "root": self.root, "seed": self.seed, "n": len(self.items),
                 "tasks": self.tasks, "fingerprint": self.fingerprint()}
 
-    def load(self, index: int, min_side: int) -> Any:
-        """The RGB PIL image of input `index`, reduced to about `min_side` when huge; raises SkipImage."""
+    def load(self, index: int, min_side: int, fast: bool = False) -> Any:
+        """The RGB PIL image of input `index` (with `fast`, reduced to about 2x `min_side` when huge); raises SkipImage."""
         item = self.items[index]
         if item.path is None:
             return toy_scene(self.seed or 0, index)
-        return decode(item.path, min_side)
+        return decode(item.path, min_side, fast)
 
 
 TOY_ID = re.compile(r"^toy:(\d+)/(\d+)$")  # the synthetic id of a toy scene, as images.jsonl records it
@@ -198,8 +207,16 @@ def _walk(folder: Path) -> list[str]:
 # --------------------------------------------------------------------------- decoding
 
 
-def decode(path: str | os.PathLike, min_side: int = 224) -> Any:
-    """Decode a file to an RGB PIL image, shrinking huge ones to about 2x `min_side`; raises SkipImage with a reason."""
+def fast_decode(manifest: dict) -> bool:
+    """Whether a cache's build decoded with the fast path; caches from before the choice was recorded did."""
+    return manifest.get("decode", DECODE_FAST) == DECODE_FAST
+
+
+def decode(path: str | os.PathLike, min_side: int = 224, fast: bool = False) -> Any:
+    """Decode a file to an RGB PIL image as open_clip would (see the module docstring); raises SkipImage with a reason.
+
+    `fast`: JPEGs decode at a reduced scale and huge images shrink to about 2x `min_side`, EXIF orientation applied.
+    """
     from PIL import Image, ImageOps
 
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2  # PIL refuses at twice this
@@ -213,9 +230,11 @@ def decode(path: str | os.PathLike, min_side: int = 224) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DecompressionBombWarning, EXIF and palette warnings
             with Image.open(path) as image:
-                image.draft("RGB", (min_side * 2, min_side * 2))  # JPEG: decode at a reduced scale, much faster
+                if fast:
+                    image.draft("RGB", (min_side * 2, min_side * 2))  # JPEG: decode at a reduced scale, much faster
                 image.load()
-                image = _shrink(ImageOps.exif_transpose(image) or image, min_side)
+                if fast:
+                    image = _shrink(ImageOps.exif_transpose(image) or image, min_side)
                 return to_rgb(image)
     except Image.DecompressionBombError:
         raise SkipImage(f"too large to decode safely (over {MAX_PIXELS:,} pixels)") from None
@@ -262,8 +281,8 @@ def to_rgb(image: Any) -> Any:
 class ImageDataset:
     """`dataset[i]` -> (index, tensor or None, reason or None) for input `indices[i]`; skips never raise."""
 
-    def __init__(self, source: ImageSource, preprocess: Callable, indices: list[int], min_side: int):
-        self.source, self.preprocess, self.indices, self.min_side = source, preprocess, indices, min_side
+    def __init__(self, source: ImageSource, preprocess: Callable, indices: list[int], min_side: int, fast: bool = False):
+        self.source, self.preprocess, self.indices, self.min_side, self.fast = source, preprocess, indices, min_side, fast
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -271,7 +290,7 @@ class ImageDataset:
     def __getitem__(self, i: int) -> tuple[int, Any, str | None]:
         index = self.indices[i]
         try:
-            return index, self.preprocess(self.source.load(index, self.min_side)), None
+            return index, self.preprocess(self.source.load(index, self.min_side, self.fast)), None
         except SkipImage as exc:
             return index, None, str(exc)
         except Exception as exc:  # the preprocess itself failed on an odd image: record it, don't stop the build

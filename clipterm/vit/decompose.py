@@ -139,10 +139,11 @@ def _head_scale(attn: nn.Module, device) -> Tensor:
     return scale.float().view(-1) if scale is not None else torch.ones(attn.num_heads, device=device)  # (H,)
 
 
-def readout(model) -> Tensor:
+def readout(model, centred: bool = True) -> Tensor:
     """The fixed per-head readout (L, H, dh, D), fp32: `head_out[:, l, h] @ R[l, h]` is head h's joint-space effect.
 
-    `R_h = W_O^h · head_scale · LayerScale · C · diag(γ) · proj`, with C the centring `I − 11ᵀ/width`.
+    `R_h = W_O^h · head_scale · LayerScale · C · diag(γ) · proj`, with C the centring `I − 11ᵀ/width`;
+    `centred=False` leaves C out (the reference convention, which centres by shares of the stream's mean).
     """
     visual = vision_tower(model)
     gamma, _, proj = ln_post_affine(visual)
@@ -154,8 +155,9 @@ def readout(model) -> Tensor:
             w_out = block.attn.out_proj.weight.float().T.reshape(heads, width // heads, width)  # (H, dh, W)
             w_out = w_out * _head_scale(block.attn, device).view(heads, 1, 1)  # (H, dh, W)
             w_out = w_out * layer_scale_vector(block.ls_1, width, device)  # (H, dh, W)
-            centred = (w_out - w_out.mean(-1, keepdim=True)) * gamma  # (H, dh, W)
-            rows.append(centred @ proj)  # (H, dh, D)
+            if centred:
+                w_out = w_out - w_out.mean(-1, keepdim=True)  # (H, dh, W)
+            rows.append((w_out * gamma) @ proj)  # (H, dh, D)
     return torch.stack(rows)  # (L, H, dh, D)
 
 
