@@ -31,10 +31,13 @@ from clipterm.toyworld import palette
 from clipterm.toyworld.world import BACKGROUNDS, COLOURS
 
 
-def paint(loaded, target: str, reader=None, **settings) -> np.ndarray:
-    """The final images (K, S, S, 3) of one run."""
+def paint(loaded, target: str, reader=None, sign: int = 1, **settings) -> np.ndarray:
+    """The final images (K, S, S, 3) of one run (sign -1: the other end of the target's axis)."""
     config = featvis.Config(**settings)
-    for frame in featvis.visualise(loaded, featvis.objective_for(target, loaded, reader, config.objective), config):
+    objective = featvis.objective_for(target, loaded, reader, config.objective)
+    for term in objective.terms:
+        term.sign *= sign
+    for frame in featvis.visualise(loaded, objective, config):
         pass
     return frame.pixels
 
@@ -89,12 +92,15 @@ def heads(loaded, steps: int, n_images: int, n_heads: int, seed: int, root: Path
             texts = [pool.texts[i] for i in span.indices]
             named = {c for c in COLOURS if any(c in t.split() for t in texts)}
             found = palette.dominant_colour(paint(loaded, head, reader, steps=steps)[0])
+            # A principal direction is an axis; TextSpan's texts may sit at either end of it.
+            opposite = palette.dominant_colour(paint(loaded, head, reader, sign=-1, steps=steps)[0])
             drop = next(r.drop for r in ranked if r.component == head)
             rows.append({"component": head, "colour_drop": round(drop, 4), "texts": texts, "dominant": found,
-                         "match": found in named})
-            print(f"  {group:>8} {head:<6} drop {drop:+.3f} texts {texts} -> {found}"
-                  f" {'(named)' if found in named else ''}", flush=True)
-        result[group] = {"rate": float(np.mean([r["match"] for r in rows])), "heads": rows}
+                         "opposite": opposite, "match": found in named, "either_end": bool({found, opposite} & named)})
+            print(f"  {group:>8} {head:<6} drop {drop:+.3f} texts {texts} -> {found} (other end {opposite})"
+                  f" {'match' if found in named else 'either end' if {found, opposite} & named else ''}", flush=True)
+        result[group] = {"rate": float(np.mean([r["match"] for r in rows])),
+                         "either_end_rate": float(np.mean([r["either_end"] for r in rows])), "heads": rows}
     result["passed"] = result["critical"]["rate"] > result["random"]["rate"]
     return result
 
@@ -135,8 +141,10 @@ def main() -> None:
         print(f"heads (cache of toy:{args.cache_images}, ranked by the colour drop under mean-ablation):")
         with tempfile.TemporaryDirectory() as tmp:
             results["heads"] = heads(loaded, args.steps, args.cache_images, args.heads, args.seed, Path(tmp))
-        print(f"  top {args.heads}: {results['heads']['critical']['rate']:.0%}, "
-              f"{args.heads} random: {results['heads']['random']['rate']:.0%}")
+        heads_result = results["heads"]
+        print(f"  top {args.heads}: {heads_result['critical']['rate']:.0%} (either end of the axis "
+              f"{heads_result['critical']['either_end_rate']:.0%}), {args.heads} random: "
+              f"{heads_result['random']['rate']:.0%} ({heads_result['random']['either_end_rate']:.0%})")
     if args.only in (None, "diversity"):
         print("diversity:")
         results["diversity"] = diversity(loaded, args.steps)
