@@ -74,7 +74,7 @@ def heads(loaded, steps: int, n_images: int, n_heads: int, seed: int, root: Path
 
     build_cache(BuildOptions(images=f"toy:{n_images}", cache_dir=str(root), name="featvis", workers=0), loaded=loaded)
     reader = open_cache(root / "featvis")
-    encode = lambda texts: encode_texts(loaded.model, loaded.tokenizer, texts)  # noqa: E731
+    encode = lambda texts: encode_texts(loaded.model, loaded.tokenizer, texts)
     scoring = {"colour": ablation.scorings(reader, encode)["colour"]}
     shape = reader.shape
     every = [names.head(l, h) for l in range(shape.layers) for h in range(shape.heads)]

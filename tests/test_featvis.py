@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from clipterm.analyses import featvis
+from clipterm.analyses import facets, featvis
 from clipterm.cache.build import BuildOptions, build_cache
 from clipterm.cache.reader import open_cache
 from clipterm.errors import ClipTermError, ExitCode
 from clipterm.toyworld import palette, world
 
-FAST = dict(steps=12, size=32)
+FAST = {"steps": 12, "size": 32}
 
 
 @pytest.fixture(autouse=True)
@@ -165,14 +165,14 @@ def test_diversity_term_spreads_the_images(toy):
 
 def test_facet_probe_beats_chance_on_held_out_rows(toy, cache):
     reader = open_cache(cache)
-    facet = featvis.train_facet(toy, reader, "colour/red")
+    facet = facets.train_facet(toy, reader, "colour/red")
     assert facet.accuracy > facet.chance + 0.2 and facet.rows == int((reader.labels("colour") >= 0).sum())
     assert facet.to_json()["class"] == "red" and facet.to_json()["layer"] == "L4"
     plain = run(toy, "L4.N12", reader, steps=16, size=64)[-1].pixels
     faceted = run(toy, "L4.N12", reader, facet, steps=16, size=64, facet_weight=1.0)[-1].pixels
     assert not np.array_equal(plain, faceted)
     with pytest.raises(ClipTermError, match="no labels for task 'texture'"):
-        featvis.train_facet(toy, reader, "texture")
+        facets.train_facet(toy, reader, "texture")
 
 
 # --------------------------------------------------------------------------- the command

@@ -6,7 +6,6 @@ import pytest
 from test_tui import pilot, settle
 
 from clipterm.tui.app import ClipTermApp
-from clipterm.tui.widgets import VisualisePane
 
 
 @pytest.fixture(scope="module")

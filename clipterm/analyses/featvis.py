@@ -4,8 +4,7 @@ Olah, Mordvintsev & Schubert, "Feature Visualization" (Distill, 2017), with luci
 Fourier-space parameter whose frequencies are scaled by 1/f, its colours decorrelated by the square root of
 ImageNet's colour covariance, then a sigmoid; every step sees it randomly padded, jittered, scaled and rotated,
 so only features that survive those transforms grow. Diversity (lucid): K images at once, minus the cosine
-similarity of their Gram matrices at a middle layer. Facets (Goh et al., "Multimodal Neurons", Distill 2021):
-a linear probe of a layer's class-token residual, trained on the cache's labels, adds its log-probability.
+similarity of their Gram matrices at a middle layer. Facets (`facets.py`): a probe's log-probability is added.
 
 Objectives (`objective` picks where a target allows several):
 - a head `L5.H2[:pcK]`, `effect` (default): its direct effect, CLS output / σ_post @ R_h, along its principal
@@ -72,7 +71,8 @@ class Image(torch.nn.Module):
         if param == "fourier":
             fy, fx = torch.fft.fftfreq(size)[:, None], torch.fft.rfftfreq(size)[None]  # (S, 1), (1, S//2+1)
             self.register_buffer("scale", 1 / (fy**2 + fx**2).sqrt().clamp(min=1 / size))  # (S, S//2+1)
-            self.spectrum = torch.nn.Parameter(0.01 * torch.randn(images, 3, size, size // 2 + 1, 2, generator=generator))
+            spectrum = 0.01 * torch.randn(images, 3, size, size // 2 + 1, 2, generator=generator)  # (K, 3, S, S//2+1, 2)
+            self.spectrum = torch.nn.Parameter(spectrum)
         else:
             self.raw = torch.nn.Parameter(0.01 * torch.randn(images, 3, size, size, generator=generator))
         colour = COLOUR_SQRT / COLOUR_SQRT.norm(dim=0).max()  # (3, 3)
@@ -88,7 +88,7 @@ class Image(torch.nn.Module):
 
 
 def robust(pixels: Tensor, out_size: int, generator: torch.Generator) -> Tensor:
-    """lucid's standard transforms, sized to the image: pad, jitter, scale, rotate, jitter; then resize. (K, 3, S', S')."""
+    """lucid's standard transforms, sized to the image: pad, jitter, scale, rotate, jitter; resize. (K, 3, S', S')."""
     size = pixels.shape[-1]
     pad, jitter = max(1, size // 16), max(1, size // 28)
     padded = F.pad(pixels, (pad,) * 4, value=0.5)  # (K, 3, S+2p, S+2p)
@@ -97,7 +97,8 @@ def robust(pixels: Tensor, out_size: int, generator: torch.Generator) -> Tensor:
     angle = (torch.randint(-10, 11, (k,), generator=generator).float() * math.pi / 180)  # (K,)
     scale = 1 + (torch.randint(0, 11, (k,), generator=generator).float() - 5) / 50  # (K,)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, torch.zeros(k)], 1), torch.stack([sin, cos, torch.zeros(k)], 1)], 1)  # (K, 2, 3)
+    zero = torch.zeros(k)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)  # (K, 2, 3)
     grid = F.affine_grid(theta.to(pixels), list(padded.shape), align_corners=False)  # (K, H, W, 2)
     turned = F.grid_sample(padded, grid, padding_mode="border", align_corners=False)  # (K, 3, H, W)
     turned = _crop(turned, max(1, jitter // 2), generator)
@@ -116,14 +117,16 @@ def _crop(pixels: Tensor, jitter: int, generator: torch.Generator) -> Tensor:
 class Recorder:
     """Forward hooks on the model's own modules, so the forward pass is the model's plain (fused) one."""
 
-    def __init__(self, visual: Any, ln_1: set[int] = frozenset(), gelu: set[int] = frozenset(), blocks: set[int] = frozenset()):
+    def __init__(self, visual: Any, ln_1: set[int] = frozenset(), gelu: set[int] = frozenset(),
+                 blocks: set[int] = frozenset()):
         self.saved: dict[tuple[str, int], Tensor] = {}
         self.hooks = []
         for layer in ln_1:  # the ln_1 input (residual) and output, for attention rows and σ
             module = visual.transformer.resblocks[layer].ln_1
             self.hooks.append(module.register_forward_hook(self._keep("ln_1", layer, with_input=True)))
         for layer in gelu:
-            self.hooks.append(visual.transformer.resblocks[layer].mlp.gelu.register_forward_hook(self._keep("gelu", layer)))
+            gelu_module = visual.transformer.resblocks[layer].mlp.gelu
+            self.hooks.append(gelu_module.register_forward_hook(self._keep("gelu", layer)))
         for layer in blocks:
             self.hooks.append(visual.transformer.resblocks[layer].register_forward_hook(self._keep("block", layer)))
         self.hooks.append(visual.ln_post.register_forward_hook(self._keep("ln_post", 0, with_input=True)))
@@ -190,7 +193,8 @@ def objective_for(spec: str, loaded: Any, reader: Any = None, objective: str = "
     components = [t for t in parsed if t.kind in ("head", "neuron")]
     if objective == "direction" or not components:
         if objective in ("activation", "effect"):
-            raise ClipTermError(f"{spec} is a direction, with no {objective}", hint="drop --objective (it is `direction`)")
+            raise ClipTermError(f"{spec} is a direction, with no {objective}",
+                                hint="drop --objective (it is `direction`)")
         return Objective(spec, "direction", [Term(1, "direction", targets.resolve(spec, loaded, reader).direction)])
     kind = objective if objective != "auto" else ("effect" if components[0].kind == "head" else "activation")
     terms = []
@@ -201,7 +205,8 @@ def objective_for(spec: str, loaded: Any, reader: Any = None, objective: str = "
         comp = names.validate(names.parse(term.value), reader.shape)
         if comp.kind == "head":
             if kind == "activation":
-                raise ClipTermError(f"{comp} is a head: it has an effect, not an activation", hint="use --objective effect or direction")
+                raise ClipTermError(f"{comp} is a head: it has an effect, not an activation",
+                                    hint="use --objective effect or direction")
             direction = targets.head_direction(reader, str(comp.base), comp.pc or 1)
             terms.append(Term(term.sign, "head_effect", direction, comp.layer, comp.index))
         elif kind == "activation":
@@ -257,7 +262,7 @@ def score(objective: Objective, recorder: Recorder, visual: Any, embeds: Tensor,
 
 
 def gram_similarity(tokens: Tensor) -> Tensor:
-    """lucid's diversity term: mean pairwise cosine similarity of the images' Gram matrices of patch tokens (B, T, W)."""
+    """lucid's diversity term: the mean pairwise cosine similarity of the images' Gram matrices of tokens (B, T, W)."""
     patches = tokens[:, 1:].float()  # (B, P, W)
     grams = F.normalize((patches.transpose(1, 2) @ patches).flatten(1), dim=-1)  # (B, W*W)
     similar = grams @ grams.T  # (B, B)
@@ -275,7 +280,8 @@ def check(config: Config, loaded: Any) -> int:
         raise ClipTermError(f"--steps must be at least 1 (got {config.steps})", hint="e.g. --steps 128")
     if size < loaded.info.patch_size:
         raise ClipTermError(f"--size {size} is smaller than the model's {loaded.info.patch_size}-pixel patch",
-                            hint=f"use --size {loaded.info.patch_size} or more (the model sees {loaded.info.image_size} px)")
+                            hint=f"use --size {loaded.info.patch_size} or more "
+                                 f"(the model sees {loaded.info.image_size} px)")
     if config.images < 1:
         raise ClipTermError(f"--diverse must be at least 1 (got {config.images})", hint="e.g. --diverse 4")
     if config.param not in PARAMS:
@@ -334,84 +340,3 @@ def visualise(loaded: Any, objective: Objective, config: Config, facet: Any = No
         recorder.close()
         for parameter in trainable:
             parameter.requires_grad_(True)
-
-
-# --------------------------------------------------------------------------- facets
-
-
-@dataclass
-class Facet:
-    """A linear probe (softmax regression) on layer `layer`'s class-token residual, LayerNorm'ed without affine."""
-
-    task: str
-    layer: int
-    classes: list[str]
-    weight: Tensor  # (C, W)
-    bias: Tensor  # (C,)
-    target: int | None  # the class pushed toward; None: whichever the probe is surest of
-    accuracy: float  # on held-out cache rows
-    chance: float  # the held-out rows' majority-class rate
-    rows: int  # cache rows used (train + held out)
-
-    def log_prob(self, residual: Tensor) -> Tensor:
-        """(B,) log-probability of the facet's class (or the top class) for class-token residuals (B, W)."""
-        features = F.layer_norm(residual.float(), residual.shape[-1:])  # (B, W)
-        logits = features @ self.weight.to(features).T + self.bias.to(features)  # (B, C)
-        log_probs = logits.log_softmax(-1)  # (B, C)
-        return log_probs[:, self.target] if self.target is not None else log_probs.max(-1).values
-
-    def to_json(self) -> dict[str, Any]:
-        return {"task": self.task, "class": self.classes[self.target] if self.target is not None else None,
-                "layer": names.layer(self.layer), "accuracy": round(self.accuracy, 4), "chance": round(self.chance, 4),
-                "images": self.rows}
-
-
-def train_facet(loaded: Any, reader: Any, spec: str, layer: int | None = None, max_rows: int = 1024, seed: int = 0,
-                steps: int = 300) -> Facet:
-    """Fit a probe for `TASK` or `TASK/CLASS` on the cache's labels: 80% of the labelled rows train, 20% test."""
-    from clipterm.analyses.spatial import open_image
-    from clipterm.vit.decompose import vision_tower
-
-    task, _, wanted = spec.partition("/")
-    if reader is None:
-        raise ClipTermError(f"--facet {spec} needs a cache with labels", hint="pass --cache NAME (a labelled cache)")
-    if task not in reader.tasks:
-        raise ClipTermError(f"cache {reader.name} has no labels for task {task!r}",
-                            hint=f"tasks with labels: {', '.join(reader.tasks) or 'none'}")
-    classes = list(reader.tasks[task])
-    if wanted and wanted not in classes:
-        raise ClipTermError(f"no class {wanted!r} in task {task}", hint=f"classes: {', '.join(classes)}"[:300])
-    visual = vision_tower(loaded.model)
-    layer = layer if layer is not None else (2 * len(visual.transformer.resblocks)) // 3
-    labels = reader.labels(task)  # (N,)
-    rows = torch.nonzero(labels >= 0).flatten()
-    rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))][:max_rows]
-    if len(rows) < 10:
-        raise ClipTermError(f"cache {reader.name} has only {len(rows)} rows labelled for {task}", hint="build a larger cache")
-    recorder = Recorder(visual, blocks={layer})
-    features = []
-    device = visual.conv1.weight.device
-    try:
-        with torch.no_grad():
-            for start in range(0, len(rows), 128):
-                batch = torch.cat([loaded.preprocess(open_image(f"row:{int(r)}", reader).image)[None] for r in rows[start : start + 128]])
-                visual(batch.to(device=device, dtype=visual.conv1.weight.dtype))
-                features.append(F.layer_norm(recorder.saved[("block", layer)][:, 0].float(), (visual.transformer.width,)).cpu())
-    finally:
-        recorder.close()
-    x, y = torch.cat(features), labels[rows].long()  # (n, W), (n,)
-    split = int(0.8 * len(rows))
-    weight = torch.zeros(len(classes), x.shape[1], requires_grad=True)  # (C, W)
-    bias = torch.zeros(len(classes), requires_grad=True)  # (C,)
-    optimiser = torch.optim.Adam([weight, bias], lr=0.05)
-    for _ in range(steps):
-        loss = F.cross_entropy(x[:split] @ weight.T + bias, y[:split]) + 1e-3 * weight.pow(2).sum()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    with torch.no_grad():
-        predicted = (x[split:] @ weight.T + bias).argmax(-1)  # (n_test,)
-    accuracy = float((predicted == y[split:]).float().mean())
-    chance = float(torch.bincount(y[split:], minlength=len(classes)).max() / max(len(y) - split, 1))
-    target = classes.index(wanted) if wanted else None
-    return Facet(task, layer, classes, weight.detach(), bias.detach(), target, accuracy, chance, len(rows))

@@ -64,7 +64,7 @@ def visualise(
     image under random padding, jitter, scale and rotation. Writes OUT/<target>-<k>.png and OUT/<target>.json
     (settings and the objective at every step). JSON schema: clipterm.visualise/1.
     """
-    from clipterm.analyses import featvis, targets
+    from clipterm.analyses import facets, featvis, targets
 
     if steps < 1:
         raise ClipTermError(f"--steps must be at least 1 (got {steps})", hint="e.g. --steps 128")
@@ -77,7 +77,7 @@ def visualise(
     loaded, reader = _load(model, pretrained, cache, cache_dir, device.value)
     side = featvis.check(config, loaded)
     goal = featvis.objective_for(target, loaded, reader, config.objective)
-    probe = featvis.train_facet(loaded, reader, facet) if facet is not None else None
+    probe = facets.train_facet(loaded, reader, facet) if facet is not None else None
     curve: list[float] = []
     with progress(f"visualising {target}", total=steps, unit="steps") as advance:
         for frame in featvis.visualise(loaded, goal, config, probe):

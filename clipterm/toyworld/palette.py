@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from clipterm.toyworld.world import BACKGROUNDS, COLOURS, IMAGE_SIZE, _BG_LEVEL
+from clipterm.toyworld.world import _BG_LEVEL, BACKGROUNDS, COLOURS, IMAGE_SIZE
 
 # The world's greys: the dark and light levels, the two stripe levels and the middle of the noise range.
 GREYS = (_BG_LEVEL["dark"], 70, 120, 190, _BG_LEVEL["light"])
