@@ -88,6 +88,24 @@ def test_objectives_equal_the_exact_decomposition(toy, cache):
     assert text.kind == "direction" and torch.allclose(_recorded_score(toy, text, pixels), cosine, atol=1e-5)
 
 
+def test_the_recorder_ignores_other_threads_passes(toy):
+    """A TUI worker may run the model while a visualisation climbs: its passes must not land in the recorder."""
+    import threading
+
+    recorder = featvis.Recorder(toy.model.visual, gelu={2})
+    pixels = torch.zeros(1, 3, 64, 64)
+    try:
+        with torch.no_grad():
+            other = threading.Thread(target=lambda: toy.model.visual(pixels))
+            other.start()
+            other.join()
+            assert recorder.saved == {}
+            toy.model.visual(pixels)
+    finally:
+        recorder.close()
+    assert recorder.saved[("gelu", 2)].shape == (1, 65, toy.info.mlp_width)
+
+
 @pytest.mark.parametrize("target, objective, kind", [
     ("text:a red shape", "auto", "direction"),
     ("class:colour/green", "auto", "direction"),

@@ -17,6 +17,7 @@ Objectives (`objective` picks where a target allows several):
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -115,12 +116,14 @@ def _crop(pixels: Tensor, jitter: int, generator: torch.Generator) -> Tensor:
 
 
 class Recorder:
-    """Forward hooks on the model's own modules, so the forward pass is the model's plain (fused) one."""
+    """Forward hooks on the model's own modules, so the forward pass is the model's plain (fused) one. Only passes
+    run by the thread that made it are recorded: a TUI worker may share the model with another at the same time."""
 
     def __init__(self, visual: Any, ln_1: set[int] = frozenset(), gelu: set[int] = frozenset(),
                  blocks: set[int] = frozenset()):
         self.saved: dict[tuple[str, int], Tensor] = {}
         self.hooks = []
+        self.thread = threading.get_ident()
         for layer in ln_1:  # the ln_1 input (residual) and output, for attention rows and σ
             module = visual.transformer.resblocks[layer].ln_1
             self.hooks.append(module.register_forward_hook(self._keep("ln_1", layer, with_input=True)))
@@ -133,6 +136,8 @@ class Recorder:
 
     def _keep(self, kind: str, layer: int, with_input: bool = False) -> Callable:
         def hook(_module, inputs, output):
+            if threading.get_ident() != self.thread:
+                return
             self.saved[(kind, layer)] = output[0] if isinstance(output, tuple) else output
             if with_input:
                 self.saved[(kind + "_in", layer)] = inputs[0]
