@@ -55,7 +55,7 @@ def _recorded_score(toy, objective, pixels):
     from clipterm.vit.decompose import readout
 
     visual = toy.model.visual
-    ln_1, gelu = featvis._hooks_for(objective, toy.info.layers)
+    ln_1, gelu = featvis.hooks_for(objective, toy.info.layers)
     recorder = featvis.Recorder(visual, ln_1, gelu)
     try:
         with torch.no_grad():

@@ -226,7 +226,8 @@ def objective_for(spec: str, loaded: Any, reader: Any = None, objective: str = "
     return Objective(spec, kind, terms)
 
 
-def _hooks_for(objective: Objective, n_layers: int) -> tuple[set[int], set[int]]:
+def hooks_for(objective: Objective, n_layers: int) -> tuple[set[int], set[int]]:
+    """The layers whose ln_1 and whose MLP activation an objective reads."""
     ln_1, gelu = set(), set()
     for term in objective.terms:
         if term.kind == "head_effect":
@@ -310,7 +311,7 @@ def visualise(loaded: Any, objective: Objective, config: Config, facet: Any = No
     mean = torch.tensor(visual.image_mean or (0.5,) * 3, device=device).view(1, 3, 1, 1)
     std = torch.tensor(visual.image_std or (0.5,) * 3, device=device).view(1, 3, 1, 1)
     n_layers = len(visual.transformer.resblocks)
-    ln_1, gelu = _hooks_for(objective, n_layers)
+    ln_1, gelu = hooks_for(objective, n_layers)
     blocks = {n_layers // 2} if config.diversity and config.images > 1 else set()
     if facet is not None:
         blocks.add(facet.layer)
