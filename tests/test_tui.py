@@ -96,7 +96,7 @@ async def test_tab_cycles_panes_and_help_lists_binding_ids(toy_cache):
         assert tabs.active == "descriptions"
         await pilot.press("tab")
         assert tabs.active == "ablation"
-        await pilot.press("tab", "tab", "tab", "tab", "tab")
+        await pilot.press("tab", "tab", "tab", "tab", "tab", "tab")
         assert tabs.active == "descriptions"
         await pilot.press("shift+tab")
         assert tabs.active == "info"

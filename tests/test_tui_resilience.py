@@ -98,6 +98,7 @@ async def test_200_random_keys_leave_the_app_running_and_q_still_quits(toy_cache
     app = Watched(reader, cache_dir=root)
     # `s` starts a real hill-climb (the search tests cover it); here it only has to start and stop
     monkeypatch.setattr(app.analyses, "search", lambda target, cancel, **kw: iter(()))
+    monkeypatch.setattr(app.analyses, "visualise", lambda target, cancel, **kw: iter(()))  # the same for `v`
     pressed = fuzz_keys(app)
     assert {"j", "k", "tab", "question_mark", "slash", "enter", "s", "t", "c"} <= set(pressed)
     assert not QUITS & set(pressed) and len(pressed) >= 200

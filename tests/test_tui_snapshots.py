@@ -37,7 +37,7 @@ def shot(snap_compare, reader, root, toy, size, component, press=(), before=None
 @pytest.mark.parametrize("pane", ["descriptions", "ablation", "images", "spatial", "info"])
 def test_pane_snapshots(snap_compare, neuron_cache, toy, size, pane):  # noqa: F811
     reader, root = neuron_cache
-    presses = ["tab"] * {"descriptions": 0, "ablation": 1, "images": 3, "spatial": 4, "info": 5}[pane]
+    presses = ["tab"] * {"descriptions": 0, "ablation": 1, "images": 3, "spatial": 4, "info": 6}[pane]
     component = "L5.H3" if pane != "images" else "L4.MLP"
     assert shot(snap_compare, reader, root, toy, size, component, press=presses)
 
@@ -54,6 +54,25 @@ def test_search_pane_snapshot(snap_compare, neuron_cache, toy, size):  # noqa: F
         app.query_one(SearchPane).show_event("L5.H3", pinned)
 
     assert shot(snap_compare, reader, root, toy, size, "L5.H3", press=["tab", "tab"], before=show_a_finished_search)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_visualise_pane_snapshot(snap_compare, neuron_cache, toy, size):  # noqa: F811
+    reader, root = neuron_cache
+
+    def show_a_finished_visualisation(app):
+        import torch
+
+        from clipterm.tui.widgets import VisualisePane
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the same pixels however many cores run the test
+        *_, last = app.analyses.visualise("L5.H3", cancel=lambda: False, steps=8)
+        torch.set_num_threads(threads)
+        pinned = dataclasses.replace(last, elapsed=1.0)
+        app.query_one(VisualisePane).show_frame(pinned, app.analyses.cached("images", "L5.H3"))
+
+    assert shot(snap_compare, reader, root, toy, size, "L5.H3", press=["tab"] * 5, before=show_a_finished_visualisation)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")

@@ -119,6 +119,20 @@ class SpatialRequest:
         return f"“{self.target[5:]}”" if self.target.startswith("text:") else self.target
 
 
+@dataclass(frozen=True)
+class VisualFrame:
+    """One streamed step of a feature visualisation: plain data for the Visualise pane."""
+
+    target: str
+    step: int
+    steps: int
+    objective: float  # mean over the images of what is climbed
+    kind: str  # activation, effect or direction
+    tiles: list[Thumbnail]  # the images so far, resized for the pane
+    elapsed: float
+    done: bool
+
+
 class Analyses:
     """Memoised results for one cache. Safe to call from several worker threads."""
 
@@ -342,6 +356,39 @@ class Analyses:
             direction = targets.resolve(target, loaded, self.reader).direction
         config = SearchConfig(steps=steps, patience=25, seed=seed)
         return search_model(loaded, direction, config=config, cancel=cancel)
+
+    # ----------------------------------------------------------------- feature visualisation
+
+    def visual_target(self, component: str) -> str | None:
+        """The visualisation target for a tree node: a head (its direct effect) or a neuron (its activation)."""
+        if component == "model":
+            return None
+        parsed = names.parse(component)
+        return str(parsed) if parsed.kind in ("head", "neuron") else None
+
+    def visualise(self, target: str, cancel: Callable[[], bool], steps: int = 128, every: int = 4, size: int = 32,
+                  seed: int = 0) -> Iterator[VisualFrame]:
+        """Stream frames of a feature visualisation of `target` (any `clipterm visualise` target); the last one is
+        memoised under ("visualise", target) when it ran to the end."""
+        import numpy as np
+        from PIL import Image
+
+        from clipterm.analyses import featvis
+
+        loaded = self.loaded()
+        with self._lock:  # directions read the cache
+            objective = featvis.objective_for(target, loaded, self.reader)
+        config = featvis.Config(steps=steps, every=every, seed=seed)
+        tiles: list[Thumbnail] = []
+        for frame in featvis.visualise(loaded, objective, config, cancel=cancel):
+            if frame.pixels is not None:
+                tiles = [Thumbnail(f"step {frame.step}", np.asarray(Image.fromarray(p).resize((size, size), Image.BILINEAR)),
+                                   None) for p in frame.pixels]
+            out = VisualFrame(target, frame.step, steps, frame.objective, objective.kind, tiles, frame.elapsed,
+                              frame.done)
+            if frame.done and frame.step == steps:
+                self._memo[("visualise", target)] = out
+            yield out
 
     # ----------------------------------------------------------------- info
 

@@ -42,7 +42,7 @@ def error(message: str, hint: str | None = None) -> None:
 
 @contextmanager
 def progress(description: str, total: int | None, unit: str = "images") -> Iterator[Any]:
-    """A rich progress bar on stderr with a rate column; yields `advance(n)`."""
+    """A rich progress bar on stderr with a rate column; yields `advance(n, note=None)` (note: a live figure)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -57,14 +57,17 @@ def progress(description: str, total: int | None, unit: str = "images") -> Itera
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"),
+        TextColumn("{task.fields[note]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     ]
     with Progress(*columns, console=stderr, transient=False, disable=not sys.stderr.isatty() and not os.environ.get("CLIPTERM_PROGRESS")) as bar:
-        task = bar.add_task(description, total=total, rate="")
+        task = bar.add_task(description, total=total, rate="", note="")
 
-        def advance(n: int = 1) -> None:
+        def advance(n: int = 1, note: str | None = None) -> None:
             bar.advance(task, n)
+            if note is not None:
+                bar.update(task, note=note)
             speed = bar.tasks[0].speed
             if speed:
                 bar.update(task, rate=f"{speed:,.0f} {unit}/s")

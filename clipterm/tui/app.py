@@ -11,6 +11,7 @@ The app only routes selections to workers and results to panes. Every number com
 | / | tree.filter | filter the tree by name or hint (escape clears) |
 | tab / shift+tab | panes.next / panes.previous | switch pane |
 | s | search.toggle | start or stop a hill-climb for the selection (or the typed target) |
+| v | visualise.toggle | start or stop a feature visualisation of the selection (or the typed target) |
 | t | ablation.task | show the next task's ablation |
 | [ / ] | spatial.previous / spatial.next | the Spatial pane's previous / next cache image |
 | c | copy | copy the active pane's text (OSC 52) |
@@ -38,9 +39,18 @@ from clipterm.analyses.session import Analyses, SpatialRequest
 from clipterm.tui._tree import TreeMixin
 from clipterm.tui.commands import ComponentCommands
 from clipterm.tui.screens import HelpScreen
-from clipterm.tui.widgets import AblationPane, DescriptionPane, ImagesPane, InfoPane, SearchPane, SpatialPane, steady
+from clipterm.tui.widgets import (
+    AblationPane,
+    DescriptionPane,
+    ImagesPane,
+    InfoPane,
+    SearchPane,
+    SpatialPane,
+    VisualisePane,
+    steady,
+)
 
-PANES = ["descriptions", "ablation", "search", "images", "spatial", "info"]
+PANES = ["descriptions", "ablation", "search", "images", "spatial", "visualise", "info"]
 
 
 class ClipTermApp(TreeMixin, App[None]):
@@ -58,6 +68,7 @@ class ClipTermApp(TreeMixin, App[None]):
         Binding("tab", "switch_pane(1)", "Next pane", id="panes.next", priority=True),
         Binding("shift+tab", "switch_pane(-1)", "Previous pane", id="panes.previous", show=False, priority=True),
         Binding("s", "search", "Search", id="search.toggle"),
+        Binding("v", "visualise", "Visualise", id="visualise.toggle"),
         Binding("t", "next_task", "Task", id="ablation.task", show=False),
         Binding("left_square_bracket", "spatial_step(-1)", "Previous image", id="spatial.previous", show=False),
         Binding("right_square_bracket", "spatial_step(1)", "Next image", id="spatial.next", show=False),
@@ -85,6 +96,10 @@ class ClipTermApp(TreeMixin, App[None]):
         self.spatial_row: int | None = None  # the Spatial pane's cache row; None: the selection's top image
         self.spatial_typed = ""  # a typed target (or `nmf K`) that replaces the selection in the Spatial pane
         self._search_stop = threading.Event()
+        self.visual_frames: dict[str, Any] = {}  # target -> last frame shown
+        self.visual_running: str | None = None
+        self.visual_steps = 128  # steps of a visualisation started from the pane
+        self._visual_stop = threading.Event()
         self._theme, self._keymap, self._with_hints = theme, keymap or {}, hints
         self.animation_level = "none"  # calm over SSH; no smooth scrolling or fades
 
@@ -105,6 +120,8 @@ class ClipTermApp(TreeMixin, App[None]):
                 yield ImagesPane(self.images, id="images-body")
             with TabPane("Spatial", id="spatial"):
                 yield SpatialPane(id="spatial-body")
+            with TabPane("Visualise", id="visualise"):
+                yield VisualisePane(id="visualise-body")
             with TabPane("Info", id="info"):
                 yield InfoPane(id="info-body", classes="pane-body")
         yield Footer()
@@ -138,6 +155,7 @@ class ClipTermApp(TreeMixin, App[None]):
         self._refresh_images()
         self._refresh_search()
         self._refresh_spatial()
+        self._refresh_visualise()
 
     def _kind(self) -> str:
         return "model" if self.selected == "model" else names.parse(self.selected).kind
@@ -178,6 +196,7 @@ class ClipTermApp(TreeMixin, App[None]):
         elif group == "images":
             self._refresh_images()
             self._refresh_spatial()  # its default image is the selection's top image
+            self._refresh_visualise()  # its dataset examples
         elif group == "spatial":
             self._refresh_spatial()
 
@@ -302,6 +321,8 @@ class ClipTermApp(TreeMixin, App[None]):
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id == "search-target" and event.value.strip() and not self.search_running:
             self.start_search(event.value.strip())
+        elif event.input.id == "visualise-target" and event.value.strip() and not self.visual_running:
+            self.start_visualise(event.value.strip())
         elif event.input.id == "spatial-query":
             self.spatial_typed = event.value.strip()
             self._refresh_spatial()
@@ -330,6 +351,60 @@ class ClipTermApp(TreeMixin, App[None]):
     def _search_finished(self) -> None:
         self.search_running = None
 
+    # ----------------------------------------------------------------- visualise
+
+    def _refresh_visualise(self) -> None:
+        pane = self.query_one(VisualisePane)
+        target = self.analyses.visual_target(self.selected)
+        pane.suggest(target)
+        if self.visual_running:
+            return
+        frame = self.analyses.cached("visualise", target) or self.visual_frames.get(target)
+        if frame is not None:
+            pane.show_frame(frame, self.analyses.cached("images", target))
+        elif target:
+            pane.show_message(f"v: paint the image {target} wants · or type a target and press enter")
+        else:
+            pane.show_message("select a head or a neuron, or type a target (text:a red shape, class:red) and press enter")
+
+    def action_visualise(self) -> None:
+        """Stop the running visualisation, or start one for the typed target (else the selection's)."""
+        if self.visual_running:
+            self._visual_stop.set()
+            return
+        target = self.query_one(VisualisePane).typed or self.analyses.visual_target(self.selected)
+        if not target:
+            self.notify("nothing to visualise: select a head or neuron, or type a target", severity="warning")
+            return
+        self.start_visualise(target)
+
+    def start_visualise(self, target: str) -> None:
+        """Paint `target`'s image in a worker; frames stream into the Visualise pane. Finished runs are memoised."""
+        memo = self.analyses.cached("visualise", target)
+        if memo is not None:
+            self.query_one(VisualisePane).show_frame(memo, self.analyses.cached("images", target))
+            return
+        self._visual_stop.clear()
+        self.visual_running = target
+        self.query_one(VisualisePane).show_message(f"{target}: loading the model…")
+
+        def job() -> None:
+            try:
+                for frame in self.analyses.visualise(target, cancel=self._visual_stop.is_set, steps=self.visual_steps):
+                    if frame.tiles and (frame.done or frame.step % 4 == 0 or frame.step == 1):
+                        self.call_from_thread(self._visual_frame, frame)
+            finally:
+                self.call_from_thread(self._visual_finished)
+
+        self.run_worker(job, thread=True, group="visualise", exit_on_error=False, name=f"visualise:{target}")
+
+    def _visual_frame(self, frame: Any) -> None:
+        self.visual_frames[frame.target] = frame
+        self.query_one(VisualisePane).show_frame(frame, self.analyses.cached("images", frame.target))
+
+    def _visual_finished(self) -> None:
+        self.visual_running = None
+
     # ----------------------------------------------------------------- failures
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
@@ -342,7 +417,7 @@ class ClipTermApp(TreeMixin, App[None]):
         title = {"describe": "describe", "ablate": "ablate", "images": "images"}.get(group, group)
         self.notify(message + (f"\nhint: {hint}" if hint else ""), title=f"{title} failed", severity="error", timeout=8)
         pane = {"describe": DescriptionPane, "ablate": AblationPane, "images": ImagesPane, "search": SearchPane,
-                "spatial": SpatialPane}.get(group)
+                "spatial": SpatialPane, "visualise": VisualisePane}.get(group)
         if pane is not None:
             self.query_one(pane).show_message(f"failed: {message}")
 
@@ -359,7 +434,7 @@ class ClipTermApp(TreeMixin, App[None]):
     def action_copy(self) -> None:
         """Copy the active pane's text to the clipboard with OSC 52 (works over SSH and in tmux with set-clipboard)."""
         pane = {"descriptions": DescriptionPane, "ablation": AblationPane, "search": SearchPane, "images": ImagesPane,
-                "spatial": SpatialPane, "info": InfoPane}[self.query_one(TabbedContent).active]
+                "spatial": SpatialPane, "visualise": VisualisePane, "info": InfoPane}[self.query_one(TabbedContent).active]
         text = self.query_one(pane).copy_text
         if not text:
             self.notify("nothing to copy in this pane yet", severity="warning")

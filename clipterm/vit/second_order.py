@@ -77,8 +77,8 @@ def paths(n_layers: int, n_heads: int, layer: int) -> list[str]:
     return [names.head(later, head) for later in range(layer + 1, n_layers) for head in range(n_heads)]
 
 
-def path_vectors(model, layer: int, convention: str = "clipterm") -> Tensor:
-    """The fixed joint-space vector u of every (neuron, later head) path, (M, K, D), fp32.
+def path_vectors(model, layer: int, convention: str = "clipterm", neurons: list[int] | None = None) -> Tensor:
+    """The fixed joint-space vector u of every (neuron, later head) path, (M, K, D), fp32 (M: only `neurons` if given).
 
     `u = ((γ₁ ⊙ C w_n) @ W_Vᵀ) @ R` with w_n the neuron's output column (LayerScale ls_2 folded),
     C the centring, γ₁ the later layer's ln_1 weight, W_V the head's value weights and R the head's
@@ -96,6 +96,8 @@ def path_vectors(model, layer: int, convention: str = "clipterm") -> Tensor:
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         block = blocks[layer]
         writes = block.mlp.c_proj.weight.float().T * layer_scale_vector(block.ls_2, width, device)  # (M, W)
+        if neurons is not None:
+            writes = writes[neurons]  # (m, W)
         centred = writes - writes.mean(-1, keepdim=True) if own else writes  # (M, W)
         parts = []
         for later in range(layer + 1, len(blocks)):

@@ -5,5 +5,7 @@ from clipterm.tui.widgets._panes import AblationPane, DescriptionPane, InfoPane,
 from clipterm.tui.widgets._query import steady
 from clipterm.tui.widgets._search import SearchPane
 from clipterm.tui.widgets._spatial import SpatialPane
+from clipterm.tui.widgets._visualise import VisualisePane
 
-__all__ = ["AblationPane", "DescriptionPane", "IMAGE_MODES", "ImagesPane", "InfoPane", "Pane", "SearchPane", "SpatialPane", "bar", "steady"]
+__all__ = ["AblationPane", "DescriptionPane", "IMAGE_MODES", "ImagesPane", "InfoPane", "Pane", "SearchPane", "SpatialPane", "VisualisePane",
+           "bar", "steady"]

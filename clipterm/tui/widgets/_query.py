@@ -29,6 +29,12 @@ class QueryPane:
         yield Static(Text(self.hint, style="dim"), id=status)
         yield Static("", id=body, classes=self.body_classes)
 
+    def suggest(self, target: str | None) -> None:
+        """Offer the selection's target in the field, unless the user is typing there."""
+        field = self.query_one(f"#{self.ids[0]}", Input)
+        if not field.has_focus:
+            field.value = target or ""
+
     @property
     def typed(self) -> str:
         return self.query_one(f"#{self.ids[0]}", Input).value.strip()

@@ -7,7 +7,6 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 from textual.containers import Vertical
-from textual.widgets import Input
 
 from clipterm.tui.widgets._query import QueryPane
 
@@ -18,12 +17,6 @@ class SearchPane(QueryPane, Vertical):
     ids = ("search-target", "search-status", "search-results")
     placeholder = "target: L5.H2, L4.N12, text:a red circle, class:red, text:red - text:blue"
     hint = "s: search for the selection · enter: search for the typed target"
-
-    def suggest(self, target: str | None) -> None:
-        """Offer the selection's target in the field, unless the user is typing there."""
-        field = self.query_one("#search-target", Input)
-        if not field.has_focus:
-            field.value = target or ""
 
     def show_message(self, message: str) -> None:  # the last results stay visible under a new status
         self.set_status(Text(message, style="dim"))
