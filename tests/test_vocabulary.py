@@ -29,6 +29,7 @@ scores second_order seconds seed set texts_per_component sha256 shape shards siz
 supported targets task tasks text texts themes_dirs title tokens top1_share top_images top_text topic torch
 schema total_variance toy_model weights weights_path weights_present weights_sha256 what width word world_size yellow
 cyan pink purple decode
+curve diversity facet files final lr objective param steps steps_per_s target
 """.split())
 LAYER = re.compile(r"^L\d+$")
 
@@ -101,14 +102,15 @@ COMMANDS = [
     ("search", "--cache", "words", "--target", "L5.H2", "--steps", "2"),
     ("spatial", "row:1", "--cache", "words", "--component", "L5.H2", "--model", "toy"),
     ("texts", "ls"), ("texts", "show", "toy", "--limit", "2"),
+    ("visualise", "--target", "L5.H2", "--cache", "words", "--steps", "2", "--size", "32", "--out", "{tmp}/vis"),
     ("toy", "eval", "--n", "20"), ("names", "L5.H2", "L4.N3", "L3"), ("locate", "cache"),
 ]
 
 
 @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a[:2]))
-def test_every_json_output_speaks_one_vocabulary(cli, vocab_cache, monkeypatch, args):
+def test_every_json_output_speaks_one_vocabulary(cli, vocab_cache, monkeypatch, tmp_path, args):
     monkeypatch.setenv("CLIPTERM_CACHE", str(vocab_cache))
-    result = cli(*args, "--json")
+    result = cli(*[a.replace("{tmp}", str(tmp_path)) for a in args], "--json")
     assert result.code == 0, result.err
     try:
         payloads = [json.loads(result.out)]

@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from clipterm.cli.common import CacheDirOpt, Device, JsonOpt, PretrainedOpt
+from clipterm.cli.common import CacheDirOpt, Device, DeviceOpt, JsonOpt, PretrainedOpt
 from clipterm.cli.output import emit_json, progress, stdout
 from clipterm.errors import ClipTermError
 
@@ -57,7 +57,7 @@ def visualise(
     seed: int = typer.Option(0, "--seed", help="The same seed repeats the same images (on the CPU)."),
     out: Path = typer.Option(Path("visualise"), "--out", help="Folder for the PNGs and the JSON record."),
     show: bool = typer.Option(False, "--show", help="Draw the images in the terminal (half-block cells)."),
-    device: Device = typer.Option(Device.auto, "--device", help="auto picks CUDA when torch sees it."),
+    device: Device = DeviceOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Feature visualisation (Olah et al., 2017; lucid's defaults): gradient ascent on a decorrelated Fourier-space
