@@ -68,7 +68,7 @@ def test_captions_are_likelier_than_word_salad(ngram, vocab):
 def test_counts_are_cached_per_corpus_hash(vocab, tmp_path, monkeypatch):
     texts = ["a red circle", "a blue square", "a red square"]
     first = load_ngram(vocab, "mine.txt", texts, tmp_path)
-    files = list((tmp_path / "lm").glob("ngram-*.json"))
+    files = list((tmp_path / "texts").glob("ngram-*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["texts"] == 3
     monkeypatch.setattr(lm_module, "count_trigrams", lambda texts: pytest.fail("recounted a cached corpus"))
     again = load_ngram(vocab, "mine.txt", texts, tmp_path)
@@ -76,7 +76,7 @@ def test_counts_are_cached_per_corpus_hash(vocab, tmp_path, monkeypatch):
     assert torch.equal(first.logprob(rows), again.logprob(rows))
     monkeypatch.undo()
     load_ngram(vocab, "other.txt", texts + ["a green ring"], tmp_path)
-    assert len(list((tmp_path / "lm").glob("ngram-*.json"))) == 2
+    assert len(list((tmp_path / "texts").glob("ngram-*.json"))) == 2
 
 
 def test_a_vocabulary_that_shares_no_words_is_refused(toy, tmp_path):

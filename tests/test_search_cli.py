@@ -11,6 +11,9 @@ import sys
 
 import pytest
 
+from clipterm.analyses.lm import DEFAULT_WEIGHT
+from clipterm.cli.search import DEFAULT_LM_WEIGHT
+
 QUICK = ["--beam", "3", "--topk", "8", "--random", "4", "--steps", "4"]
 
 
@@ -23,21 +26,22 @@ def test_json_lines(cli):
     assert events[-1]["done"] and events[-1]["reason"] == "steps"
     best = events[-1]["best"]
     assert len(best) == 3 and set(best[0]) == {"text", "score", "cosine", "lm_nll"} and best[0]["score"] >= best[1]["score"]
-    assert events[-1]["lm"] == "ngram:toy" and events[-1]["lm_weight"] == 0.01  # guided by default
+    weight = events[-1]["lm_weight"]
+    assert events[-1]["lm"] == "ngram:toy" and weight == DEFAULT_WEIGHT == DEFAULT_LM_WEIGHT  # guided by default
     for hit in best:  # the cosine and the LM term, each on its own
-        assert hit["lm_nll"] > 0 and hit["score"] <= hit["cosine"] - 0.01 * hit["lm_nll"] + 1e-5
+        assert hit["lm_nll"] > 0 and hit["score"] <= hit["cosine"] - weight * hit["lm_nll"] + 1e-5
     assert events[-1]["evals"] > events[1]["evals"] > 0 and events[-1]["evals_per_s"] > 0
 
 
 def test_plain_lines_when_piped(cli):
-    result = cli("search", "--target", "text:red - text:blue", *QUICK, "--lambda", "0", "--seed", "3")
+    result = cli("search", "--target", "text:red - text:blue", *QUICK, "--lambda", "0", "--lm-weight", "0", "--seed", "3")
     assert result.code == 0, result
     lines = result.out.splitlines()
     assert lines[0].startswith("step 0\t") and "# stopped: steps" in lines
     final = lines[lines.index("# stopped: steps") + 1 :]
     assert len(final) == 3
     score, cosine, _text = final[0].split("\t")
-    assert float(score) == pytest.approx(float(cosine), abs=1e-4)  # --lambda 0: the score is the cosine
+    assert float(score) == pytest.approx(float(cosine), abs=1e-4)  # both weights 0: the score is the cosine
 
 
 def test_live_table_on_a_terminal(cli, monkeypatch):

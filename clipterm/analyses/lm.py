@@ -9,7 +9,7 @@ batch of strings, end of string included, for the penalty λ_lm · NLL per word 
 - `NGram`: an interpolated Kneser–Ney trigram (Kneser & Ney, ICASSP 1995; Chen & Goodman, 1998, eq. 17)
   counted from a corpus: the toy captions for the toy model, the `general` pool for other models, or a user
   file. Words outside the search vocabulary count as one unknown word. The counts are cached on disk per
-  corpus sha256, under `<cache root>/lm/`.
+  corpus sha256, beside the pool embeddings in `<cache root>/texts/`.
 - `HuggingFaceLM`: a causal LM through `transformers` (`clipterm[lm]`), from the local HF cache or a folder.
   Its tokenizer is not CLIP's BPE, so whole strings are scored as text, and a word it proposes is one whose
   text (" red") is a single token of it.
@@ -32,7 +32,7 @@ from clipterm.inputs.vocab import Vocabulary
 
 Tokens = tuple[int, ...]  # a string, as rows of the vocabulary
 DISCOUNT = 0.75  # Kneser–Ney's absolute discount, one for every order
-DEFAULT_WEIGHT = 0.01  # λ_lm of `clipterm search` and the TUI: see bench/search_lm.py and the README
+DEFAULT_WEIGHT = 0.05  # λ_lm of `clipterm search` and the TUI: see bench/search_lm.py and the README
 TOY_CAPTIONS = 600  # training-style captions in the toy model's corpus, beside the `toy` pool
 _WORD = re.compile(r"[a-z]+")
 _START, _END = "<s>", "</s>"
@@ -183,11 +183,10 @@ def file_corpus(path: str | os.PathLike) -> tuple[str, list[str]]:
 def load_ngram(vocab: Vocabulary, name: str, texts: Sequence[str], cache_dir: str | os.PathLike | None = None) -> NGram:
     """The trigram model of a corpus over `vocab`, its counts read from (or written to) the disk cache."""
     from clipterm.files import write_json
-    from clipterm.inputs.texts import pool_sha256
-    from clipterm.locations import cache_root
+    from clipterm.inputs.texts import pool_sha256, texts_dir
 
     sha = pool_sha256(list(texts))
-    path = cache_root(cache_dir)[0] / "lm" / f"ngram-{sha[:16]}.json"
+    path = texts_dir(cache_dir) / f"ngram-{sha[:16]}.json"  # beside the pool embeddings
     trigrams = None
     if path.is_file():
         try:

@@ -13,7 +13,7 @@ from clipterm.cli.common import CacheDirOpt, PretrainedOpt
 from clipterm.cli.output import JSON_HELP, emit_json_line, stderr, stdout
 
 SCHEMA = "clipterm.search/1"
-DEFAULT_LM_WEIGHT = 0.01  # lm.DEFAULT_WEIGHT, repeated so that `--help` does not import torch
+DEFAULT_LM_WEIGHT = 0.05  # lm.DEFAULT_WEIGHT, repeated so that `--help` does not import torch
 
 
 def search(
