@@ -346,7 +346,7 @@ class Analyses:
             direction = targets.resolve(target, loaded, self.reader).direction
         vocab = self._memoised("vocab", None, lambda: default_vocabulary(loaded.tokenizer))
         language = self._memoised("lm", lm, lambda: load_lm(lm, vocab, loaded.info.spec, cache_dir=self.cache_dir,
-                                                             device=direction.device))
+                                                             device=next(loaded.model.parameters()).device))
         config = SearchConfig(steps=steps, patience=25, seed=seed, lm_weight=DEFAULT_WEIGHT)
         return search_model(loaded, direction, vocab, config=config, cancel=cancel, lm=language)
 

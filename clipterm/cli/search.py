@@ -63,7 +63,7 @@ def search(
     loaded, reader = _load(model, pretrained, cache, cache_dir, device)
     words = _vocabulary(loaded, vocab)
     direction = targets.resolve(target, loaded, reader).direction
-    language = load_lm(lm, words, loaded.info.spec, lm_corpus, cache_dir, direction.device)
+    language = load_lm(lm, words, loaded.info.spec, lm_corpus, cache_dir, next(loaded.model.parameters()).device)
     cancelled = threading.Event()
     events = search_model(loaded, direction, words, config, cancel=cancelled.is_set, lm=language)
     with _stop_on_ctrl_c(cancelled):
