@@ -69,18 +69,18 @@ def image_check(loaded, n: int, folder: Path) -> dict:
     return {"rate": rate, "goal": 0.7, "passed": rate >= 0.7, "images": rows}
 
 
-def ablate_heads(cache: Path) -> list[dict]:
-    """`clipterm ablate CACHE --by head --task colour --json`, run in-process: heads by accuracy drop."""
+def ablate_heads(cache: Path, task: str = "colour") -> list[dict]:
+    """`clipterm ablate CACHE --by head --task TASK --json`, run in-process: heads by accuracy drop."""
     from clipterm.cli.app import main
 
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
-            main(["ablate", str(cache), "--by", "head", "--task", "colour", "--draws", "200", "--json"])
+            main(["ablate", str(cache), "--by", "head", "--task", task, "--draws", "200", "--json"])
     except SystemExit as exc:  # typer exits even on success
         if exc.code not in (0, None):
             raise
-    return json.loads(out.getvalue())["tasks"]["colour"]["components"]
+    return json.loads(out.getvalue())["tasks"][task]["components"]
 
 
 def head_check(loaded, spec: str, n_images: int, n_heads: int, seed: int, root: Path) -> dict:

@@ -11,6 +11,9 @@ import sys
 
 import pytest
 
+from clipterm.analyses.lm import DEFAULT_WEIGHT
+from clipterm.cli.search import DEFAULT_LM_WEIGHT
+
 QUICK = ["--beam", "3", "--top-tokens", "8", "--random", "4", "--steps", "4"]
 
 
@@ -22,19 +25,23 @@ def test_json_lines(cli):
     assert all(e["schema"] == "clipterm.search/1" for e in events)
     assert events[-1]["done"] and events[-1]["reason"] == "steps"
     best = events[-1]["best"]
-    assert len(best) == 3 and set(best[0]) == {"text", "score", "cosine"} and best[0]["score"] >= best[1]["score"]
+    assert len(best) == 3 and set(best[0]) == {"text", "score", "cosine", "lm_nll"} and best[0]["score"] >= best[1]["score"]
+    weight = events[-1]["lm_weight"]
+    assert events[-1]["lm"] == "ngram:toy" and weight == DEFAULT_WEIGHT == DEFAULT_LM_WEIGHT  # guided by default
+    for hit in best:  # the cosine and the LM term, each on its own
+        assert hit["lm_nll"] > 0 and hit["score"] <= hit["cosine"] - weight * hit["lm_nll"] + 1e-5
     assert events[-1]["evals"] > events[1]["evals"] > 0 and events[-1]["evals_per_s"] > 0
 
 
 def test_plain_lines_when_piped(cli):
-    result = cli("search", "--target", "text:red - text:blue", *QUICK, "--lambda", "0", "--seed", "3")
+    result = cli("search", "--target", "text:red - text:blue", *QUICK, "--lambda", "0", "--lm-weight", "0", "--seed", "3")
     assert result.code == 0, result
     lines = result.out.splitlines()
     assert lines[0].startswith("step 0\t") and "# stopped: steps" in lines
     final = lines[lines.index("# stopped: steps") + 1 :]
     assert len(final) == 3
     score, cosine, _text = final[0].split("\t")
-    assert float(score) == pytest.approx(float(cosine), abs=1e-4)  # --lambda 0: the score is the cosine
+    assert float(score) == pytest.approx(float(cosine), abs=1e-4)  # both weights 0: the score is the cosine
 
 
 def test_live_table_on_a_terminal(cli, monkeypatch):
@@ -66,6 +73,44 @@ def test_vocabulary_file_and_its_warning(cli, tmp_path):
     assert "whatchamacallitz" in result.err and "left out" in result.err
     final = json.loads(result.out.splitlines()[-1])
     assert all(set(hit["text"].split()) <= {"red", "green", "blue"} for hit in final["best"])
+
+
+def test_unguided_events_say_so(cli):
+    result = cli("search", "--target", "text:a red circle", *QUICK, "--lm", "none", "--json")
+    assert result.code == 0, result
+    last = json.loads(result.out.splitlines()[-1])
+    assert last["lm"] is None and all(hit["lm_nll"] is None for hit in last["best"])
+
+
+def test_a_corpus_of_ones_own_trains_the_ngram(cli, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a green circle\na red square\nthe green square\n")
+    result = cli("search", "--target", "text:a green square", *QUICK, "--lm-corpus", str(corpus), "--json")
+    assert result.code == 0, result
+    last = json.loads(result.out.splitlines()[-1])
+    assert last["lm"] == "ngram:corpus.txt" and last["best"][0]["lm_nll"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "text:red", "--lm-weight", "-0.5"], "--lm-weight must be 0 or more"),
+    (["--target", "text:red", "--lm-corpus", "EMPTY"], "has no words"),
+    (["--target", "text:red", "--lm-corpus", "LATIN1"], "is not UTF-8 (bad byte at line 2)"),
+    (["--target", "text:red", "--lm-corpus", "MISSING"], "no --lm-corpus file"),
+    (["--target", "text:red", "--lm", "none", "--lm-corpus", "EMPTY"], "--lm is none"),
+    (["--target", "text:red", "--vocab", "FOREIGN"], "shares no words with the n-gram corpus toy"),
+    (["--target", "text:red", "--lm", "no-such-lm-xyz"], "not in the local Hugging Face cache"),
+])
+def test_bad_lm_inputs_get_one_line_and_a_hint(cli, tmp_path, args, message):
+    (tmp_path / "empty.txt").write_text("\n \n")
+    (tmp_path / "latin1.txt").write_bytes("red\ncaf\xe9\n".encode("latin-1"))
+    (tmp_path / "foreign.txt").write_text("zebra\nquantum\nviolin\n")
+    files = {"EMPTY": "empty.txt", "LATIN1": "latin1.txt", "FOREIGN": "foreign.txt", "MISSING": "missing.txt"}
+    args = [str(tmp_path / files[a]) if a in files else a for a in args]
+    result = cli("search", *args)
+    assert result.code != 0 and message in result.err, result
+    assert "hint:" in result.err and "Traceback" not in result.err and result.out == ""
+    if "no-such-lm-xyz" in args:  # where it looked, and how to fetch it
+        assert "huggingface" in result.err and "CLIPTERM_DOWNLOAD=1" in result.err
 
 
 @pytest.mark.parametrize("args, message", [

@@ -87,8 +87,28 @@ async def test_s_streams_a_search_for_the_selected_head_and_stops_it(neuron_cach
         assert app.search_running is None and len(seen) >= 3
         last = app.search_results["L5.H3"]
         assert last.done and last.reason in ("cancelled", "patience", "steps")
-        assert "strings scored" in text_of(app, "#search-status")
+        assert "strings scored" in text_of(app, "#search-status") and "lm ngram:toy" in text_of(app, "#search-status")
+        assert last.lm == "ngram:toy" and last.best[0].lm_nll is not None
         assert app.query_one(SearchPane).copy_text.splitlines()[0] == last.best[0].text
+
+
+@pilot
+async def test_g_toggles_language_model_guidance_of_the_next_search(neuron_cache, toy):
+    app = browser(neuron_cache, toy)
+    asked: list = []
+    app.analyses.search = lambda target, cancel, **kw: (asked.append(kw.get("lm")), iter(()))[1]
+    async with app.run_test(size=(100, 30)) as pilot:
+        app.jump("L5.H3")
+        await settle(app, pilot)
+        await pilot.press("tab", "tab")  # the Search pane
+        assert app.search_lm == "ngram" and "guidance by ngram" in text_of(app, "#search-status")
+        await pilot.press("g")
+        assert app.search_lm is None and "guidance off" in text_of(app, "#search-status")
+        await pilot.press("s")
+        await app.workers.wait_for_complete()
+        await pilot.press("g", "s")
+        await app.workers.wait_for_complete()
+        assert asked == [None, "ngram"]
 
 
 @pilot

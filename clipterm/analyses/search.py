@@ -11,6 +11,11 @@ beam does not lock in, are scored exactly. Exact scoring runs the causal text to
 as the candidate's end-of-text token, which cannot see later positions, so this equals
 `encode_text` (see textencode.py). The prior is an offline token-frequency cost (vocab.py).
 
+With a language model (lm.py), as the article also did, the objective gains a readability penalty,
+cos − λ_lm·NLL_per_word(s) − λ·prior(s), and the LM proposes its top next words at each insertion and
+replacement position beside the gradient's and the random ones. The LM term only changes the rank of a
+string that could still enter the beam (it only lowers the score), so only those are put to the LM.
+
 Every vocabulary entry is one whole-word BPE token, so a candidate is [SOT, t1..tn, EOT] and its
 text is the words joined by spaces. The beam only ever gains strings that beat its worst member,
 so its best score never decreases; with a fixed seed a run repeats exactly (timing aside).
@@ -25,6 +30,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from clipterm.analyses.lm import LanguageModel, nll_per_word
 from clipterm.errors import ClipTermError, ExitCode
 from clipterm.inputs.vocab import Vocabulary
 
@@ -43,6 +49,8 @@ class SearchConfig:
     max_tokens: int = 12  # longest string, in tokens
     seed: int = 0
     batch_size: int = 1024  # candidates per forward pass
+    lm_weight: float = 0.0  # λ_lm, weight of the language model's NLL per word (0: guidance without penalty)
+    lm_topk: int = 8  # words the language model proposes per position of each beam member
 
     def check(self, context_length: int | None = None) -> None:
         """Refuse settings that cannot run, naming the option."""
@@ -57,6 +65,10 @@ class SearchConfig:
             raise ClipTermError(f"--time must be positive, got {self.time_limit}")
         if self.lam < 0:
             raise ClipTermError(f"--lambda must be 0 or more, got {self.lam}")
+        if self.lm_weight < 0:
+            raise ClipTermError(f"--lm-weight must be 0 or more, got {self.lm_weight}", hint="use 0 to keep guidance without the penalty")
+        if self.lm_topk < 0:
+            raise ClipTermError(f"--lm-topk must be 0 or more, got {self.lm_topk}")
         if context_length is not None and self.max_tokens > context_length - 2:
             raise ClipTermError(f"--max-tokens {self.max_tokens} does not fit the context of {context_length} tokens",
                                 hint=f"use at most {context_length - 2}")
@@ -64,8 +76,12 @@ class SearchConfig:
 
 class Hit(NamedTuple):
     text: str
-    score: float  # cosine - λ·prior
+    score: float  # cosine - λ_lm·lm_nll - λ·prior
     cosine: float
+    lm_nll: float | None = None  # the language model's NLL per word, in nats; None without one
+
+
+Scored = tuple[float, float, float | None]  # (objective, cosine, NLL per word)
 
 
 @dataclass
@@ -77,6 +93,7 @@ class SearchEvent:
     elapsed: float  # seconds since the search started
     done: bool = False  # the last event of a run
     reason: str | None = None  # why it stopped: steps, patience, time, cancelled, exhausted
+    lm: str | None = None  # the guiding language model's name, None when unguided
 
 
 class TextTower:
@@ -115,18 +132,38 @@ class TextTower:
 class _Scorer:
     """Exact objective and HotFlip gradients for strings of vocabulary rows."""
 
-    def __init__(self, tower: TextTower, target: torch.Tensor, vocab: Vocabulary, config: SearchConfig):
+    def __init__(self, tower: TextTower, target: torch.Tensor, vocab: Vocabulary, config: SearchConfig,
+                 lm: LanguageModel | None = None):
         device = tower.token_embedding.device
-        self.tower, self.config = tower, config
+        self.tower, self.config, self.lm = tower, config, lm
         self.target = F.normalize(target.float().to(device), dim=0)  # (D,)
         self.embeds = tower.token_embedding[vocab.ids.to(device)].detach()  # (V, width)
         self.filler = self.embeds.mean(0)  # (width,) the point an insertion is linearised around
         self.prior = vocab.prior.to(device)  # (V,)
         self.evals = 0
 
+    def score(self, strings: list[Tokens], beam: list[float] = ()) -> list[Scored | None]:
+        """(objective, cosine, NLL per word) of each string. With a language model, only strings that can
+        still beat the beam's worst (`beam`: its objectives) are put to it; the others come back None."""
+        bounds = self._cosines(strings)  # objectives without the LM term: upper bounds, as NLL >= 0
+        if self.lm is None:
+            return [(o, c, None) for o, c in bounds]
+        out: list[Scored | None] = [None] * len(strings)
+        order = sorted(range(len(strings)), key=lambda i: -bounds[i][0])
+        kept = sorted(beam, reverse=True)[: self.config.beam]
+        for start in range(0, len(order), _LM_CHUNK):
+            floor = kept[-1] if len(kept) == self.config.beam else float("-inf")
+            chunk = [i for i in order[start : start + _LM_CHUNK] if bounds[i][0] >= floor]
+            for i, nll in zip(chunk, nll_per_word(self.lm, [strings[i] for i in chunk]) if chunk else []):
+                out[i] = (bounds[i][0] - self.config.lm_weight * nll, bounds[i][1], nll)
+            kept = sorted(kept + [out[i][0] for i in chunk], reverse=True)[: self.config.beam]
+            if len(chunk) < len(order[start : start + _LM_CHUNK]):
+                break  # the rest are sorted lower still
+        return out
+
     @torch.no_grad()
-    def score(self, strings: list[Tokens]) -> list[tuple[float, float]]:
-        """(objective, cosine) of each string, batched by length."""
+    def _cosines(self, strings: list[Tokens]) -> list[tuple[float, float]]:
+        """(cosine - λ·prior, cosine) of each string, batched by length."""
         out: list[tuple[float, float]] = [(0.0, 0.0)] * len(strings)
         for length, rows in _by_length([len(s) for s in strings]).items():
             for start in range(0, len(rows), self.config.batch_size):
@@ -168,6 +205,9 @@ class _Scorer:
         return [row[k * (d - 1) : k * d] for row, d in zip(top, depths)]
 
 
+_LM_CHUNK = 64  # strings put to the language model at once, best bound first
+
+
 def _by_length(lengths: list[int]) -> dict[int, list[int]]:
     """Indices grouped by length, shortest first: one forward pass serves a group with no padding."""
     groups: dict[int, list[int]] = {}
@@ -196,6 +236,8 @@ def _proposals(scorer: _Scorer, beam: dict[Tokens, int], vocab_size: int, genera
         depths = [beam[string] for string, *_ in moves]
         for (string, _, slot, cut), tokens in zip(moves, scorer.ranked(slot_grads, depths)):
             out += [string[:slot] + (token,) + string[slot + cut :] for token in tokens]
+    if scorer.lm is not None and config.lm_topk:
+        out += _guided(scorer.lm, beam, config)
     for string in beam:
         n = len(string)
         kinds = (["insert"] if n < config.max_tokens else []) + (["delete", "replace"] if n else [])
@@ -207,35 +249,55 @@ def _proposals(scorer: _Scorer, beam: dict[Tokens, int], vocab_size: int, genera
     return out
 
 
+def _guided(lm: LanguageModel, beam: dict[Tokens, int], config: SearchConfig) -> list[Tokens]:
+    """The language model's next words after each prefix of each beam string, inserted there or replacing the
+    word there: for a string of depth d, its d-th group of `lm_topk`, as with the gradient's."""
+    k = config.lm_topk
+    moves = [(string, j, 0) for string in beam for j in (range(len(string) + 1) if len(string) < config.max_tokens else [])]
+    moves += [(string, i, 1) for string in beam for i in range(len(string))]
+    prefixes = list(dict.fromkeys(string[:slot] for string, slot, _ in moves))
+    logp = lm.next_logprobs(prefixes)  # (P, V)
+    top = logp.topk(min(k * max(beam.values()), logp.shape[1]), dim=1)  # (P, k·max depth)
+    ranked = {prefix: [w for w, lp in zip(words, values) if lp > float("-inf")]
+              for prefix, words, values in zip(prefixes, top.indices.tolist(), top.values.tolist())}
+    out = []
+    for string, slot, cut in moves:
+        depth = beam[string]
+        out += [string[:slot] + (word,) + string[slot + cut :] for word in ranked[string[:slot]][k * (depth - 1) : k * depth]]
+    return out
+
+
 def search(
     tower: TextTower,
     target: torch.Tensor,
     vocab: Vocabulary,
     config: SearchConfig = SearchConfig(),
     cancel: Callable[[], bool] | None = None,
+    lm: LanguageModel | None = None,
 ) -> Iterator[SearchEvent]:
     """Hill-climb from the empty string towards `target` (D,): an iterator of one event per step, then a
     final one with `done=True`. `cancel()` is checked between steps (a threading.Event's `is_set` works).
-    Bad settings raise here, before the first step."""
+    `lm`, a language model over `vocab` (lm.py), guides it. Bad settings raise here, before the first step."""
     config.check(tower.context_length)
     if len(vocab) == 0:
         raise ClipTermError("the search vocabulary is empty", hint="give a --vocab file with single-token words")
-    return _climb(tower, target, vocab, config, cancel)
+    return _climb(tower, target, vocab, config, cancel, lm)
 
 
 def _climb(tower: TextTower, target: torch.Tensor, vocab: Vocabulary, config: SearchConfig,
-           cancel: Callable[[], bool] | None) -> Iterator[SearchEvent]:
+           cancel: Callable[[], bool] | None, lm: LanguageModel | None) -> Iterator[SearchEvent]:
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed)
-    scorer = _Scorer(tower, target, vocab, config)
-    beam: dict[Tokens, tuple[float, float]] = {(): scorer.score([()])[0]}
+    scorer = _Scorer(tower, target, vocab, config, lm)
+    beam: dict[Tokens, Scored] = {(): scorer.score([()])[0]}
     seen: set[Tokens] = {()}
     age: dict[Tokens, int] = {}  # steps each beam string has been expanded
 
     def event(step: int, done: bool = False, reason: str | None = None) -> SearchEvent:
         elapsed = time.perf_counter() - started
-        best = [Hit(vocab.text(s), o, c) for s, (o, c) in beam.items()]
-        return SearchEvent(step, best, scorer.evals, scorer.evals / elapsed if elapsed > 0 else 0.0, elapsed, done, reason)
+        best = [Hit(vocab.text(s), o, c, nll) for s, (o, c, nll) in beam.items()]
+        return SearchEvent(step, best, scorer.evals, scorer.evals / elapsed if elapsed > 0 else 0.0, elapsed, done, reason,
+                           lm.name if lm is not None else None)
 
     yield event(0)
     best, stale, step, reason = beam[()][0], 0, 0, "steps"
@@ -249,7 +311,8 @@ def _climb(tower: TextTower, target: torch.Tensor, vocab: Vocabulary, config: Se
             reason = "exhausted"
             break
         seen.update(candidates)
-        pool = {**beam, **dict(zip(candidates, scorer.score(candidates)))}
+        scored = scorer.score(candidates, [objective for objective, *_ in beam.values()])
+        pool = {**beam, **{c: s for c, s in zip(candidates, scored) if s is not None}}
         ranked = sorted(pool.items(), key=lambda item: (-item[1][0], item[0]))[: config.beam]
         beam = dict(ranked)
         step += 1
@@ -266,10 +329,11 @@ def _climb(tower: TextTower, target: torch.Tensor, vocab: Vocabulary, config: Se
 
 
 def search_model(loaded, target: torch.Tensor, vocab: Vocabulary | None = None, config: SearchConfig = SearchConfig(),
-                 cancel: Callable[[], bool] | None = None) -> Iterator[SearchEvent]:
-    """`search` on a loaded model (models.LoadedModel), over its whole-word BPE vocabulary by default."""
+                 cancel: Callable[[], bool] | None = None, lm: LanguageModel | None = None) -> Iterator[SearchEvent]:
+    """`search` on a loaded model (models.LoadedModel), over its whole-word BPE vocabulary by default
+    (a language model must be over the same vocabulary)."""
     from clipterm.inputs.vocab import bpe_tokenizer, default_vocabulary
 
     tokenizer = bpe_tokenizer(loaded.tokenizer)
     tower = TextTower(loaded.model, tokenizer.sot_token_id, tokenizer.eot_token_id)
-    return search(tower, target, vocab if vocab is not None else default_vocabulary(tokenizer), config, cancel)
+    return search(tower, target, vocab if vocab is not None else default_vocabulary(tokenizer), config, cancel, lm)

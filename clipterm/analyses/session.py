@@ -346,16 +346,23 @@ class Analyses:
             return str(parsed)
         return None
 
-    def search(self, target: str, cancel: Callable[[], bool], seed: int = 0, steps: int = 200) -> Iterator[Any]:
-        """Stream `SearchEvent`s of a hill-climb towards a target (any `clipterm search` target syntax)."""
+    def search(self, target: str, cancel: Callable[[], bool], seed: int = 0, steps: int = 200,
+               lm: str | None = "ngram") -> Iterator[Any]:
+        """Stream `SearchEvent`s of a hill-climb towards a target (any `clipterm search` target syntax), guided by
+        the language model `lm` (`clipterm search --lm`: ngram, a Hugging Face name or folder; None: unguided)."""
         from clipterm.analyses import targets
+        from clipterm.analyses.lm import DEFAULT_WEIGHT, load_lm
         from clipterm.analyses.search import SearchConfig, search_model
+        from clipterm.inputs.vocab import default_vocabulary
 
         loaded = self.loaded()
         with self._lock:  # the direction reads the cache; the climb itself only needs the text tower
             direction = targets.resolve(target, loaded, self.reader).direction
-        config = SearchConfig(steps=steps, patience=25, seed=seed)
-        return search_model(loaded, direction, config=config, cancel=cancel)
+        vocab = self._memoised("vocab", None, lambda: default_vocabulary(loaded.tokenizer))
+        language = self._memoised("lm", lm, lambda: load_lm(lm, vocab, loaded.info.spec, cache_dir=self.cache_dir,
+                                                             device=next(loaded.model.parameters()).device))
+        config = SearchConfig(steps=steps, patience=25, seed=seed, lm_weight=DEFAULT_WEIGHT)
+        return search_model(loaded, direction, vocab, config=config, cancel=cancel, lm=language)
 
     # ----------------------------------------------------------------- feature visualisation
 

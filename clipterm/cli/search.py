@@ -13,6 +13,7 @@ from clipterm.cli.common import CacheDirOpt, Device, DeviceOpt, JsonLinesOpt, Pr
 from clipterm.cli.output import emit_json_line, stderr, stdout
 
 SCHEMA = "clipterm.search/1"
+DEFAULT_LM_WEIGHT = 0.05  # lm.DEFAULT_WEIGHT, repeated so that `--help` does not import torch
 
 
 def search(
@@ -35,32 +36,41 @@ def search(
     max_tokens: int = typer.Option(12, "--max-tokens", help="Longest string, in tokens."),
     vocab: str = typer.Option(None, "--vocab", help="UTF-8 file of words to build strings from (default: every "
                               "whole-word token of the BPE vocabulary)."),
+    lm: str = typer.Option("ngram", "--lm", help="Language model that proposes words and penalises unlikely strings: "
+                           "ngram (a Kneser-Ney trigram of the toy captions, or of the general pool), none, or a Hugging "
+                           "Face causal LM by name (local cache only) or folder (needs clipterm[lm])."),
+    lm_weight: float = typer.Option(DEFAULT_LM_WEIGHT, "--lm-weight", help="Weight of the language model's NLL per "
+                                    "word, in nats (0: its proposals only)."),
+    lm_corpus: str = typer.Option(None, "--lm-corpus", help="UTF-8 text file to train the ngram model on instead."),
     device: Device = DeviceOpt,
     json_out: bool = JsonLinesOpt,
 ) -> None:
     """Find the strings whose text embedding points along a target (OpenAI's "Multimodal Neurons" search).
 
-    Adds, deletes or replaces one word at a time, guided by the gradient, and keeps a beam of the best
-    strings by cos(text, target) - lambda * prior. Ctrl-C stops after the current step and prints the
-    best found so far. JSON: one event per line, schema clipterm.search/1.
+    Adds, deletes or replaces one word at a time, guided by the gradient and a language model, and keeps a
+    beam of the best strings by cos(text, target) - lm_weight * NLL per word - lambda * prior. Ctrl-C stops
+    after the current step and prints the best found so far. JSON: one event per line, schema clipterm.search/1.
     """
     from clipterm.analyses import targets
+    from clipterm.analyses.lm import load_lm
     from clipterm.analyses.search import SearchConfig, search_model
 
     config = SearchConfig(beam=beam, topk=topk, random=random_moves, steps=steps, patience=patience or None,
-                          time_limit=time_limit, lam=lam, max_tokens=max_tokens, seed=seed)
+                          time_limit=time_limit, lam=lam, max_tokens=max_tokens, seed=seed,
+                          lm_weight=lm_weight)
     config.check()
     targets.require_cache(targets.parse(target), cache is not None)
     loaded, reader = _load(model, pretrained, cache, cache_dir, device.value)
     words = _vocabulary(loaded, vocab)
     direction = targets.resolve(target, loaded, reader).direction
+    language = load_lm(lm, words, loaded.info.spec, lm_corpus, cache_dir, next(loaded.model.parameters()).device)
     cancelled = threading.Event()
-    events = search_model(loaded, direction, words, config, cancel=cancelled.is_set)
+    events = search_model(loaded, direction, words, config, cancel=cancelled.is_set, lm=language)
     with _stop_on_ctrl_c(cancelled):
         if json_out:
-            last = _json(events)
+            last = _json(events, config.lm_weight)
         elif stdout.is_terminal:
-            last = _live(events, target)
+            last = _live(events, target, config.lm_weight)
         else:
             last = _plain(events)
     if last is not None and last.reason == "cancelled":
@@ -114,19 +124,21 @@ def _stop_on_ctrl_c(cancelled: threading.Event) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _event_json(event: Any) -> dict[str, Any]:
+def _event_json(event: Any, lm_weight: float) -> dict[str, Any]:
+    """One event; each string's score is its cosine - lm_weight * lm_nll - lambda * prior."""
     return {
         "schema": SCHEMA, "step": event.step,
-        "best": [{"text": h.text, "score": round(h.score, 6), "cosine": round(h.cosine, 6)} for h in event.best],
+        "best": [{"text": h.text, "score": round(h.score, 6), "cosine": round(h.cosine, 6),
+                  "lm_nll": None if h.lm_nll is None else round(h.lm_nll, 6)} for h in event.best],
         "evals": event.evals, "evals_per_s": round(event.evals_per_s, 1), "elapsed": round(event.elapsed, 3),
-        "done": event.done, "reason": event.reason,
+        "done": event.done, "reason": event.reason, "lm": event.lm, "lm_weight": lm_weight if event.lm else None,
     }
 
 
-def _json(events: Iterator[Any]) -> Any:
+def _json(events: Iterator[Any], lm_weight: float) -> Any:
     last = None
     for last in events:
-        emit_json_line(_event_json(last))
+        emit_json_line(_event_json(last, lm_weight))
     return last
 
 
@@ -146,25 +158,27 @@ def _plain(events: Iterator[Any]) -> Any:
     return last
 
 
-def _table(event: Any, target: str) -> Any:
+def _table(event: Any, target: str, lm_weight: float) -> Any:
     from rich.table import Table
 
     status = f"stopped: {event.reason}" if event.done else "searching (Ctrl-C stops)"
-    table = Table("#", "score", "cosine", "text", title=f"search: {target}",
+    guide = f"lm {event.lm} (weight {lm_weight:g})" if event.lm else "no lm"
+    table = Table("#", "score", "cosine", "lm nll", "text", title=f"search: {target}",
                   caption=f"step {event.step} · {event.evals:,} evals · {event.evals_per_s:,.0f}/s · "
-                          f"{event.elapsed:.1f} s · {status}")
+                          f"{event.elapsed:.1f} s · {guide} · {status}")
     for rank, hit in enumerate(event.best, 1):
-        table.add_row(str(rank), f"{hit.score:.4f}", f"{hit.cosine:.4f}", hit.text or "[dim](empty)[/]")
+        nll = "" if hit.lm_nll is None else f"{hit.lm_nll:.2f}"
+        table.add_row(str(rank), f"{hit.score:.4f}", f"{hit.cosine:.4f}", nll, hit.text or "[dim](empty)[/]")
     return table
 
 
-def _live(events: Iterator[Any], target: str) -> Any:
+def _live(events: Iterator[Any], target: str, lm_weight: float) -> Any:
     from rich.live import Live
 
     last = None
     with Live(console=stdout, auto_refresh=False, transient=False) as live:
         for last in events:
-            live.update(_table(last, target), refresh=True)
+            live.update(_table(last, target, lm_weight), refresh=True)
     return last
 
 

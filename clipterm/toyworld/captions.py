@@ -7,6 +7,9 @@ used for zero-shot evaluation, so that those prompts are in distribution.
 
 from __future__ import annotations
 
+import re
+from functools import lru_cache
+
 import numpy as np
 
 from clipterm.toyworld.world import TASKS, Obj, Scene
@@ -72,3 +75,38 @@ def _single_label(scene: Scene, task: str) -> str | None:
         return scene.word
     values = {getattr(o, task) for o in scene.objects}
     return values.pop() if len(values) == 1 else None
+
+
+def sample_captions(n: int, seed: int = 0) -> list[str]:
+    """`n` training-style captions of the first `n` scenes of a seed: the toy world's text, for a language model."""
+    from clipterm.toyworld.world import scene_at
+
+    rng = np.random.default_rng(seed)
+    return [caption(scene_at(seed, i), rng) for i in range(n)]
+
+
+@lru_cache(maxsize=1)
+def _caption_grammar() -> re.Pattern[str]:
+    """The captions `caption` writes, as one regular expression over words (punctuation dropped)."""
+    def one_of(words) -> str:
+        return "(?:" + "|".join(words) + ")"
+
+    colour, shape, size = one_of(TASKS["colour"]), one_of(TASKS["shape"]), one_of(TASKS["size"])
+    position, background, word = one_of(POSITION_PHRASES.values()), one_of(TASKS["background"]), one_of(TASKS["word"])
+    single = one_of([
+        f"a {colour} object", f"something {colour}", f"a {shape}", f"a picture of a {shape}",
+        f"a {size} (?:object|shape)", f"(?:an object|a shape) {position}",
+        f"(?:on )?a {background} background", f"the word {word}", f"text that says {word}",
+    ])
+    thing = f"a(?: {size})?(?: {colour})? (?:{shape}|shape)(?: {position})?"
+    compound = f"{thing}(?: and {thing})*(?: {background} background)?(?: the word {word})?"
+    return re.compile(f"(?:{single}|{compound})")
+
+
+def parses_as_caption(text: str) -> bool:
+    """Whether `text` is a phrase of the toy caption grammar: a caption `caption` could write, with its
+    punctuation dropped ("a small red star on the left and a ring, dark background"), or one such noun
+    phrase without its leading article ("small red star")."""
+    words = " ".join(re.findall(r"[a-z]+", text.lower()))
+    grammar = _caption_grammar()
+    return bool(grammar.fullmatch(words) or grammar.fullmatch(f"a {words}"))

@@ -12,6 +12,7 @@ The app only routes selections to workers and results to panes. Every number com
 | tab / shift+tab | panes.next / panes.previous | switch pane |
 | s | search.toggle | start or stop a hill-climb for the selection (or the typed target) |
 | v | visualise.toggle | start or stop a feature visualisation of the selection (or the typed target) |
+| g | search.guidance | language-model guidance of the next search on or off (the n-gram LM; on at start) |
 | t | ablation.task | show the next task's ablation |
 | [ / ] | spatial.previous / spatial.next | the Spatial pane's previous / next cache image |
 | c | copy | copy the active pane's text (OSC 52) |
@@ -69,6 +70,7 @@ class ClipTermApp(TreeMixin, App[None]):
         Binding("shift+tab", "switch_pane(-1)", "Previous pane", id="panes.previous", show=False, priority=True),
         Binding("s", "search", "Search", id="search.toggle"),
         Binding("v", "visualise", "Visualise", id="visualise.toggle"),
+        Binding("g", "toggle_guidance", "LM guidance", id="search.guidance", show=False),
         Binding("t", "next_task", "Task", id="ablation.task", show=False),
         Binding("left_square_bracket", "spatial_step(-1)", "Previous image", id="spatial.previous", show=False),
         Binding("right_square_bracket", "spatial_step(1)", "Next image", id="spatial.next", show=False),
@@ -93,6 +95,7 @@ class ClipTermApp(TreeMixin, App[None]):
         self.filter_text = ""
         self.search_results: dict[str, Any] = {}  # target -> last event
         self.search_running: str | None = None
+        self.search_lm: str | None = "ngram"  # the language model that guides the next search; None: unguided
         self.spatial_row: int | None = None  # the Spatial pane's cache row; None: the selection's top image
         self.spatial_typed = ""  # a typed target (or `nmf K`) that replaces the selection in the Spatial pane
         self._search_stop = threading.Event()
@@ -302,7 +305,8 @@ class ClipTermApp(TreeMixin, App[None]):
         if target in self.search_results:
             pane.show_event(target, self.search_results[target])
         elif target:
-            pane.show_message(f"s: search for the strings {target} likes best · or type a target and press enter")
+            pane.show_message(f"s: search for the strings {target} likes best · or type a target and press enter · "
+                              f"g: guidance {'by ' + self.search_lm if self.search_lm else 'off'}")
         else:
             pane.show_message("this node has no direction to search for: select a head or a neuron, or type a target "
                               "(text:a red circle, class:red) and press enter")
@@ -317,6 +321,14 @@ class ClipTermApp(TreeMixin, App[None]):
             self.notify("nothing to search for: select a head or neuron, or type a target", severity="warning")
             return
         self.start_search(target)
+
+    def action_toggle_guidance(self) -> None:
+        """Guide the next search by the n-gram language model, or not."""
+        self.search_lm = None if self.search_lm else "ngram"
+        state = f"on ({self.search_lm})" if self.search_lm else "off"
+        self.notify(f"language-model guidance {state}, from the next search", timeout=3)
+        if not self.search_running:
+            self._refresh_search()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id == "search-target" and event.value.strip() and not self.search_running:
@@ -334,10 +346,11 @@ class ClipTermApp(TreeMixin, App[None]):
         self._search_stop.clear()
         self.search_running = target
         self.query_one(SearchPane).show_message(f"{target}: loading the text tower…")
+        lm = self.search_lm
 
         def job() -> None:
             try:
-                for event in self.analyses.search(target, cancel=self._search_stop.is_set):
+                for event in self.analyses.search(target, cancel=self._search_stop.is_set, lm=lm):
                     self.call_from_thread(self._search_event, target, event)
             finally:
                 self.call_from_thread(self._search_finished)

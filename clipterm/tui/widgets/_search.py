@@ -16,19 +16,20 @@ class SearchPane(QueryPane, Vertical):
 
     ids = ("search-target", "search-status", "search-results")
     placeholder = "target: L5.H2, L4.N12, text:a red circle, class:red, text:red - text:blue"
-    hint = "s: search for the selection · enter: search for the typed target"
+    hint = "s: search for the selection · enter: search for the typed target · g: language-model guidance on/off"
 
     def show_message(self, message: str) -> None:  # the last results stay visible under a new status
         self.set_status(Text(message, style="dim"))
 
     def show_event(self, target: str, event: Any) -> None:
-        """One streamed step: the beam, best first, with the search's pace."""
+        """One streamed step: the beam, best first, with the search's pace and the language model guiding it."""
         state = ("done" + (f" ({event.reason})" if event.reason else "")) if event.done else "searching… s: stop"
         self.set_status(Text.assemble(
-            (f"{target}", "bold"), f"  step {event.step} · {event.evals:,} strings scored · "
+            (f"{target}", "bold"), f"  lm {event.lm or 'off'} · step {event.step} · {event.evals:,} strings scored · "
             f"{event.evals_per_s:,.0f}/s · {event.elapsed:.1f}s  ", (state, "dim")))
-        table = Table("#", "string", "score", "cosine", expand=True, box=None, pad_edge=False)
+        table = Table("#", "string", "score", "cosine", "lm nll", expand=True, box=None, pad_edge=False)
         for rank, hit in enumerate(event.best, 1):
-            table.add_row(str(rank), hit.text or "(empty)", f"{hit.score:.4f}", f"{hit.cosine:.4f}")
+            nll = "" if hit.lm_nll is None else f"{hit.lm_nll:.2f}"
+            table.add_row(str(rank), hit.text or "(empty)", f"{hit.score:.4f}", f"{hit.cosine:.4f}", nll)
         self.copy_text = "\n".join(hit.text for hit in event.best)
         self.set_body(table)
