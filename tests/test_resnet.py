@@ -1,0 +1,140 @@
+"""The ResNet attention-pool split: heads + pos + bias == encode_image for every open_clip ModifiedResNet,
+and channel c's effect is exactly what frozen-attention ablation of channel c moves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipterm.errors import ClipTermError
+from clipterm.vit import resnet
+
+TEXT_CFG = dict(context_length=8, vocab_size=100, width=16, heads=2, layers=1)
+RN_ARCHS = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64"]
+
+
+def tiny_resnet_clip(arch: str = "RN50", image_size: int = 64, seed: int = 0):
+    """`arch`'s width, heads and embedding size, shrunk to one block per stage at 64 px, BatchNorm moved off its init."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(arch)
+    torch.manual_seed(seed)
+    vision = dict(cfg["vision_cfg"], layers=[1, 1, 1, 1], image_size=image_size)
+    model = open_clip.model.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=vision, text_cfg=TEXT_CFG,
+                                 quick_gelu=bool(cfg.get("quick_gelu"))).eval()
+    for module in model.visual.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_(0, 0.1)
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    pool = model.visual.attnpool
+    for linear in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
+        linear.bias.data.normal_(0, 0.1)
+    return model
+
+
+def images(n: int = 2, size: int = 64) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))  # (n, 3, S, S)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def summed(parts: resnet.PoolDecomposition, read: torch.Tensor) -> torch.Tensor:
+    return parts.embed + parts.bias + torch.einsum("blhd,lhde->be", parts.head_out, read)  # (B, D)
+
+
+def all_resnet_archs() -> list[str]:
+    import open_clip
+
+    return [a for a in open_clip.list_models() if isinstance((open_clip.get_model_config(a) or {}).get("vision_cfg", {}).get("layers"), list)]
+
+
+def test_every_open_clip_resnet_is_in_the_sweep():
+    assert sorted(all_resnet_archs()) == sorted(RN_ARCHS + [f"{a}-quickgelu" for a in RN_ARCHS])
+
+
+@pytest.mark.parametrize("arch", sorted(RN_ARCHS + [f"{a}-quickgelu" for a in RN_ARCHS]))
+def test_pool_components_sum_to_encode_image(arch):
+    model = tiny_resnet_clip(arch)
+    batch = images(2)
+    parts = resnet.decompose(model, batch, neurons=True)
+    with torch.no_grad():
+        expected = model.encode_image(batch)  # (B, D)
+    heads, width = model.visual.attnpool.num_heads, model.visual.attnpool.v_proj.in_features
+    assert parts.head_out.shape == (2, 1, heads, width // heads)
+    assert resnet.readout(model).shape == (1, heads, width // heads, expected.shape[1])
+    assert rel(summed(parts, resnet.readout(model)), expected) < 1e-5
+    assert rel(parts.image_embeds, expected) < 1e-5
+    assert parts.neurons.shape == (2, 1, width) and parts.mlps.shape == (2, 0, expected.shape[1])
+
+
+def test_channels_add_up_to_the_heads():
+    model = tiny_resnet_clip("RN50")
+    parts = resnet.decompose(model, images(2))
+    every = torch.arange(parts.channels.shape[-1])
+    channels = resnet.channel_effects(model, parts.channels, every).sum(1)  # (B, D)
+    heads = torch.einsum("blhd,lhde->be", parts.head_out, resnet.readout(model))  # (B, D)
+    assert rel(channels, heads) < 1e-5
+    assert rel(parts.embed + parts.bias + channels, parts.image_embeds) < 1e-5
+
+
+def frozen_pool(pool, grid: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """The pool with its attention weights given: Σ_h W_c^h Σ_t a_h(t) (W_v^h x_t + b_v^h) + b_c, from the modules."""
+    z = grid.flatten(2).transpose(1, 2)  # (B, T, C)
+    tokens = torch.cat([z.mean(1, keepdim=True), z], 1) + pool.positional_embedding  # (B, 1+T, C)
+    values = pool.v_proj(tokens)  # (B, 1+T, C)
+    batch, count, width = values.shape
+    values = values.view(batch, count, pool.num_heads, -1)  # (B, 1+T, H, dh)
+    mixed = torch.einsum("bht,bthd->bhd", attn, values).reshape(batch, width)  # (B, C)
+    return pool.c_proj(mixed)  # (B, D)
+
+
+def test_ablating_one_channel_with_frozen_attention_moves_the_embedding_by_its_effect():
+    model = tiny_resnet_clip("RN50")
+    visual, batch = model.visual, images(3)
+    with torch.no_grad():
+        grid = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(batch)))))  # (B, C, h, w)
+        channel = int(grid.mean((0, 2, 3)).argmax())  # a live channel (post-ReLU, many are 0)
+        tokens = grid.flatten(2).permute(2, 0, 1)  # (T, B, C)
+        tokens = torch.cat([tokens.mean(0, keepdim=True), tokens]) + visual.attnpool.positional_embedding[:, None]
+        pool = visual.attnpool
+        _, attn = F.multi_head_attention_forward(  # the real forward's weights, per head
+            tokens, tokens, tokens, tokens.shape[-1], pool.num_heads, None,
+            torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]), None, None, False, 0.0,
+            pool.c_proj.weight, pool.c_proj.bias, training=False, need_weights=True, use_separate_proj_weight=True,
+            q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+            average_attn_weights=False)
+        attn = attn[:, :, 0]  # (B, H, 1+T): the mean token's query row
+        base = frozen_pool(pool, grid, attn)
+        assert rel(base, model.encode_image(batch)) < 1e-5
+        parts = resnet.decompose(model, batch)
+        effect = resnet.channel_effects(model, parts.channels, torch.tensor([channel]))[:, 0]  # (B, D)
+        zeroed = grid.clone()
+        zeroed[:, channel] = 0
+        assert rel(base - frozen_pool(pool, zeroed, attn), effect) < 1e-5
+        mean = grid[:, channel].mean()
+        meaned = grid.clone()
+        meaned[:, channel] = mean  # the channel at its mean: it moves by its effect minus the mean's effect
+        constant = mean * resnet.channel_basis(model, torch.tensor([channel]))[:, 0].sum(0)  # (D,)
+        moved = frozen_pool(pool, meaned, attn) - base  # (B, D)
+        assert ((moved - (constant - effect)).norm() / effect.norm()).item() < 1e-5  # on the channel's own scale
+        assert effect.norm() > 1e-3 * base.norm()  # a channel that carries something
+
+
+def test_pool_pos_has_no_image_content_but_the_attention():
+    model = tiny_resnet_clip("RN50")
+    model.visual.attnpool.positional_embedding.data.zero_()
+    parts = resnet.decompose(model, images(2))
+    assert parts.embed.abs().max() == 0
+    assert torch.allclose(parts.bias[0], parts.bias[1])
+
+
+def test_vit_towers_are_refused():
+    from tests.test_decompose import tiny_clip
+
+    with pytest.raises(ClipTermError, match="ModifiedResNet"):
+        resnet.decompose(tiny_clip(), torch.randn(1, 3, 32, 32))
