@@ -138,3 +138,81 @@ def test_vit_towers_are_refused():
 
     with pytest.raises(ClipTermError, match="ModifiedResNet"):
         resnet.decompose(tiny_clip(), torch.randn(1, 3, 32, 32))
+
+
+# --------------------------------------------------------------------------- a ResNet cache
+
+
+def save_tiny_resnet(folder, image_size: int = 64):
+    """A seeded ResNet CLIP (width 16: 512 channels, 8 pool heads) as an open_clip local-dir model folder."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": image_size, "layers": [1, 1, 1, 1], "width": 16},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**cfg).eval()
+    for module in model.visual.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_(0, 0.1)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {"size": image_size}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def rn_cache(tmp_path_factory):
+    from clipterm.cache.build import BuildOptions, build_cache
+    from clipterm.cache.reader import open_cache
+    from clipterm.vit.models import load_model
+
+    root = tmp_path_factory.mktemp("rn")
+    loaded = load_model(f"local-dir:{save_tiny_resnet(root / 'tiny-rn')}")
+    build_cache(BuildOptions(images="toy:10", model=loaded.info.spec, name="rn", cache_dir=str(root / "caches"),
+                             dtype="float32", neurons=True, shard_rows=6, device="cpu"), loaded=loaded)
+    return open_cache(root / "caches" / "rn"), loaded
+
+
+def test_a_resnet_model_loads_with_its_vocabulary(rn_cache):
+    _, loaded = rn_cache
+    assert loaded.info.tower == "resnet" and loaded.info.heads == 8 and loaded.info.mlp_width == 512
+    assert loaded.info.shape.vocabulary.startswith("this ResNet's components are pool.H0..pool.H7")
+
+
+def test_resnet_cache_components_add_up_to_image_embeds(rn_cache):
+    reader, _ = rn_cache
+    assert reader.n == 10 and reader.shape.tower == "resnet"
+    assert reader.components() == ["pool.pos", "pool.bias", *[f"pool.H{h}" for h in range(8)]]
+    total = sum(reader.effects(name) for name in reader.components())  # (N, D)
+    assert rel(total, reader.image_embeds()) < 1e-5
+    assert rel(reader.effects("pool"), sum(reader.effects(f"pool.H{h}") for h in range(8))) < 1e-6
+    assert reader.head_out("pool.H3").shape == (10, 64) and reader.stats("pool.H3")["cov"].shape == (64, 64)
+    assert reader.neurons("L3").shape == (10, 512)
+    from clipterm.cache.reader import verify
+
+    assert verify(reader.path) == []
+
+
+@pytest.mark.parametrize("name", ["L0.H3", "embed", "L0.MLP", "L2.N3"])
+def test_vit_names_on_a_resnet_cache_are_one_line_errors(rn_cache, name):
+    reader, _ = rn_cache
+    with pytest.raises(ClipTermError) as err:
+        reader.effects(name)
+    assert "\n" not in err.value.message and "pool.H0..pool.H7" in err.value.hint
+
+
+def test_vit_cache_components_add_up_and_refuse_pool_names(toy, tmp_path):
+    from clipterm.cache.build import BuildOptions, build_cache
+    from clipterm.cache.reader import open_cache
+
+    build_cache(BuildOptions(images="toy:6", name="vit", cache_dir=str(tmp_path), dtype="float32", device="cpu"), loaded=toy)
+    reader = open_cache(tmp_path / "vit")
+    assert reader.components()[:3] == ["embed", "bias", "L0.H0"] and len(reader.components()) == 2 + 6 * 8 + 6
+    assert rel(sum(reader.effects(name) for name in reader.components()), reader.image_embeds()) < 1e-5
+    with pytest.raises(ClipTermError) as err:
+        reader.effects("pool.H3")
+    assert "embed, bias, L0..L5" in err.value.hint

@@ -28,7 +28,7 @@ platform pool pool_sha256 position pretrained problems python quick_gelu rank re
 scores second_order seconds seed set texts_per_component sha256 shape shards size skipped skipped_inputs sort source spec step stored
 supported targets task tasks text texts themes_dirs title tokens top1_share top_images top_text topic torch
 schema total_variance toy_model weights weights_path weights_present weights_sha256 what width word world_size yellow
-cyan pink purple
+cyan pink purple tower pool_layer neuron_layer stages site
 """.split())
 LAYER = re.compile(r"^L\d+$")
 
