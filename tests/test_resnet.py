@@ -216,3 +216,29 @@ def test_vit_cache_components_add_up_and_refuse_pool_names(toy, tmp_path):
     with pytest.raises(ClipTermError) as err:
         reader.effects("pool.H3")
     assert "embed, bias, L0..L5" in err.value.hint
+
+
+def test_channel_neurons_file_holds_exact_channel_effects(rn_cache):
+    from clipterm.cache.neurons import NeuronFile, build_neurons
+
+    reader, loaded = rn_cache
+    build_neurons(reader, 3, device="cpu", top_k=4, loaded=loaded)
+    channels = NeuronFile(reader, 3)
+    assert channels.paths == [f"pool.H{h}" for h in range(8)]
+    heads = sum(reader.effects(f"pool.H{h}") for h in range(8))  # (N, D): the channels add up to the heads
+    assert rel(channels.tensor("effect_sum"), heads) < 1e-4
+    parts = resnet.decompose(loaded.model, _cache_pixels(reader, loaded), neurons=True)
+    live = int(parts.neurons[:, 0].mean(0).argmax())
+    effect = resnet.channel_effects(loaded.model, parts.channels, torch.tensor([live]))[:, 0]  # (N, D)
+    assert rel(channels.tensor("mean")[live], effect.mean(0)) < 1e-4
+    assert torch.allclose(channels.column("norms", live), effect.norm(dim=-1), rtol=2e-3)
+    with pytest.raises(ClipTermError, match="last stage"):
+        NeuronFile(reader, 2)
+
+
+def _cache_pixels(reader, loaded) -> torch.Tensor:
+    from clipterm.cache.neurons import cache_source
+    from clipterm.inputs.images import ImageDataset, collate
+
+    dataset = ImageDataset(cache_source(reader), loaded.preprocess, reader.index().tolist(), min_side=64)
+    return collate([dataset[i] for i in range(len(dataset))])[1]  # (N, 3, S, S)

@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from clipterm import names
 from clipterm.errors import ClipTermError, ExitCode
 from clipterm.vit.decompose import Decomposition, vision_tower
+from clipterm.vit.second_order import NeuronPass
 
 CONVENTION = (
     "ModifiedResNet attention pool with its attention frozen per image: pool.H{h} the image content through head h "
@@ -143,3 +145,36 @@ def decompose(model, images: Tensor, neurons: bool = False, token_layers=()) -> 
             neurons=grid.mean(1).unsqueeze(1) if neurons else None,  # (B, 1, C)
             channels=pooled,  # (B, H, C)
         )
+
+
+# --------------------------------------------------------------------------- channels as neurons (the neurons file)
+# The neurons machinery (cache/neurons.py) wants effect_c = Σ_k scalars[c, k] · vectors[c, k]: here the K paths
+# are the pool heads, scalars[c, h] = s_h[c] and vectors[c, h] = W_c^h W_v^h[:, c]. The effect is direct (the
+# channel reaches the embedding only through the pool), so the same file holds each channel's exact effect.
+
+
+def check_layer(n_layers: int, layer: int) -> None:
+    """Only the last stage's channels are read by the pool (`n_layers` is the ViT-shaped signature's, unused)."""
+    if layer != STAGES - 1:
+        raise ClipTermError(f"{names.layer(layer)} is not this ResNet's last stage: only its channels reach the pool",
+                            hint=f"use {names.layer(STAGES - 1)}", code=ExitCode.USAGE)
+
+
+def paths(n_layers: int, n_heads: int, layer: int) -> list[str]:
+    """The K paths of a channel: the pool's heads, ["pool.H0", ...]."""
+    return [names.pool_head(h) for h in range(n_heads)]
+
+
+def path_vectors(model, layer: int) -> Tensor:
+    """(C, H, D) fp32: vectors[c, h] = W_c^h W_v^h[:, c]."""
+    check_layer(STAGES, layer)
+    w_v, *_ = pool_weights(model)
+    return torch.einsum("hdc,hde->che", w_v, readout(model)[0])  # (C, H, D)
+
+
+def trace(model, images: Tensor, layer: int) -> NeuronPass:
+    """One pass: scalars (B, C, H) = s_h[c], activations (B, C) = each channel's mean over the grid."""
+    check_layer(STAGES, layer)
+    parts = decompose(model, images, neurons=True)
+    return NeuronPass(scalars=parts.channels.transpose(1, 2), activations=parts.neurons[:, 0],  # (B, C, H), (B, C)
+                      image_embeds=parts.image_embeds, ln_scale=parts.ln_scale)  # (B, D), (B,)
