@@ -216,9 +216,13 @@ def _validate_resnet(component: Component, shape: ModelShape) -> Component:
     return Component(component.kind, shape.pool_layer, component.index, component.pc, site="pool")
 
 
-def describe(component: Component) -> str:
-    """A short human description of what a component is."""
+def describe(component: Component, shape: ModelShape | None = None) -> str:
+    """A short human description of what a component is (a ResNet's neurons are channels, given its shape)."""
     pc = f", principal direction {component.pc}" if component.pc else ""
+    if shape is not None and shape.tower == "resnet" and component.site == "block":
+        if component.kind == "neuron":
+            return f"channel {component.index} of stage {layer(component.layer)}, read through the attention pool{pc}"
+        return f"stage {layer(component.layer)}: its channels are the neurons"
     if component.site == "pool":
         return {
             "layer": "the attention pool: all its heads",
@@ -284,6 +288,18 @@ def heads(shape: ModelShape, layers: list[int] | None = None) -> list[Component]
     return [Component("head", l, h) for l in (layers if layers is not None else range(shape.layers)) for h in range(shape.heads)]
 
 
+def layers(shape: ModelShape) -> list[str]:
+    """Every stored attention layer's name: `L0`.. for a ViT, `pool` for a ResNet."""
+    if shape.tower == "resnet":
+        return [pool()]
+    return [layer(l) for l in range(shape.layers)]
+
+
+def mlps(shape: ModelShape) -> list[str]:
+    """Every MLP with a direct effect (a ResNet has none)."""
+    return [] if shape.tower == "resnet" else [mlp(l) for l in range(shape.layers)]
+
+
 def direct_components(shape: ModelShape) -> list[Component]:
     """Every top-level component with a stored direct effect; they add up to the image embedding.
 
@@ -305,6 +321,8 @@ __all__ = [
     "heads",
     "layer",
     "layer_range",
+    "layers",
+    "mlps",
     "mlp",
     "neuron",
     "parse",

@@ -242,3 +242,56 @@ def _cache_pixels(reader, loaded) -> torch.Tensor:
 
     dataset = ImageDataset(cache_source(reader), loaded.preprocess, reader.index().tolist(), min_side=64)
     return collate([dataset[i] for i in range(len(dataset))])[1]  # (N, 3, S, S)
+
+
+def test_ablation_and_attribution_speak_pool_names(rn_cache):
+    from clipterm.analyses import ablation
+
+    reader, _ = rn_cache
+    assert ablation.group(reader, "head") == [f"pool.H{h}" for h in range(8)]
+    assert ablation.group(reader, "layer") == ["pool"]
+    with pytest.raises(ClipTermError, match="no MLPs"):
+        ablation.group(reader, "mlp")
+    shifts = dict(ablation.shifts(reader, ["pool.H2"]))
+    effects = reader.effects("pool.H2")
+    assert torch.allclose(shifts["pool.H2"], effects.mean(0, keepdim=True) - effects)
+    contributions = ablation.image_contributions(reader, 4)
+    assert list(contributions) == reader.components()
+    assert rel(sum(contributions.values()), reader.image_embeds([4])[0]) < 1e-5
+    assert [name for name, _ in ablation.cumulative_shifts(reader, "head")] == ["pool"]
+
+
+def test_textspan_of_a_pool_head_finds_its_own_direction(rn_cache):
+    from clipterm.analyses import textspan
+
+    reader, _ = rn_cache
+    effects = reader.effects("pool.H3")  # (N, D)
+    centred = effects - effects.mean(0)
+    top = torch.linalg.svd(centred, full_matrices=False).Vh[0]  # (D,) the head's main direction
+    texts = torch.randn(20, top.shape[0], generator=torch.Generator().manual_seed(3))
+    texts[11] = top
+    span = textspan.describe(reader, ["pool.H3"], F.normalize(texts, dim=-1), n_texts=3, baseline_draws=0)["pool.H3"]
+    assert span.indices[0] == 11 and 0 < span.explained[0] <= 1
+
+
+@pytest.mark.parametrize("args", [("images", "rn", "--component", "pool.H3", "--top", "3"),
+                                  ("search", "--cache", "rn", "--target", "pool.H3", "--steps", "1"),
+                                  ("images", "rn", "--component", "L0.H3")], ids=["images", "search", "vit-name"])
+def test_cli_on_a_resnet_cache(cli, rn_cache, monkeypatch, args):
+    import json
+
+    reader, _ = rn_cache
+    monkeypatch.setenv("CLIPTERM_CACHE", str(reader.path.parent))
+    result = cli(*args, "--json")
+    if "L0.H3" in args:
+        assert result.code != 0 and "pool.H0..pool.H7" in result.err and "ViT name" in result.err
+        return
+    assert result.code == 0, result.err
+    try:
+        payloads = [json.loads(result.out)]
+    except json.JSONDecodeError:  # `search --json` writes one event per line
+        payloads = [json.loads(line) for line in result.out.splitlines() if line.strip()]
+    if args[0] == "search":  # a search for the head's direction improves on the empty text
+        assert payloads[-1]["best"][0]["score"] > payloads[0]["best"][0]["score"]
+    else:
+        assert "pool.H3" in result.out

@@ -93,7 +93,7 @@ def names(
     parsed = [parse_for(name, shape) for name in components]
     rows = [{"component": str(c), "kind": c.kind, "site": c.site,
              "layer": None if c.layer is None or c.site == "pool" else layer(c.layer), "index": c.index,
-             "pc": c.pc, "about": describe(c)} for c in parsed]
+             "pc": c.pc, "about": describe(c, shape)} for c in parsed]
     if json_out:
         emit_json({"model": model, "shape": shape.__dict__, "components": rows}, schema="clipterm.names/2")
         return
