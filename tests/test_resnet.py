@@ -295,3 +295,14 @@ def test_cli_on_a_resnet_cache(cli, rn_cache, monkeypatch, args):
         assert payloads[-1]["best"][0]["score"] > payloads[0]["best"][0]["score"]
     else:
         assert "pool.H3" in result.out
+
+
+def test_pool_tokens_sum_to_the_heads_and_the_mean_token_is_one_of_them():
+    model = tiny_resnet_clip("RN50")
+    parts = resnet.decompose(model, images(2), token_layers=[0])
+    tokens = parts.tokens[0]  # (B, H, 1+T, dh)
+    assert tokens.shape[2] == 1 + 2 * 2
+    assert rel(tokens.sum(2), parts.head_out[:, 0]) < 1e-5
+    assert tokens[:, :, 0].abs().sum() > 0  # the mean token is attended to and carries content
+    with pytest.raises(ClipTermError, match="pool only"):
+        resnet.decompose(model, images(1), token_layers=[3])

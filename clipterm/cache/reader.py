@@ -198,7 +198,8 @@ class CacheReader:
         """(H, N, T, dh) per-source-token head outputs of one layer, in head space, when built with `--tokens`."""
         import torch
 
-        layer = self._layer(layer)
+        pooled = self.shape.tower == "resnet" and layer in (self.shape.pool_layer, names.pool())  # stored at its slot, L0
+        layer = self.shape.pool_layer if pooled else self._layer(layer)
         stored = self.manifest["stored"]["tokens"]
         if layer not in stored:
             have = names.format_layers(stored) if stored else "none"

@@ -108,9 +108,9 @@ def decompose(model, images: Tensor, neurons: bool = False, token_layers=()) -> 
     check_supported(model)
     if visual.training:
         raise ValueError("decompose() needs model.eval(): BatchNorm in training mode would change the split")
-    if token_layers:
-        raise ClipTermError("per-token maps are not stored for ResNet caches yet", hint="build without --tokens",
-                            code=ExitCode.UNSUPPORTED)
+    if any(layer != 0 for layer in token_layers):  # the pool is the one stored attention layer
+        raise ClipTermError("a ResNet stores per-token maps for its pool only", hint="use --tokens all",
+                            code=ExitCode.USAGE)
     pool, seen = visual.attnpool, {}
 
     def keep_input(_module, args, _output) -> None:  # returning None leaves the output alone
@@ -135,6 +135,10 @@ def decompose(model, images: Tensor, neurons: bool = False, token_layers=()) -> 
         pos_out = torch.einsum("bhc,hdc->bhd", pos_pooled, w_v)  # (B, H, dh)
         read = readout(model)[0]  # (H, dh, D)
         batch = grid.shape[0]
+        tokens = {}
+        if token_layers:  # pool.H{h} per source token, mean token first: they sum over tokens to head_out
+            values = torch.einsum("btc,hdc->bhtd", content, w_v)  # (B, H, 1+T, dh)
+            tokens[0] = attn[..., None] * values  # (B, H, 1+T, dh)
         return PoolDecomposition(
             head_out=head_out.unsqueeze(1),  # (B, 1, H, dh)
             embed=torch.einsum("bhd,hde->be", pos_out, read),  # (B, D): pool.pos
@@ -143,6 +147,7 @@ def decompose(model, images: Tensor, neurons: bool = False, token_layers=()) -> 
             ln_scale=head_out.new_ones(batch),  # (B,)
             image_embeds=image_embeds.float(),  # (B, D)
             neurons=grid.mean(1).unsqueeze(1) if neurons else None,  # (B, 1, C)
+            tokens=tokens,  # layer 0 -> (B, H, 1+T, dh)
             channels=pooled,  # (B, H, C)
         )
 
