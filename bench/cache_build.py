@@ -153,7 +153,7 @@ def bench_model(name: str, n: int, n_baseline: int, batch_size: int, repeat: int
         "plain_encode_image_per_s": round(plain, 2),
         "clipterm_per_s": round(ours, 2),
         "clipterm_end_to_end_files_per_s": round(result.images_per_s, 2),
-        "reference_per_s": round(reference, 3),
+        "reference_per_s": round(reference, 3) if reference else None,
         "ratio_clipterm_vs_plain": round(ours / plain, 3),
         "ratio_end_to_end_vs_plain": round(result.images_per_s / plain, 3),
         "speedup_vs_reference": round(ours / reference, 1) if reference else None,

@@ -306,3 +306,18 @@ def test_pool_tokens_sum_to_the_heads_and_the_mean_token_is_one_of_them():
     assert tokens[:, :, 0].abs().sum() > 0  # the mean token is attended to and carries content
     with pytest.raises(ClipTermError, match="pool only"):
         resnet.decompose(model, images(1), token_layers=[3])
+
+
+def test_toy_rn_recipe_saves_a_resnet_model_folder_that_loads_and_splits(tmp_path):
+    import open_clip
+
+    from clipterm.toyworld.evaluate import save_model_dir
+    from clipterm.toyworld.rn import RN_MODEL_CFG
+    from clipterm.vit.models import load_model
+
+    torch.manual_seed(0)
+    save_model_dir(open_clip.model.CLIP(**RN_MODEL_CFG).eval(), tmp_path / "toy-rn", {"steps": 0}, model_cfg=RN_MODEL_CFG)
+    loaded = load_model(f"local-dir:{tmp_path / 'toy-rn'}")
+    assert loaded.info.tower == "resnet" and loaded.info.heads == 16 and loaded.info.mlp_width == 1024
+    parts = resnet.decompose(loaded.model.float(), images(2))
+    assert rel(summed(parts, resnet.readout(loaded.model)), loaded.model.encode_image(images(2))) < 1e-5
