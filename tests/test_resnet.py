@@ -3,6 +3,9 @@ and channel c's effect is exactly what frozen-attention ablation of channel c mo
 
 from __future__ import annotations
 
+import functools
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -57,9 +60,21 @@ def test_every_open_clip_resnet_is_in_the_sweep():
     assert sorted(all_resnet_archs()) == sorted(RN_ARCHS + [f"{a}-quickgelu" for a in RN_ARCHS])
 
 
+@functools.lru_cache(maxsize=1)
+def _sweep_model(vision: str, embed_dim: int):
+    """The image tower depends on vision_cfg and embed_dim alone (QuickGELU only changes the text tower), so an
+    arch and its -quickgelu twin share one model: the sweep covers all 10 configs for the cost of 5."""
+    return tiny_resnet_clip(json.loads(vision)["arch"])
+
+
 @pytest.mark.parametrize("arch", sorted(RN_ARCHS + [f"{a}-quickgelu" for a in RN_ARCHS]))
 def test_pool_components_sum_to_encode_image(arch):
-    model = tiny_resnet_clip(arch)
+    import open_clip
+
+    cfg = open_clip.get_model_config(arch)
+    base = arch.removesuffix("-quickgelu")
+    assert cfg["vision_cfg"] == open_clip.get_model_config(base)["vision_cfg"]
+    model = _sweep_model(json.dumps({"arch": base, **cfg["vision_cfg"]}, sort_keys=True), cfg["embed_dim"])
     batch = images(2)
     parts = resnet.decompose(model, batch, neurons=True)
     with torch.no_grad():
@@ -145,7 +160,6 @@ def test_vit_towers_are_refused():
 
 def save_tiny_resnet(folder, image_size: int = 64):
     """A seeded ResNet CLIP (width 16: 512 channels, 8 pool heads) as an open_clip local-dir model folder."""
-    import json
 
     import open_clip
     from safetensors.torch import save_file
@@ -278,8 +292,6 @@ def test_textspan_of_a_pool_head_finds_its_own_direction(rn_cache):
                                   ("search", "--cache", "rn", "--target", "pool.H3", "--steps", "1"),
                                   ("images", "rn", "--component", "L0.H3")], ids=["images", "search", "vit-name"])
 def test_cli_on_a_resnet_cache(cli, rn_cache, monkeypatch, args):
-    import json
-
     reader, _ = rn_cache
     monkeypatch.setenv("CLIPTERM_CACHE", str(reader.path.parent))
     result = cli(*args, "--json")

@@ -43,7 +43,7 @@ def train(
     eval_every: int = typer.Option(300, "--eval-every", min=1, help="Evaluate and save every this many steps."),
     warmup: int = typer.Option(150, "--warmup", min=1, help="Steps of linear learning-rate warmup."),
     arch: str = typer.Option("vit", "--arch", help="Image tower: `vit` (the toy) or `rn` (toy-rn, a small ModifiedResNet; "
-                                                    "clipterm/toyworld/rn.py)."),
+                                                    "clipterm/toyworld/rn.py). With --from, the checkpoint's own."),
     init: str = typer.Option(None, "--from", help="Train on from this checkpoint: `toy` (the shipped model) or a folder "
                                                   "written by `clipterm toy train`. Its steps and history carry on."),
 ) -> None:
@@ -64,7 +64,7 @@ def train(
         raise ClipTermError(f"--from {init} is the output folder: it would be overwritten while training",
                             hint="write to a new folder")
     final = run(out_dir, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, threads=threads or None,
-                eval_every=eval_every, init=start, model_cfg=ARCHS[arch], log=lambda line: stderr.print(line, highlight=False))
+                eval_every=eval_every, init=start, model_cfg=ARCHS[arch] if start is None else None, log=lambda line: stderr.print(line, highlight=False))
     stdout.print(f"saved {out_dir}: " + ", ".join(f"{k} {v}" for k, v in final.items()))
 
 

@@ -96,6 +96,8 @@ def train(
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    if model_cfg is None and init is not None:  # training on: the checkpoint's own tower
+        model_cfg = json.loads((Path(init) / "open_clip_config.json").read_text())["model_cfg"]
     model_cfg = model_cfg or MODEL_CFG  # the toy ViT; toyworld/rn.py holds toy-rn's
     model = open_clip.model.CLIP(**model_cfg)
     done, history, stages = 0, [], []
