@@ -76,7 +76,8 @@ def build(
     notes = [f"{result.missing} images could not be read again and were left out"] if result.missing else []
     if result.changed:
         notes.append(f"{result.changed} images now give another embedding than the cache's (changed on disk?)")
-    stdout.print(f"built second-order effects of {result.layer} for {result.images:,} images of [bold]{result.cache}[/] "
+    what = "channel effects (through the pool)" if reader.shape.tower == "resnet" else "second-order effects"
+    stdout.print(f"built {what} of {result.layer} for {result.images:,} images of [bold]{result.cache}[/] "
                  f"({result.images_per_s:,.1f} images/s): {result.path}")
     for note in notes:
         stdout.print(f"[yellow]note:[/] {note}")
