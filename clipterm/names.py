@@ -307,8 +307,8 @@ def direct_components(shape: ModelShape) -> list[Component]:
     if shape.tower == "resnet":
         return [Component("embed", shape.pool_layer, site="pool"), Component("bias", shape.pool_layer, site="pool"),
                 *heads(shape)]
-    mlps = [Component("mlp", l) for l in range(shape.layers)]
-    return [Component("embed"), Component("bias"), *heads(shape), *mlps]
+    mlp_parts = [Component("mlp", l) for l in range(shape.layers)]
+    return [Component("embed"), Component("bias"), *heads(shape), *mlp_parts]
 
 
 __all__ = [
@@ -322,8 +322,8 @@ __all__ = [
     "layer",
     "layer_range",
     "layers",
-    "mlps",
     "mlp",
+    "mlps",
     "neuron",
     "parse",
     "parse_for",

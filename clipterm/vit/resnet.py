@@ -75,7 +75,7 @@ def pool_weights(model) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
 
 def readout(model) -> Tensor:
     """(1, H, dh, D) fp32: `head_out[:, 0, h] @ R[0, h]` is pool.H{h} in joint space (R_h = W_c^hᵀ)."""
-    w_v, _, w_c, _, heads = pool_weights(model)
+    _, _, w_c, _, heads = pool_weights(model)
     return w_c.T.reshape(heads, -1, w_c.shape[0]).unsqueeze(0)  # (1, H, dh, D)
 
 
@@ -128,7 +128,7 @@ def decompose(model, images: Tensor, neurons: bool = False, token_layers=()) -> 
         content = torch.cat([grid.mean(1, keepdim=True), grid], 1)  # (B, 1+T, C): z̃, the mean token first
         positional = pool.positional_embedding.float()  # (1+T, C)
         attn = attention_weights(pool, content + positional)  # (B, H, 1+T)
-        w_v, b_v, w_c, b_c, heads = pool_weights(model)
+        w_v, b_v, w_c, b_c, _ = pool_weights(model)
         pooled = torch.einsum("bht,btc->bhc", attn, content)  # (B, H, C): s_h[c]
         pos_pooled = attn @ positional  # (B, H, C)
         head_out = torch.einsum("bhc,hdc->bhd", pooled, w_v)  # (B, H, dh)
