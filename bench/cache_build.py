@@ -1,6 +1,6 @@
 """Benchmark the cache build against plain `encode_image` and a reference-style baseline, in one run.
 
-For each model (ViT-B-32 with random weights at 224 px, and the toy) it measures, on the same
+For each model (ViT-B-32 and RN50 with random weights at 224 px, and the toy) it measures, on the same
 preloaded pixel tensors:
 
 - plain `model.encode_image` images/s (the ceiling; plain and clipterm are timed in interleaved
@@ -8,7 +8,8 @@ preloaded pixel tensors:
 - clipterm's per-batch work (decompose, cast to fp16, fp64 stats) images/s: goal >= 0.8 of plain;
 - a reference-style baseline in the manner of clip_text_span's compute_prs.py: batch 2, every
   head's output for every query and source token materialised ([B, N, N, H, width]) before the
-  CLS row is reduced, fp32 `.npy` of [N, L, H, D] plus MLPs: goal clipterm >= 10x faster;
+  CLS row is reduced, fp32 `.npy` of [N, L, H, D] plus MLPs: goal clipterm >= 10x faster (ViTs only: the
+  reference has no ResNet path, so RN50 reports plain vs clipterm and end to end);
 
 and end to end, `build_cache` from PNG files on disk (the renders, at the input size), and from
 photo-sized JPEGs (500x375, as ImageNet's, over twice the input size) with the default faithful
@@ -19,6 +20,7 @@ default fp16 cache (shard bytes per row; readout and stats are a fixed cost) aga
 
     python bench/cache_build.py --n 64 --n-baseline 8            # both models
     python bench/cache_build.py --models toy --n 512
+    python bench/cache_build.py --models RN50 --n 16 --repeat 2 --batch-size 8
 """
 
 from __future__ import annotations
@@ -103,18 +105,18 @@ def run_reference(model, pixels: torch.Tensor, out_dir: Path) -> tuple[float, in
 # --------------------------------------------------------------------------- one model
 
 
-def random_vit_b32(folder: Path):
-    """ViT-B-32 with seeded random weights, loaded through clipterm like any local weights file."""
+def random_weights(arch: str, folder: Path):
+    """An open_clip arch (ViT-B-32, RN50) with seeded random weights, loaded through clipterm like any local weights file."""
     import open_clip
     from safetensors.torch import save_file
 
     from clipterm.vit.models import load_model
 
     torch.manual_seed(0)
-    model = open_clip.create_model("ViT-B-32", pretrained=None)
-    path = folder / "vit-b-32-random.safetensors"
+    model = open_clip.create_model(arch, pretrained=None)
+    path = folder / f"{arch.lower()}-random.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return load_model("ViT-B-32", pretrained=str(path))
+    return load_model(arch, pretrained=str(path))
 
 
 def bench_model(name: str, n: int, n_baseline: int, batch_size: int, repeat: int, work: Path) -> dict:
@@ -125,7 +127,7 @@ def bench_model(name: str, n: int, n_baseline: int, batch_size: int, repeat: int
     from clipterm.toyworld import world
     from clipterm.vit.models import load_model
 
-    loaded = random_vit_b32(work) if name == "ViT-B-32" else load_model("toy")
+    loaded = load_model("toy") if name == "toy" else random_weights(name, work)
     model = loaded.model.eval()
     renders = [Image.fromarray(world.render(world.scene_at(0, i))[0]) for i in range(n)]
     pixels = torch.stack([loaded.preprocess(image) for image in renders])  # (n, 3, S, S) preloaded once
@@ -137,7 +139,8 @@ def bench_model(name: str, n: int, n_baseline: int, batch_size: int, repeat: int
         with torch.no_grad():
             plain = max(plain, images_per_s(lambda b: model.encode_image(b), batches))
         ours = max(ours, images_per_s(lambda b: decompose_batch(model, b, "cpu", options, []), batches))
-    reference, reference_bytes = run_reference(model, pixels[: max(2, n_baseline)], work)
+    vit = loaded.info.tower == "vit"
+    reference, reference_bytes = run_reference(model, pixels[: max(2, n_baseline)], work) if vit else (None, None)
 
     folder = work / f"png-{name}"  # end to end: PNG files on disk -> decode -> preprocess -> decompose -> shards
     for i, image in enumerate(renders):
@@ -148,7 +151,7 @@ def bench_model(name: str, n: int, n_baseline: int, batch_size: int, repeat: int
     cache = Path(result.path)
     shard_bytes = sum(p.stat().st_size for p in cache.glob("shard-*.safetensors"))
     fixed_bytes = sum(p.stat().st_size for p in cache.iterdir() if p.is_file() and not p.name.startswith("shard-"))
-    per_image = shard_bytes / result.rows
+    per_image = shard_bytes / result.images
     jpegs = work / f"jpeg-{name}"  # photo-sized JPEGs: where --fast-decode's draft applies
     rng = np.random.default_rng(0)
     for i, image in enumerate(renders):
@@ -166,24 +169,24 @@ def bench_model(name: str, n: int, n_baseline: int, batch_size: int, repeat: int
         "plain_encode_image_per_s": round(plain, 2),
         "clipterm_per_s": round(ours, 2),
         "clipterm_end_to_end_files_per_s": round(result.images_per_s, 2),
-        "reference_per_s": round(reference, 3),
+        "reference_per_s": round(reference, 3) if reference else None,
         "ratio_clipterm_vs_plain": round(ours / plain, 3),
         "ratio_end_to_end_vs_plain": round(result.images_per_s / plain, 3),
         "end_to_end_jpeg_500x375_per_s": round(decoded[False][0], 2),
         "end_to_end_jpeg_500x375_fast_decode_per_s": round(decoded[True][0], 2),
         "ratio_fast_decode_vs_default": round(decoded[True][0] / decoded[False][0], 3),
         "fast_decode_max_relative_gap": round(float(gap), 5),
-        "speedup_vs_reference": round(ours / reference, 1),
+        "speedup_vs_reference": round(ours / reference, 1) if reference else None,
         "cache_bytes_per_image": round(per_image),
         "cache_fixed_bytes": fixed_bytes,
         "reference_bytes_per_image": reference_bytes,
-        "size_ratio_vs_reference": round(per_image / reference_bytes, 4),
+        "size_ratio_vs_reference": round(per_image / reference_bytes, 4) if reference_bytes else None,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["ViT-B-32", "toy"], choices=["ViT-B-32", "toy"])
+    parser.add_argument("--models", nargs="+", default=["ViT-B-32", "toy"], choices=["ViT-B-32", "RN50", "toy"])
     parser.add_argument("--n", type=int, default=64, help="images for plain, clipterm and end-to-end figures")
     parser.add_argument("--n-baseline", type=int, default=8, help="images for the (slow) reference-style baseline")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -198,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models:
             rows.append(bench_model(name, args.n, args.n_baseline, args.batch_size, args.repeat, Path(tmp)))
             r = rows[-1]
+            if r["reference_per_s"] is None:
+                print(f"{name}: plain {r['plain_encode_image_per_s']} img/s | clipterm {r['clipterm_per_s']} img/s "
+                      f"({r['ratio_clipterm_vs_plain']}x plain, goal >= 0.8) | end-to-end from files "
+                      f"{r['clipterm_end_to_end_files_per_s']} img/s ({r['ratio_end_to_end_vs_plain']}x plain) | "
+                      f"bytes/image {r['cache_bytes_per_image']:,} (+{r['cache_fixed_bytes']:,} fixed)", flush=True)
+                continue
             print(f"{name}: plain {r['plain_encode_image_per_s']} img/s | clipterm {r['clipterm_per_s']} img/s "
                   f"({r['ratio_clipterm_vs_plain']}x plain, goal >= 0.8) | end-to-end from files {r['clipterm_end_to_end_files_per_s']} img/s "
                   f"({r['ratio_end_to_end_vs_plain']}x plain) | end-to-end from 500x375 JPEGs {r['end_to_end_jpeg_500x375_per_s']} img/s, "

@@ -10,6 +10,23 @@
 | `L9.N1234`      | neuron 1234 of layer 9's MLP (`:pc1`)                |
 
 Layers and heads count from 0. Layer sets: `L9`, `L8-11`, `L8-L11`, `L1,L3,L5`, `all`.
+
+A tower that ends in an attention pool (a ModifiedResNet's `attnpool`; later a SigLIP MAP head) names its
+parts under `pool`, with the same kinds as a block's (`site="pool"`):
+
+| name         | kind  | meaning                                                                   |
+|--------------|-------|---------------------------------------------------------------------------|
+| `pool`       | layer | the whole pool: all its heads                                             |
+| `pool.H3`    | head  | pool head 3: the image content it reads (`:pc2` as for block heads)       |
+| `pool.pos`   | embed | the positional embedding's share through the pool (no image content)      |
+| `pool.bias`  | bias  | the pool's value and output biases                                        |
+| `pool.MLP`   | mlp   | reserved for MAP heads (a pool with an MLP after its attention)           |
+
+A ResNet's layers are its stages (L0..L3 for open_clip's layer1..layer4); its neurons are the channels
+of the last stage, read through the pool: `L3.N1234`. `ModelShape.tower` says which vocabulary a
+model speaks, and `validate` refuses the other one's names with the model's own vocabulary as the hint.
+A pool component's `layer` is its slot in the stored head tensors (`ModelShape.pool_layer`), filled in
+by `validate`; `parse` leaves it None.
 """
 
 from __future__ import annotations
@@ -21,13 +38,18 @@ from typing import Literal
 from clipterm.errors import ClipTermError
 
 Kind = Literal["embed", "bias", "layer", "head", "mlp", "neuron"]
+Site = Literal["block", "pool"]
+Tower = Literal["vit", "resnet"]
 
 _PATTERN = re.compile(
     r"^(?:(?P<special>embed|bias)"
-    r"|L(?P<layer>\d+)(?:\.(?:H(?P<head>\d+)|(?P<mlp>MLP)|N(?P<neuron>\d+)))?(?::pc(?P<pc>\d+))?)$",
+    r"|L(?P<layer>\d+)(?:\.(?:H(?P<head>\d+)|(?P<mlp>MLP)|N(?P<neuron>\d+)))?(?::pc(?P<pc>\d+))?"
+    r"|pool(?:\.(?:H(?P<pool_head>\d+)|(?P<pool_part>bias|pos|MLP)))?(?::pc(?P<pool_pc>\d+))?)$",
     re.IGNORECASE,
 )
-_HINT = "names look like embed, bias, L10, L10.H3, L10.H3:pc2, L10.MLP or L9.N1234 (layers and heads count from 0)"
+_HINT = ("names look like embed, bias, L10, L10.H3, L10.H3:pc2, L10.MLP or L9.N1234, and pool.H3, pool.pos, pool.bias "
+         "for a ResNet (layers and heads count from 0)")
+_POOL_SUFFIX = {"layer": "", "head": ".H{index}", "mlp": ".MLP", "bias": ".bias", "embed": ".pos"}
 
 
 @dataclass(frozen=True)
@@ -38,8 +60,12 @@ class Component:
     layer: int | None = None
     index: int | None = None
     pc: int | None = None
+    site: Site = "block"  # "pool": part of the tower's attention pool, spelled `pool.*`
 
     def __str__(self) -> str:
+        if self.site == "pool":
+            base = "pool" + _POOL_SUFFIX[self.kind].format(index=self.index)
+            return base if self.pc is None else f"{base}:pc{self.pc}"
         if self.kind in ("embed", "bias"):
             return self.kind
         base = f"L{self.layer}" + {"layer": "", "head": f".H{self.index}", "mlp": ".MLP", "neuron": f".N{self.index}"}[self.kind]
@@ -48,16 +74,32 @@ class Component:
     @property
     def base(self) -> Component:
         """The component without its `:pcK` suffix."""
-        return Component(self.kind, self.layer, self.index)
+        return Component(self.kind, self.layer, self.index, site=self.site)
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What names are valid for: layer count, heads per layer, MLP neurons per layer."""
+    """What names are valid for: layer count, heads per layer, MLP neurons per layer.
+
+    A ResNet (`tower="resnet"`) stores one attention layer, its pool (`layers=1`, `pool_layer=0`);
+    `neurons` are the channels of its last stage, `neuron_layer` (3 for open_clip's four stages)."""
 
     layers: int
     heads: int
     neurons: int
+    tower: Tower = "vit"
+    pool_layer: int | None = None  # slot of the pool's heads in the stored head tensors
+    neuron_layer: int | None = None  # a ResNet's last stage, whose channels are the neurons
+
+    @property
+    def vocabulary(self) -> str:
+        """The model's names, in one line (for hints)."""
+        if self.tower == "resnet":
+            return (f"this ResNet's components are pool.H0..pool.H{self.heads - 1}, pool.pos, pool.bias (and pool for all "
+                    f"heads); its neurons are the last stage's channels {neuron(self.neuron_layer, 0)}.."
+                    f"{neuron(self.neuron_layer, self.neurons - 1)}")
+        return (f"this ViT's components are embed, bias, L0..L{self.layers - 1} with .H0..H{self.heads - 1} and .MLP; "
+                f"neurons .N0..N{self.neurons - 1}")
 
 
 def layer(layer: int) -> str:
@@ -80,6 +122,26 @@ def neuron(layer: int, index: int, pc: int | None = None) -> str:
     return str(Component("neuron", layer, index, pc))
 
 
+def pool_head(index: int, pc: int | None = None) -> str:
+    """`pool.H3` (or `pool.H3:pc2`): a head of the tower's attention pool."""
+    return str(Component("head", index=index, pc=pc, site="pool"))
+
+
+def pool_bias() -> str:
+    """`pool.bias`: the pool's value and output biases."""
+    return str(Component("bias", site="pool"))
+
+
+def pool_pos() -> str:
+    """`pool.pos`: the positional embedding's share through the pool."""
+    return str(Component("embed", site="pool"))
+
+
+def pool() -> str:
+    """`pool`: the whole attention pool."""
+    return str(Component("layer", site="pool"))
+
+
 def layer_range(lo: int, hi: int) -> str:
     """`L8-11`: a run of layers, as a layer set spells it."""
     return layer(lo) if lo == hi else f"{layer(lo)}-{hi}"
@@ -92,6 +154,8 @@ def parse(name: str) -> Component:
         raise ClipTermError(f"not a component name: {name!r}", hint=_HINT)
     if match["special"]:
         return Component(match["special"].lower())  # type: ignore[arg-type]
+    if name.strip()[:4].lower() == "pool":
+        return _parse_pool(name, match)
     layer, pc = int(match["layer"]), (int(match["pc"]) if match["pc"] else None)
     if pc is not None and pc < 1:
         raise ClipTermError(f"principal directions count from 1: {name!r}", hint="use :pc1 for the first")
@@ -104,8 +168,24 @@ def parse(name: str) -> Component:
     return Component("mlp" if match["mlp"] else "layer", layer)
 
 
+def _parse_pool(name: str, match: re.Match) -> Component:
+    pc = int(match["pool_pc"]) if match["pool_pc"] else None
+    if pc is not None and pc < 1:
+        raise ClipTermError(f"principal directions count from 1: {name!r}", hint="use :pc1 for the first")
+    if match["pool_head"] is not None:
+        return Component("head", index=int(match["pool_head"]), pc=pc, site="pool")
+    if pc is not None:
+        raise ClipTermError(f"only heads and neurons have principal directions: {name!r}", hint="try pool.H3:pc2")
+    part = (match["pool_part"] or "").lower()
+    return Component({"": "layer", "bias": "bias", "pos": "embed", "mlp": "mlp"}[part], site="pool")  # type: ignore[arg-type]
+
+
 def validate(component: Component, shape: ModelShape) -> Component:
-    """Check a component against a model's shape; return it unchanged."""
+    """Check a component against a model's shape; return it (a pool part gets its stored layer slot)."""
+    if shape.tower == "resnet":
+        return _validate_resnet(component, shape)
+    if component.site == "pool":
+        raise ClipTermError(f"{component} names an attention pool, and this model has none", hint=shape.vocabulary)
     if component.layer is not None and not 0 <= component.layer < shape.layers:
         raise ClipTermError(
             f"no layer {component.layer} in this model: {component}",
@@ -120,9 +200,37 @@ def validate(component: Component, shape: ModelShape) -> Component:
     return component
 
 
-def describe(component: Component) -> str:
-    """A short human description of what a component is."""
+def _validate_resnet(component: Component, shape: ModelShape) -> Component:
+    if component.kind == "neuron" or (component.kind == "layer" and component.site == "block"):
+        if component.layer != shape.neuron_layer:
+            raise ClipTermError(f"{component} is not a channel of this ResNet's last stage", hint=shape.vocabulary)
+        if component.kind == "neuron" and not 0 <= component.index < shape.neurons:  # type: ignore[operator]
+            raise ClipTermError(f"no channel {component.index} in this model: {component}", hint=shape.vocabulary)
+        return component
+    if component.site != "pool":
+        raise ClipTermError(f"{component} is a ViT name, and this model is a ResNet", hint=shape.vocabulary)
+    if component.kind == "mlp":
+        raise ClipTermError(f"{component}: this ResNet's pool has no MLP", hint=shape.vocabulary)
+    if component.kind == "head" and not 0 <= component.index < shape.heads:  # type: ignore[operator]
+        raise ClipTermError(f"no head {component.index} in this model's pool: {component}", hint=shape.vocabulary)
+    return Component(component.kind, shape.pool_layer, component.index, component.pc, site="pool")
+
+
+def describe(component: Component, shape: ModelShape | None = None) -> str:
+    """A short human description of what a component is (a ResNet's neurons are channels, given its shape)."""
     pc = f", principal direction {component.pc}" if component.pc else ""
+    if shape is not None and shape.tower == "resnet" and component.site == "block":
+        if component.kind == "neuron":
+            return f"channel {component.index} of stage {layer(component.layer)}, read through the attention pool{pc}"
+        return f"stage {layer(component.layer)}: its channels are the neurons"
+    if component.site == "pool":
+        return {
+            "layer": "the attention pool: all its heads",
+            "head": f"head {component.index} of the attention pool{pc}: the image content it reads",
+            "embed": "the positional embedding's share through the attention pool",
+            "bias": "the attention pool's value and output biases",
+            "mlp": "the attention pool's MLP",
+        }[component.kind]
     return {
         "embed": "class + positional embedding after ln_pre",
         "bias": "ln_post bias and attention out-proj biases",
@@ -173,14 +281,34 @@ def format_layers(layers: list[int]) -> str:
 
 
 def heads(shape: ModelShape, layers: list[int] | None = None) -> list[Component]:
-    """Every head, layer-major."""
+    """Every head, layer-major (a ResNet's: the pool's, when `layers` is None or holds its slot)."""
+    if shape.tower == "resnet":
+        wanted = layers is None or shape.pool_layer in layers
+        return [Component("head", shape.pool_layer, h, site="pool") for h in range(shape.heads)] if wanted else []
     return [Component("head", l, h) for l in (layers if layers is not None else range(shape.layers)) for h in range(shape.heads)]
 
 
+def layers(shape: ModelShape) -> list[str]:
+    """Every stored attention layer's name: `L0`.. for a ViT, `pool` for a ResNet."""
+    if shape.tower == "resnet":
+        return [pool()]
+    return [layer(l) for l in range(shape.layers)]
+
+
+def mlps(shape: ModelShape) -> list[str]:
+    """Every MLP with a direct effect (a ResNet has none)."""
+    return [] if shape.tower == "resnet" else [mlp(l) for l in range(shape.layers)]
+
+
 def direct_components(shape: ModelShape) -> list[Component]:
-    """Every component with a stored direct effect: embed, bias, all heads, all MLPs."""
-    mlps = [Component("mlp", l) for l in range(shape.layers)]
-    return [Component("embed"), Component("bias"), *heads(shape), *mlps]
+    """Every top-level component with a stored direct effect; they add up to the image embedding.
+
+    ViT: embed, bias, all heads, all MLPs. ResNet: pool.pos, pool.bias, all pool heads."""
+    if shape.tower == "resnet":
+        return [Component("embed", shape.pool_layer, site="pool"), Component("bias", shape.pool_layer, site="pool"),
+                *heads(shape)]
+    mlp_parts = [Component("mlp", l) for l in range(shape.layers)]
+    return [Component("embed"), Component("bias"), *heads(shape), *mlp_parts]
 
 
 __all__ = [
@@ -193,10 +321,16 @@ __all__ = [
     "heads",
     "layer",
     "layer_range",
+    "layers",
     "mlp",
+    "mlps",
     "neuron",
     "parse",
     "parse_for",
     "parse_layers",
+    "pool",
+    "pool_bias",
+    "pool_head",
+    "pool_pos",
     "validate",
 ]

@@ -56,7 +56,8 @@ def test_models_json_lists_toy_and_refusals(cli):
     vit = next(r for r in rows if r["model"] == "ViT-B-32" and r["pretrained"] == "openai")
     assert vit["supported"] and vit["quick_gelu"] and vit["weights"] in ("present", "needs download")
     refused = {r["model"]: r["reason"] for r in rows if not r["supported"]}
-    assert "ModifiedResNet" in refused["RN50"]
+    resnets = [r for r in rows if r["model"].startswith("RN")]
+    assert len(resnets) == 16 and all(r["supported"] for r in resnets)  # every ModifiedResNet arch/tag pair
     assert "timm" in refused["ViT-SO400M-14-SigLIP"]
 
 

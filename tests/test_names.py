@@ -66,3 +66,52 @@ def test_bad_layer_sets(spec):
 @given(st.sets(st.integers(0, 11), min_size=1))
 def test_format_layers_round_trips(layers):
     assert parse_layers(format_layers(sorted(layers)), 12) == sorted(layers)
+
+
+RESNET = ModelShape(layers=1, heads=32, neurons=2048, tower="resnet", pool_layer=0, neuron_layer=3)
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("pool.H3", Component("head", None, 3, site="pool")),
+        ("pool.H3:pc2", Component("head", None, 3, 2, site="pool")),
+        ("pool.bias", Component("bias", site="pool")),
+        ("pool.pos", Component("embed", site="pool")),
+        ("pool", Component("layer", site="pool")),
+        ("POOL.h1", Component("head", None, 1, site="pool")),
+    ],
+)
+def test_pool_names_parse_and_round_trip(name, expected):
+    assert parse(name) == expected
+    assert parse(str(expected)) == expected
+
+
+def test_resnet_names_validate_with_the_pool_slot():
+    from clipterm import names
+
+    assert parse_for("pool.H31", RESNET) == Component("head", 0, 31, site="pool")
+    assert str(parse_for("L3.N2047:pc1", RESNET)) == "L3.N2047:pc1"
+    assert names.pool_head(3) == "pool.H3" and names.pool_bias() == "pool.bias" and names.pool_pos() == "pool.pos"
+    assert [str(c) for c in names.direct_components(RESNET)][:3] == ["pool.pos", "pool.bias", "pool.H0"]
+    assert len(names.heads(RESNET)) == 32 and names.heads(RESNET, [0])[0].site == "pool"
+
+
+@pytest.mark.parametrize("name", ["L3.H0", "embed", "bias", "L0.MLP", "L2.N5", "L3.N2048", "pool.H32", "pool.MLP"])
+def test_vit_names_on_a_resnet_are_one_line_errors_naming_its_vocabulary(name):
+    with pytest.raises(ClipTermError) as err:
+        parse_for(name, RESNET)
+    assert "\n" not in err.value.message and "pool.H0..pool.H31" in err.value.hint and "L3.N0..L3.N2047" in err.value.hint
+
+
+@pytest.mark.parametrize("name", ["pool.H3", "pool.bias", "pool.pos", "pool"])
+def test_pool_names_on_a_vit_are_one_line_errors_naming_its_vocabulary(name):
+    with pytest.raises(ClipTermError) as err:
+        parse_for(name, SHAPE)
+    assert "\n" not in err.value.message and "embed, bias, L0..L11" in err.value.hint
+
+
+@pytest.mark.parametrize("bad", ["pool.H", "pool.X", "pool.bias:pc1", "pool.H1:pc0", "poolH1"])
+def test_malformed_pool_names_are_errors(bad):
+    with pytest.raises(ClipTermError):
+        parse(bad)

@@ -113,10 +113,12 @@ def group(reader: Any, by: str, reference: bool = False) -> list[str]:
     shape = reader.shape
     if by == "head":
         return [str(c) for c in names.heads(shape)]
+    if by == "mlp" and not names.mlps(shape):
+        raise ClipTermError("this model has no MLPs with a direct effect", hint=f"--by takes layer or head; {shape.vocabulary}")
     if by == "mlp":
-        return (["embed"] if reference else []) + [names.mlp(l) for l in range(shape.layers)]
+        return (["embed"] if reference else []) + names.mlps(shape)
     if by == "layer":
-        return [names.layer(l) for l in range(shape.layers)]
+        return names.layers(shape)
     raise ClipTermError(f"cannot ablate by {by!r}", hint="--by takes layer, head or mlp")
 
 
@@ -168,11 +170,11 @@ def cumulative_shifts(reader: Any, by: str, view: Any = None) -> Iterable[tuple[
     with_embed = view is not None and by == "mlp"
     total = shift(reader, "embed", view) if with_embed else None
     for layer in range(reader.shape.layers):
-        parts = {"head": [names.head(layer, h) for h in range(reader.shape.heads)], "mlp": [names.mlp(layer)],
-                 "layer": [names.layer(layer)]}[by]
+        parts = {"head": [str(c) for c in names.heads(reader.shape, [layer])], "mlp": names.mlps(reader.shape)[layer:layer + 1],
+                 "layer": names.layers(reader.shape)[layer:layer + 1]}[by]
         for name in parts:
             total = shift(reader, name, view) if total is None else total + shift(reader, name, view)
-        label = names.format_layers(list(range(layer + 1)))
+        label = names.layers(reader.shape)[layer] if reader.shape.tower == "resnet" else names.format_layers(list(range(layer + 1)))
         yield ("embed+" + label if with_embed else label), total
 
 
@@ -274,14 +276,14 @@ def textspan_evaluation(reader: Any, scoring: Scoring, spans: dict[str, Any], la
     shape = reader.shape
     early = None
     for layer in range(shape.layers - last):
-        for head in range(shape.heads):
-            part = shift(reader, names.head(layer, head))
+        for head in names.heads(shape, [layer]):
+            part = shift(reader, str(head))
             early = part if early is None else early + part
     early = torch.zeros_like(reader.image_embeds()) if early is None else early
     replaced = early.clone()
     for layer in range(shape.layers - last, shape.layers):
-        for head in range(shape.heads):
-            name = names.head(layer, head)
+        for head in names.heads(shape, [layer]):
+            name = str(head)
             effects = reader.effects(name)  # (N, D)
             replaced += reconstruct(effects, spans[name]) - effects
     accuracy = lambda s=None: float(scoring.outcome(s).float().mean())  # noqa: E731
@@ -299,14 +301,8 @@ def attribute(contributions: dict[str, torch.Tensor], direction: torch.Tensor, i
 
 
 def image_contributions(reader: Any, row: int) -> dict[str, torch.Tensor]:
-    """Every component's direct effect (D,) on one image: embed, bias, heads, MLPs."""
-    shape = reader.shape
-    out = {"embed": reader.effects("embed", [row])[0], "bias": reader.effects("bias", [row])[0]}
-    for layer in range(shape.layers):
-        for head in range(shape.heads):
-            out[names.head(layer, head)] = reader.head_out((layer, head), [row])[0].float() @ reader.readout[layer, head]
-        out[names.mlp(layer)] = reader.effects(names.mlp(layer), [row])[0]
-    return out
+    """Every top-level component's direct effect (D,) on one image (`reader.components()`: embed, bias, heads, MLPs)."""
+    return {name: reader.effects(name, [row])[0] for name in reader.components()}
 
 
 def find_row(reader: Any, image: str) -> int:

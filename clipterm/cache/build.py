@@ -81,7 +81,6 @@ def _build(options: BuildOptions, ranks: Ranks, progress: ProgressFactory | None
     import torch
 
     from clipterm.names import parse_layers
-    from clipterm.vit import decompose
     from clipterm.vit.models import load_model, pick_device
 
     started = time.perf_counter()
@@ -92,6 +91,7 @@ def _build(options: BuildOptions, ranks: Ranks, progress: ProgressFactory | None
         loaded = load_model(options.model, options.pretrained, device=device)
     model = loaded.model.to(device).eval()
     info = loaded.info
+    decompose = tower(model)
     decompose.check_supported(model, info.spec)
     token_layers = parse_layers(options.tokens, info.layers) if options.tokens else []
     name = options.name or default_name(info, source)
@@ -186,8 +186,7 @@ def decompose_batch(model: Any, pixels: Any, device: str, options: BuildOptions,
     """One batch through the decomposition; returns batch-major CPU tensors in the storage dtype, and their fp64 stats."""
     import torch
 
-    from clipterm.vit import decompose
-
+    decompose = tower(model)
     store_dtype = getattr(torch, options.dtype)
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.startswith("cuda") and options.dtype == "float16" else nullcontext()
     with torch.no_grad(), autocast:
@@ -264,10 +263,24 @@ def _result(directory: Path, manifest: dict, ranks: Ranks, built: int, started: 
 # --------------------------------------------------------------------------- small pieces
 
 
-def _shape(info: Any) -> dict[str, int]:
+def tower(model: Any) -> Any:
+    """The decomposition module for a model's vision tower: `vit.resnet` for a ModifiedResNet, else `vit.decompose`.
+
+    Both give `check_supported`, `readout`, `decompose` and `CONVENTION` with the same layout (a ResNet is stored
+    as one attention layer, its pool, with `embed` = pool.pos, `bias` = pool.bias and no MLPs)."""
+    from clipterm.vit import decompose, resnet
+
+    return resnet if resnet.is_resnet(model) else decompose
+
+
+def _shape(info: Any) -> dict[str, Any]:
     grid = info.image_size // info.patch_size
-    return {"layers": info.layers, "heads": info.heads, "head_dim": info.head_dim, "width": info.width,
-            "embed_dim": info.embed_dim, "mlp_width": info.mlp_width, "tokens": grid * grid + 1}
+    shape = {"layers": info.layers, "heads": info.heads, "head_dim": info.head_dim, "width": info.width,
+             "embed_dim": info.embed_dim, "mlp_width": info.mlp_width, "tokens": grid * grid + 1}
+    if getattr(info, "tower", "vit") == "resnet":
+        s = info.shape
+        shape.update(tower="resnet", pool_layer=s.pool_layer, neuron_layer=s.neuron_layer, mlp_layers=0)
+    return shape
 
 
 def _empty_part(manifest: dict, dtype: str, token_layers: list[int], with_index: bool = True) -> dict:
@@ -277,7 +290,7 @@ def _empty_part(manifest: dict, dtype: str, token_layers: list[int], with_index:
     s, store_dtype = manifest["shape"], getattr(torch, dtype)
     part = {
         "head_out": torch.zeros(0, s["layers"], s["heads"], s["head_dim"], dtype=store_dtype),
-        "mlps": torch.zeros(0, s["layers"], s["embed_dim"], dtype=store_dtype),
+        "mlps": torch.zeros(0, s.get("mlp_layers", s["layers"]), s["embed_dim"], dtype=store_dtype),
         "embed": torch.zeros(0, s["embed_dim"], dtype=store_dtype),
         "bias": torch.zeros(0, s["embed_dim"], dtype=store_dtype),
         "ln_scale": torch.zeros(0),

@@ -88,6 +88,19 @@ def cache_source(reader: Any) -> Any:
 # --------------------------------------------------------------------------- the build
 
 
+def neuron_paths(shape: Any) -> Any:
+    """Where a tower's neurons get their paths: a ViT's MLP neurons through later heads (`vit.second_order`),
+    a ResNet's last-stage channels through the pool's heads (`vit.resnet`). Same functions, same file."""
+    from clipterm.vit import resnet, second_order
+
+    return resnet if shape.tower == "resnet" else second_order
+
+
+def check_neuron_layer(shape: Any, layer: int) -> None:
+    """Refuse a layer whose neurons have no stored paths (a ViT's last layer; any ResNet stage but the last)."""
+    neuron_paths(shape).check_layer(shape.layers, layer)
+
+
 @dataclass
 class NeuronBuildResult:
     cache: str
@@ -117,11 +130,11 @@ def build_neurons(reader: Any, layer: int, device: str = "auto", top_k: int = 10
     pass when they take at most `keep_bytes`, else over a second pass of the images.
     """
     from clipterm.cache.reader import check_model
-    from clipterm.vit import second_order
     from clipterm.vit.models import pick_device
 
     started = time.perf_counter()
     shape = reader.shape
+    second_order = neuron_paths(shape)
     second_order.check_layer(shape.layers, layer)
     second_order.check_convention(convention)
     if top_k < 1:
@@ -167,8 +180,8 @@ def _traced(reader: Any, loaded: Any, model: Any, layer: int, device: str, batch
 
     from clipterm.cache.build import default_workers
     from clipterm.inputs.images import ImageDataset, collate, fast_decode
-    from clipterm.vit import second_order
 
+    second_order = neuron_paths(reader.shape)
     source = cache_source(reader)
     indices = reader.index().tolist()  # cache row -> input index
     dataset = ImageDataset(source, loaded.preprocess, indices, min_side=reader.manifest["model"]["image_size"],
@@ -302,9 +315,7 @@ class NeuronFile:
     """One layer's neurons file, checked against the cache it sits in. Tensors come back on the CPU."""
 
     def __init__(self, reader: Any, layer: int):
-        from clipterm.vit import second_order
-
-        second_order.check_layer(reader.shape.layers, layer)
+        check_neuron_layer(reader.shape, layer)
         self.reader, self.layer, self.path = reader, layer, neurons_file(reader.path, layer)
         hint = f"run `clipterm neurons build {reader.name} --layer {names.layer(layer)}`"
         if not self.path.is_file():

@@ -99,7 +99,14 @@ class CacheReader:
     @property
     def shape(self) -> names.ModelShape:
         s = self.manifest["shape"]
-        return names.ModelShape(s["layers"], s["heads"], s["mlp_width"])
+        return names.ModelShape(s["layers"], s["heads"], s["mlp_width"], s.get("tower", "vit"), s.get("pool_layer"),
+                                s.get("neuron_layer"))
+
+    def components(self) -> list[str]:
+        """Every top-level component whose `effects` add up to `image_embeds`, for any tower.
+
+        ViT: embed, bias, every L{l}.H{h} and L{l}.MLP. ResNet: pool.pos, pool.bias and every pool.H{h}."""
+        return [str(c) for c in names.direct_components(self.shape)]
 
     @property
     def tasks(self) -> dict[str, list[str]]:
@@ -136,18 +143,22 @@ class CacheReader:
             return self._gather(lambda f: f.get_slice("mlps")[comp.layer], rows).float()  # (N, D)
         if comp.kind == "head":
             return self.head_out((comp.layer, comp.index), rows).float() @ self.readout[comp.layer, comp.index]  # (N, D)
+        if comp.kind == "layer" and comp.site == "block" and self.shape.tower == "resnet":
+            raise ClipTermError(f"{name} is a stage: its channels are neurons, with no stored direct effect",
+                                hint=f"{self.shape.vocabulary}; `pool` is all the pool's heads")
         if comp.kind == "layer":
             head_out = self._gather(lambda f: f.get_slice("head_out")[comp.layer].transpose(0, 1), rows)  # (N, H, dh)
             heads = torch.einsum("nhd,hde->ne", head_out.float(), self.readout[comp.layer])  # (N, D)
-            return heads + self.effects(names.mlp(comp.layer), rows)
+            return heads if comp.site == "pool" else heads + self.effects(names.mlp(comp.layer), rows)
         raise ClipTermError(f"{name} has no stored direct effect", hint="neurons have second-order effects: see `clipterm neurons`")
 
     def head_out(self, head: str | tuple[int, int], rows: Sequence[int] | None = None) -> Any:
         """A head's output in head space (CLS attention output / ln_post σ), (N, dh) in the cache dtype."""
-        comp = names.parse(head) if isinstance(head, str) else names.Component("head", head[0], head[1])
+        site = "pool" if self.shape.tower == "resnet" else "block"  # (layer, head) pairs index the stored tensors
+        comp = names.parse(head) if isinstance(head, str) else names.Component("head", head[0], head[1], site=site)
         if comp.kind != "head":
-            raise ClipTermError(f"{head} is not a head", hint="heads look like L10.H3")
-        names.validate(comp, self.shape)
+            raise ClipTermError(f"{head} is not a head", hint="heads look like L10.H3 (pool.H3 for a ResNet)")
+        comp = names.validate(comp, self.shape)
         return self._gather(lambda f: f.get_slice("head_out")[comp.layer, comp.index], rows)
 
     @cached_property
@@ -180,13 +191,15 @@ class CacheReader:
         layer = self._layer(layer)
         if not self.manifest["stored"]["neurons"]:
             raise ClipTermError(f"cache {self.name} holds no neuron activations", hint="rebuild it with `--neurons`")
-        return self._gather(lambda f: f.get_slice("neurons")[layer], rows)
+        slot = 0 if self.shape.tower == "resnet" else layer  # a ResNet stores its last stage's channel means only
+        return self._gather(lambda f: f.get_slice("neurons")[slot], rows)
 
     def tokens(self, layer: int | str, rows: Sequence[int] | None = None) -> Any:
         """(H, N, T, dh) per-source-token head outputs of one layer, in head space, when built with `--tokens`."""
         import torch
 
-        layer = self._layer(layer)
+        pooled = self.shape.tower == "resnet" and layer in (self.shape.pool_layer, names.pool())  # stored at its slot, L0
+        layer = self.shape.pool_layer if pooled else self._layer(layer)
         stored = self.manifest["stored"]["tokens"]
         if layer not in stored:
             have = names.format_layers(stored) if stored else "none"
@@ -331,7 +344,7 @@ def verify(directory: Path) -> list[dict[str, str]]:
             continue
         n = record["rows"]
         expected = {
-            "head_out": [s["layers"], s["heads"], n, s["head_dim"]], "mlps": [s["layers"], n, s["embed_dim"]],
+            "head_out": [s["layers"], s["heads"], n, s["head_dim"]], "mlps": [s.get("mlp_layers", s["layers"]), n, s["embed_dim"]],
             "embed": [n, s["embed_dim"]], "bias": [n, s["embed_dim"]], "ln_scale": [n],
             "image_embeds": [n, s["embed_dim"]], "index": [n],
             **{f"labels.{t}": [n] for t in m["dataset"]["tasks"]},

@@ -81,7 +81,7 @@ def locate(
 
 
 def names(
-    components: list[str] = typer.Argument(..., help="Component names: embed, bias, L10, L10.H3, L10.H3:pc2, L10.MLP, L9.N1234."),
+    components: list[str] = typer.Argument(..., help="Component names: embed, bias, L10, L10.H3, L10.H3:pc2, L10.MLP, L9.N1234; a ResNet's pool.H3, pool.pos, pool.bias, L3.N1234."),
     model: str = typer.Option("toy", "--model", help="Model whose shape the names are checked against."),
     json_out: bool = JsonOpt,
 ) -> None:
@@ -91,8 +91,9 @@ def names(
 
     shape = model_shape(model)
     parsed = [parse_for(name, shape) for name in components]
-    rows = [{"component": str(c), "kind": c.kind, "layer": None if c.layer is None else layer(c.layer), "index": c.index,
-             "pc": c.pc, "about": describe(c)} for c in parsed]
+    rows = [{"component": str(c), "kind": c.kind, "site": c.site,
+             "layer": None if c.layer is None or c.site == "pool" else layer(c.layer), "index": c.index,
+             "pc": c.pc, "about": describe(c, shape)} for c in parsed]
     if json_out:
         emit_json({"model": model, "shape": shape.__dict__, "components": rows}, schema="clipterm.names/2")
         return

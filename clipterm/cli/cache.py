@@ -112,7 +112,9 @@ def info(cache: str = CacheArg, cache_dir: str = CacheDirOpt, json_out: bool = J
         "path": summary["path"],
         "state": "complete" if summary["complete"] else "incomplete: rerun the build command to resume",
         "model": " ".join(filter(None, [m["arch"], m["pretrained"], f"(sha256 {str(m['weights_sha256'])[:12]})"])),
-        "shape": f"{s['layers']} layers x {s['heads']} heads (head dim {s['head_dim']}), embed dim {s['embed_dim']}",
+        "shape": (f"ResNet: attention pool of {s['heads']} heads (head dim {s['head_dim']}) over {s['mlp_width']} channels, "
+                  f"embed dim {s['embed_dim']}") if s.get("tower") == "resnet" else
+                 f"{s['layers']} layers x {s['heads']} heads (head dim {s['head_dim']}), embed dim {s['embed_dim']}",
         "images": f"{summary['source']}: {summary['inputs']:,} inputs, {summary['images']:,} images stored, {summary['skipped']} skipped",
         "labels": ", ".join(f"{t} ({k} classes)" for t, k in summary["tasks"].items()) or "none",
         "stored": f"{', '.join(stored)} in {summary['dtype']}",

@@ -41,13 +41,13 @@ def default_pool_for(reader: Any, pool: str | None) -> str:
 def layer_of(spec: str, reader: Any, option: str = "--layer") -> int:
     """The layer number of a `--layer L9` (or `--layer 9`) option, checked: it must exist and must not be the last."""
     from clipterm import names
-    from clipterm.vit.second_order import check_layer
+    from clipterm.cache.neurons import check_neuron_layer
 
     component = names.parse(names.layer(int(spec.strip())) if spec.strip().isdigit() else spec)
     if component.kind != "layer":
         raise ClipTermError(f"{option} takes a layer, not {spec!r}",
                             hint=f"e.g. {option} {names.layer(max(reader.shape.layers - 2, 0))}")
-    check_layer(reader.shape.layers, component.layer)
+    check_neuron_layer(reader.shape, component.layer)
     return component.layer
 
 

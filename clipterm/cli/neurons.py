@@ -81,8 +81,9 @@ def build(
     if result.changed:
         notes.append(f"{result.changed} images now give another embedding than the cache's (changed on disk?)")
     convention = " in the reference's convention (x100/|embedding|)" if result.convention == "reference" else ""
-    stdout.print(f"built second-order effects of {result.layer}{convention} for {result.images:,} images of "
-                 f"[bold]{result.cache}[/] ({result.images_per_s:,.1f} images/s): {result.path}")
+    what = "channel effects (through the pool)" if reader.shape.tower == "resnet" else "second-order effects"
+    stdout.print(f"built {what} of {result.layer}{convention} for {result.images:,} images of [bold]{result.cache}[/] "
+                 f"({result.images_per_s:,.1f} images/s): {result.path}")
     for note in notes:
         stdout.print(f"[yellow]note:[/] {note}")
 

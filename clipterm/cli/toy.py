@@ -42,13 +42,19 @@ def train(
     threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default)."),
     eval_every: int = typer.Option(300, "--eval-every", min=1, help="Evaluate and save every this many steps."),
     warmup: int = typer.Option(150, "--warmup", min=1, help="Steps of linear learning-rate warmup."),
+    arch: str = typer.Option("vit", "--arch", help="Image tower: `vit` (the toy) or `rn` (toy-rn, a small ModifiedResNet; "
+                                                    "clipterm/toyworld/rn.py). With --from, the checkpoint's own."),
     init: str = typer.Option(None, "--from", help="Train on from this checkpoint: `toy` (the shipped model) or a folder "
                                                   "written by `clipterm toy train`. Its steps and history carry on."),
 ) -> None:
     """Train the toy CLIP on freshly generated world data: from scratch (about an hour on 2 CPU cores), or on
     from a checkpoint with --from (each stage is recorded in training.json). The shipped recipe is in the README."""
     from clipterm.locations import TOY_MODEL_DIR
+    from clipterm.toyworld.rn import ARCHS
     from clipterm.toyworld.train import train as run
+
+    if arch not in ARCHS:
+        raise ClipTermError(f"--arch {arch!r}: no such toy image tower", hint=f"use {' or '.join(ARCHS)}")
 
     start = None if init is None else TOY_MODEL_DIR if init == "toy" else Path(init)
     if start is not None and not (start / "training.json").is_file():
@@ -58,7 +64,7 @@ def train(
         raise ClipTermError(f"--from {init} is the output folder: it would be overwritten while training",
                             hint="write to a new folder")
     final = run(out_dir, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, threads=threads or None,
-                eval_every=eval_every, init=start, log=lambda line: stderr.print(line, highlight=False))
+                eval_every=eval_every, init=start, model_cfg=ARCHS[arch] if start is None else None, log=lambda line: stderr.print(line, highlight=False))
     stdout.print(f"saved {out_dir}: " + ", ".join(f"{k} {v}" for k, v in final.items()))
 
 

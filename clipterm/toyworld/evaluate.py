@@ -56,7 +56,7 @@ def evaluate_model(model, tokenizer, n: int = 1000, seed: int = HELDOUT_SEED, ba
     return acc
 
 
-def save_model_dir(model, out_dir: Path, meta: dict) -> None:
+def save_model_dir(model, out_dir: Path, meta: dict, model_cfg: dict | None = None) -> None:
     """Write an open_clip `local-dir:` folder: config JSON + fp16 safetensors (+ training notes)."""
     import torch
 
@@ -65,6 +65,6 @@ def save_model_dir(model, out_dir: Path, meta: dict) -> None:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_tensors(out_dir / "open_clip_model.safetensors", {k: v.detach().to(torch.float16) for k, v in model.state_dict().items()})
-    config = {"model_cfg": MODEL_CFG, "preprocess_cfg": PREPROCESS_CFG}
+    config = {"model_cfg": model_cfg or MODEL_CFG, "preprocess_cfg": PREPROCESS_CFG}
     (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out_dir / "training.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -83,6 +83,7 @@ def train(
     log: Callable[[str], None] = lambda line: print(line, flush=True),
     eval_every: int = 500,
     init: Path | None = None,
+    model_cfg: dict | None = None,
 ) -> dict:
     """Train the toy CLIP and save it as a `local-dir:` model folder: from scratch, or on from the toy
     checkpoint in `init` (a folder this wrote), whose steps and history the new notes carry on."""
@@ -95,7 +96,10 @@ def train(
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = open_clip.model.CLIP(**MODEL_CFG)
+    if model_cfg is None and init is not None:  # training on: the checkpoint's own tower
+        model_cfg = json.loads((Path(init) / "open_clip_config.json").read_text())["model_cfg"]
+    model_cfg = model_cfg or MODEL_CFG  # the toy ViT; toyworld/rn.py holds toy-rn's
+    model = open_clip.model.CLIP(**model_cfg)
     done, history, stages = 0, [], []
     if init is not None:
         from clipterm.files import load_tensors
@@ -105,7 +109,7 @@ def train(
         done, history = notes["steps"], notes.get("history", [])
         stages = notes.get("stages") or [{key: notes[key] for key in ("steps", "seed", "batch_size", "lr") if key in notes}]
     stage = {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "warmup": warmup}
-    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=MODEL_CFG["text_cfg"]["context_length"])
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
@@ -134,5 +138,6 @@ def train(
             history.append({"step": done + step + 1, "seconds": round(time.time() - start), **acc})
             log(json.dumps(history[-1]))
             save_model_dir(model, out_dir, {"steps": done + step + 1, "seed": seed, "batch_size": batch_size, "lr": lr,
-                                            "stages": [*stages, {**stage, "steps": step + 1}], "history": history})
+                                            "stages": [*stages, {**stage, "steps": step + 1}], "history": history},
+                           model_cfg=model_cfg)
     return history[-1]

@@ -43,6 +43,12 @@ def open_tui(cache: str, cache_dir: str | None = None, model: str | None = None,
     from clipterm.tui.config import load_keymap
 
     reader = open_cache(cache, cache_dir)
+    if reader.shape.tower != "vit":
+        from clipterm.errors import ClipTermError, ExitCode
+
+        raise ClipTermError(f"the TUI does not show {reader.shape.tower} caches yet ({reader.name})",
+                            hint="use the CLI on it: images, textspan, ablate, attribute, search, neurons",
+                            code=ExitCode.UNSUPPORTED)
     if pool is not None and pool not in BUILTIN_POOLS:
         load_pool(pool)  # a missing or empty pool file fails now, not in a worker
     chosen = None

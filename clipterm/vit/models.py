@@ -41,9 +41,12 @@ class ModelInfo:
     quick_gelu: bool
     weights_path: str | None
     weights_sha256: str | None
+    tower: str = "vit"  # "resnet": layers=1 (the attention pool), mlp_width = channels of the last stage
 
     @property
     def shape(self) -> ModelShape:
+        if self.tower == "resnet":
+            return resnet_shape(self.heads, self.mlp_width)
         return ModelShape(self.layers, self.heads, self.mlp_width)
 
     def to_json(self) -> dict[str, Any]:
@@ -67,7 +70,7 @@ def unsupported_reason(model_cfg: dict) -> str | None:
     if vision.get("timm_model_name"):
         return f"timm-based vision tower ({vision['timm_model_name']})"
     if isinstance(vision.get("layers"), (list, tuple)):
-        return "ModifiedResNet vision tower (not a ViT)"
+        return None  # ModifiedResNet: decomposed through its attention pool (clipterm.vit.resnet)
     if vision.get("attentional_pool"):
         return "attentional pooling (attentional_pool=True)"
     if vision.get("pool_type", "tok") != "tok":
@@ -338,8 +341,30 @@ def _load_local_dir(folder: Path, spec: str, device: str) -> LoadedModel:
     return LoadedModel(model.to(device).eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{folder}"), info)
 
 
-def _info(model, spec: str, arch: str, pretrained: str | None, weights: Path | None, quick_gelu: bool) -> ModelInfo:
+def resnet_shape(heads: int, channels: int) -> ModelShape:
+    """A ModifiedResNet's names: one stored attention layer (the pool, slot 0); the channels of stage L3 as neurons."""
+    from clipterm.vit.resnet import STAGES
+
+    return ModelShape(layers=1, heads=heads, neurons=channels, tower="resnet", pool_layer=0, neuron_layer=STAGES - 1)
+
+
+def _resnet_info(model, **common) -> ModelInfo:
     visual = model.visual
+    pool = visual.attnpool
+    channels, heads = pool.v_proj.in_features, pool.num_heads
+    return ModelInfo(layers=1, heads=heads, width=channels, head_dim=channels // heads, mlp_width=channels,
+                     embed_dim=visual.output_dim, image_size=int(visual.image_size), patch_size=32,
+                     context_length=int(model.context_length), tower="resnet", **common)
+
+
+def _info(model, spec: str, arch: str, pretrained: str | None, weights: Path | None, quick_gelu: bool) -> ModelInfo:
+    from open_clip.modified_resnet import ModifiedResNet
+
+    visual = model.visual
+    if isinstance(visual, ModifiedResNet):
+        return _resnet_info(model, spec=spec, arch=arch, pretrained=str(pretrained) if pretrained is not None else None,
+                            quick_gelu=quick_gelu, weights_path=str(weights) if weights else None,
+                            weights_sha256=weights_sha256(weights) if weights else None)
     block = visual.transformer.resblocks[0]
     width = visual.transformer.width
     heads = block.attn.num_heads
@@ -419,6 +444,9 @@ def model_shape(spec: str = TOY) -> ModelShape:
         if cfg is None:
             raise unknown_model(spec)
     vision = cfg["vision_cfg"]
+    if isinstance(vision.get("layers"), (list, tuple)) and not vision.get("timm_model_name"):
+        width = vision.get("width", 64) * 32  # channels of the last stage
+        return resnet_shape(width // vision.get("head_width", 64), width)
     if not isinstance(vision.get("layers", 12), int) or vision.get("timm_model_name"):
         refuse_unsupported(spec, cfg)
     width = vision.get("width", 768)
