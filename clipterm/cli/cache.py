@@ -140,8 +140,8 @@ def verify(cache: str = CacheArg, cache_dir: str = CacheDirOpt, json_out: bool =
         if not json_out:
             for p in problems:
                 stdout.print(f"[red]{p['file']}[/]: {p['problem']}", highlight=False)
-        raise ClipTermError(f"cache {path.name} is damaged: {', '.join(files)}",
-                            hint="rebuild it with `clipterm cache build ... --force`", code=ExitCode.INVALID_DATA)
+        raise ClipTermError(f"cache {path.name} is {_state(problems)}: {', '.join(files)}",
+                            hint=_verify_hint(problems), code=ExitCode.INVALID_DATA)
 
 
 @cache_app.command()
@@ -173,6 +173,20 @@ def rm(
     else:
         verb = "would remove" if dry_run else "removed"
         stdout.print(f"{verb} cache {plan.name} ({_size(plan.bytes)}) at {plan.path}{kept}", highlight=False)
+
+
+def _state(problems: list[dict]) -> str:
+    return "damaged" if any(p["file"] != "manifest.json" or "incomplete" not in p["problem"] and "running" not in p["problem"]
+                            for p in problems) else "not finished"
+
+
+def _verify_hint(problems: list[dict]) -> str:
+    """What to do: an unfinished build resumes (keeping its finished shards); only damage calls for --force."""
+    if _state(problems) == "damaged":
+        return "rebuild it with the same `clipterm cache build ... --force` (damaged files cannot be trusted)"
+    if any("running" in p["problem"] for p in problems):
+        return "a build is running: wait for it to finish"
+    return "resume it: rerun the same `clipterm cache build` command (its finished shards are kept)"
 
 
 def _size(n: int) -> str:
