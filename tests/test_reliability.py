@@ -78,7 +78,7 @@ def test_a_header_with_the_wrong_shape_is_refused_even_with_no_hash_to_compare(r
     save_file({"heads": heads[:, :1].contiguous()}, str(path))
     manifest = json.loads((root / "pets" / "manifest.json").read_text())
     del manifest["files"]["readout.safetensors"]  # even then, the header must match the manifest's shape
-    (root / "pets" / "manifest.json").write_text(json.dumps(manifest))
+    store.write_manifest(root / "pets", manifest)
     with pytest.raises(ClipTermError, match="readout.safetensors.*heads is F32"):
         open_cache("pets").readout
 
@@ -107,7 +107,7 @@ def test_verified_record_is_the_caches_own_file(root):
 def test_a_resumed_build_redoes_a_damaged_finished_shard(toy, root):
     manifest = json.loads((root / "pets" / "manifest.json").read_text())
     manifest["complete"] = False
-    (root / "pets" / "manifest.json").write_text(json.dumps(manifest))
+    store.write_manifest(root / "pets", manifest)
     flip(root / "pets" / "shard-00001.safetensors", at=0.9)
     build_cache(BuildOptions(images="toy:12", name="pets", shard_rows=4), loaded=toy)
     from clipterm.cache.reader import verify
@@ -122,11 +122,11 @@ def test_a_manifest_with_missing_keys_is_listed_as_damaged(cli, root):
     shutil.copytree(root / "pets", root / "broken")
     manifest = json.loads((root / "broken" / "manifest.json").read_text())
     del manifest["shape"]["heads"]
-    (root / "broken" / "manifest.json").write_text(json.dumps(manifest))
+    store.write_manifest(root / "broken", manifest)
     shutil.copytree(root / "pets", root / "odd")
     manifest["shape"]["heads"] = 2
     manifest["shards"][0] = {"file": "x"}  # every key there, but a shard record without its fields
-    (root / "odd" / "manifest.json").write_text(json.dumps(manifest))
+    store.write_manifest(root / "odd", manifest)
     listing = json.loads(cli("cache", "ls", "--json").out)
     by_name = {c["name"]: c for c in listing["caches"]}
     assert by_name["pets"]["rows"] == 12 and "damaged" in by_name["broken"]["error"] and "damaged" in by_name["odd"]["error"]
@@ -189,7 +189,7 @@ def test_a_theme_colour_that_is_not_a_colour(tmp_path, monkeypatch):
 def _interrupt(root):
     manifest = json.loads((root / "pets" / "manifest.json").read_text())
     manifest["complete"] = False
-    (root / "pets" / "manifest.json").write_text(json.dumps(manifest))
+    store.write_manifest(root / "pets", manifest)
 
 
 def test_verify_of_an_interrupted_build_says_resume_not_force(cli, root):

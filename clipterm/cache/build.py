@@ -242,7 +242,7 @@ def _record_progress(directory: Path, manifest: dict, new_records: list[dict], r
     if ranks.world == 1:
         manifest["shards"] = sorted(manifest["shards"] + new_records[-1:], key=lambda r: r["chunk"])
         manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        files.write_json(directory / store.MANIFEST, manifest)
+        store.write_manifest(directory, manifest)
     else:
         files.write_json(directory / store.progress_name(ranks.rank), new_records)
 

@@ -281,7 +281,7 @@ def _record(reader: Any, name: str, sha: str) -> None:
 
     manifest = store.read_manifest(reader.path) or reader.manifest
     manifest["files"] = {**manifest.get("files", {}), name: sha}
-    files.write_json(reader.path / store.MANIFEST, manifest)
+    store.write_manifest(reader.path, manifest)
     reader.manifest["files"] = manifest["files"]
     remember_written(reader.path, {name: sha})
 

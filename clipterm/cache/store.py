@@ -250,6 +250,19 @@ def malformed(manifest: dict) -> str | None:
     return None
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of a manifest's canonical JSON, without its own `digest`: the manifest vouches for every other file."""
+    import hashlib
+
+    body = {key: value for key, value in manifest.items() if key != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    """Write `manifest.json` atomically, with its digest (read_manifest refuses a manifest changed since)."""
+    write_json(Path(directory) / MANIFEST, {**manifest, "digest": manifest_digest(manifest)})
+
+
 def read_manifest(directory: Path) -> dict | None:
     """The cache manifest in `directory`, None if there is none; raises if it is foreign or damaged."""
     path = Path(directory) / MANIFEST
@@ -264,6 +277,9 @@ def read_manifest(directory: Path) -> dict | None:
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         raise NotACache(f"{path} is not a clipterm cache manifest ({SCHEMA}): the folder is not a clipterm cache",
                         hint="clipterm leaves it alone; build into another --name or folder", code=ExitCode.INVALID_DATA)
+    if "digest" in manifest and manifest["digest"] != manifest_digest(manifest):
+        raise ClipTermError(f"the manifest of cache {Path(directory).name} is damaged (its digest does not match its content)",
+                            hint="rebuild it with the same `clipterm cache build ... --force`", code=ExitCode.INVALID_DATA)
     missing = missing_keys(manifest)
     wrong = None if missing else malformed(manifest)
     if missing or wrong:
@@ -359,7 +375,7 @@ def prepare(directory: Path, manifest: dict, force: bool) -> dict:
         if owned(path.name) and path.name not in keep and path.name not in (MANIFEST, READOUT):
             path.unlink()
     manifest["complete"] = False
-    write_json(directory / MANIFEST, manifest)
+    write_manifest(directory, manifest)
     return manifest
 
 
@@ -380,7 +396,7 @@ def finish(directory: Path, manifest: dict, records: list[dict], stats: dict[str
     manifest = {**manifest, "shards": records, "skipped": skipped, "files": files, "complete": True,
                 "rows": sum(r["rows"] for r in records), "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     manifest["dataset"] = {**manifest["dataset"], "rows": manifest["rows"], "skipped": len(skipped)}
-    write_json(directory / MANIFEST, manifest)
+    write_manifest(directory, manifest)
     for path in list(directory.glob("progress-r*.json")) + list(directory.glob("stats-r*.safetensors")):
         path.unlink()
     remember_written(directory, {**files, **{r["file"]: r["sha256"] for r in records}})  # hashed as they were written
