@@ -66,7 +66,16 @@ def neurons_layout(manifest: dict, rows: int) -> Layout:
             "top1_share": ("F32", [M]), "missing": ("U8", [rows])}
 
 
-NEURONS_REQUIRED = ("mean", "pc1", "pc1_share", "norms", "activations", "top_rows", "norm_mean", "top1_share", "missing")
+NEURONS_V1 = ("mean", "pc1", "pc1_share", "norms", "activations", "top_rows", "norm_mean", "top1_share", "missing")
+
+
+def neurons_required(path: Path) -> tuple[str, ...] | None:
+    """The tensors a neurons file must hold: all of them, but for the older format's fewer (None: all)."""
+    try:
+        meta = safetensors_header(path).get("__metadata__") or {}
+    except (OSError, ValueError):
+        return None  # header_problem will say why
+    return NEURONS_V1 if isinstance(meta, dict) and meta.get("format") == "clipterm.neurons/1" else None
 
 
 def header_problem(path: Path, layout: Layout, required: tuple[str, ...] | None = None) -> str | None:

@@ -304,9 +304,9 @@ class NeuronFile:
                                 code=ExitCode.NOT_FOUND)
         from safetensors import safe_open
 
-        from clipterm.cache.integrity import NEURONS_REQUIRED, neurons_layout
+        from clipterm.cache.integrity import neurons_layout, neurons_required
 
-        reader.checked(self.path.name, neurons_layout(reader.manifest, reader.n), required=NEURONS_REQUIRED)
+        reader.checked(self.path.name, neurons_layout(reader.manifest, reader.n), required=neurons_required(self.path))
         try:
             self._file = safe_open(str(self.path), framework="pt")
             self.meta: dict[str, str] = self._file.metadata() or {}

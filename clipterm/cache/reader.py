@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from clipterm import locations, names
-from clipterm.cache.integrity import Layout, Verifier, header_problem, readout_layout, shard_layout, stats_layout
+from clipterm.cache.integrity import (Layout, Verifier, header_problem, neurons_layout, neurons_required, readout_layout,
+                                      shard_layout, stats_layout)
 from clipterm.cache.store import IMAGES, MANIFEST, READOUT, STATS, CacheLock, read_manifest
 from clipterm.errors import ClipTermError, ExitCode
 from clipterm.files import file_sha256
@@ -340,12 +341,18 @@ def verify(directory: Path) -> list[dict[str, str]]:
         running = CacheLock.held(directory)
         problem(MANIFEST, "a build is running (its lock is held): wait for it" if running else
                 "the build is incomplete (resume it with the same `clipterm cache build` command)")
+    layouts = {READOUT: readout_layout(m), STATS: stats_layout(m)}
     for name, sha in m.get("files", {}).items():
         path = directory / name
         if not path.is_file():
             problem(name, "missing")
         elif file_sha256(path) != sha:
             problem(name, "sha256 differs from the manifest (the file is damaged)")
+        elif name in layouts or name.startswith("neurons.L"):
+            required = neurons_required(path) if name.startswith("neurons.L") else None
+            layout_problem = header_problem(path, layouts.get(name) or neurons_layout(m, reader.n), required)
+            if layout_problem:
+                problem(name, layout_problem)
     indices: list[int] = []
     for record in m["shards"]:
         path = directory / record["file"]
@@ -369,7 +376,7 @@ def verify(directory: Path) -> list[dict[str, str]]:
             problem(record["file"], "index rows fall outside the shard's range or are out of order")
         indices += index
     if m["complete"] and not problems:  # a damaged shard already explains missing rows
-        skipped = {s_["index"] for s_ in m["skipped"]}
+        skipped = {s_["index"] for s_ in m.get("skipped", [])}
         if sorted(indices + sorted(skipped)) != list(range(m["dataset"]["n"])):
             problem(MANIFEST, "shard rows plus skipped inputs do not cover every input exactly once")
     return problems
