@@ -263,3 +263,32 @@ def test_a_key_name_that_is_not_a_key_is_refused(tmp_path):
         load_keymap({"tree.down"}, config)
     config.write_text('[keys]\n"tree.down" = "n, ctrl+down, f5, question_mark"\n')
     assert load_keymap({"tree.down"}, config) == {"tree.down": "n,ctrl+down,f5,question_mark"}
+
+
+# --------------------------------------------------------------------------- item 7: file names that are not UTF-8
+
+
+def test_a_file_name_that_is_not_utf8_is_kept_exactly(toy, tmp_path, monkeypatch):
+    import os
+
+    from PIL import Image
+
+    from clipterm.cache.neurons import cache_source
+    from clipterm.inputs.images import item_path
+
+    folder = tmp_path / "photos"
+    (folder / "cats").mkdir(parents=True)
+    odd = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: undecodable as UTF-8
+    for name in ("plain.png", odd):
+        Image.new("RGB", (40, 40), (200, 30, 30)).save(folder / "cats" / name)
+    monkeypatch.setenv("CLIPTERM_CACHE", str(tmp_path / "root"))
+    build_cache(BuildOptions(images=str(folder), name="odd", shard_rows=1), loaded=toy)
+    reader = open_cache("odd")
+    rows = reader.images()
+    assert [item_path(row) for row in rows] == [str(folder / "cats" / odd), str(folder / "cats" / "plain.png")]
+    assert rows[0]["path"].endswith("caf\\xe9.png") and rows[0]["path_bytes"] == os.fsencode(item_path(rows[0])).hex()
+    assert os.path.isfile(cache_source(reader).items[0].path)
+    # An interrupted build resumes, and a finished one is recognised as such
+    store.write_manifest(reader.path, {**reader.manifest, "complete": False})
+    assert build_cache(BuildOptions(images=str(folder), name="odd", shard_rows=1), loaded=toy).rows == 2
+    assert build_cache(BuildOptions(images=str(folder), name="odd", shard_rows=1), loaded=toy).already_complete

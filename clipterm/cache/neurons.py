@@ -70,11 +70,11 @@ def _identity(reader: Any) -> dict[str, str]:
 
 def cache_source(reader: Any) -> Any:
     """The cache's inputs as an ImageSource, from images.jsonl (paths and ids as they were at build time)."""
-    from clipterm.inputs.images import ImageItem, ImageSource
+    from clipterm.inputs.images import ImageItem, ImageSource, item_path
 
     dataset = reader.manifest["dataset"]
     lines = sorted(reader.images(), key=lambda row: row["index"])
-    items = [ImageItem(row["index"], row.get("path"), row.get("id"), row.get("labels", {})) for row in lines]
+    items = [ImageItem(row["index"], item_path(row), row.get("id"), row.get("labels", {})) for row in lines]
     if [item.index for item in items] != list(range(len(items))):
         raise ClipTermError(f"images.jsonl of {reader.name} does not list inputs 0..n-1",
                             hint=f"run `clipterm cache verify {reader.name}`", code=ExitCode.INVALID_DATA)

@@ -43,10 +43,33 @@ class ImageItem:
     labels: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        """images.jsonl's record. A path that is not valid UTF-8 (a file name in another encoding) is kept exactly
+        as `path_bytes` (hex of its bytes), beside a readable `path` with the odd bytes escaped."""
         row: dict[str, Any] = {"index": self.index}
-        row["path" if self.path is not None else "id"] = self.path if self.path is not None else self.id
+        if self.path is None:
+            row["id"] = self.id
+        else:
+            row["path"] = printable(self.path)
+            if row["path"] != self.path:
+                row["path_bytes"] = os.fsencode(self.path).hex()
         row["labels"] = self.labels
         return row
+
+
+def printable(text: str) -> str:
+    """`text` (from the file system, maybe holding undecodable bytes) as valid UTF-8, odd bytes as \\xNN."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def item_path(row: dict[str, Any]) -> str | None:
+    """The exact path an images.jsonl record names (None for a synthetic input)."""
+    if isinstance(row.get("path_bytes"), str):
+        return os.fsdecode(bytes.fromhex(row["path_bytes"]))
+    return row.get("path")
 
 
 @dataclass
@@ -81,7 +104,8 @@ class ImageSource:
 
     def describe(self) -> dict[str, Any]:
         """What the manifest records about the dataset."""
-        return {"source": self.spec, "kind": self.kind, "root": self.root, "seed": self.seed, "n": len(self.items),
+        return {"source": printable(self.spec), "kind": self.kind, "root": printable(self.root) if self.root else None,
+                "seed": self.seed, "n": len(self.items),
                 "tasks": self.tasks, "fingerprint": self.fingerprint()}
 
     def load(self, index: int, min_side: int) -> Any:
@@ -149,7 +173,7 @@ def folder_source(folder: Path, spec: str | None = None) -> ImageSource:
             hint=f"put images ({', '.join(IMAGE_SUFFIXES[:5])}, ...) in it, one sub-folder per class",
             code=ExitCode.NOT_FOUND,
         )
-    names = [rel.split("/", 1)[0] if "/" in rel else None for rel in files]
+    names = [printable(rel.split("/", 1)[0]) if "/" in rel else None for rel in files]  # class names are for reading
     return _labelled(spec or str(folder), "folder", folder, [str(folder / rel) for rel in files], names)
 
 
@@ -283,6 +307,6 @@ def collate(batch: list[tuple[int, Any, str | None]]) -> tuple[list[int], Any, l
     import torch
 
     kept = [(index, tensor) for index, tensor, _ in batch if tensor is not None]
-    skipped = [(index, reason) for index, tensor, reason in batch if tensor is None]
+    skipped = [(index, printable(reason)) for index, tensor, reason in batch if tensor is None]
     pixels = torch.stack([tensor for _, tensor in kept]) if kept else None
     return [index for index, _ in kept], pixels, skipped
