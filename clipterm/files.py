@@ -9,18 +9,23 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: Path, data: bytes) -> str:
-    """Write `path` via a per-process `.tmp` + fsync + rename, so readers see the old file or the new one; returns sha256."""
+def atomic_write(path: Path, data: bytes, durable: bool = True) -> str:
+    """Write `path` via a per-process `.tmp` + fsync + rename, so readers see the old file or the new one; returns sha256.
+
+    `durable=False` skips the fsyncs: for files that only save work (a crash may leave the old file, or an empty one)."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:  # a full disk or Ctrl-C leaves no half-written file behind
         tmp.unlink(missing_ok=True)
         raise
+    if not durable:
+        return hashlib.sha256(data).hexdigest()
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -29,8 +34,8 @@ def atomic_write(path: Path, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_json(path: Path, payload: Any) -> str:
-    return atomic_write(path, (json.dumps(payload, indent=1, ensure_ascii=False) + "\n").encode())
+def write_json(path: Path, payload: Any, durable: bool = True) -> str:
+    return atomic_write(path, (json.dumps(payload, indent=1, ensure_ascii=False) + "\n").encode(), durable)
 
 
 def file_sha256(path: Path) -> str:

@@ -148,7 +148,8 @@ def load_records(directory: Path) -> dict[str, dict[str, Any]]:
 def save_records(directory: Path, records: dict[str, dict[str, Any]]) -> None:
     """Add records to `.verified.json` (atomically); a read-only cache just stays unremembered."""
     try:
-        write_json(Path(directory) / VERIFIED, {"format": FORMAT, "files": {**load_records(directory), **records}})
+        write_json(Path(directory) / VERIFIED, {"format": FORMAT, "files": {**load_records(directory), **records}},
+                   durable=False)  # a lost record costs one more hash, never a wrong answer
     except OSError:
         pass
 
