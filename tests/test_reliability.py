@@ -292,3 +292,34 @@ def test_a_file_name_that_is_not_utf8_is_kept_exactly(toy, tmp_path, monkeypatch
     store.write_manifest(reader.path, {**reader.manifest, "complete": False})
     assert build_cache(BuildOptions(images=str(folder), name="odd", shard_rows=1), loaded=toy).rows == 2
     assert build_cache(BuildOptions(images=str(folder), name="odd", shard_rows=1), loaded=toy).already_complete
+
+
+# --------------------------------------------------------------------------- item 8: a huge toy world
+
+
+def test_a_huge_toy_source_is_lazy_and_capped(cli):
+    import time
+
+    from clipterm.inputs.images import TOY_MAX, open_source, toy_source
+
+    start = time.perf_counter()
+    source = open_source("toy:1000000000")
+    assert len(source) == 10**9 and time.perf_counter() - start < 1.0  # nothing drawn yet
+    assert source.items[123_456_789].id == "toy:0/123456789" and set(source.items[5].labels) >= {"colour", "shape"}
+    assert [item.to_json() for item in toy_source(3).items] == [item.to_json() for item in toy_source(3).items[:3]]
+    too_many = cli("cache", "build", "--images", f"toy:{TOY_MAX + 1}")
+    assert too_many.code == ExitCode.USAGE and "more scenes than the synthetic world has" in one_line_error(too_many)
+    evaluation = cli("toy", "eval", "--n", "1000000000")
+    assert evaluation.code == ExitCode.USAGE and "at most 200,000" in one_line_error(evaluation)
+
+
+def test_the_toy_fingerprint_is_unchanged_by_lazy_labels():
+    import hashlib
+
+    from clipterm.inputs.images import toy_source
+
+    source = toy_source(5, seed=3)
+    digest = hashlib.sha256(b"toy\n3\n")
+    for i in range(5):
+        digest.update(f"toy:3/{i}\n".encode())
+    assert source.fingerprint() == digest.hexdigest()  # so existing toy caches still resume and count as complete

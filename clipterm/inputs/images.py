@@ -19,6 +19,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Callable
 
 from clipterm.errors import ClipTermError, ExitCode
@@ -90,6 +91,10 @@ class ImageSource:
         """A cheap identity of the inputs: relative names, sizes and labels (toy: seed and N)."""
         digest = hashlib.sha256(f"{self.kind}\n{self.seed}\n".encode())
         base = Path(self.root).parent if self.kind == "list" else Path(self.root or ".")
+        if self.kind == "toy":  # the same digest as over the items' ids, without drawing a scene
+            for i in range(len(self.items)):
+                digest.update(f"toy:{self.seed}/{i}\n".encode())
+            return digest.hexdigest()
         for item in self.items:
             if item.path is not None:
                 try:
@@ -153,14 +158,45 @@ def open_source(spec: str) -> ImageSource:
                         code=ExitCode.NOT_FOUND)
 
 
+# Each scene draws its noise from 2^31 seeds: a world with more scenes than that must repeat itself.
+TOY_MAX = 2**31
+
+
+class ToyItems(Sequence):
+    """The items of a toy source, each labelled when it is first asked for (a scene costs a draw of the world)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.n))]
+        if not -self.n <= index < self.n:
+            raise IndexError(index)
+        index %= self.n
+        return ImageItem(index, None, f"toy:{self.seed}/{index}", _toy_labels(self.seed, index))
+
+
+def _toy_labels(seed: int, index: int) -> dict[str, int]:
+    from clipterm.toyworld import world
+
+    return world.labels(world.scene_at(seed, index))
+
+
 def toy_source(n: int, seed: int = 0, spec: str | None = None) -> ImageSource:
-    """The first `n` scenes of the synthetic world with this seed, labelled for every toy task."""
+    """The first `n` scenes of the synthetic world with this seed, labelled for every toy task (lazily)."""
     from clipterm.toyworld import world
 
     if n < 1:
         raise ClipTermError("toy:N needs N >= 1", hint="e.g. toy:2000")
-    items = [ImageItem(i, None, f"toy:{seed}/{i}", world.labels(world.scene_at(seed, i))) for i in range(n)]
-    return ImageSource(spec or f"toy:{n}@{seed}", "toy", None, items, {t: list(c) for t, c in world.TASKS.items()}, seed)
+    if n > TOY_MAX:
+        raise ClipTermError(f"toy:{n} asks for more scenes than the synthetic world has: at most {TOY_MAX:,} "
+                            "(each scene draws its noise from 2^31 seeds)", hint="use a smaller N, or another @SEED for more")
+    items = ToyItems(n, seed)
+    return ImageSource(spec or f"toy:{n}@{seed}", "toy", None, items, {t: list(c) for t, c in world.TASKS.items()}, seed)  # type: ignore[arg-type]
 
 
 def folder_source(folder: Path, spec: str | None = None) -> ImageSource:
