@@ -175,14 +175,18 @@ def rm(
         stdout.print(f"{verb} cache {plan.name} ({_size(plan.bytes)}) at {plan.path}{kept}", highlight=False)
 
 
+def _unfinished_only(problems: list[dict]) -> bool:
+    """Whether the only problem is a build that has not finished (stopped, or still running): nothing is damaged."""
+    return all(p["file"] == "manifest.json" and ("incomplete" in p["problem"] or "running" in p["problem"]) for p in problems)
+
+
 def _state(problems: list[dict]) -> str:
-    return "damaged" if any(p["file"] != "manifest.json" or "incomplete" not in p["problem"] and "running" not in p["problem"]
-                            for p in problems) else "not finished"
+    return "not finished" if _unfinished_only(problems) else "damaged"
 
 
 def _verify_hint(problems: list[dict]) -> str:
     """What to do: an unfinished build resumes (keeping its finished shards); only damage calls for --force."""
-    if _state(problems) == "damaged":
+    if not _unfinished_only(problems):
         return "rebuild it with the same `clipterm cache build ... --force` (damaged files cannot be trusted)"
     if any("running" in p["problem"] for p in problems):
         return "a build is running: wait for it to finish"
