@@ -24,7 +24,7 @@ ABLATE = """
 import resource, sys
 from clipterm.cli.app import main
 try:
-    main(["ablate", sys.argv[1], "--by", "layer", "--forward", "--draws", "20", "--json"])
+    main(["ablate", sys.argv[1], "--by", "layer", "--forward", "--draws", "100", "--json"])
 except SystemExit as exc:
     assert not exc.code, exc.code
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
