@@ -9,14 +9,23 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: Path, data: bytes) -> str:
-    """Write `path` via a per-process `.tmp` + fsync + rename, so readers see the old file or the new one; returns sha256."""
+def atomic_write(path: Path, data: bytes, durable: bool = True) -> str:
+    """Write `path` via a per-process `.tmp` + fsync + rename, so readers see the old file or the new one; returns sha256.
+
+    `durable=False` skips the fsyncs: for files that only save work (a crash may leave the old file, or an empty one)."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or Ctrl-C leaves no half-written file behind
+        tmp.unlink(missing_ok=True)
+        raise
+    if not durable:
+        return hashlib.sha256(data).hexdigest()
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -25,8 +34,8 @@ def atomic_write(path: Path, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_json(path: Path, payload: Any) -> str:
-    return atomic_write(path, (json.dumps(payload, indent=1, ensure_ascii=False) + "\n").encode())
+def write_json(path: Path, payload: Any, durable: bool = True) -> str:
+    return atomic_write(path, (json.dumps(payload, indent=1, ensure_ascii=False) + "\n").encode(), durable)
 
 
 def file_sha256(path: Path) -> str:
@@ -47,3 +56,42 @@ def load_tensors(path: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file ({name: {dtype, shape, data_offsets}}, `__metadata__`), read without mmap.
+
+    Raises ValueError when the file is too short for its header, or the header is not a well-formed table of
+    tensors that exactly covers the rest of the file."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError("shorter than a safetensors header")
+        length = int.from_bytes(prefix, "little")
+        if length > min(size - 8, 100_000_000):
+            raise ValueError("header length beyond the end of the file")
+        header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a table")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and isinstance(entry.get("shape"), list)
+                and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2):
+            raise ValueError(f"malformed entry for {name!r}")
+        begin, stop = (int(x) for x in entry["data_offsets"])
+        count = 1
+        for dim in entry["shape"]:
+            count *= int(dim)
+        if entry["dtype"] not in _DTYPE_BYTES or stop - begin != count * _DTYPE_BYTES[entry["dtype"]] or begin < 0:
+            raise ValueError(f"{name!r}: {entry['dtype']} {entry['shape']} does not fit bytes {begin}..{stop}")
+        end = max(end, stop)
+    if 8 + length + end != size:
+        raise ValueError(f"tensors end at byte {8 + length + end}, the file has {size}")
+    return header

@@ -13,16 +13,35 @@ BUNDLED_THEMES_DIR = PACKAGE_DIR / "themes" if (PACKAGE_DIR / "themes").is_dir()
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> tuple[Path, str]:
-    """The cache root in use and why: `--cache-dir`, `$CLIPTERM_CACHE`, `./cache` in a checkout, or the user cache."""
+    """The cache root in use and why: `--cache-dir`, `$CLIPTERM_CACHE`, `./cache` in a checkout of clipterm, or
+    the user cache. A root that exists but is not a folder is an error."""
     if cache_dir:
-        return Path(cache_dir).expanduser(), "--cache-dir"
-    if os.environ.get("CLIPTERM_CACHE"):
-        return Path(os.environ["CLIPTERM_CACHE"]).expanduser(), "$CLIPTERM_CACHE"
-    if Path("cache").is_dir():
-        return Path("cache").resolve(), "./cache (a checkout)"
-    from platformdirs import user_cache_dir
+        root, why = Path(cache_dir).expanduser(), "--cache-dir"
+    elif os.environ.get("CLIPTERM_CACHE"):
+        root, why = Path(os.environ["CLIPTERM_CACHE"]).expanduser(), "$CLIPTERM_CACHE"
+    elif Path("cache").is_dir() and in_checkout(Path.cwd()):
+        root, why = Path("cache").resolve(), "./cache (a checkout of clipterm)"
+    else:
+        from platformdirs import user_cache_dir
 
-    return Path(user_cache_dir(APP)), "user cache dir"
+        root, why = Path(user_cache_dir(APP)), "user cache dir"
+    if root.exists() and not root.is_dir():
+        from clipterm.errors import ClipTermError
+
+        raise ClipTermError(f"the cache root {root} (from {why}) is a file, not a folder",
+                            hint="point --cache-dir or $CLIPTERM_CACHE at a folder (it is created if missing)")
+    return root, why
+
+
+def in_checkout(folder: Path) -> bool:
+    """Whether `folder` is the top of a checkout of clipterm: its pyproject.toml names the project `clipterm`."""
+    try:
+        import tomllib
+
+        project = tomllib.loads((folder / "pyproject.toml").read_text(encoding="utf-8")).get("project", {})
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(project, dict) and project.get("name") == APP
 
 
 def config_dir() -> Path:

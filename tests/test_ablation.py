@@ -176,6 +176,25 @@ def test_forward_ablation_agrees_with_direct_ablation_for_the_last_layers_heads(
     assert all(abs(a - b) < 0.01 for a, b in cosines)
 
 
+def test_forward_ablation_streams_when_the_images_do_not_fit_its_budget(toy_cache, monkeypatch):
+    """Past KEEP_IN_MEMORY neither pixels nor residual streams are kept: every pass starts from the images again,
+    and the shifts are the same."""
+    from clipterm.analyses import forward_ablation
+    from clipterm.cache.reader import model_for_cache
+
+    loaded = model_for_cache(toy_cache)
+    components = ["L1", "L4.H2", "L5.MLP"]
+    kept = dict(forward_ablation.forward_shifts(toy_cache, loaded, components))
+    monkeypatch.setattr(forward_ablation, "KEEP_IN_MEMORY", 0)
+    decoded = []
+    real = forward_ablation._image_batches
+    monkeypatch.setattr(forward_ablation, "_image_batches", lambda *a: decoded.append(real(*a)) or decoded[-1])
+    streamed = dict(forward_ablation.forward_shifts(toy_cache, loaded, components))
+    assert decoded[0][1] == 0  # nothing held between passes
+    for name in components:
+        torch.testing.assert_close(streamed[name], kept[name], atol=1e-5, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------- second-order effects of neurons
 
 

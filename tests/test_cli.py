@@ -36,6 +36,7 @@ def test_locate_follows_the_cache_root_rule(cli, tmp_path, monkeypatch):
     monkeypatch.delenv("CLIPTERM_CACHE")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cache").mkdir()
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "clipterm"\n')  # ./cache counts in a checkout of clipterm
     payload = json.loads(cli("locate", "cache", "--json").out)
     assert payload["schema"].startswith("clipterm.locate/") and payload["paths"] == [str(tmp_path / "cache")]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from clipterm.cache import store
+
 
 def test_demo_builds_its_cache_once_and_prints_the_tui_summary(cli, tmp_path):
     first = cli("demo", "--n", "40", "--scenes", "120", "--cache-dir", str(tmp_path))
@@ -24,7 +26,7 @@ def test_demo_rebuilds_its_cache_when_the_toy_model_or_size_changed(cli, tmp_pat
     manifest_path = tmp_path / "toy-demo" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["model"]["weights_sha256"] = "0" * 64  # as if an earlier clipterm's toy had built it
-    manifest_path.write_text(json.dumps(manifest))
+    store.write_manifest(manifest_path.parent, manifest)  # as a build would write it
     upgraded = cli("demo", "--n", "20", "--scenes", "80", "--cache-dir", str(tmp_path))
     assert upgraded.code == 0, upgraded.err
     assert "rebuilding cache toy-demo" in upgraded.out and (tmp_path / "toy-demo" / "neurons.L4.safetensors").is_file()

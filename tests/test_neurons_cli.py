@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from clipterm.cache import store
 from clipterm.cache.build import BuildOptions, build_cache
 from clipterm.cache.reader import open_cache
 from clipterm.errors import ClipTermError, ExitCode
@@ -229,6 +230,9 @@ def test_a_file_from_the_first_format_still_lists_but_cannot_ablate(cli, cache, 
         meta = {**file.metadata(), "format": "clipterm.neurons/1"}
         tensors = {name: file.get_tensor(name) for name in file.keys() if name not in ("top_norms", "effect_sum", "significant_sum")}
     save_file(tensors, str(path), metadata=meta)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["files"][path.name]  # an older clipterm did not list its neurons files in the manifest
+    store.write_manifest(copy, manifest)
     assert as_json(cli("neurons", "list", str(copy), "--layer", "L4", "--top", "2", "--json"))["neurons"]
     result = cli("ablate", str(copy), "--second-order", "L4", "--task", "colour")
     assert result.code == ExitCode.INVALID_DATA and "an older clipterm built it" in result.err

@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from clipterm.cache.build import BuildOptions, build_cache
+from clipterm.cache import store
 from clipterm.cache.store import CacheLock
 from clipterm.errors import ClipTermError, ExitCode
 
@@ -90,7 +91,7 @@ def test_rm_refuses_a_symlinked_cache(cli, root, tmp_path):
 def test_rm_refuses_a_cache_whose_manifest_lacks_keys(cli, root):
     manifest = json.loads((root / "pets" / "manifest.json").read_text())
     del manifest["shape"]
-    (root / "pets" / "manifest.json").write_text(json.dumps(manifest))
+    store.write_manifest(root / "pets", manifest)
     result = cli("cache", "rm", "pets", "--yes")
     assert result.code == ExitCode.INVALID_DATA and "by hand" in result.err and (root / "pets").is_dir()
 

@@ -173,7 +173,7 @@ def test_incomplete_cache_needs_resuming(cache, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(cache.path, copy)
     manifest = json.loads((copy / store.MANIFEST).read_text())
-    (copy / store.MANIFEST).write_text(json.dumps({**manifest, "complete": False}))
+    store.write_manifest(copy, {**manifest, "complete": False})
     with pytest.raises(ClipTermError, match="incomplete") as info:
         CacheReader(copy)
     assert "resume" in info.value.hint

@@ -11,6 +11,7 @@ from textual.widgets import TabbedContent, Tree
 from textual.worker import Worker, WorkerState
 from tui_helpers import screen_text, type_fast
 
+from clipterm.cache import store
 from clipterm.errors import ClipTermError
 from clipterm.tui.app import ClipTermApp
 from clipterm.tui.widgets import DescriptionPane
@@ -154,7 +155,7 @@ def test_an_interrupted_cache_is_refused_before_the_app_starts(cli, monkeypatch,
     stopped = tmp_path / "stopped"
     stopped.mkdir()
     manifest = json.loads((reader.path / "manifest.json").read_text())
-    (stopped / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    store.write_manifest(stopped, {**manifest, "complete": False})
     result = cli("tui", str(stopped))
     assert result.code != 0 and "incomplete" in result.err and "resume" in result.err
     assert started == []

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from clipterm import names
 from clipterm.errors import ClipTermError
+from clipterm.inputs.images import item_path
 
 
 @dataclass
@@ -316,7 +317,7 @@ def find_row(reader: Any, image: str) -> int:
         return row
     wanted = {image, str(Path(image).expanduser().resolve())}
     for item in reader.images():
-        if item.get("path") in wanted or item.get("id") in wanted:
+        if item.get("path") in wanted or item_path(item) in wanted or item.get("id") in wanted:
             if item.get("skipped"):
                 raise ClipTermError(f"{image} was skipped when the cache was built: {item.get('reason', 'unreadable')}")
             return reader.index().tolist().index(item["index"])

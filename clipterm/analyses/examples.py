@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from clipterm import names
 from clipterm.errors import ClipTermError
+from clipterm.inputs.images import item_path
 
 NEURON_BY = ("norm", "activation")
 DIRECT_BY = ("textspan", "pc", "norm")
@@ -148,5 +149,5 @@ def _examples(reader: Any, scores: Any, top: int) -> list[Example]:
                   if task in classes and 0 <= label < len(classes[task])}
         path = line.get("path")
         examples.append(Example(rank, row, indices[row], float(scores[row]), path, line.get("id"),
-                                path is not None and not os.path.isfile(path), labels))
+                                path is not None and not os.path.isfile(item_path(line)), labels))
     return examples

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from clipterm import names
 from clipterm.errors import ClipTermError, ExitCode
 
-KEEP_IN_MEMORY = 1 << 30  # preprocessed images up to this many bytes are decoded once, not once per pass
+# Preprocessed images, then residual streams, are kept between passes while they take at most this many bytes
+# together; beyond it every pass streams from the pixels again, so memory does not grow with the number of images.
+KEEP_IN_MEMORY = 128 << 20
 
 
 def parts(component: str, shape: names.ModelShape) -> dict[int, tuple[list[int], bool]]:
@@ -82,8 +84,9 @@ def _hooks(blocks: Any, plan: dict[int, tuple[list[int], bool]], means: dict[int
             handle.remove()
 
 
-def _image_batches(reader: Any, loaded: Any, batch_size: int) -> Callable[[], Iterator[torch.Tensor]]:
-    """The cache's images, preprocessed, in row order; refuses when the inputs changed since the build."""
+def _image_batches(reader: Any, loaded: Any, batch_size: int, budget: int) -> tuple[Callable[[], Iterator[torch.Tensor]], int]:
+    """The cache's images, preprocessed, in row order, and the bytes kept in memory to serve them (at most `budget`);
+    refuses when the inputs changed since the build."""
     from clipterm.inputs.images import ImageDataset, collate, fast_decode, open_source
 
     dataset = reader.manifest["dataset"]
@@ -104,10 +107,11 @@ def _image_batches(reader: Any, loaded: Any, batch_size: int) -> Callable[[], It
             yield pixels
 
     size = reader.manifest["model"]["image_size"]
-    if len(indices) * 3 * size * size * 4 <= KEEP_IN_MEMORY:  # decode once, reuse for every pass
+    pixel_bytes = len(indices) * 3 * size * size * 4
+    if pixel_bytes <= budget:  # decode once, reuse for every pass
         kept = list(decoded())
-        return lambda: iter(kept)
-    return decoded
+        return lambda: iter(kept), pixel_bytes
+    return decoded, 0
 
 
 def _tail(visual: Any, stream: torch.Tensor, start: int) -> torch.Tensor:
@@ -135,12 +139,12 @@ def forward_shifts(
     visual = model.visual
     blocks = visual.transformer.resblocks
     device = next(model.parameters()).device
-    batches = _image_batches(reader, loaded, batch_size)
+    batches, used = _image_batches(reader, loaded, batch_size, KEEP_IN_MEMORY)
     plans = {name: parts(name, reader.shape) for name in components}
     layers = sorted({layer for plan in plans.values() for layer in plan})
     starts = sorted({min(plan) for plan in plans.values()})
     tokens, width = (visual.grid_size[0] * visual.grid_size[1] + 1), visual.transformer.width
-    keep_streams = visual.transformer.batch_first and reader.n * tokens * width * 4 * len(starts) <= KEEP_IN_MEMORY
+    keep_streams = visual.transformer.batch_first and reader.n * tokens * width * 4 * len(starts) <= KEEP_IN_MEMORY - used
 
     sums: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in layers}
     streams: dict[int, list[torch.Tensor]] = {start: [] for start in starts}

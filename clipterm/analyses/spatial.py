@@ -22,7 +22,7 @@ from torch import Tensor
 
 from clipterm import names
 from clipterm.errors import ClipTermError, ExitCode
-from clipterm.inputs.images import TOY_ID, synthetic_image
+from clipterm.inputs.images import TOY_ID, item_path, synthetic_image
 
 LAST_LAYERS = 4  # the paper's segmentation sums the heads of the last 4 layers
 IMAGE_HINT = "IMAGE is an image file, row:N of the --cache, or a toy scene toy:SEED/INDEX"
@@ -122,7 +122,7 @@ def _cache_row(ref: str, reader: Any) -> SpatialImage:
     if item.get("path") is not None:
         from clipterm.inputs.images import fast_decode
 
-        image, problem = _decode(Path(item["path"]), fast_decode(reader.manifest))
+        image, problem = _decode(Path(item_path(item)), fast_decode(reader.manifest))
         return SpatialImage(ref, image, row, None if image is not None else f"{item['path']}: {problem}")
     return SpatialImage(ref, synthetic_image(item["id"]), row)
 

@@ -9,6 +9,7 @@ build equals a one-process build. A killed build resumes from its last complete 
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import time
@@ -126,8 +127,29 @@ def _build(options: BuildOptions, ranks: Ranks, progress: ProgressFactory | None
             ranks.barrier()
         manifest = ranks.on_zero(lambda: _merge(directory, source, ranks, stats))
         return _result(directory, manifest, ranks, built=built, started=started, already=False)
+    except KeyboardInterrupt:
+        raise ClipTermError(f"interrupted: {_kept(directory)}", hint="rerun the same command to resume from there",
+                            code=ExitCode.INTERRUPTED) from None
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise ClipTermError(f"the disk is full (writing {Path(exc.filename or directory).name}): {_kept(directory)}",
+                            hint="free some space, then rerun the same command to resume", code=ExitCode.ERROR) from None
     finally:
         lock.release()
+
+
+def _kept(directory: Path) -> str:
+    """What a stopped build leaves: its finished shards, which a rerun keeps."""
+    try:
+        manifest = store.read_manifest(directory)
+    except ClipTermError:
+        manifest = None
+    if not manifest:
+        return f"nothing of cache {directory.name} was kept"
+    done = manifest["shards"]
+    return (f"{len(done)} of {manifest['chunks']} shards ({sum(r['rows'] for r in done):,} images) of cache "
+            f"{directory.name} are kept in {directory}")
 
 
 def _run(source: ImageSource, loaded: Any, model: Any, manifest: dict, directory: Path, options: BuildOptions,
@@ -221,7 +243,7 @@ def _record_progress(directory: Path, manifest: dict, new_records: list[dict], r
     if ranks.world == 1:
         manifest["shards"] = sorted(manifest["shards"] + new_records[-1:], key=lambda r: r["chunk"])
         manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        files.write_json(directory / store.MANIFEST, manifest)
+        store.write_manifest(directory, manifest)
     else:
         files.write_json(directory / store.progress_name(ranks.rank), new_records)
 

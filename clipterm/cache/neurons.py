@@ -33,6 +33,7 @@ cache rebuilt with `--force` refuses a stale file rather than mixing two builds.
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -74,11 +75,11 @@ def _identity(reader: Any) -> dict[str, str]:
 
 def cache_source(reader: Any) -> Any:
     """The cache's inputs as an ImageSource, from images.jsonl (paths and ids as they were at build time)."""
-    from clipterm.inputs.images import ImageItem, ImageSource
+    from clipterm.inputs.images import ImageItem, ImageSource, item_path
 
     dataset = reader.manifest["dataset"]
     lines = sorted(reader.images(), key=lambda row: row["index"])
-    items = [ImageItem(row["index"], row.get("path"), row.get("id"), row.get("labels", {})) for row in lines]
+    items = [ImageItem(row["index"], item_path(row), row.get("id"), row.get("labels", {})) for row in lines]
     if [item.index for item in items] != list(range(len(items))):
         raise ClipTermError(f"images.jsonl of {reader.name} does not list inputs 0..n-1",
                             hint=f"run `clipterm cache verify {reader.name}`", code=ExitCode.INVALID_DATA)
@@ -153,17 +154,29 @@ def build_neurons(reader: Any, layer: int, device: str = "auto", top_k: int = 10
     def passes(description: str):
         return _traced(reader, loaded, model, layer, device, batch_size, workers, progress, cancel, description, convention)
 
-    with store.CacheLock(reader.path):
-        for kept, out in passes(f"neurons {names.layer(layer)}"):
-            state.add(kept, out)
-        state.finish_first_pass()
-        for rows, scalars in state.kept or ((state.rows(kept), out.scalars) for kept, out in passes(f"ranking {names.layer(layer)}")):
-            state.rank(rows, scalars)
-        meta = {"format": FORMAT, "layer": str(layer), "top_k": str(state.top.rows.shape[1]),
-                "paths": json.dumps(second_order.paths(shape.layers, shape.heads, layer)), "convention": convention,
-                "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **_identity(reader)}
-        path = neurons_file(reader.path, layer)
-        files.save_tensors(path, state.tensors(), metadata=meta)
+    what = f"neurons {names.layer(layer)} of cache {reader.name}"
+    again = f"rerun `clipterm neurons build {reader.name} --layer {names.layer(layer)}` (a neurons build starts over)"
+    try:
+        with store.CacheLock(reader.path):
+            for kept, out in passes(f"neurons {names.layer(layer)}"):
+                state.add(kept, out)
+            state.finish_first_pass()
+            for rows, scalars in state.kept or ((state.rows(kept), out.scalars) for kept, out in passes(f"ranking {names.layer(layer)}")):
+                state.rank(rows, scalars)
+            meta = {"format": FORMAT, "layer": str(layer), "top_k": str(state.top.rows.shape[1]),
+                    "paths": json.dumps(second_order.paths(shape.layers, shape.heads, layer)), "convention": convention,
+                    "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **_identity(reader)}
+            path = neurons_file(reader.path, layer)
+            sha = files.save_tensors(path, state.tensors(), metadata=meta)
+            _record(reader, path.name, sha)
+    except KeyboardInterrupt:
+        raise ClipTermError(f"interrupted: {what} were not written; the cache is unchanged", hint=again,
+                            code=ExitCode.INTERRUPTED) from None
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise ClipTermError(f"the disk is full: {what} were not written; the cache is unchanged",
+                            hint=f"free some space, then {again}", code=ExitCode.ERROR) from None
     seconds = time.perf_counter() - started
     n = reader.n
     return NeuronBuildResult(reader.name, names.layer(layer), str(path), n, int(state.missing.sum()), state.changed,
@@ -308,6 +321,17 @@ class _Accumulator:
         }
 
 
+def _record(reader: Any, name: str, sha: str) -> None:
+    """List a new neurons file in the manifest (under the cache's lock), so that readers and `verify` check it."""
+    from clipterm.cache.integrity import remember_written
+
+    manifest = store.read_manifest(reader.path) or reader.manifest
+    manifest["files"] = {**manifest.get("files", {}), name: sha}
+    store.write_manifest(reader.path, manifest)
+    reader.manifest["files"] = manifest["files"]
+    remember_written(reader.path, {name: sha})
+
+
 # --------------------------------------------------------------------------- reading
 
 
@@ -324,6 +348,9 @@ class NeuronFile:
                                 code=ExitCode.NOT_FOUND)
         from safetensors import safe_open
 
+        from clipterm.cache.integrity import neurons_layout, neurons_required
+
+        reader.checked(self.path.name, neurons_layout(reader.manifest, reader.n), required=neurons_required(self.path))
         try:
             self._file = safe_open(str(self.path), framework="pt")
             self.meta: dict[str, str] = self._file.metadata() or {}

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from clipterm import __version__
+from clipterm.cache.integrity import VERIFIED, remember_written
 from clipterm.errors import ClipTermError, ExitCode
 from clipterm.files import atomic_write, file_sha256, save_tensors, write_json
 
@@ -86,6 +87,23 @@ class CacheLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+    @staticmethod
+    def held(directory: Path) -> bool:
+        """Whether a live process holds the lock of `directory` now (a build or a neurons build is running)."""
+        try:
+            fd = os.open(Path(directory) / LOCK, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)  # closing drops a shared lock we took
+        return False
 
     def __enter__(self) -> CacheLock:
         return self.acquire()
@@ -215,6 +233,38 @@ def missing_keys(manifest: Any) -> list[str]:
     return missing
 
 
+_RECORD = {"file": str, "chunk": int, "start": int, "stop": int, "rows": int, "bytes": int, "sha256": str}
+
+
+def malformed(manifest: dict) -> str | None:
+    """What in a manifest that has every required key is of the wrong type (None: nothing)."""
+    shape, stored = manifest["shape"], manifest["stored"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in shape.values() if v is not None):
+        return "shape"
+    if not isinstance(manifest["shards"], list) or not all(
+            isinstance(r, dict) and all(isinstance(r.get(k), t) and not isinstance(r.get(k), bool) for k, t in _RECORD.items())
+            for r in manifest["shards"]):
+        return "shards"
+    if not isinstance(manifest["dataset"]["tasks"], dict) or not isinstance(stored["tokens"], list):
+        return "dataset.tasks" if not isinstance(manifest["dataset"]["tasks"], dict) else "stored.tokens"
+    if not isinstance(manifest.get("files", {}), dict) or not isinstance(manifest["dtype"], str):
+        return "files" if not isinstance(manifest.get("files", {}), dict) else "dtype"
+    return None
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of a manifest's canonical JSON, without its own `digest`: the manifest vouches for every other file."""
+    import hashlib
+
+    body = {key: value for key, value in manifest.items() if key != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    """Write `manifest.json` atomically, with its digest (read_manifest refuses a manifest changed since)."""
+    write_json(Path(directory) / MANIFEST, {**manifest, "digest": manifest_digest(manifest)})
+
+
 def read_manifest(directory: Path) -> dict | None:
     """The cache manifest in `directory`, None if there is none; raises if it is foreign or damaged."""
     path = Path(directory) / MANIFEST
@@ -229,9 +279,14 @@ def read_manifest(directory: Path) -> dict | None:
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         raise NotACache(f"{path} is not a clipterm cache manifest ({SCHEMA}): the folder is not a clipterm cache",
                         hint="clipterm leaves it alone; build into another --name or folder", code=ExitCode.INVALID_DATA)
+    if "digest" in manifest and manifest["digest"] != manifest_digest(manifest):
+        raise ClipTermError(f"the manifest of cache {Path(directory).name} is damaged (its digest does not match its content)",
+                            hint="rebuild it with the same `clipterm cache build ... --force`", code=ExitCode.INVALID_DATA)
     missing = missing_keys(manifest)
-    if missing:
-        raise ClipTermError(f"the manifest of cache {Path(directory).name} is damaged: no {', '.join(missing[:3])}",
+    wrong = None if missing else malformed(manifest)
+    if missing or wrong:
+        what = f"no {', '.join(missing[:3])}" if missing else f"its {wrong} is not what a clipterm manifest holds"
+        raise ClipTermError(f"the manifest of cache {Path(directory).name} is damaged: {what}",
                             hint="rebuild it with the same `clipterm cache build ... --force`",
                             code=ExitCode.INVALID_DATA)
     return manifest
@@ -250,7 +305,7 @@ def mismatch(old: dict, new: dict) -> str | None:
 
 def owned(name: str) -> bool:
     """Files a build writes, and the neurons files that describe its images; `--force` deletes these and nothing else."""
-    return (name in (MANIFEST, READOUT, STATS, IMAGES) or name.endswith(".tmp")
+    return (name in (MANIFEST, READOUT, STATS, IMAGES, VERIFIED) or name.endswith(".tmp")
             or (name.startswith(("shard-", "stats-r", "neurons.L")) and name.endswith(".safetensors"))
             or (name.startswith("progress-r") and name.endswith(".json")))
 
@@ -279,8 +334,9 @@ def clear(directory: Path) -> None:
             path.unlink()
 
 
-def finished_records(directory: Path, manifest: dict) -> list[dict]:
-    """Shards that are really done: in the manifest or a rank's progress file, and on disk at their recorded size."""
+def finished_records(directory: Path, manifest: dict, hashed: bool = False) -> list[dict]:
+    """Shards that are really done: in the manifest or a rank's progress file, and on disk at their recorded size
+    (and, `hashed`, sha256: a resumed build re-reads them, so damage there must not reach the new statistics)."""
     by_chunk = {r["chunk"]: r for r in manifest.get("shards", [])}
     for path in sorted(Path(directory).glob("progress-r*.json")):
         try:
@@ -290,7 +346,7 @@ def finished_records(directory: Path, manifest: dict) -> list[dict]:
     records = []
     for chunk, record in sorted(by_chunk.items()):
         path = Path(directory) / record["file"]
-        if path.is_file() and path.stat().st_size == record["bytes"]:
+        if path.is_file() and path.stat().st_size == record["bytes"] and (not hashed or file_sha256(path) == record["sha256"]):
             records.append(record)
     return records
 
@@ -313,7 +369,7 @@ def prepare(directory: Path, manifest: dict, force: bool) -> dict:
                 hint="pass --force to start it over, or choose another --name",
             )
         manifest = {**manifest, "created": old["created"], "shard_rows": old["shard_rows"], "chunks": old["chunks"],
-                    "shards": finished_records(directory, old)}
+                    "shards": finished_records(directory, old, hashed=True)}
     else:
         clear(directory)
     keep = {r["file"] for r in manifest["shards"]}
@@ -321,7 +377,7 @@ def prepare(directory: Path, manifest: dict, force: bool) -> dict:
         if owned(path.name) and path.name not in keep and path.name not in (MANIFEST, READOUT):
             path.unlink()
     manifest["complete"] = False
-    write_json(directory / MANIFEST, manifest)
+    write_manifest(directory, manifest)
     return manifest
 
 
@@ -342,9 +398,10 @@ def finish(directory: Path, manifest: dict, records: list[dict], stats: dict[str
     manifest = {**manifest, "shards": records, "skipped": skipped, "files": files, "complete": True,
                 "rows": sum(r["rows"] for r in records), "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     manifest["dataset"] = {**manifest["dataset"], "rows": manifest["rows"], "skipped": len(skipped)}
-    write_json(directory / MANIFEST, manifest)
+    write_manifest(directory, manifest)
     for path in list(directory.glob("progress-r*.json")) + list(directory.glob("stats-r*.safetensors")):
         path.unlink()
+    remember_written(directory, {**files, **{r["file"]: r["sha256"] for r in records}})  # hashed as they were written
     return manifest
 
 

@@ -149,8 +149,8 @@ def verify(cache: str = CacheArg, cache_dir: str = CacheDirOpt, json_out: bool =
         if not json_out:
             for p in problems:
                 stdout.print(f"[red]{p['file']}[/]: {p['problem']}", highlight=False)
-        raise ClipTermError(f"cache {path.name} is damaged: {', '.join(files)}",
-                            hint="rebuild it with `clipterm cache build ... --force`", code=ExitCode.INVALID_DATA)
+        raise ClipTermError(f"cache {path.name} is {_state(problems)}: {', '.join(files)}",
+                            hint=_verify_hint(problems), code=ExitCode.INVALID_DATA)
 
 
 @cache_app.command()
@@ -182,6 +182,24 @@ def rm(
     else:
         verb = "would remove" if dry_run else "removed"
         stdout.print(f"{verb} cache {plan.name} ({_size(plan.bytes)}) at {plan.path}{kept}", highlight=False)
+
+
+def _unfinished_only(problems: list[dict]) -> bool:
+    """Whether the only problem is a build that has not finished (stopped, or still running): nothing is damaged."""
+    return all(p["file"] == "manifest.json" and ("incomplete" in p["problem"] or "running" in p["problem"]) for p in problems)
+
+
+def _state(problems: list[dict]) -> str:
+    return "not finished" if _unfinished_only(problems) else "damaged"
+
+
+def _verify_hint(problems: list[dict]) -> str:
+    """What to do: an unfinished build resumes (keeping its finished shards); only damage calls for --force."""
+    if not _unfinished_only(problems):
+        return "rebuild it with the same `clipterm cache build ... --force` (damaged files cannot be trusted)"
+    if any("running" in p["problem"] for p in problems):
+        return "a build is running: wait for it to finish"
+    return "resume it: rerun the same `clipterm cache build` command (its finished shards are kept)"
 
 
 def _size(n: int) -> str:

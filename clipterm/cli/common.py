@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Any, Callable
 
@@ -15,6 +16,26 @@ JsonLinesOpt = typer.Option(False, "--json", help=JSON_HELP + " One event per li
 CacheDirOpt = typer.Option(None, "--cache-dir", help="Cache root to use instead of the default rule (`clipterm locate cache`).")
 PretrainedOpt = typer.Option(None, "--pretrained", help="Pretrained tag or weights file (open_clip archs).")
 CacheArg = typer.Argument(..., help="A cache name under the cache root, or a path to a cache folder.")
+
+
+def _refuse_non_finite(callback: Callable[..., Any] | None) -> Callable[..., Any]:
+    def check(ctx: Any, param: Any, value: Any) -> Any:
+        for number in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(number, float) and not math.isfinite(number):
+                raise typer.BadParameter(f"{number} is not a finite number", ctx=ctx, param=param)
+        return callback(ctx, param, value) if callback is not None else value
+
+    return check
+
+
+def finite_floats(command: Any) -> Any:
+    """Make every option and argument of `command` and its sub-commands refuse nan and ±inf (`--lambda nan`)."""
+    for param in command.params:
+        if not getattr(param, "_finite", False):
+            param.callback, param._finite = _refuse_non_finite(param.callback), True  # type: ignore[attr-defined]
+    for sub in getattr(command, "commands", {}).values():
+        finite_floats(sub)
+    return command
 
 
 class Device(str, Enum):

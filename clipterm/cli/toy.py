@@ -68,6 +68,9 @@ def train(
     stdout.print(f"saved {out_dir}: " + ", ".join(f"{k} {v}" for k, v in final.items()))
 
 
+EVAL_MAX = 200_000
+
+
 @toy_app.command("eval")
 def evaluate(
     model: str = typer.Option("toy", "--model", help="`toy`, or a local-dir model folder trained by `clipterm toy train`."),
@@ -79,6 +82,9 @@ def evaluate(
     from clipterm.toyworld.evaluate import HELDOUT_SEED, evaluate_model
     from clipterm.vit.models import load_model
 
+    if n > EVAL_MAX:  # held-out scenes are rendered in memory, 12 KB each
+        raise ClipTermError(f"--n {n:,}: toy eval renders its scenes in memory (12 KB each), so it takes at most {EVAL_MAX:,}",
+                            hint="accuracy on 10,000 scenes is within about 1% of the truth; use --seed for other scenes")
     loaded = load_model(model)
     acc = evaluate_model(loaded.model, loaded.tokenizer, n=n, seed=HELDOUT_SEED if seed is None else seed)
     if json_out:

@@ -27,6 +27,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Callable
 
 from clipterm.errors import ClipTermError, ExitCode
@@ -52,10 +53,33 @@ class ImageItem:
     labels: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        """images.jsonl's record. A path that is not valid UTF-8 (a file name in another encoding) is kept exactly
+        as `path_bytes` (hex of its bytes), beside a readable `path` with the odd bytes escaped."""
         row: dict[str, Any] = {"index": self.index}
-        row["path" if self.path is not None else "id"] = self.path if self.path is not None else self.id
+        if self.path is None:
+            row["id"] = self.id
+        else:
+            row["path"] = printable(self.path)
+            if row["path"] != self.path:
+                row["path_bytes"] = os.fsencode(self.path).hex()
         row["labels"] = self.labels
         return row
+
+
+def printable(text: str) -> str:
+    """`text` (from the file system, maybe holding undecodable bytes) as valid UTF-8, odd bytes as \\xNN."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def item_path(row: dict[str, Any]) -> str | None:
+    """The exact path an images.jsonl record names (None for a synthetic input)."""
+    if isinstance(row.get("path_bytes"), str):
+        return os.fsdecode(bytes.fromhex(row["path_bytes"]))
+    return row.get("path")
 
 
 @dataclass
@@ -76,6 +100,10 @@ class ImageSource:
         """A cheap identity of the inputs: relative names, sizes and labels (toy: seed and N)."""
         digest = hashlib.sha256(f"{self.kind}\n{self.seed}\n".encode())
         base = Path(self.root).parent if self.kind == "list" else Path(self.root or ".")
+        if self.kind == "toy":  # the same digest as over the items' ids, without drawing a scene
+            for i in range(len(self.items)):
+                digest.update(f"toy:{self.seed}/{i}\n".encode())
+            return digest.hexdigest()
         for item in self.items:
             if item.path is not None:
                 try:
@@ -90,7 +118,8 @@ class ImageSource:
 
     def describe(self) -> dict[str, Any]:
         """What the manifest records about the dataset."""
-        return {"source": self.spec, "kind": self.kind, "root": self.root, "seed": self.seed, "n": len(self.items),
+        return {"source": printable(self.spec), "kind": self.kind, "root": printable(self.root) if self.root else None,
+                "seed": self.seed, "n": len(self.items),
                 "tasks": self.tasks, "fingerprint": self.fingerprint()}
 
     def load(self, index: int, min_side: int, fast: bool = False) -> Any:
@@ -138,14 +167,45 @@ def open_source(spec: str) -> ImageSource:
                         code=ExitCode.NOT_FOUND)
 
 
+# Each scene draws its noise from 2^31 seeds: a world with more scenes than that must repeat itself.
+TOY_MAX = 2**31
+
+
+class ToyItems(Sequence):
+    """The items of a toy source, each labelled when it is first asked for (a scene costs a draw of the world)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.n))]
+        if not -self.n <= index < self.n:
+            raise IndexError(index)
+        index %= self.n
+        return ImageItem(index, None, f"toy:{self.seed}/{index}", _toy_labels(self.seed, index))
+
+
+def _toy_labels(seed: int, index: int) -> dict[str, int]:
+    from clipterm.toyworld import world
+
+    return world.labels(world.scene_at(seed, index))
+
+
 def toy_source(n: int, seed: int = 0, spec: str | None = None) -> ImageSource:
-    """The first `n` scenes of the synthetic world with this seed, labelled for every toy task."""
+    """The first `n` scenes of the synthetic world with this seed, labelled for every toy task (lazily)."""
     from clipterm.toyworld import world
 
     if n < 1:
         raise ClipTermError("toy:N needs N >= 1", hint="e.g. toy:2000")
-    items = [ImageItem(i, None, f"toy:{seed}/{i}", world.labels(world.scene_at(seed, i))) for i in range(n)]
-    return ImageSource(spec or f"toy:{n}@{seed}", "toy", None, items, {t: list(c) for t, c in world.TASKS.items()}, seed)
+    if n > TOY_MAX:
+        raise ClipTermError(f"toy:{n} asks for more scenes than the synthetic world has: at most {TOY_MAX:,} "
+                            "(each scene draws its noise from 2^31 seeds)", hint="use a smaller N, or another @SEED for more")
+    items = ToyItems(n, seed)
+    return ImageSource(spec or f"toy:{n}@{seed}", "toy", None, items, {t: list(c) for t, c in world.TASKS.items()}, seed)  # type: ignore[arg-type]
 
 
 def folder_source(folder: Path, spec: str | None = None) -> ImageSource:
@@ -158,7 +218,7 @@ def folder_source(folder: Path, spec: str | None = None) -> ImageSource:
             hint=f"put images ({', '.join(IMAGE_SUFFIXES[:5])}, ...) in it, one sub-folder per class",
             code=ExitCode.NOT_FOUND,
         )
-    names = [rel.split("/", 1)[0] if "/" in rel else None for rel in files]
+    names = [printable(rel.split("/", 1)[0]) if "/" in rel else None for rel in files]  # class names are for reading
     return _labelled(spec or str(folder), "folder", folder, [str(folder / rel) for rel in files], names)
 
 
@@ -302,6 +362,6 @@ def collate(batch: list[tuple[int, Any, str | None]]) -> tuple[list[int], Any, l
     import torch
 
     kept = [(index, tensor) for index, tensor, _ in batch if tensor is not None]
-    skipped = [(index, reason) for index, tensor, reason in batch if tensor is None]
+    skipped = [(index, printable(reason)) for index, tensor, reason in batch if tensor is None]
     pixels = torch.stack([tensor for _, tensor in kept]) if kept else None
     return [index for index, _ in kept], pixels, skipped

@@ -47,4 +47,29 @@ def load_keymap(binding_ids: set[str], path: Path | None = None) -> dict[str, st
     if unknown:
         raise ClipTermError(f"{path}: no key binding with id {unknown[0]!r}",
                             hint=f"binding ids: {', '.join(sorted(binding_ids))}", code=ExitCode.INVALID_DATA)
-    return {binding_id: value.replace(" ", "") for binding_id, value in keys.items()}
+    keymap = {binding_id: value.replace(" ", "") for binding_id, value in keys.items()}
+    for binding_id, value in keymap.items():
+        bad = [key for key in value.split(",") if not is_key(key)]
+        if bad:
+            raise ClipTermError(f"{path}: {bad[0]!r} (for {binding_id!r}) is not a key name",
+                                hint="use a character or a key name with optional modifiers: n, f5, pageup, ctrl+s, shift+tab",
+                                code=ExitCode.INVALID_DATA)
+    return keymap
+
+
+MODIFIERS = ("ctrl", "shift", "alt", "meta", "super", "hyper")
+
+
+def is_key(spec: str) -> bool:
+    """Whether Textual knows `spec` as a key: modifiers+ a printable character or a key name (`ctrl+s`, `f5`, `?`)."""
+    *modifiers, key = spec.split("+") if spec not in ("+",) and not spec.endswith("++") else [*spec[:-2].split("+"), "+"]
+    if any(m not in MODIFIERS for m in modifiers if m) or not key:
+        return False
+    return (len(key) == 1 and key.isprintable()) or key in _key_names()
+
+
+def _key_names() -> set[str]:
+    from textual.keys import KEY_ALIASES, KEY_NAME_REPLACEMENTS, Keys, _character_to_key
+
+    found = {k.value.split("+")[-1] for k in Keys} | set(KEY_ALIASES) | set(KEY_NAME_REPLACEMENTS.values())
+    return found | {_character_to_key(chr(c)) for c in range(32, 127)}

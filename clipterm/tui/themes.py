@@ -29,4 +29,14 @@ def load_theme(name: str) -> Theme:
         raise ClipTermError(f"no theme {name!r}", hint=f"themes: {', '.join(sorted(files)) or 'none'} "
                                                        f"(add yours to {locations.user_themes_dir()})", code=ExitCode.NOT_FOUND)
     data = read_toml(files[name], "theme file")
+    from textual.color import Color, ColorParseError
+
+    for key in COLOURS:
+        if key in data:
+            try:
+                Color.parse(data[key])
+            except (ColorParseError, AttributeError, TypeError, ValueError):
+                raise ClipTermError(f"theme file {files[name]}: {key} = {data[key]!r} is not a colour",
+                                    hint="use a colour such as \"#1e90ff\", \"rgb(30,144,255)\" or \"dodgerblue\"",
+                                    code=ExitCode.INVALID_DATA) from None
     return Theme(name=name, dark=bool(data.get("dark", True)), **{k: data[k] for k in COLOURS if k in data})
