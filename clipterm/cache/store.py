@@ -239,7 +239,9 @@ _RECORD = {"file": str, "chunk": int, "start": int, "stop": int, "rows": int, "b
 def malformed(manifest: dict) -> str | None:
     """What in a manifest that has every required key is of the wrong type (None: nothing)."""
     shape, stored = manifest["shape"], manifest["stored"]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in shape.values() if v is not None):
+    sizes = {k: v for k, v in shape.items() if k != "tower"}  # `tower` names the family ("resnet"); the rest are sizes
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sizes.values() if v is not None) \
+            or not isinstance(shape.get("tower", "vit"), str):
         return "shape"
     if not isinstance(manifest["shards"], list) or not all(
             isinstance(r, dict) and all(isinstance(r.get(k), t) and not isinstance(r.get(k), bool) for k, t in _RECORD.items())
