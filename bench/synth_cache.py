@@ -83,15 +83,18 @@ def synth_cache(directory: str | Path, arch: str = "ViT-B-16", n: int = 10_000, 
     directory = Path(directory)
     tokens = sorted(tokens or [])
     generator = torch.Generator().manual_seed(seed)
-    if weights is not None:
+    if weights is not None or arch == "toy":
         from clipterm.vit import decompose
         from clipterm.vit.models import load_model
 
-        loaded = load_model(arch, str(weights))
+        loaded = load_model(arch, None if arch == "toy" else str(weights))
         model_entry = loaded.info.to_json()
         readout = decompose.readout(loaded.model).float()  # (L, H, dh, D)
+        info = loaded.info
         del loaded
-        s = arch_shape(arch)
+        grid = info.image_size // info.patch_size
+        s = {"layers": info.layers, "heads": info.heads, "head_dim": info.head_dim, "width": info.width,
+             "embed_dim": info.embed_dim, "mlp_width": info.mlp_width, "tokens": grid * grid + 1}
     else:
         s = arch_shape(arch)
         model_entry = {"spec": arch, "arch": arch, "pretrained": None, "layers": s["layers"], "heads": s["heads"],
@@ -174,7 +177,7 @@ def _random_shard(generator: Any, rows: int, L: int, H: int, dh: int, D: int, M:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("directory", type=Path, help="the cache folder to write (outside the repository)")
-    parser.add_argument("--arch", default="ViT-B-16", help="an open_clip arch: ViT-B-16, ViT-L-14, ViT-H-14, ...")
+    parser.add_argument("--arch", default="ViT-B-16", help="an open_clip arch (ViT-B-16, ViT-L-14, ViT-H-14, ...) or toy")
     parser.add_argument("--n", type=int, default=10_000, help="rows")
     parser.add_argument("--labels", type=int, default=0, help="classes of a `class` task (0: none)")
     parser.add_argument("--neurons", action="store_true", help="also store neuron activations")
@@ -185,7 +188,8 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, default=None,
                         help="random weights of --arch to name in the manifest (written there first when missing)")
     args = parser.parse_args()
-    tokens = names.parse_layers(args.tokens, arch_shape(args.arch)["layers"]) if args.tokens else []
+    layers = 6 if args.arch == "toy" else arch_shape(args.arch)["layers"]
+    tokens = names.parse_layers(args.tokens, layers) if args.tokens else []
     weights = random_weights(args.arch, args.weights, args.seed) if args.weights else None
     started = time.perf_counter()
     path = synth_cache(args.directory, args.arch, args.n, args.labels, args.neurons, tokens, args.dtype,
