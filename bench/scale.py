@@ -217,6 +217,31 @@ def timed_cli(args_: list[str]) -> dict:
     return {"seconds": time.perf_counter() - start, "rss_peak_mb": usage.ru_maxrss / 1024, "code": proc.returncode}
 
 
+def tui_first_frame(cache: Path, repeats: int) -> dict:
+    """Spawn `clipterm tui CACHE --images half` on a pty until the tree (`L0`) shows; median of `repeats` after one
+    untimed run. The app is then killed: quitting waits for its model-loading worker, which is not what is measured."""
+    import signal
+
+    from tui import Terminal, bench_env
+    from tui_helpers import clipterm_command
+
+    runs = []
+    with tempfile.TemporaryDirectory() as config:
+        for k in range(repeats + 1):
+            term = Terminal(clipterm_command() + ["tui", str(cache), "--cache-dir", str(cache.parent), "--images", "half"],
+                            bench_env(config))
+            try:
+                seconds = term.wait_for("L0", timeout=120)
+            except RuntimeError as exc:
+                return {"error": str(exc)[:300]}
+            finally:
+                os.killpg(term.process.pid, signal.SIGKILL)
+                term.close()
+            if k:
+                runs.append(seconds)
+    return {"seconds": statistics.median(runs), "runs_s": runs}
+
+
 def baseline_rss() -> float:
     proc = subprocess.Popen([sys.executable, "-c", "import torch, open_clip"])
     _, _, usage = os.wait4(proc.pid, 0)
@@ -237,6 +262,9 @@ def measure(cache: Path, args: argparse.Namespace, base: float) -> dict:
     if not args.no_tui:
         jobs.append("tui_visit")
     for job in jobs:
+        if job in args.skip:
+            entry["jobs"][job] = {"error": "skipped (--skip)"}
+            continue
         if job == "images_neuron" and not (cache / f"neurons.L{args.layer}.safetensors").is_file():
             entry["jobs"][job] = {"error": "no neurons file: `images` ranks neurons by their second-order effects, which "
                                            "`clipterm neurons build` computes with forward passes (not synthetic)"}
@@ -255,16 +283,8 @@ def measure(cache: Path, args: argparse.Namespace, base: float) -> dict:
         entry["jobs"][job] = result
         print(f"  {cache.name} {job}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                                     for k, v in result.items() if k != "visits"), flush=True)
-    if not args.no_tui:
-        from tui import bench_env, first_frame
-
-        with tempfile.TemporaryDirectory() as config:
-            try:
-                frame = first_frame(str(cache), str(cache.parent), bench_env(config), repeats=args.repeats)
-                entry["jobs"]["tui_first_frame"] = {"seconds": frame["first_frame_s"], "runs_s": frame["first_frame_runs_s"],
-                                                    "torch_imported_at_first_frame": frame["torch_imported_at_first_frame"]}
-            except RuntimeError as exc:
-                entry["jobs"]["tui_first_frame"] = {"error": str(exc)[:300]}
+    if not args.no_tui and "tui_first_frame" not in args.skip:
+        entry["jobs"]["tui_first_frame"] = tui_first_frame(cache, args.repeats)
         print(f"  {cache.name} tui_first_frame: {entry['jobs']['tui_first_frame']}", flush=True)
     return entry
 
@@ -278,6 +298,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8, help="uncached heads the TUI's first visits are timed on")
     parser.add_argument("--repeats", type=int, default=3, help="timed TUI first-frame runs")
     parser.add_argument("--no-tui", action="store_true", help="skip the TUI's first frame and first visits")
+    parser.add_argument("--skip", action="append", default=[], help="a job to leave out (repeatable), e.g. ablate_head")
     parser.add_argument("--name", default="scale", help="bench/results/<name>.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
