@@ -289,6 +289,39 @@ def measure(cache: Path, args: argparse.Namespace, base: float) -> dict:
     return entry
 
 
+def table(paths: list[Path]) -> str:
+    """A markdown table of every cache in the given results files: seconds, x floor, and MB above the baseline."""
+    rows = {}
+    for path in paths:
+        record = json.loads(path.read_text())
+        for entry in record["caches"]:
+            rows.setdefault(entry["cache"], {"images": entry["images"], "arch": entry["arch"], "jobs": {}})
+            rows[entry["cache"]]["jobs"].update({k: v for k, v in entry["jobs"].items() if "error" not in v
+                                                 or k not in rows[entry["cache"]]["jobs"]})
+    columns = [("info", "cache info"), ("verify", "cache verify"), ("textspan_head", "TextSpan, a head"),
+               ("textspan_layer", "TextSpan, a layer"), ("ablate_head", "ablate --by head"),
+               ("ablate_layer", "ablate --by layer"), ("images_head", "images, a head"),
+               ("tui_first_frame", "TUI first frame"), ("tui_visit", "TUI first visit of a head, p95")]
+    lines = ["| job | " + " | ".join(f"{r['arch']} {r['images'] // 1000}k" for r in rows.values()) + " |",
+             "|---|" + "---|" * len(rows)]
+    for key, title in columns:
+        cells = []
+        for r in rows.values():
+            job = r["jobs"].get(key)
+            if job is None or "error" in job:
+                cells.append("not run")
+                continue
+            seconds = job["p95_ms"] / 1e3 if key == "tui_visit" else job["seconds"]
+            cell = f"{seconds:.2f} s" if seconds < 10 else f"{seconds:.0f} s"
+            if "x_floor" in job and key != "tui_visit":
+                cell += f" ({job['x_floor']:.1f}x floor)" if job["x_floor"] < 100 else f" ({job['x_floor']:.0f}x)"
+            if "rss_of_job_mb" in job and job["rss_of_job_mb"] >= 20:
+                cell += f", +{job['rss_of_job_mb']:.0f} MB"
+            cells.append(cell)
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("caches", nargs="+", type=Path, help="synthetic caches (bench/synth_cache.py), smallest first")
@@ -300,9 +333,13 @@ def main() -> None:
     parser.add_argument("--no-tui", action="store_true", help="skip the TUI's first frame and first visits")
     parser.add_argument("--skip", action="append", default=[], help="a job to leave out (repeatable), e.g. ablate_head")
     parser.add_argument("--name", default="scale", help="bench/results/<name>.json")
+    parser.add_argument("--table", action="store_true", help="print the markdown table of the given results JSON files")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.table:
+        print(table(args.caches))
+        return
     if args.child:
         Path(args.out).write_text(json.dumps(child(args.child, str(args.caches[0]), args.pool, args.layer, args.head,
                                                    args.heads)))
