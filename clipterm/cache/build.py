@@ -32,7 +32,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 class BuildOptions:
     """Everything `clipterm cache build` can be asked for."""
 
-    images: str  # DIR | LIST | toy:N[@SEED]
+    images: str  # DIR | LIST | toy:N[@SEED] | tar shards (data/{000000..000099}.tar, a folder of .tar) | hf:PATH[:split]
     model: str = "toy"  # toy | open_clip arch | local-dir:PATH
     pretrained: str | None = None  # tag or weights file
     name: str | None = None  # cache name under the root; derived from model and images when None
@@ -46,6 +46,9 @@ class BuildOptions:
     force: bool = False  # start over instead of resuming
     shard_rows: int = 1024  # inputs per shard (a resumed build keeps the cache's own value)
     fast_decode: bool = False  # decode JPEGs at reduced scale and box-reduce huge files (not open_clip's pixels)
+    label_key: str | None = None  # tar shards: the member extension (or .json field) holding the label (default cls)
+    image_column: str | None = None  # hf: the image column (default: the dataset's Image feature)
+    label_column: str | None = None  # hf: the label column (default: no labels)
 
 
 @dataclass
@@ -86,7 +89,8 @@ def _build(options: BuildOptions, ranks: Ranks, progress: ProgressFactory | None
 
     started = time.perf_counter()
     _check_options(options)
-    source = open_source(options.images)
+    source = open_source(options.images, label_key=options.label_key, image_column=options.image_column,
+                         label_column=options.label_column)
     device = pick_device(options.device, ranks.local_rank)
     if loaded is None:
         loaded = load_model(options.model, options.pretrained, device=device)

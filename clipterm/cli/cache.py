@@ -23,7 +23,9 @@ class Dtype(str, Enum):
 
 @cache_app.command()
 def build(
-    images: str = typer.Option(..., "--images", help="A folder (class = sub-folder), a list file (path[TAB class] per line), or toy:N[@SEED]."),
+    images: str = typer.Option(..., "--images", help="A folder (class = sub-folder), a list file (path[TAB class] per line), "
+                               "toy:N[@SEED], webdataset shards ('data/{000000..000099}.tar' or a folder of .tar), "
+                               "or hf:PATH[:split] (a local Hugging Face dataset)."),
     model: str = typer.Option("toy", "--model", help="toy, an open_clip architecture, or local-dir:PATH."),
     pretrained: str = PretrainedOpt,
     name: str = typer.Option(None, "--name", help="Cache name under the cache root (default: model and images)."),
@@ -38,6 +40,9 @@ def build(
     shard_rows: int = typer.Option(1024, "--shard-rows", min=1, help="Inputs per shard file."),
     fast_decode: bool = typer.Option(False, "--fast-decode", help="Decode large JPEGs at reduced scale and shrink huge "
                                      "images first: faster, but embeddings differ from open_clip's by a few %."),
+    label_key: str = typer.Option(None, "--label-key", help="Tar shards: the member (.cls, the default) or .json field holding the label."),
+    image_column: str = typer.Option(None, "--image-column", help="hf: the image column (default: the dataset's image feature)."),
+    label_column: str = typer.Option(None, "--label-column", help="hf: the label column (default: no labels)."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Run images through the model and store each component's exact direct effect. Works under torchrun."""
@@ -45,7 +50,8 @@ def build(
 
     options = BuildOptions(images=images, model=model, pretrained=pretrained, name=name, cache_dir=cache_dir,
                            device=device.value, batch_size=batch_size, workers=workers, dtype=dtype.value, neurons=neurons,
-                           tokens=tokens, force=not resume, shard_rows=shard_rows, fast_decode=fast_decode)
+                           tokens=tokens, force=not resume, shard_rows=shard_rows, fast_decode=fast_decode,
+                           label_key=label_key, image_column=image_column, label_column=label_column)
     result = build_cache(options, progress=progress)
     if _rank() != 0:
         return

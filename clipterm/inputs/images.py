@@ -126,7 +126,7 @@ class ImageSource:
         """The RGB PIL image of input `index` (with `fast`, reduced to about 2x `min_side` when huge); raises SkipImage."""
         item = self.items[index]
         if item.path is None:
-            return toy_scene(self.seed or 0, index)
+            return toy_scene(self.seed or 0, index) if item.id is None or TOY_ID.match(item.id) else synthetic_image(item.id, min_side)
         return decode(item.path, min_side, fast)
 
 
@@ -143,16 +143,26 @@ def toy_scene(seed: int, index: int) -> Any:
     return Image.fromarray(pixels)
 
 
-def synthetic_image(synthetic_id: str) -> Any:
-    """The image of a synthetic id (`toy:SEED/INDEX`); ValueError for anything else."""
+def synthetic_image(synthetic_id: str, min_side: int = 224) -> Any:
+    """The image of an input id: a toy scene (`toy:SEED/INDEX`), a tar member or a dataset row
+    (`tar:...`, `hf:...`: clipterm.inputs.shards); ValueError for anything else."""
     match = TOY_ID.match(synthetic_id)
+    if match is None and synthetic_id.startswith(("tar:", "hf:")):
+        from clipterm.inputs.shards import load_by_id
+
+        return load_by_id(synthetic_id, min_side)
     if match is None:
         raise ValueError(f"not a synthetic image id: {synthetic_id!r}")
     return toy_scene(int(match.group(1)), int(match.group(2)))
 
 
-def open_source(spec: str) -> ImageSource:
-    """Parse an image spec (`DIR`, `LIST`, `toy:N`, `toy:N@SEED`) into an ImageSource."""
+def open_source(spec: str, **shard_options: Any) -> ImageSource:
+    """Parse an image spec (`DIR`, `LIST`, `toy:N`, `toy:N@SEED`, or a shard spec of clipterm.inputs.shards) into an
+    ImageSource; `shard_options` (label_key, image_column, label_column) go to the shard sources."""
+    from clipterm.inputs import shards
+
+    if shards.is_shard_spec(spec):
+        return shards.open_shard_source(spec, **shard_options)
     match = _TOY.match(spec.strip())
     if match:
         return toy_source(int(match[1]), int(match[2] or 0), spec)
@@ -243,8 +253,10 @@ def list_source(list_file: Path, spec: str | None = None) -> ImageSource:
 
 
 def _labelled(spec: str, kind: str, root: Path, paths: list[str], names: list[str | None]) -> ImageSource:
+    from clipterm.inputs.classnames import wnid_names
+
     classes = sorted({n for n in names if n is not None})
-    tasks = {"class": classes} if classes else {}
+    tasks = {"class": wnid_names(classes) or classes} if classes else {}  # ImageNet's wnid folders get its names
     items = [
         ImageItem(i, path, None, {"class": classes.index(name) if name is not None else -1} if classes else {})
         for i, (path, name) in enumerate(zip(paths, names))
@@ -272,16 +284,21 @@ def fast_decode(manifest: dict) -> bool:
     return manifest.get("decode", DECODE_FAST) == DECODE_FAST
 
 
-def decode(path: str | os.PathLike, min_side: int = 224, fast: bool = False) -> Any:
-    """Decode a file to an RGB PIL image as open_clip would (see the module docstring); raises SkipImage with a reason.
+def decode(path: str | os.PathLike | bytes, min_side: int = 224, fast: bool = False) -> Any:
+    """Decode a file (or its bytes: a tar member, a dataset cell) to an RGB PIL image as open_clip would (see the
+    module docstring); raises SkipImage with a reason.
 
     `fast`: JPEGs decode at a reduced scale and huge images shrink to about 2x `min_side`, EXIF orientation applied.
     """
+    import io
+
     from PIL import Image, ImageOps
 
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2  # PIL refuses at twice this
+    if isinstance(path, bytes):  # a tar member or a dataset cell
+        path = io.BytesIO(path)
     try:
-        size = os.path.getsize(path)
+        size = path.getbuffer().nbytes if isinstance(path, io.BytesIO) else os.path.getsize(path)
     except OSError as exc:
         raise SkipImage(f"cannot read file: {exc.strerror or exc}") from None
     if size == 0:

@@ -29,10 +29,47 @@ def tui(
                                      "(kitty, sixel; half blocks under tmux or when unsure); half: coloured half "
                                      "blocks; off: no thumbnails."),
     cache_dir: str = CacheDirOpt,
+    serve: bool = typer.Option(False, "--serve", help="Serve the TUI to a browser tab (textual-serve) instead of this "
+                               "terminal; images are drawn as half blocks there."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="With --serve: the port to listen on."),
+    host: str = typer.Option("127.0.0.1", "--host", help="With --serve: the address to listen on (default loopback "
+                             "only; another address shows the cache to the network)."),
 ) -> None:
     """Browse a cache with the keyboard: the model tree (layer, head, MLP, neuron) and panes for TextSpan texts,
     ablation, live text search, top images and info. Press ? for keys, ctrl+p to jump anywhere."""
+    if serve:
+        serve_tui(cache, host, port, cache_dir=cache_dir, model=model, pretrained=pretrained, pool=pool, theme=theme)
+        return
     open_tui(cache, cache_dir=cache_dir, model=model, pretrained=pretrained, pool=pool, theme=theme, images=images.value)
+
+
+def serve_tui(cache: str, host: str, port: int, cache_dir: str | None = None, model: str | None = None,
+              pretrained: str | None = None, pool: str | None = None, theme: str | None = None) -> None:
+    """Check the arguments here, then let textual-serve start `clipterm tui CACHE --images half` for each browser tab."""
+    import shlex
+
+    from clipterm.cache.reader import open_cache
+    from clipterm.errors import ClipTermError, ExitCode
+    from clipterm.inputs.texts import BUILTIN_POOLS, load_pool
+
+    reader = open_cache(cache, cache_dir)
+    if pool is not None and pool not in BUILTIN_POOLS:
+        load_pool(pool)
+    if theme is not None:
+        from clipterm.tui.themes import load_theme
+
+        load_theme(theme)
+    try:
+        from textual_serve.server import Server
+    except ImportError:
+        raise ClipTermError("--serve needs the textual-serve package", hint="pip install 'clipterm[serve]'",
+                            code=ExitCode.USAGE) from None
+    argv = [sys.executable, "-m", "clipterm", "tui", str(reader.path.resolve()), "--images", "half"]
+    for flag, value in (("--model", model), ("--pretrained", pretrained), ("--pool", pool), ("--theme", theme)):
+        if value is not None:
+            argv += [flag, value]
+    print(f"serving clipterm tui {reader.name} on http://{host}:{port} (ctrl+c stops it)", file=sys.stderr)
+    Server(shlex.join(argv), host=host, port=port, title=f"clipterm {reader.name}").serve()
 
 
 def open_tui(cache: str, cache_dir: str | None = None, model: str | None = None, pretrained: str | None = None,
