@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from clipterm.cache import store
 from clipterm.cache.build import BuildOptions, build_cache
 from clipterm.cache.reader import CacheReader
 from clipterm.errors import ClipTermError
@@ -64,7 +65,7 @@ def test_a_resume_with_another_decode_choice_is_refused(toy, photos, tmp_path):
     manifest = tmp_path / "c" / "manifest.json"
     state = json.loads(manifest.read_text())
     state["complete"], state["shards"] = False, state["shards"][:1]  # as if killed after the first shard
-    manifest.write_text(json.dumps(state))
+    store.write_manifest(tmp_path / "c", state)
     with pytest.raises(ClipTermError, match="another decode") as info:
         build_cache(BuildOptions(images=str(photos), name="c", cache_dir=str(tmp_path), shard_rows=1, fast_decode=True),
                     loaded=toy)
