@@ -31,6 +31,7 @@ class Recipe:
     dropout: float = 0.15  # chance that a caption leaves out an attribute (never the one its group varies)
     p_ink: float = 0.0  # share of word captions that also name the ink colour
     single_object_steps: int = 0  # warm-up: steps with one object per scene
+    sincos_positions: bool = False  # start the image tower's position embedding from a 2D sin-cos table
     defaults: dict = field(default_factory=dict)  # training defaults for the CLI: steps, batch_size, lr, warmup
 
 
@@ -44,6 +45,7 @@ RECIPES: dict[int, Recipe] = {
         dropout=0.3,
         p_ink=0.3,
         single_object_steps=300,
+        sincos_positions=True,
         defaults={"steps": 3000, "batch_size": 128, "lr": 1e-3, "warmup": 100},
     ),
 }

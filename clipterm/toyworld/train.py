@@ -47,6 +47,9 @@ def train(
     recipe = RECIPES[world]
     model = open_clip.model.CLIP(**MODEL_CFG)
     done, history, stages = 0, [], []
+    if init is None and recipe.sincos_positions:
+        with torch.no_grad():
+            model.visual.positional_embedding[1:] = sincos_positions(model.visual.grid_size[0], model.visual.positional_embedding.shape[1])
     if init is not None:
         from clipterm.store import load_tensors
 
@@ -89,6 +92,22 @@ def train(
                                             "world": world, "stages": [*stages, {**stage, "steps": step + 1}],
                                             "history": history})
     return history[-1]
+
+
+def sincos_positions(grid: int, width: int):
+    """A (grid*grid, width) 2D sin-cos position table, rows in patch order (row-major), about unit scale.
+
+    open_clip starts position embeddings at width**-0.5 scale, ten times smaller than a patch's content, so a
+    small tower takes long to learn where things are; this table makes position readable from step 0."""
+    import torch
+
+    quarter = width // 4
+    freqs = 1.0 / (10.0 ** (torch.arange(quarter) / quarter))  # (W/4,)
+    coords = torch.arange(grid, dtype=torch.float32)
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")  # (G, G) each
+    angles_y = ys.reshape(-1, 1) * freqs  # (G*G, W/4)
+    angles_x = xs.reshape(-1, 1) * freqs  # (G*G, W/4)
+    return torch.cat([angles_y.sin(), angles_y.cos(), angles_x.sin(), angles_x.cos()], dim=1)  # (G*G, W)
 
 
 def contrastive_loss(logits, captions: list[str] | None = None):
