@@ -133,3 +133,158 @@ def test_train_from_a_bad_checkpoint_is_refused(cli, tmp_path, source, message):
         (out / "training.json").write_text("{}")
     result = cli("toy", "train", str(out), "--from", source.format(out=out), "--steps", "1")
     assert result.code != 0 and message in result.err and "hint:" in result.err, result
+
+
+# World 2: the versioned world the next toy trains on. World 1 stays what the shipped toy saw.
+
+
+def test_world_one_is_frozen_bit_for_bit():
+    import hashlib
+
+    digest = hashlib.sha256()
+    for i in range(200):
+        digest.update(render(scene_at(0, i))[0].tobytes())
+    assert digest.hexdigest()[:16] == "ca06e8f1aecd3cad"
+
+
+def test_world_two_is_deterministic_and_differs_from_world_one():
+    first = [render(scene_at(3, i, world=2))[0] for i in range(20)]
+    again = [render(scene_at(3, i, world=2))[0] for i in reversed(range(20))][::-1]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert scene_at(3, 0, world=2).world == 2 and scene_at(3, 0).world == 1
+    assert not all(np.array_equal(a, render(scene_at(3, i))[0]) for i, a in enumerate(first))
+
+
+def test_unknown_world_is_refused():
+    with pytest.raises(ValueError, match="unknown toy world"):
+        scene_at(0, 0, world=3)
+
+
+def test_world_two_words_sit_in_their_own_band_under_exact_object_masks():
+    from clipterm.toyworld.world import tall_word_stencil
+
+    worded = 0
+    for i in range(200):
+        scene = scene_at(0, i, world=2)
+        image, masks = render(scene)
+        assert image.shape == (64, 64, 3) and len(masks) == len(scene.objects)
+        for k, (obj, mask) in enumerate(zip(scene.objects, masks)):
+            visible = mask & ~np.any(masks[k + 1 :], axis=0) if k + 1 < len(masks) else mask
+            assert mask.sum() > 10 and np.all(image[visible] == np.array(COLOURS[obj.colour], dtype=np.uint8))
+        if scene.word is not None:
+            worded += 1
+            assert scene.word_position in ("top", "bottom")
+            assert scene.word_position not in {o.position for o in scene.objects}
+            assert tall_word_stencil(scene.word).shape[0] >= 10  # two patch rows of 8 px, not one
+            band = image[:22] if scene.word_position == "top" else image[42:]
+            assert np.all(band == np.array(COLOURS[scene.ink], dtype=np.uint8), axis=-1).sum() > 20
+    assert 60 < worded < 140
+
+
+def test_world_two_has_typographic_attacks_with_ink_on_the_object():
+    scenes = [scene_at(0, i, world=2) for i in range(2000)]
+    attacks = [s for s in scenes if s.word in COLOURS and s.ink != s.word and s.ink == s.objects[0].colour]
+    assert len(attacks) > 50
+    # the ink says nothing about the word: it matches it about as often as chance (1/8)
+    colour_words = [s for s in scenes if s.word in COLOURS]
+    assert sum(s.ink == s.word for s in colour_words) / len(colour_words) < 0.25
+
+
+def test_world_two_keeps_the_tasks_and_every_class_appears():
+    scenes = [labels(scene_at(0, i, world=2)) for i in range(3000)]
+    for task, names in TASKS.items():
+        assert {s[task] for s in scenes} >= set(range(len(names))), task
+
+
+def test_world_two_groups_vary_one_attribute_and_their_captions_name_it():
+    from clipterm.toyworld.batches import alternatives, with_attribute
+    from clipterm.toyworld.captions import POSITION_PHRASES, focused_caption
+    from clipterm.toyworld.world import sample_scene_v2
+
+    rng = np.random.default_rng(0)
+    base = sample_scene_v2(rng, p_word=1.0)
+    for attr in ("shape", "position", "word", "ink", "colour", "size", "background"):
+        for value in alternatives(base, attr):
+            other = with_attribute(base, attr, value)
+            assert other != base and other.word_position == base.word_position
+            texts = [focused_caption(other, rng, attr, dropout=0.9, p_single=0.2, p_ink=0.0) for _ in range(20)]
+            phrase = POSITION_PHRASES[value] if attr == "position" else f" in {value}" if attr == "ink" else value
+            assert all(phrase in t for t in texts), (attr, value, texts)
+    assert all(p not in {o.position for o in base.objects} | {base.word_position} for p in alternatives(base, "position"))
+
+
+def test_world_two_batches_are_sized_and_reproducible():
+    from clipterm.toyworld.batches import make_focused_batch
+    from clipterm.toyworld.recipe import RECIPES
+
+    images, captions = make_focused_batch(np.random.default_rng(1), 30, RECIPES[2], step=0)
+    again, same = make_focused_batch(np.random.default_rng(1), 30, RECIPES[2], step=0)
+    assert images.shape == (30, 64, 64, 3) and len(captions) == 30
+    assert np.array_equal(images, again) and captions == same
+    assert " and a " not in " ".join(captions)  # the warm-up steps show one object per scene
+
+
+def test_contrastive_loss_treats_repeated_captions_as_positives():
+    import torch
+
+    from clipterm.toyworld.train import contrastive_loss
+
+    logits = torch.randn(6, 6)
+    distinct = [f"caption {k}" for k in range(6)]
+    assert torch.allclose(contrastive_loss(logits, distinct), contrastive_loss(logits))
+    # images 0 and 1 share a caption and match both of its copies equally: that is the optimum, no gradient
+    logits = (torch.eye(6) * 10).requires_grad_()
+    with torch.no_grad():
+        logits[:2, :2] = 10
+    shared = ["a star", "a star", *distinct[2:]]
+    contrastive_loss(logits, shared).backward()
+    assert logits.grad.abs().max() < 1e-3
+    logits.grad = None
+    contrastive_loss(logits).backward()  # as each other's negatives, they would be pushed apart
+    assert logits.grad.abs().max() > 0.05
+
+
+def test_recipe_is_shared_by_training_and_evaluation():
+    from clipterm.toyworld import evaluate, recipe, train
+
+    assert train.to_tensor is recipe.to_tensor is evaluate.to_tensor
+    assert train.MODEL_CFG is recipe.MODEL_CFG
+    assert not hasattr(evaluate, "MODEL_CFG") and not hasattr(evaluate, "train")
+
+
+def test_render_world_two_and_an_unknown_world(cli, tmp_path):
+    result = cli("toy", "render", "--n", "8", "--world", "2", str(tmp_path / "imgs"), "--json")
+    assert result.code == 0, result
+    assert json.loads(result.out)["world"] == 2
+    line = json.loads((tmp_path / "imgs" / "labels.jsonl").read_text().splitlines()[0])
+    assert line["world"] == 2
+    bad = cli("toy", "render", "--n", "2", "--world", "7", str(tmp_path / "bad"))
+    assert bad.code == 2 and "unknown toy world 7" in bad.err and "hint:" in bad.err
+
+
+@pytest.mark.slow
+def test_train_on_world_two_is_recorded_and_eval_uses_it(cli, tmp_path):
+    out = tmp_path / "w2"
+    result = cli("toy", "train", str(out), "--world", "2", "--steps", "2", "--batch-size", "8", "--threads", "1")
+    assert result.code == 0, result
+    notes = json.loads((out / "training.json").read_text())
+    assert notes["world"] == 2 and notes["stages"][0]["world"] == 2 and notes["batch_size"] == 8
+    on = cli("toy", "train", str(tmp_path / "on"), "--from", str(out), "--steps", "1", "--batch-size", "8", "--threads", "1")
+    assert on.code == 0, on
+    assert json.loads((tmp_path / "on" / "training.json").read_text())["world"] == 2  # --from keeps the world
+    scored = cli("toy", "eval", "--model", str(out), "--n", "16", "--json")
+    assert scored.code == 0, scored
+    assert json.loads(scored.out)["world"] == 2
+    shipped = cli("toy", "eval", "--n", "16", "--json")
+    assert json.loads(shipped.out)["world"] == 1
+
+
+def test_sincos_positions_tell_every_patch_apart():
+    import torch
+
+    from clipterm.toyworld.train import sincos_positions
+
+    table = sincos_positions(8, 128)  # (64, 128)
+    assert table.shape == (64, 128)
+    distances = torch.cdist(table, table) + torch.eye(64) * 1e3
+    assert distances.min() > 0.5  # neighbouring patches differ clearly, at about unit scale

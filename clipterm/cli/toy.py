@@ -10,6 +10,8 @@ from clipterm.cli.common import JsonOpt, accuracy_table
 from clipterm.cli.output import emit_json, progress, stderr, stdout
 from clipterm.errors import ClipTermError
 
+WORLD_HELP = "World version: 1 (what the shipped toy was trained on) or 2 (legible words; see the README)."
+
 toy_app = typer.Typer(help="The synthetic world and the built-in toy CLIP: render images, train, evaluate.", no_args_is_help=True)
 
 
@@ -19,13 +21,15 @@ def render(
     n: int = typer.Option(100, "--n", min=1, help="Number of images."),
     task: str = typer.Option("colour", "--task", help="Task whose class names the sub-folders get."),
     seed: int = typer.Option(0, "--seed", help="World seed; image i depends only on (seed, i)."),
+    world: int = typer.Option(1, "--world", help=WORLD_HELP),
     json_out: bool = JsonOpt,
 ) -> None:
     """Write N synthetic scenes as PNG files in class sub-folders, plus labels.jsonl with every task's label."""
     from clipterm.toyworld.files import render_folder
 
+    check_world(world)
     with progress("rendering", total=n) as advance:
-        summary = render_folder(out_dir, n=n, task=task, seed=seed, on_image=advance)
+        summary = render_folder(out_dir, n=n, task=task, seed=seed, on_image=advance, world=world)
     if json_out:
         emit_json(summary, schema="clipterm.toy.render/2")
     else:
@@ -35,22 +39,26 @@ def render(
 @toy_app.command()
 def train(
     out_dir: Path = typer.Argument(..., help="Folder for the trained model (open_clip local-dir layout)."),
-    steps: int = typer.Option(1800, "--steps", min=1, help="Optimiser steps."),
-    batch_size: int = typer.Option(256, "--batch-size", min=8, help="Images per step, in groups of 4 near-duplicates."),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, warmup then cosine)."),
+    world: int = typer.Option(None, "--world", help=WORLD_HELP + " Default: the --from checkpoint's world, else 1."),
+    steps: int = typer.Option(None, "--steps", min=1, help="Optimiser steps (default: the world's recipe, 1800 or 3000)."),
+    batch_size: int = typer.Option(None, "--batch-size", min=8, help="Images per step, in groups of 4 near-duplicates "
+                                                                     "(default: the recipe's, 256 or 128)."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate (AdamW, warmup then cosine; default 1e-3)."),
     seed: int = typer.Option(0, "--seed", help="Seed for data and initialisation: the recipe is reproducible."),
     threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default)."),
     eval_every: int = typer.Option(300, "--eval-every", min=1, help="Evaluate and save every this many steps."),
-    warmup: int = typer.Option(150, "--warmup", min=1, help="Steps of linear learning-rate warmup."),
+    warmup: int = typer.Option(None, "--warmup", min=1, help="Steps of linear learning-rate warmup (default: the recipe's)."),
     arch: str = typer.Option("vit", "--arch", help="Image tower: `vit` (the toy) or `rn` (toy-rn, a small ModifiedResNet; "
                                                     "clipterm/toyworld/rn.py). With --from, the checkpoint's own."),
     init: str = typer.Option(None, "--from", help="Train on from this checkpoint: `toy` (the shipped model) or a folder "
                                                   "written by `clipterm toy train`. Its steps and history carry on."),
 ) -> None:
     """Train the toy CLIP on freshly generated world data: from scratch (about an hour on 2 CPU cores), or on
-    from a checkpoint with --from (each stage is recorded in training.json). The shipped recipe is in the README."""
+    from a checkpoint with --from (each stage is recorded in training.json). The recipes are in the README."""
     from clipterm.locations import TOY_MODEL_DIR
     from clipterm.toyworld.rn import ARCHS
+    from clipterm.toyworld.evaluate import trained_world
+    from clipterm.toyworld.recipe import RECIPES
     from clipterm.toyworld.train import train as run
 
     if arch not in ARCHS:
@@ -63,9 +71,14 @@ def train(
     if start is not None and start.resolve() == out_dir.resolve():
         raise ClipTermError(f"--from {init} is the output folder: it would be overwritten while training",
                             hint="write to a new folder")
-    final = run(out_dir, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seed=seed, threads=threads or None,
-                eval_every=eval_every, init=start, model_cfg=ARCHS[arch] if start is None else None, log=lambda line: stderr.print(line, highlight=False))
-    stdout.print(f"saved {out_dir}: " + ", ".join(f"{k} {v}" for k, v in final.items()))
+    world = world if world is not None else trained_world(start) if start is not None else 1
+    check_world(world)
+    defaults = RECIPES[world].defaults
+    final = run(out_dir, steps=steps or defaults["steps"], batch_size=batch_size or defaults["batch_size"],
+                lr=lr or defaults["lr"], warmup=warmup or defaults["warmup"], seed=seed, threads=threads or None,
+                eval_every=eval_every, init=start, world=world, model_cfg=ARCHS[arch] if start is None else None,
+                log=lambda line: stderr.print(line, highlight=False))
+    stdout.print(f"saved {out_dir} (world {world}): " + ", ".join(f"{k} {v}" for k, v in final.items()))
 
 
 EVAL_MAX = 200_000
@@ -76,21 +89,33 @@ def evaluate(
     model: str = typer.Option("toy", "--model", help="`toy`, or a local-dir model folder trained by `clipterm toy train`."),
     n: int = typer.Option(1000, "--n", min=10, help="Held-out images to evaluate on."),
     seed: int = typer.Option(None, "--seed", help="Seed of the held-out scenes (default: the fixed held-out seed)."),
+    world: int = typer.Option(None, "--world", help=WORLD_HELP + " Default: the world the model was trained on."),
     json_out: bool = JsonOpt,
 ) -> None:
-    """Zero-shot accuracy per task on freshly generated held-out images."""
-    from clipterm.toyworld.evaluate import HELDOUT_SEED, evaluate_model
+    """Zero-shot accuracy per task on freshly generated held-out images of the world the model was trained on."""
+    from clipterm.locations import TOY_MODEL_DIR
+    from clipterm.toyworld.evaluate import HELDOUT_SEED, evaluate_model, trained_world
     from clipterm.vit.models import load_model
 
     if n > EVAL_MAX:  # held-out scenes are rendered in memory, 12 KB each
         raise ClipTermError(f"--n {n:,}: toy eval renders its scenes in memory (12 KB each), so it takes at most {EVAL_MAX:,}",
                             hint="accuracy on 10,000 scenes is within about 1% of the truth; use --seed for other scenes")
     loaded = load_model(model)
-    acc = evaluate_model(loaded.model, loaded.tokenizer, n=n, seed=HELDOUT_SEED if seed is None else seed)
+    if world is None:
+        world = trained_world(TOY_MODEL_DIR if model == "toy" else Path(model.removeprefix("local-dir:")))
+    check_world(world)
+    acc = evaluate_model(loaded.model, loaded.tokenizer, n=n, seed=HELDOUT_SEED if seed is None else seed, world=world)
     if json_out:
-        emit_json({"model": model, "images": n, "accuracy": acc}, schema="clipterm.toy.eval/2")
+        emit_json({"model": model, "images": n, "world": world, "accuracy": acc}, schema="clipterm.toy.eval/2")
         return
-    stdout.print(accuracy_table(acc, title=f"zero-shot accuracy of {model} on {n} held-out images"))
+    stdout.print(accuracy_table(acc, title=f"zero-shot accuracy of {model} on {n} held-out images of world {world}"))
+
+
+def check_world(world: int) -> None:
+    from clipterm.toyworld.world import WORLDS
+
+    if world not in WORLDS:
+        raise ClipTermError(f"unknown toy world {world}", hint=f"worlds: {', '.join(map(str, WORLDS))}")
 
 
 def register(app: typer.Typer) -> None:

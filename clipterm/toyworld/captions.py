@@ -110,3 +110,26 @@ def parses_as_caption(text: str) -> bool:
     words = " ".join(re.findall(r"[a-z]+", text.lower()))
     grammar = _caption_grammar()
     return bool(grammar.fullmatch(words) or grammar.fullmatch(f"a {words}"))
+
+
+def focused_caption(scene: Scene, rng: np.random.Generator, varied: str, dropout: float, p_single: float, p_ink: float) -> str:
+    """A world-2 caption that always names `varied`, the one attribute its hard-negative group varies.
+
+    Any other attribute is left out with chance `dropout`, so that partial descriptions ("a shape on the
+    left", "a red shape") are in distribution; `p_single` of captions are a task's zero-shot prompt.
+    The ink of a word is named in `p_ink` of captions, and always when the group varies the ink.
+    """
+    if varied in TASKS and rng.random() < p_single:
+        name = _single_label(scene, varied)
+        if name is not None:
+            templates = TASK_TEMPLATES[varied]
+            return templates[int(rng.integers(len(templates)))].format(class_phrase(varied, name))
+    keep = {k: k == varied or rng.random() >= dropout for k in ("size", "colour", "shape", "position", "background")}
+    text = " and ".join(object_phrase(o, keep) for o in scene.objects)
+    if keep["background"]:
+        text += f", {scene.background} background"
+    if scene.word is not None and (varied in ("word", "ink") or rng.random() >= dropout):
+        text += f', the word "{scene.word}"'
+        if varied == "ink" or rng.random() < p_ink:
+            text += f" in {scene.ink}"
+    return text

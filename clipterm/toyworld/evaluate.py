@@ -8,15 +8,16 @@ from pathlib import Path
 import numpy as np
 
 from clipterm.toyworld.captions import task_prompts
+from clipterm.toyworld.recipe import to_tensor
 from clipterm.toyworld.world import TASKS, labels, render, scene_at
 
 # Held-out scenes come from a seed the training stream never uses.
 HELDOUT_SEED = 1_000_003
 
 
-def heldout(n: int, seed: int = HELDOUT_SEED) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def heldout(n: int, seed: int = HELDOUT_SEED, world: int = 1) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """n fresh scenes: images (n, 64, 64, 3) uint8 and labels per task (n,) with -1 where undefined."""
-    scenes = [scene_at(seed, i) for i in range(n)]
+    scenes = [scene_at(seed, i, world) for i in range(n)]
     images = np.stack([render(s)[0] for s in scenes])
     per_task = {t: np.array([labels(s)[t] for s in scenes]) for t in TASKS}
     return images, per_task
@@ -37,17 +38,16 @@ def task_classifiers(model, tokenizer) -> dict:
     return out
 
 
-def evaluate_model(model, tokenizer, n: int = 1000, seed: int = HELDOUT_SEED, batch_size: int = 256) -> dict[str, float]:
-    """Zero-shot accuracy per task on n held-out scenes."""
+def evaluate_model(model, tokenizer, n: int = 1000, seed: int = HELDOUT_SEED, batch_size: int = 256,
+                   world: int = 1) -> dict[str, float]:
+    """Zero-shot accuracy per task on n held-out scenes of `world`."""
     import torch
 
-    from clipterm.toyworld.train import to_tensor
-
-    images, per_task = heldout(n, seed)
+    images, per_task = heldout(n, seed, world)
     classifiers = task_classifiers(model, tokenizer)
     with torch.no_grad():
         feats = torch.cat([model.encode_image(to_tensor(images[i : i + batch_size])).float() for i in range(0, n, batch_size)])
-    feats = torch.nn.functional.normalize(feats, dim=-1)
+    feats = torch.nn.functional.normalize(feats, dim=-1)  # (n, D)
     acc = {}
     for task, clf in classifiers.items():
         keep = per_task[task] >= 0
@@ -56,15 +56,7 @@ def evaluate_model(model, tokenizer, n: int = 1000, seed: int = HELDOUT_SEED, ba
     return acc
 
 
-def save_model_dir(model, out_dir: Path, meta: dict, model_cfg: dict | None = None) -> None:
-    """Write an open_clip `local-dir:` folder: config JSON + fp16 safetensors (+ training notes)."""
-    import torch
-
-    from clipterm.files import save_tensors
-    from clipterm.toyworld.train import MODEL_CFG, PREPROCESS_CFG
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_tensors(out_dir / "open_clip_model.safetensors", {k: v.detach().to(torch.float16) for k, v in model.state_dict().items()})
-    config = {"model_cfg": model_cfg or MODEL_CFG, "preprocess_cfg": PREPROCESS_CFG}
-    (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out_dir / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+def trained_world(model_dir: Path) -> int:
+    """The world a model folder written by `clipterm toy train` was trained on (1 for folders that predate worlds)."""
+    notes = Path(model_dir) / "training.json"
+    return int(json.loads(notes.read_text()).get("world", 1)) if notes.is_file() else 1

@@ -11,10 +11,11 @@ from clipterm.errors import ClipTermError
 from clipterm.toyworld.world import TASKS, labels, render, scene_at
 
 
-def render_folder(out_dir: Path, n: int, task: str = "colour", seed: int = 0, on_image: Callable[[int], None] | None = None) -> dict:
+def render_folder(out_dir: Path, n: int, task: str = "colour", seed: int = 0, on_image: Callable[[int], None] | None = None,
+                  world: int = 1) -> dict:
     """Render the first n scenes whose `task` label is defined into `out_dir/<class>/toy-<index>.png`.
 
-    Also writes `labels.jsonl`: one line per file with the scene index, seed and every task's label.
+    Also writes `labels.jsonl`: one line per file with the scene index, seed, world and every task's label.
     """
     from PIL import Image
 
@@ -25,7 +26,7 @@ def render_folder(out_dir: Path, n: int, task: str = "colour", seed: int = 0, on
     lines = []
     index = 0
     while len(lines) < n:
-        scene = scene_at(seed, index)
+        scene = scene_at(seed, index, world)
         scene_labels = labels(scene)
         if scene_labels[task] >= 0:
             name = TASKS[task][scene_labels[task]]
@@ -33,9 +34,9 @@ def render_folder(out_dir: Path, n: int, task: str = "colour", seed: int = 0, on
             (out_dir / name).mkdir(exist_ok=True)
             Image.fromarray(render(scene)[0]).save(out_dir / rel)
             counts[name] += 1
-            lines.append(json.dumps({"file": rel.as_posix(), "seed": seed, "index": index, "labels": scene_labels}))
+            lines.append(json.dumps({"file": rel.as_posix(), "seed": seed, "world": world, "index": index, "labels": scene_labels}))
             if on_image:
                 on_image(1)
         index += 1
     (out_dir / "labels.jsonl").write_text("\n".join(lines) + "\n")
-    return {"dir": str(out_dir), "images": n, "task": task, "seed": seed, "classes": dict(sorted(counts.items()))}
+    return {"dir": str(out_dir), "images": n, "task": task, "seed": seed, "world": world, "classes": dict(sorted(counts.items()))}

@@ -9,7 +9,7 @@ is 6.3M), so the issue's 10 MB needs a smaller vocabulary, not a smaller ResNet.
 
 from __future__ import annotations
 
-from clipterm.toyworld.train import MODEL_CFG
+from clipterm.toyworld.recipe import MODEL_CFG
 
 RN_MODEL_CFG = {
     "embed_dim": MODEL_CFG["embed_dim"],

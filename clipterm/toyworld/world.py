@@ -3,6 +3,13 @@
 Image ``i`` of seed ``s`` depends only on ``(s, i)``, so any subset can be
 re-rendered exactly, in any order, by any process. Rendering is plain numpy:
 shape masks are precomputed once, and a scene is a few array writes.
+
+The world is versioned, so that a model is always evaluated on the world it was
+trained on. World 1 is what the shipped toy CLIP was trained on, and stays
+bit-for-bit as it was. World 2 keeps the same tasks and classes but makes the
+written word legible (glyphs twice as tall, in a band of its own at the top or
+bottom, drawn under the objects), makes ink colour independent of the word, and
+writes a word in half of the scenes.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from functools import lru_cache
 import numpy as np
 
 IMAGE_SIZE = 64
+WORLDS = (1, 2)
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -64,6 +72,8 @@ class Scene:
     word_position: str | None = None
     noise_seed: int = 0
     tint: tuple[int, int, int] = field(default=(0, 0, 0))
+    world: int = 1  # the world version whose drawing rules `render` follows
+    word_shift: int = 0  # world 2: horizontal jitter of the word, in pixels
 
 
 def _shape_mask(shape: str, radius: int) -> np.ndarray:
@@ -110,6 +120,12 @@ def word_stencil(word: str) -> np.ndarray:
     return mask[rows.min() : rows.max() + 1, : cols.max() + 1]
 
 
+@lru_cache(maxsize=None)
+def tall_word_stencil(word: str) -> np.ndarray:
+    """World 2's glyphs: the bitmap font stretched to twice its height (about 14-18 px, two patch rows)."""
+    return np.kron(word_stencil(word), np.ones((2, 1), dtype=bool))
+
+
 def _paste(canvas: np.ndarray, mask: np.ndarray, top: int, left: int) -> np.ndarray:
     """Boolean image-sized mask of `mask` placed at (top, left), clipped at the borders."""
     full = np.zeros(canvas.shape[:2], dtype=bool)
@@ -132,6 +148,8 @@ def render(scene: Scene) -> tuple[np.ndarray, list[np.ndarray]]:
         img[:] = np.where(stripes[:, None, None] == 1, 190.0, 70.0)
     else:  # noisy
         img[:] = rng.uniform(40, 200, size=(IMAGE_SIZE, IMAGE_SIZE, 1))
+    if scene.world >= 2 and scene.word is not None:
+        _draw_word(img, scene)  # under the objects, so that their masks stay exact
     masks = []
     for obj in scene.objects:
         st = stencil(obj.shape, obj.size)
@@ -141,12 +159,24 @@ def render(scene: Scene) -> tuple[np.ndarray, list[np.ndarray]]:
         mask = _paste(img, st, top, left)
         img[mask] = COLOURS[obj.colour]
         masks.append(mask)
-    if scene.word is not None:
+    if scene.world == 1 and scene.word is not None:
         st = word_stencil(scene.word)
         cy, cx = _CENTRES[scene.word_position or "top"]
         mask = _paste(img, st, cy - st.shape[0] // 2, cx - st.shape[1] // 2)
         img[mask] = COLOURS[scene.ink or "red"]
     return np.clip(img, 0, 255).astype(np.uint8), masks
+
+
+# World 2 writes words in a band of their own: centred at row 11 (top) or 53 (bottom).
+_WORD_ROWS = {"top": 11, "bottom": 53}
+
+
+def _draw_word(img: np.ndarray, scene: Scene) -> None:
+    """Write the word of a world-2 scene in its band, horizontally centred with its jitter, inside the frame."""
+    st = tall_word_stencil(scene.word)
+    top = _WORD_ROWS[scene.word_position] - st.shape[0] // 2
+    left = min(max(IMAGE_SIZE // 2 + scene.word_shift - st.shape[1] // 2, 0), IMAGE_SIZE - st.shape[1])
+    img[_paste(img, st, top, left)] = COLOURS[scene.ink]
 
 
 def sample_scene(rng: np.random.Generator, p_two: float = 0.3, p_word: float = 0.3) -> Scene:
@@ -172,9 +202,44 @@ def sample_scene(rng: np.random.Generator, p_two: float = 0.3, p_word: float = 0
     return Scene(objects, str(rng.choice(BACKGROUNDS)), word, ink, word_pos, int(rng.integers(2**31)), tint)
 
 
-def scene_at(seed: int, index: int) -> Scene:
-    """The `index`-th scene of the world with this seed."""
-    return sample_scene(np.random.default_rng([seed, index]))
+def sample_scene_v2(rng: np.random.Generator, p_two: float = 0.25, p_word: float = 0.5, p_ink_on_object: float = 0.3) -> Scene:
+    """Draw a world-2 scene: 1-2 objects at distinct positions, a background, and in half the scenes a word.
+
+    A word goes in the top or bottom band, and no object shares that position. Its ink is any colour,
+    independent of the word, and in `p_ink_on_object` of scenes the first object's colour: the word "red"
+    in blue ink on a blue object can only be told apart from "blue" by reading it.
+    """
+    word = ink = word_pos = None
+    free = list(POSITIONS)
+    if rng.random() < p_word:
+        word = str(rng.choice(WORDS))
+        word_pos = str(rng.choice(list(_WORD_ROWS)))
+        free.remove(word_pos)
+    n_obj = 2 if rng.random() < p_two else 1
+    order = rng.permutation(len(free))
+    objects = tuple(
+        Obj(
+            colour=str(rng.choice(list(COLOURS))),
+            shape=str(rng.choice(SHAPES)),
+            size=str(rng.choice(SIZES)),
+            position=free[order[k]],
+            jitter=(int(rng.integers(-2, 3)), int(rng.integers(-2, 3))),
+        )
+        for k in range(n_obj)
+    )
+    if word is not None:
+        ink = objects[0].colour if rng.random() < p_ink_on_object else str(rng.choice(list(COLOURS)))
+    tint = tuple(int(t) for t in rng.integers(-12, 13, size=3))
+    return Scene(objects, str(rng.choice(BACKGROUNDS)), word, ink, word_pos, int(rng.integers(2**31)), tint,
+                 world=2, word_shift=int(rng.integers(-2, 3)))
+
+
+def scene_at(seed: int, index: int, world: int = 1) -> Scene:
+    """The `index`-th scene of the world with this seed (and version)."""
+    if world not in WORLDS:
+        raise ValueError(f"unknown toy world {world!r}; worlds: {WORLDS}")
+    rng = np.random.default_rng([seed, index])
+    return sample_scene(rng) if world == 1 else sample_scene_v2(rng)
 
 
 def labels(scene: Scene) -> dict[str, int]:

@@ -1,0 +1,95 @@
+"""Training batches: scenes in groups of near-duplicates (hard negatives), each with a caption.
+
+A batch is made of groups of scenes that differ in a single attribute, so that shape,
+position and the written word have to be read, not guessed from colour alone. World 1
+draws each near-duplicate's changed attribute independently; world 2 varies one
+attribute per group, chosen by the recipe's weights, and captions always name it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from clipterm.toyworld.captions import caption, focused_caption
+from clipterm.toyworld.recipe import Recipe
+from clipterm.toyworld.world import (
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    WORDS,
+    Scene,
+    render,
+    sample_scene,
+    sample_scene_v2,
+)
+
+
+def variant(scene: Scene, rng: np.random.Generator) -> Scene:
+    """The same scene with exactly one attribute of its first object (or the scene) changed (world 1)."""
+    first = scene.objects[0]
+    options = {
+        "colour": [c for c in COLOURS if c != first.colour],
+        "shape": [s for s in SHAPES if s != first.shape],
+        "size": [s for s in SIZES if s != first.size],
+        "position": [p for p in POSITIONS if p not in {o.position for o in scene.objects} | {scene.word_position}],
+        "background": [b for b in BACKGROUNDS if b != scene.background],
+    }
+    if scene.word is not None:
+        options["word"] = [w for w in WORDS if w != scene.word]
+    attr = str(rng.choice([k for k, v in options.items() if v]))
+    value = str(rng.choice(options[attr]))
+    return with_attribute(scene, attr, value)
+
+
+def with_attribute(scene: Scene, attr: str, value: str) -> Scene:
+    """`scene` with one attribute set: a scene-level one (background, word, ink) or its first object's."""
+    if attr in ("background", "word", "ink"):
+        return replace(scene, **{attr: value})
+    return replace(scene, objects=(replace(scene.objects[0], **{attr: value}), *scene.objects[1:]))
+
+
+def alternatives(scene: Scene, attr: str) -> list[str]:
+    """Values `attr` can take in a near-duplicate of `scene`: any but its own, and free positions only."""
+    first = scene.objects[0]
+    if attr == "position":
+        return [p for p in POSITIONS if p not in {o.position for o in scene.objects} | {scene.word_position}]
+    if attr in ("word", "ink"):
+        own, values = getattr(scene, attr), WORDS if attr == "word" else tuple(COLOURS)
+        return [v for v in values if v != own] if own is not None else []
+    own = scene.background if attr == "background" else getattr(first, attr)
+    values = {"colour": tuple(COLOURS), "shape": SHAPES, "size": SIZES, "background": BACKGROUNDS}[attr]
+    return [v for v in values if v != own]
+
+
+def make_batch(rng: np.random.Generator, batch_size: int, group: int = 4) -> tuple[np.ndarray, list[str]]:
+    """World 1: images (B, 64, 64, 3) uint8 and one caption each, in groups of `group` near-duplicates."""
+    scenes: list[Scene] = []
+    while len(scenes) < batch_size:
+        base = sample_scene(rng)
+        scenes.append(base)
+        scenes.extend(variant(base, rng) for _ in range(group - 1))
+    scenes = scenes[:batch_size]
+    images = np.stack([render(s)[0] for s in scenes])
+    return images, [caption(s, rng) for s in scenes]
+
+
+def make_focused_batch(rng: np.random.Generator, batch_size: int, recipe: Recipe, step: int) -> tuple[np.ndarray, list[str]]:
+    """World 2: images (B, 64, 64, 3) uint8 and captions, in groups that each vary one attribute."""
+    attrs = list(recipe.attribute_weights)
+    weights = np.array([recipe.attribute_weights[a] for a in attrs])
+    p_two = 0.0 if step < recipe.single_object_steps else 0.25
+    scenes, captions = [], []
+    while len(scenes) < batch_size:
+        attr = attrs[int(rng.choice(len(attrs), p=weights / weights.sum()))]
+        base = sample_scene_v2(rng, p_two=p_two, p_word=1.0 if attr in ("word", "ink") else 0.5)
+        options = alternatives(base, attr)
+        picked = rng.choice(options, size=min(recipe.group - 1, len(options)), replace=False) if options else []
+        for scene in [base, *(with_attribute(base, attr, str(v)) for v in picked)]:
+            scenes.append(scene)
+            captions.append(focused_caption(scene, rng, attr, recipe.dropout, recipe.p_single, recipe.p_ink))
+    images = np.stack([render(s)[0] for s in scenes[:batch_size]])
+    return images, captions[:batch_size]
