@@ -129,7 +129,7 @@ def test_a_manifest_with_missing_keys_is_listed_as_damaged(cli, root):
     store.write_manifest(root / "odd", manifest)
     listing = json.loads(cli("cache", "ls", "--json").out)
     by_name = {c["name"]: c for c in listing["caches"]}
-    assert by_name["pets"]["rows"] == 12 and "damaged" in by_name["broken"]["error"] and "damaged" in by_name["odd"]["error"]
+    assert by_name["pets"]["images"] == 12 and "damaged" in by_name["broken"]["error"] and "damaged" in by_name["odd"]["error"]
     assert "broken" in cli("cache", "ls").out
     missing = cli("cache", "info", "petz")
     assert missing.code == ExitCode.NOT_FOUND and "pets" in missing.err
@@ -290,7 +290,7 @@ def test_a_file_name_that_is_not_utf8_is_kept_exactly(toy, tmp_path, monkeypatch
     assert os.path.isfile(cache_source(reader).items[0].path)
     # An interrupted build resumes, and a finished one is recognised as such
     store.write_manifest(reader.path, {**reader.manifest, "complete": False})
-    assert build_cache(BuildOptions(images=str(folder), name="odd", shard_rows=1), loaded=toy).rows == 2
+    assert build_cache(BuildOptions(images=str(folder), name="odd", shard_rows=1), loaded=toy).images == 2
     assert build_cache(BuildOptions(images=str(folder), name="odd", shard_rows=1), loaded=toy).already_complete
 
 

@@ -323,7 +323,7 @@ def test_pool_tokens_sum_to_the_heads_and_the_mean_token_is_one_of_them():
 def test_toy_rn_recipe_saves_a_resnet_model_folder_that_loads_and_splits(tmp_path):
     import open_clip
 
-    from clipterm.toyworld.evaluate import save_model_dir
+    from clipterm.toyworld.train import save_model_dir
     from clipterm.toyworld.rn import RN_MODEL_CFG
     from clipterm.vit.models import load_model
 
