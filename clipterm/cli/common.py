@@ -54,6 +54,20 @@ def open_reader(cache: str, cache_dir: str | None) -> Any:
     return open_cache(cache, cache_dir)
 
 
+def load_model_and_cache(model: str | None, pretrained: str | None, cache: str | None, cache_dir: str | None,
+                         device: str) -> tuple[Any, Any]:
+    """`--model` (the cache's by default, else toy) and the `--cache` reader when one is given, checked to match."""
+    from clipterm.vit.models import load_model, pick_device
+
+    device = pick_device(device)
+    if cache is None:
+        return load_model(model or "toy", pretrained, device=device), None
+    from clipterm.cache.reader import model_for_cache
+
+    reader = open_reader(cache, cache_dir)
+    return model_for_cache(reader, device, model, pretrained), reader
+
+
 def default_pool_for(reader: Any, pool: str | None) -> str:
     """The text pool a command uses when `--pool` is not given: `toy` for the toy model, else `general`."""
     return pool or ("toy" if reader.manifest["model"].get("spec") == "toy" else "general")

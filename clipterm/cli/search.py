@@ -10,6 +10,7 @@ from typing import Any, Iterator
 import typer
 
 from clipterm.cli.common import CacheDirOpt, Device, DeviceOpt, JsonLinesOpt, PretrainedOpt
+from clipterm.cli.common import load_model_and_cache as _load
 from clipterm.cli.output import emit_json_line, stderr, stdout
 
 SCHEMA = "clipterm.search/1"
@@ -75,20 +76,6 @@ def search(
             last = _plain(events)
     if last is not None and last.reason == "cancelled":
         raise typer.Exit(130)
-
-
-def _load(model: str | None, pretrained: str | None, cache: str | None, cache_dir: str | None, device: str
-          ) -> tuple[Any, Any]:
-    """The model (the cache's by default), and the cache reader when one is given, checked to match."""
-    from clipterm.vit.models import load_model, pick_device
-
-    device = pick_device(device)
-    if cache is None:
-        return load_model(model or "toy", pretrained, device=device), None
-    from clipterm.cache.reader import model_for_cache, open_cache
-
-    reader = open_cache(cache, cache_dir)
-    return model_for_cache(reader, device, model, pretrained), reader
 
 
 def _vocabulary(loaded: Any, path: str | None) -> Any:

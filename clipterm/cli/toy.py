@@ -56,9 +56,9 @@ def train(
     """Train the toy CLIP on freshly generated world data: from scratch (about an hour on 2 CPU cores), or on
     from a checkpoint with --from (each stage is recorded in training.json). The recipes are in the README."""
     from clipterm.locations import TOY_MODEL_DIR
-    from clipterm.toyworld.rn import ARCHS
     from clipterm.toyworld.evaluate import trained_world
     from clipterm.toyworld.recipe import RECIPES
+    from clipterm.toyworld.rn import ARCHS
     from clipterm.toyworld.train import train as run
 
     if arch not in ARCHS:

@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from clipterm.cli.common import CacheDirOpt, Device, DeviceOpt, JsonOpt, PretrainedOpt
+from clipterm.cli.common import load_model_and_cache as _load
 from clipterm.cli.output import emit_json, progress, stdout
 from clipterm.errors import ClipTermError
 
@@ -106,19 +107,6 @@ def tiles(pixels: Any, captions: list[str], size: int = SHOW_SIZE) -> Any:
 
     shown = [np.asarray(Image.fromarray(p).resize((size, size), Image.BILINEAR)) for p in pixels]
     return ThumbnailGrid([Tile(p, c) for p, c in zip(shown, captions)], size)
-
-
-def _load(model: str | None, pretrained: str | None, cache: str | None, cache_dir: str | None, device: str
-          ) -> tuple[Any, Any]:
-    from clipterm.vit.models import load_model, pick_device
-
-    device = pick_device(device)
-    if cache is None:
-        return load_model(model or "toy", pretrained, device=device), None
-    from clipterm.cache.reader import model_for_cache, open_cache
-
-    reader = open_cache(cache, cache_dir)
-    return model_for_cache(reader, device, model, pretrained), reader
 
 
 def _record(target: str, terms: list, goal: Any, config: Any, side: int, loaded: Any, reader: Any, probe: Any,
