@@ -261,14 +261,28 @@ class HuggingFaceLM:
         return torch.tensor(totals, dtype=torch.float64)  # (B,)
 
 
+def _missing(name: str, why: str) -> ClipTermError:
+    from clipterm.locations import hub_cache_dirs
+
+    return ClipTermError(f"no language model {name!r} here: not a folder, and not in the local Hugging Face cache "
+                         f"{hub_cache_dirs()[0]} ({why})",
+                         hint=f"fetch it once with CLIPTERM_DOWNLOAD=1 clipterm search --lm {name} ... (needs internet), "
+                              "or give --lm a folder written by save_pretrained", code=ExitCode.NOT_FOUND)
+
+
 def load_huggingface(name: str, vocab: Vocabulary, device: str | torch.device = "cpu") -> HuggingFaceLM:
     """A causal LM by hub name (from the local HF cache only, unless CLIPTERM_DOWNLOAD=1) or local folder."""
+    from clipterm.locations import hub_cache_dirs
+
+    folder = Path(name).expanduser()
+    cached = (hub_cache_dirs()[0] / ("models--" + name.replace("/", "--"))).is_dir()
+    if not folder.is_dir() and not cached and os.environ.get("CLIPTERM_DOWNLOAD", "") != "1":
+        raise _missing(name, "downloads are off by default")  # said before asking for transformers: it is not here at all
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         raise ClipTermError(f"--lm {name} needs the transformers package", hint="pip install 'clipterm[lm]', or use --lm ngram",
                             code=ExitCode.UNSUPPORTED) from None
-    from clipterm.locations import hub_cache_dirs
 
     folder = Path(name).expanduser()
     download = os.environ.get("CLIPTERM_DOWNLOAD", "") == "1" and not folder.is_dir()
@@ -282,10 +296,7 @@ def load_huggingface(name: str, vocab: Vocabulary, device: str | torch.device = 
                                 hint="the folder needs config.json, weights and tokenizer files, as save_pretrained writes them",
                                 code=ExitCode.INVALID_DATA) from None
         why = "downloads are off by default" if not download else f"the download failed: {str(exc).splitlines()[0]}"
-        raise ClipTermError(f"no language model {name!r} here: not a folder, and not in the local Hugging Face cache "
-                            f"{hub_cache_dirs()[0]} ({why})",
-                            hint=f"fetch it once with CLIPTERM_DOWNLOAD=1 clipterm search --lm {name} ... (needs internet), "
-                                 "or give --lm a folder written by save_pretrained", code=ExitCode.NOT_FOUND) from None
+        raise _missing(name, why) from None
     return HuggingFaceLM(model, tokenizer, vocab, folder.name if folder.is_dir() else name)
 
 

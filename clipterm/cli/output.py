@@ -35,9 +35,11 @@ def _jsonable(value: Any) -> Any:
 
 def error(message: str, hint: str | None = None) -> None:
     """One line for the error, one for the hint, on stderr."""
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    from rich.markup import escape  # a message may hold brackets ("clipterm[lm]", "[0, 1]") that are not markup
+
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)
     if hint:
-        stderr.print(f"[dim]hint:[/] {hint}", highlight=False)
+        stderr.print(f"[dim]hint:[/] {escape(hint)}", highlight=False)
 
 
 @contextmanager
