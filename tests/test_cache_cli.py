@@ -3,30 +3,25 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
+from cache_helpers import pristine_cache, root_holding
 
-from clipterm.cache.build import BuildOptions, build_cache
 from clipterm.errors import ExitCode
 
 
 @pytest.fixture(scope="module")
 def built(toy, tmp_path_factory):
     """A pristine 3-shard cache; tests copy it before changing anything."""
-    root = tmp_path_factory.mktemp("cli-cache")
-    build_cache(BuildOptions(images="toy:36", name="pets", cache_dir=str(root), shard_rows=12), loaded=toy)
-    return root / "pets"
+    return pristine_cache(toy, tmp_path_factory, "cli-cache", images=36, shard_rows=12)
 
 
 @pytest.fixture
 def root(built, tmp_path, monkeypatch):
     """A cache root holding a fresh copy of `pets`, set as $CLIPTERM_CACHE."""
-    shutil.copytree(built, tmp_path / "pets")
-    monkeypatch.setenv("CLIPTERM_CACHE", str(tmp_path))
-    return tmp_path
+    return root_holding(built, tmp_path, monkeypatch)
 
 
 def test_ls_and_info_json(cli, root):

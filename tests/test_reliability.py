@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+from cache_helpers import pristine_cache, root_holding
 
 from clipterm.cache import integrity, store
 from clipterm.cache.build import BuildOptions, build_cache
@@ -16,17 +17,13 @@ from clipterm.errors import ClipTermError, ExitCode
 
 @pytest.fixture(scope="module")
 def built(toy, tmp_path_factory):
-    root = tmp_path_factory.mktemp("reliability")
-    build_cache(BuildOptions(images="toy:12", name="pets", cache_dir=str(root), shard_rows=4), loaded=toy)
-    return root / "pets"
+    return pristine_cache(toy, tmp_path_factory, "reliability", images=12, shard_rows=4)
 
 
 @pytest.fixture
 def root(built, tmp_path, monkeypatch):
     """A cache root holding a fresh copy of `pets` (3 shards of 4 rows), set as $CLIPTERM_CACHE."""
-    shutil.copytree(built, tmp_path / "pets")
-    monkeypatch.setenv("CLIPTERM_CACHE", str(tmp_path))
-    return tmp_path
+    return root_holding(built, tmp_path, monkeypatch)
 
 
 def flip(path, at: float = 0.5) -> None:

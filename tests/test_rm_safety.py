@@ -7,27 +7,24 @@ import os
 import shutil
 
 import pytest
+from cache_helpers import pristine_cache, root_holding
 
-from clipterm.cache.build import BuildOptions, build_cache
 from clipterm.cache import store
+from clipterm.cache.build import BuildOptions, build_cache
 from clipterm.cache.store import CacheLock
 from clipterm.errors import ClipTermError, ExitCode
 
 
 @pytest.fixture(scope="module")
 def built(toy, tmp_path_factory):
-    root = tmp_path_factory.mktemp("rm-safety")
-    build_cache(BuildOptions(images="toy:8", name="pets", cache_dir=str(root), shard_rows=4), loaded=toy)
-    return root / "pets"
+    return pristine_cache(toy, tmp_path_factory, "rm-safety", images=8, shard_rows=4)
 
 
 @pytest.fixture
 def root(built, tmp_path, monkeypatch):
     """A cache root `tmp/root` holding a copy of `pets`, set as $CLIPTERM_CACHE; the test runs from `tmp`."""
-    shutil.copytree(built, tmp_path / "root" / "pets")
-    monkeypatch.setenv("CLIPTERM_CACHE", str(tmp_path / "root"))
     monkeypatch.chdir(tmp_path)
-    return tmp_path / "root"
+    return root_holding(built, tmp_path / "root", monkeypatch)
 
 
 def test_rm_refuses_a_folder_with_a_foreign_manifest(cli, root, tmp_path):
