@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_neurons import record_forward  # tests/ is on sys.path (rootdir conftest)
 
 from clipterm.vit import second_order
 
@@ -43,17 +44,11 @@ def reference_second_order(model, images: torch.Tensor, layer: int, neurons: lis
     """The reference's merged second-order effects (B, m, D) of some neurons of `layer`, summed over later heads."""
     visual = model.visual
     blocks = visual.transformer.resblocks
-    inputs, hidden, final = {}, {}, {}
-    hooks = [b.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0])) for i, b in enumerate(blocks)]
-    hooks.append(blocks[layer].mlp.gelu.register_forward_hook(lambda m, a, out: hidden.__setitem__("m", out)))
-    hooks.append(visual.ln_post.register_forward_pre_hook(lambda m, a: final.__setitem__("r", a[0])))
-    with torch.no_grad():
-        representation = model.encode_image(images)  # (B, D), unnormalised
-    for hook in hooks:
-        hook.remove()
+    representation, inputs, hidden_m, final_r = record_forward(model, images, layer)  # (B, D) unnormalised, ...
+    hidden = {"m": hidden_m}
+    residual = final_r[:, 0] if final_r.dim() == 3 else final_r  # (B, W): the class token
     n_layers, c_proj = len(blocks), blocks[layer].mlp.c_proj
     n_neurons = c_proj.weight.shape[1]
-    residual = final["r"][:, 0] if final["r"].dim() == 3 else final["r"]  # (B, W): the class token
     mean_post = residual.mean(-1, keepdim=True)  # (B, 1)
     std_post = (residual.var(-1, unbiased=False, keepdim=True) + visual.ln_post.eps).sqrt()  # (B, 1)
     total = 0.0

@@ -48,8 +48,9 @@ def _attention_probs(attn, normed: torch.Tensor) -> torch.Tensor:
     return (q @ k.transpose(-1, -2) * (width // heads) ** -0.5).softmax(-1)  # (B, H, T, T)
 
 
-def clean_run(model, images: torch.Tensor, layer: int) -> dict:
-    """Everything a frozen pass needs, recorded from the model's own forward (hooks on its modules)."""
+def record_forward(model, images: torch.Tensor, layer: int) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+    """The model's own forward, recorded by hooks on its modules: the embeddings (B, D), each block's input
+    {l: (B, T, W)}, `layer`'s MLP hidden activations (B, T, M) and the residual entering ln_post (B, T, W) or (B, W)."""
     visual = model.visual
     blocks = visual.transformer.resblocks
     inputs, hidden, final = {}, {}, {}
@@ -60,6 +61,15 @@ def clean_run(model, images: torch.Tensor, layer: int) -> dict:
         embeds = model.encode_image(images)  # (B, D)
     for hook in hooks:
         hook.remove()
+    return embeds, inputs, hidden["m"], final["r"]
+
+
+def clean_run(model, images: torch.Tensor, layer: int) -> dict:
+    """Everything a frozen pass needs, recorded from the model's own forward (hooks on its modules)."""
+    visual = model.visual
+    blocks = visual.transformer.resblocks
+    embeds, inputs, hidden_m, final_r = record_forward(model, images, layer)
+    hidden, final = {"m": hidden_m}, {"r": final_r}
     residual = final["r"][:, 0] if final["r"].dim() == 3 else final["r"]  # (B, W)
     run = {"embeds": embeds, "inputs": inputs, "probs": {}, "sigma": {}, "attn_out": {}, "mlp_out": {},
            "sigma_post": (residual.var(-1, unbiased=False) + visual.ln_post.eps).sqrt()}
