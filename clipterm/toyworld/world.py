@@ -179,20 +179,26 @@ def _draw_word(img: np.ndarray, scene: Scene) -> None:
     img[_paste(img, st, top, left)] = COLOURS[scene.ink]
 
 
-def sample_scene(rng: np.random.Generator, p_two: float = 0.3, p_word: float = 0.3) -> Scene:
-    """Draw a random scene: 1-2 objects at distinct positions, a background, maybe a word."""
-    n_obj = 2 if rng.random() < p_two else 1
-    positions = rng.permutation(len(POSITIONS))
-    objects = tuple(
+def _draw_objects(rng: np.random.Generator, positions: list[str]) -> tuple[Obj, ...]:
+    """One object at each of `positions`, its colour, shape, size and jitter drawn in that order (the world's seed
+    stream depends on the order)."""
+    return tuple(
         Obj(
             colour=str(rng.choice(list(COLOURS))),
             shape=str(rng.choice(SHAPES)),
             size=str(rng.choice(SIZES)),
-            position=POSITIONS[positions[k]],
+            position=position,
             jitter=(int(rng.integers(-2, 3)), int(rng.integers(-2, 3))),
         )
-        for k in range(n_obj)
+        for position in positions
     )
+
+
+def sample_scene(rng: np.random.Generator, p_two: float = 0.3, p_word: float = 0.3) -> Scene:
+    """Draw a random scene: 1-2 objects at distinct positions, a background, maybe a word."""
+    n_obj = 2 if rng.random() < p_two else 1
+    positions = rng.permutation(len(POSITIONS))
+    objects = _draw_objects(rng, [POSITIONS[k] for k in positions[:n_obj]])
     word = ink = word_pos = None
     if rng.random() < p_word:
         word = str(rng.choice(WORDS))
@@ -217,16 +223,7 @@ def sample_scene_v2(rng: np.random.Generator, p_two: float = 0.25, p_word: float
         free.remove(word_pos)
     n_obj = 2 if rng.random() < p_two else 1
     order = rng.permutation(len(free))
-    objects = tuple(
-        Obj(
-            colour=str(rng.choice(list(COLOURS))),
-            shape=str(rng.choice(SHAPES)),
-            size=str(rng.choice(SIZES)),
-            position=free[order[k]],
-            jitter=(int(rng.integers(-2, 3)), int(rng.integers(-2, 3))),
-        )
-        for k in range(n_obj)
-    )
+    objects = _draw_objects(rng, [free[k] for k in order[:n_obj]])
     if word is not None:
         ink = objects[0].colour if rng.random() < p_ink_on_object else str(rng.choice(list(COLOURS)))
     tint = tuple(int(t) for t in rng.integers(-12, 13, size=3))
