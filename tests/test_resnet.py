@@ -330,7 +330,7 @@ def test_toy_rn_recipe_saves_a_resnet_model_folder_that_loads_and_splits(tmp_pat
     torch.manual_seed(0)
     save_model_dir(open_clip.model.CLIP(**RN_MODEL_CFG).eval(), tmp_path / "toy-rn", {"steps": 0}, model_cfg=RN_MODEL_CFG)
     loaded = load_model(f"local-dir:{tmp_path / 'toy-rn'}")
-    assert loaded.info.tower == "resnet" and loaded.info.heads == 16 and loaded.info.mlp_width == 1024
+    assert loaded.info.tower == "resnet" and loaded.info.heads == 8 and loaded.info.mlp_width == 512
     parts = resnet.decompose(loaded.model.float(), images(2))
     assert rel(summed(parts, resnet.readout(loaded.model)), loaded.model.encode_image(images(2))) < 1e-5
 

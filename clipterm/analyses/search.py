@@ -336,4 +336,4 @@ def search_model(loaded, target: torch.Tensor, vocab: Vocabulary | None = None, 
 
     tokenizer = bpe_tokenizer(loaded.tokenizer)
     tower = TextTower(loaded.model, tokenizer.sot_token_id, tokenizer.eot_token_id)
-    return search(tower, target, vocab if vocab is not None else default_vocabulary(tokenizer), config, cancel, lm)
+    return search(tower, target, vocab if vocab is not None else default_vocabulary(tokenizer, loaded.text_tokens), config, cancel, lm)

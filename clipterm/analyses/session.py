@@ -362,7 +362,7 @@ class Analyses:
         loaded = self.loaded()
         with self._lock:  # the direction reads the cache; the climb itself only needs the text tower
             direction = targets.resolve(target, loaded, self.reader).direction
-        vocab = self._memoised("vocab", None, lambda: default_vocabulary(loaded.tokenizer))
+        vocab = self._memoised("vocab", None, lambda: default_vocabulary(loaded.tokenizer, loaded.text_tokens))
         language = self._memoised("lm", lm, lambda: load_lm(lm, vocab, loaded.info.spec, cache_dir=self.cache_dir,
                                                              device=next(loaded.model.parameters()).device))
         config = SearchConfig(steps=steps, patience=25, seed=seed, lm_weight=DEFAULT_WEIGHT)

@@ -82,7 +82,7 @@ def _vocabulary(loaded: Any, path: str | None) -> Any:
     from clipterm.inputs.vocab import default_vocabulary, file_vocabulary
 
     if path is None:
-        return default_vocabulary(loaded.tokenizer)
+        return default_vocabulary(loaded.tokenizer, loaded.text_tokens)
     words = file_vocabulary(loaded.tokenizer, path)
     if words.dropped:
         shown = ", ".join(words.dropped[:5]) + (", ..." if len(words.dropped) > 5 else "")

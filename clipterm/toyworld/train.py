@@ -58,7 +58,10 @@ def train(
         from clipterm.files import load_tensors
 
         notes = json.loads((Path(init) / "training.json").read_text())
-        model.load_state_dict({k: v.float() for k, v in load_tensors(Path(init) / "open_clip_model.safetensors").items()})
+        from clipterm.vit.pruned import unprune
+
+        state, _ = unprune(load_tensors(Path(init) / "open_clip_model.safetensors"), model_cfg["text_cfg"]["vocab_size"])
+        model.load_state_dict({k: v.float() for k, v in state.items()})
         done, history = notes["steps"], notes.get("history", [])
         stages = notes.get("stages") or [{key: notes[key] for key in ("steps", "seed", "batch_size", "lr") if key in notes}]
     stage = {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "warmup": warmup, "world": world}

@@ -59,6 +59,7 @@ class LoadedModel:
     preprocess: Any  # PIL image -> (3, S, S) tensor
     tokenizer: Any  # list[str] -> (n, context) int tensor
     info: ModelInfo
+    text_tokens: Any = None  # (K,) the token ids a pruned weights file keeps (vit/pruned.py); None: every token
 
 
 # --------------------------------------------------------------------------- configs and support
@@ -330,15 +331,17 @@ def _load_local_dir(folder: Path, spec: str, device: str) -> LoadedModel:
             hint="reinstall clipterm" if spec == TOY else "save one with clipterm's toy recipe or open_clip's push_to_hf_hub layout",
             code=ExitCode.NOT_FOUND,
         )
-    state = read_state_dict(weights)
+    from clipterm.vit.pruned import unprune
+
+    cfg = json.loads(config.read_text())["model_cfg"]
+    state, kept = unprune(read_state_dict(weights), cfg.get("text_cfg", {}).get("vocab_size", 49408))
     with _quiet_open_clip():
         model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", load_weights=False)
     model.load_state_dict(state, strict=True)
-    cfg = json.loads(config.read_text())["model_cfg"]
     refuse_unsupported(spec, cfg)
     info = _info(model, spec=spec, arch="toy" if spec == TOY else f"local-dir:{folder}", pretrained=None,
                  weights=weights, quick_gelu=bool(cfg.get("quick_gelu")))
-    return LoadedModel(model.to(device).eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{folder}"), info)
+    return LoadedModel(model.to(device).eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{folder}"), info, kept)
 
 
 def resnet_shape(heads: int, channels: int) -> ModelShape:
