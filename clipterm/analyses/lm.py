@@ -154,7 +154,9 @@ def builtin_corpus(model_spec: str) -> tuple[str, tuple[str, ...]]:
     """(name, texts): the `toy` pool and toy captions for the toy model, else the `general` pool."""
     from clipterm.inputs.texts import load_pool
 
-    if model_spec == "toy":
+    from clipterm.vit.models import is_toy
+
+    if is_toy(model_spec):
         from clipterm.toyworld.captions import sample_captions
 
         return "toy", (*load_pool("toy").texts, *sample_captions(TOY_CAPTIONS))

@@ -139,7 +139,9 @@ class Analyses:
     def __init__(self, reader: Any, pool: str | None = None, cache_dir: str | None = None,
                  n_texts: int = 10, draws: int = 500, loaded: Any = None, load_model: Callable[[], Any] | None = None):
         self.reader = reader
-        self.pool_spec = pool or ("toy" if reader.manifest["model"].get("spec") == "toy" else "general")
+        from clipterm.vit.models import is_toy
+
+        self.pool_spec = pool or ("toy" if is_toy(reader.manifest["model"].get("spec")) else "general")
         self.cache_dir = cache_dir
         self.n_texts = n_texts
         self.draws = draws

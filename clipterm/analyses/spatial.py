@@ -227,7 +227,9 @@ def pool_embeddings(loaded: Any, pool: str = "auto", cache_dir: Any = None) -> t
     """Unit text embeddings (C, D) and texts of a pool (`auto`: toy for the toy model, else general); disk-cached."""
     from clipterm.inputs.texts import embed_pool, load_pool
 
-    name = ("toy" if loaded.info.spec == "toy" else "general") if pool == "auto" else pool
+    from clipterm.vit.models import is_toy
+
+    name = ("toy" if is_toy(loaded.info.spec) else "general") if pool == "auto" else pool
     text_pool = load_pool(name)
     return F.normalize(embed_pool(loaded, text_pool, cache_dir=cache_dir).float(), dim=-1), list(text_pool.texts)
 

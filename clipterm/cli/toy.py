@@ -81,19 +81,37 @@ def train(
     stdout.print(f"saved {out_dir} (world {world}): " + ", ".join(f"{k} {v}" for k, v in final.items()))
 
 
+@toy_app.command()
+def ship(
+    source: Path = typer.Argument(..., help="A model folder written by `clipterm toy train`."),
+    out_dir: Path = typer.Argument(..., help="Where to write the shipped copy (e.g. clipterm/toyworld/model_rn)."),
+) -> None:
+    """Copy a trained toy with its token embedding pruned to the rows the toy's texts use (docs: vit/pruned.py):
+    its captions, prompts and the built-in pools encode exactly as before, in a fraction of the bytes."""
+    from clipterm.toyworld.ship import ship as run
+
+    if not (source / "training.json").is_file():
+        raise ClipTermError(f"{source}: not a folder written by `clipterm toy train` (no training.json)",
+                            hint="train one with `clipterm toy train OUT`")
+    if source.resolve() == out_dir.resolve():
+        raise ClipTermError(f"{out_dir} is the source folder", hint="write to a new folder")
+    summary = run(source, out_dir)
+    stdout.print(f"shipped {out_dir}: {summary['kept_tokens']} tokens kept, {summary['bytes'] / 2**20:.1f} MB")
+
+
 EVAL_MAX = 200_000
 
 
 @toy_app.command("eval")
 def evaluate(
-    model: str = typer.Option("toy", "--model", help="`toy`, or a local-dir model folder trained by `clipterm toy train`."),
+    model: str = typer.Option("toy", "--model", help="`toy`, `toy-rn`, or a local-dir model folder trained by `clipterm toy train`."),
     n: int = typer.Option(1000, "--n", min=10, help="Held-out images to evaluate on."),
     seed: int = typer.Option(None, "--seed", help="Seed of the held-out scenes (default: the fixed held-out seed)."),
     world: int = typer.Option(None, "--world", help=WORLD_HELP + " Default: the world the model was trained on."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Zero-shot accuracy per task on freshly generated held-out images of the world the model was trained on."""
-    from clipterm.locations import TOY_MODEL_DIR
+    from clipterm.locations import TOY_MODEL_DIRS
     from clipterm.toyworld.evaluate import HELDOUT_SEED, evaluate_model, trained_world
     from clipterm.vit.models import load_model
 
@@ -102,7 +120,7 @@ def evaluate(
                             hint="accuracy on 10,000 scenes is within about 1% of the truth; use --seed for other scenes")
     loaded = load_model(model)
     if world is None:
-        world = trained_world(TOY_MODEL_DIR if model == "toy" else Path(model.removeprefix("local-dir:")))
+        world = trained_world(TOY_MODEL_DIRS.get(model) or Path(model.removeprefix("local-dir:")))
     check_world(world)
     acc = evaluate_model(loaded.model, loaded.tokenizer, n=n, seed=HELDOUT_SEED if seed is None else seed, world=world)
     if json_out:

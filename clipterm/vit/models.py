@@ -19,6 +19,11 @@ from clipterm.errors import ClipTermError, ExitCode
 from clipterm.names import ModelShape
 
 TOY = "toy"
+
+
+def is_toy(spec: str | None) -> bool:
+    """A built-in toy model (`toy`, `toy-rn`): trained by clipterm on its synthetic world, shipped in the package."""
+    return spec in locations.TOY_MODEL_DIRS
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -126,7 +131,7 @@ def unknown_model(name: str) -> ClipTermError:
 
     import open_clip
 
-    close = difflib.get_close_matches(name, ["toy", *open_clip.list_models()], n=3)
+    close = difflib.get_close_matches(name, [*locations.TOY_MODEL_DIRS, *open_clip.list_models()], n=3)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     return ClipTermError(f"unknown model {name!r}", hint=hint + "run `clipterm models` for the list", code=ExitCode.NOT_FOUND)
 
@@ -233,8 +238,8 @@ def load_model(
     """
     import open_clip
 
-    if spec == TOY or spec.startswith("local-dir:") or Path(spec).is_dir():
-        folder = locations.TOY_MODEL_DIR if spec == TOY else Path(spec.removeprefix("local-dir:"))
+    if is_toy(spec) or spec.startswith("local-dir:") or Path(spec).is_dir():
+        folder = locations.TOY_MODEL_DIRS[spec] if is_toy(spec) else Path(spec.removeprefix("local-dir:"))
         return _load_local_dir(folder, spec, device)
     if arch_config(spec) is None:
         raise unknown_model(spec)
@@ -325,10 +330,10 @@ def _load_local_dir(folder: Path, spec: str, device: str) -> LoadedModel:
     config = folder / "open_clip_config.json"
     weights = folder / "open_clip_model.safetensors"
     if not config.is_file() or not weights.is_file():
-        where = "the installed package is missing the toy model" if spec == TOY else f"{folder} is not an open_clip model folder"
+        where = f"the installed package is missing the {spec} model" if is_toy(spec) else f"{folder} is not an open_clip model folder"
         raise ClipTermError(
             f"{where} (need open_clip_config.json and open_clip_model.safetensors)",
-            hint="reinstall clipterm" if spec == TOY else "save one with clipterm's toy recipe or open_clip's push_to_hf_hub layout",
+            hint="reinstall clipterm" if is_toy(spec) else "save one with clipterm's toy recipe or open_clip's push_to_hf_hub layout",
             code=ExitCode.NOT_FOUND,
         )
     from clipterm.vit.pruned import unprune
@@ -339,7 +344,7 @@ def _load_local_dir(folder: Path, spec: str, device: str) -> LoadedModel:
         model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", load_weights=False)
     model.load_state_dict(state, strict=True)
     refuse_unsupported(spec, cfg)
-    info = _info(model, spec=spec, arch="toy" if spec == TOY else f"local-dir:{folder}", pretrained=None,
+    info = _info(model, spec=spec, arch=spec if is_toy(spec) else f"local-dir:{folder}", pretrained=None,
                  weights=weights, quick_gelu=bool(cfg.get("quick_gelu")))
     return LoadedModel(model.to(device).eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{folder}"), info, kept)
 
@@ -405,14 +410,15 @@ def catalogue() -> list[dict[str, Any]]:
 
     rows: list[dict[str, Any]] = [
         {
-            "model": TOY,
+            "model": spec,
             "pretrained": None,
-            "weights": "present" if (locations.TOY_MODEL_DIR / "open_clip_model.safetensors").is_file() else "missing",
-            "weights_path": str(locations.TOY_MODEL_DIR),
+            "weights": "present" if (folder / "open_clip_model.safetensors").is_file() else "missing",
+            "weights_path": str(folder),
             "supported": True,
             "reason": None,
             "quick_gelu": False,
         }
+        for spec, folder in locations.TOY_MODEL_DIRS.items()
     ]
     for arch in open_clip.list_models():
         cfg = arch_config(arch) or {}
@@ -435,8 +441,8 @@ def catalogue() -> list[dict[str, Any]]:
 
 def model_shape(spec: str = TOY) -> ModelShape:
     """Layers, heads and MLP width from the model's config alone, without loading weights."""
-    if spec == TOY or spec.startswith("local-dir:") or Path(spec).is_dir():
-        folder = locations.TOY_MODEL_DIR if spec == TOY else Path(spec.removeprefix("local-dir:"))
+    if is_toy(spec) or spec.startswith("local-dir:") or Path(spec).is_dir():
+        folder = locations.TOY_MODEL_DIRS[spec] if is_toy(spec) else Path(spec.removeprefix("local-dir:"))
         try:
             cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
         except (OSError, ValueError, KeyError):
