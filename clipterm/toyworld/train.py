@@ -2,9 +2,10 @@
 
 Symmetric contrastive (InfoNCE) loss over batches of hard-negative groups (see
 batches.py). World 2 treats captions that are the same string as positives of
-each other, instead of as negatives. With the recipe's `prompt_loss`, each image is
-also classified per task among that task's zero-shot prompts (all classes at once). Everything is drawn from one seed, so the
-recipe is reproducible; a run resumes as a new stage with `init`.
+each other, instead of as negatives; with the recipe's `prompt_loss`, each image
+is also classified per task among that task's zero-shot prompts (all classes at
+once). Everything is drawn from one seed, so the recipe is reproducible; a run
+resumes as a new stage with `init`.
 """
 
 from __future__ import annotations
