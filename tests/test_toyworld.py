@@ -288,3 +288,21 @@ def test_sincos_positions_tell_every_patch_apart():
     assert table.shape == (64, 128)
     distances = torch.cdist(table, table) + torch.eye(64) * 1e3
     assert distances.min() > 0.5  # neighbouring patches differ clearly, at about unit scale
+
+
+def test_prompt_loss_scores_each_task_against_its_class_prompts_and_skips_undefined_labels():
+    import torch
+
+    from clipterm.toyworld.train import prompt_loss
+    from clipterm.toyworld.world import TASKS
+
+    classes = {t: torch.nn.functional.normalize(torch.randn(len(c), 16), dim=-1) for t, c in TASKS.items()}
+    truth = [{t: (k % len(c)) for t, c in TASKS.items()} for k in range(2)]
+    truth[1] = {t: -1 for t in TASKS} | {"shape": 3}  # image 1 is scored on shape only
+    right = torch.stack([classes["colour"][0], classes["shape"][3]])  # image 0 is the colour class 0 prompt
+    wrong = torch.stack([classes["colour"][1], classes["shape"][4]])
+    scale = torch.tensor(50.0)
+    assert prompt_loss(wrong, scale, classes, truth) > prompt_loss(right, scale, classes, truth)
+    only_shape = [{t: -1 for t in TASKS} | {"shape": 3}] * 2
+    exact = torch.stack([classes["shape"][3]] * 2)
+    assert prompt_loss(exact, scale, classes, only_shape) < 0.1  # nothing but the right shape prompt is near

@@ -79,6 +79,12 @@ def make_batch(rng: np.random.Generator, batch_size: int, group: int = 4) -> tup
 
 def make_focused_batch(rng: np.random.Generator, batch_size: int, recipe: Recipe, step: int) -> tuple[np.ndarray, list[str]]:
     """World 2: images (B, 64, 64, 3) uint8 and captions, in groups that each vary one attribute."""
+    scenes, captions = focused_scenes(rng, batch_size, recipe, step)
+    return np.stack([render(s)[0] for s in scenes]), captions
+
+
+def focused_scenes(rng: np.random.Generator, batch_size: int, recipe: Recipe, step: int) -> tuple[list[Scene], list[str]]:
+    """The scenes of a world-2 batch and their captions (`make_focused_batch` without the drawing)."""
     attrs = list(recipe.attribute_weights)
     weights = np.array([recipe.attribute_weights[a] for a in attrs])
     p_two = 0.0 if step < recipe.single_object_steps else 0.25
@@ -91,5 +97,4 @@ def make_focused_batch(rng: np.random.Generator, batch_size: int, recipe: Recipe
         for scene in [base, *(with_attribute(base, attr, str(v)) for v in picked)]:
             scenes.append(scene)
             captions.append(focused_caption(scene, rng, attr, recipe.dropout, recipe.p_single, recipe.p_ink))
-    images = np.stack([render(s)[0] for s in scenes[:batch_size]])
-    return images, captions[:batch_size]
+    return scenes[:batch_size], captions[:batch_size]

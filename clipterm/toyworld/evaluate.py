@@ -27,14 +27,29 @@ def task_classifiers(model, tokenizer) -> dict:
     """Unit text embeddings per task: {task: (n_classes, D)}, averaged over templates."""
     import torch
 
-    out = {}
     with torch.no_grad():
-        for task in TASKS:
-            prompts = task_prompts(task)  # [C][T]
-            flat = [p for per_class in prompts for p in per_class]
-            emb = torch.nn.functional.normalize(model.encode_text(tokenizer(flat)).float(), dim=-1)
-            emb = emb.view(len(prompts), len(prompts[0]), -1).mean(1)  # (C, D)
-            out[task] = torch.nn.functional.normalize(emb, dim=-1)
+        return class_embeddings(model, task_prompt_tokens(tokenizer))
+
+
+def task_prompt_tokens(tokenizer) -> dict:
+    """Every task's zero-shot prompts, tokenized: {task: (n_classes, n_templates, context)}."""
+    out = {}
+    for task in TASKS:
+        prompts = task_prompts(task)  # [C][T]
+        out[task] = tokenizer([p for per_class in prompts for p in per_class]).view(len(prompts), len(prompts[0]), -1)
+    return out
+
+
+def class_embeddings(model, tokens: dict) -> dict:
+    """{task: (C, D)} unit class embeddings of `task_prompt_tokens`, averaged over templates (with autograd,
+    so that training can classify by them too)."""
+    import torch.nn.functional as F
+
+    out = {}
+    for task, tok in tokens.items():
+        n_classes, n_templates = tok.shape[:2]
+        emb = F.normalize(model.encode_text(tok.flatten(0, 1)).float(), dim=-1)  # (C*T, D)
+        out[task] = F.normalize(emb.view(n_classes, n_templates, -1).mean(1), dim=-1)  # (C, D)
     return out
 
 

@@ -2,8 +2,10 @@
 
 Symmetric contrastive (InfoNCE) loss over batches of hard-negative groups (see
 batches.py). World 2 treats captions that are the same string as positives of
-each other, instead of as negatives. Everything is drawn from one seed, so the
-recipe is reproducible; a run resumes as a new stage with `init`.
+each other, instead of as negatives; with the recipe's `prompt_loss`, each image
+is also classified per task among that task's zero-shot prompts (all classes at
+once). Everything is drawn from one seed, so the recipe is reproducible; a run
+resumes as a new stage with `init`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from typing import Callable
 
 import numpy as np
 
-from clipterm.toyworld.batches import make_batch, make_focused_batch
-from clipterm.toyworld.evaluate import evaluate_model
+from clipterm.toyworld.batches import focused_scenes, make_batch
+from clipterm.toyworld.evaluate import class_embeddings, evaluate_model, task_prompt_tokens
 from clipterm.toyworld.recipe import MODEL_CFG, PREPROCESS_CFG, RECIPES, to_tensor
+from clipterm.toyworld.world import TASKS, labels, render
 
 
 def train(
@@ -64,23 +67,29 @@ def train(
         model.load_state_dict({k: v.float() for k, v in state.items()})
         done, history = notes["steps"], notes.get("history", [])
         stages = notes.get("stages") or [{key: notes[key] for key in ("steps", "seed", "batch_size", "lr") if key in notes}]
-    stage = {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "warmup": warmup, "world": world}
+    stage = {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "warmup": warmup, "world": world,
+             "prompt_loss": recipe.prompt_loss}
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
     schedule = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    prompt_tokens = task_prompt_tokens(tokenizer) if recipe.prompt_loss else None
     start = time.time()
     for step in range(steps):
         model.train()
         if world == 1:
             images, captions = make_batch(rng, batch_size)
+            truth = None
         else:  # a resumed stage continues the warm-up curriculum where the run stands
-            images, captions = make_focused_batch(rng, batch_size, recipe, step=done + step)
+            scenes, captions = focused_scenes(rng, batch_size, recipe, step=done + step)
+            images, truth = np.stack([render(s)[0] for s in scenes]), [labels(s) for s in scenes]
         img_f, txt_f, scale = model(to_tensor(images), tokenizer(captions))
         logits = scale * img_f @ txt_f.T  # (B, B)
         loss = contrastive_loss(logits, captions if world >= 2 else None)
+        if prompt_tokens is not None and truth is not None:
+            loss = loss + recipe.prompt_loss * prompt_loss(img_f, scale, class_embeddings(model, prompt_tokens), truth)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -115,6 +124,21 @@ def sincos_positions(grid: int, width: int):
     angles_y = ys.reshape(-1, 1) * freqs  # (G*G, W/4)
     angles_x = xs.reshape(-1, 1) * freqs  # (G*G, W/4)
     return torch.cat([angles_y.sin(), angles_y.cos(), angles_x.sin(), angles_x.cos()], dim=1)  # (G*G, W)
+
+
+def prompt_loss(img_f, scale, classes: dict, truth: list[dict[str, int]]):
+    """Mean over tasks of the cross-entropy of classifying each image among its task's class prompts, as
+    zero-shot evaluation does: img_f (B, D) unit, classes {task: (C, D)}, truth[b][task] a label or -1."""
+    import torch
+    import torch.nn.functional as F
+
+    losses = []
+    for task in TASKS:
+        target = torch.tensor([t[task] for t in truth])  # (B,)
+        keep = target >= 0
+        if keep.any():
+            losses.append(F.cross_entropy(scale * img_f[keep] @ classes[task].T, target[keep]))
+    return torch.stack(losses).mean()
 
 
 def contrastive_loss(logits, captions: list[str] | None = None):
