@@ -53,7 +53,8 @@ def main() -> None:
               f"text names it for {rates['rate']:.0%} vs {rates['random_rate']:.0%} for random channels "
               f"(goal >= 50% and >= 2x)", flush=True)
         multimodal = multimodal_channels(reader)
-        print(f"multimodal channels: {multimodal['multimodal']} of {multimodal['channels']};", multimodal["examples"][:5])
+        print(f"multimodal channels: {multimodal['multimodal']} of {multimodal['channels']} (20 random images meet the "
+              f"criterion {multimodal['random_rate']:.0%} of the time);", multimodal["examples"][:5])
     path = write_result("toy_rn_truth", {"model": args.model, "images": args.images, "accuracy": accuracy,
                                          "colour_heads": heads, "channels": rates, "multimodal": multimodal})
     print(f"wrote {path}")

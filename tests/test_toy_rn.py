@@ -69,16 +69,24 @@ def multimodal_channels(reader, top: int = 20, least: int = 2) -> dict:
     items = [reader.images()[int(i)] for i in reader.index()]
     scenes = [scene_at(*map(int, TOY_ID.match(item["id"]).groups())) for item in items]
     activations = reader.neurons("L3").float()  # (N, C)
-    found = []
-    for channel in range(activations.shape[1]):
-        chosen = [scenes[i] for i in activations[:, channel].topk(top).indices.tolist()]
+
+    def both(chosen: list) -> dict | None:
         for colour in COLOURS:
             objects = sum(any(o.colour == colour for o in s.objects) and s.word != colour for s in chosen)
             words = sum(s.word == colour and s.ink != colour for s in chosen)
             if objects >= least and words >= least:
-                found.append({"channel": channel, "colour": colour, "objects": objects, "words": words})
-                break
-    return {"channels": activations.shape[1], "multimodal": len(found), "examples": found[:10]}
+                return {"colour": colour, "objects": objects, "words": words}
+        return None
+
+    found = []
+    for channel in range(activations.shape[1]):
+        hit = both([scenes[i] for i in activations[:, channel].topk(top).indices.tolist()])
+        if hit is not None:
+            found.append({"channel": channel, **hit})
+    generator = torch.Generator().manual_seed(0)
+    drawn = [torch.randperm(len(scenes), generator=generator)[:top].tolist() for _ in range(500)]
+    chance = sum(both([scenes[i] for i in rows]) is not None for rows in drawn) / len(drawn)
+    return {"channels": activations.shape[1], "multimodal": len(found), "random_rate": chance, "examples": found[:10]}
 
 
 @pytest.fixture(scope="module")
