@@ -110,6 +110,13 @@ def test_pool_maps_are_labelled_pool_and_mean_token(rn_tui_cache, cli, monkeypat
     assert fresh.source == "forward" and (fresh.grid - stored.grid).abs().max() < 1e-5
     channel = spatial.component_map(image, "L3.N7", reader=reader, loaded=loaded)
     assert channel.grid.shape == (2, 2) and abs(channel.cls - float(reader.neurons("L3", rows=[2])[0, 7])) < 1e-4
+    query = spatial.query_map(image, "text:a red circle", loaded=loaded, reader=reader, contrast=None)
+    assert query.layer_names == "pool" and query.source == "cache" and query.grid.shape == (2, 2)
+    from clipterm.analyses import factorise
+    from clipterm.errors import ClipTermError
+
+    with pytest.raises(ClipTermError, match="a ViT's MLP activations"):
+        factorise.factorise(image, 2, loaded=loaded, reader=reader)
     monkeypatch.setenv("CLIPTERM_CACHE", root)
     result = cli("spatial", "row:2", "--cache", "rn", "--component", "pool.H3", "--json")
     assert result.code == 0, result.err
