@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from clipterm.errors import ClipTermError
+from clipterm.files import load_tensors
 from clipterm.locations import TOY_MODEL_DIR
 from clipterm.toyworld.captions import sample_captions
 from clipterm.toyworld.ship import ship, toy_texts
@@ -80,3 +81,12 @@ def test_toy_rn_ships_under_10_mb(tmp_path):
     assert json.loads((tmp_path / "toy-rn" / "training.json").read_text()) == {"steps": 0}
     loaded = load_model(f"local-dir:{tmp_path / 'toy-rn'}")
     assert loaded.info.tower == "resnet" and len(loaded.text_tokens) == summary["kept_tokens"]
+
+
+def test_toy_ship_on_the_command_line(cli, shipped_toy, tmp_path):
+    _, _, _, root = shipped_toy
+    result = cli("toy", "ship", str(root / "full"), str(tmp_path / "shipped"))
+    assert result.code == 0, result.err
+    assert "tokens kept" in result.out and pruned.is_pruned(load_tensors(tmp_path / "shipped" / "open_clip_model.safetensors"))
+    refused = cli("toy", "ship", str(tmp_path), str(tmp_path / "again"))
+    assert refused.code != 0 and "no training.json" in refused.err

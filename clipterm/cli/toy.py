@@ -12,7 +12,7 @@ from clipterm.errors import ClipTermError
 
 WORLD_HELP = "World version: 1 (what the shipped toy was trained on) or 2 (legible words; see the README)."
 
-toy_app = typer.Typer(help="The synthetic world and the built-in toy CLIP: render images, train, evaluate.", no_args_is_help=True)
+toy_app = typer.Typer(help="The synthetic world and the built-in toy CLIPs: render images, train, evaluate, ship.", no_args_is_help=True)
 
 
 @toy_app.command()

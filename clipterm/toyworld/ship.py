@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import lru_cache
 from pathlib import Path
 
 CAPTIONS = 20_000  # training-style captions sampled per shipped model: every word of the grammar, many times
 
 
-def toy_texts(captions: int = CAPTIONS, seed: int = 0) -> list[str]:
+@lru_cache(maxsize=2)
+def toy_texts(captions: int = CAPTIONS, seed: int = 0) -> tuple[str, ...]:
     """The texts whose tokens a shipped toy keeps."""
     from clipterm.inputs.texts import load_pool
     from clipterm.toyworld.captions import sample_captions, task_prompts
@@ -25,10 +27,10 @@ def toy_texts(captions: int = CAPTIONS, seed: int = 0) -> list[str]:
     texts += [name for names in TASKS.values() for name in names]
     for pool in ("toy", "general"):
         texts += list(load_pool(pool).texts)
-    return texts
+    return tuple(texts)
 
 
-def ship(source: Path, out_dir: Path, texts: list[str] | None = None) -> dict:
+def ship(source: Path, out_dir: Path, texts: tuple[str, ...] | None = None) -> dict:
     """Copy the model folder `source` (written by `clipterm toy train`) to `out_dir` with a pruned token embedding."""
     import open_clip
 
