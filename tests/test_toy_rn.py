@@ -89,6 +89,19 @@ def multimodal_channels(reader, top: int = 20, least: int = 2) -> dict:
     return {"channels": activations.shape[1], "multimodal": len(found), "random_rate": chance, "examples": found[:10]}
 
 
+def test_shipped_toy_rn_meets_the_accuracy_floor_and_10_mb():
+    from clipterm.toyworld.evaluate import evaluate_model
+    from clipterm.vit.models import load_model
+    from test_toyworld import ACCURACY_FLOOR
+
+    assert (TOY_RN_MODEL_DIR / "open_clip_model.safetensors").stat().st_size <= 10 * 2**20
+    loaded = load_model("toy-rn")
+    assert loaded.info.tower == "resnet" and loaded.text_tokens is not None
+    accuracy = evaluate_model(loaded.model, loaded.tokenizer, n=400, seed=12345)
+    for task, floor in ACCURACY_FLOOR.items():
+        assert accuracy[task] >= floor, (task, accuracy)
+
+
 @pytest.fixture(scope="module")
 def toy_rn(tmp_path_factory):
     from clipterm.vit.models import load_model
