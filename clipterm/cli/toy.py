@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from clipterm.cli.common import JsonOpt, accuracy_table
+from clipterm.cli.common import Device, DeviceOpt, JsonOpt, accuracy_table
 from clipterm.cli.output import emit_json, progress, stderr, stdout
 from clipterm.errors import ClipTermError
 
@@ -52,6 +52,9 @@ def train(
                                                     "clipterm/toyworld/rn.py). With --from, the checkpoint's own."),
     init: str = typer.Option(None, "--from", help="Train on from this checkpoint: `toy` (the shipped model) or a folder "
                                                   "written by `clipterm toy train`. Its steps and history carry on."),
+    device: Device = DeviceOpt,
+    workers: int = typer.Option(0, "--workers", min=0, help="Processes that draw world-2 batches (0: the training "
+                                                            "process). The data is the same for any number."),
 ) -> None:
     """Train the toy CLIP on freshly generated world data: from scratch (about an hour on 2 CPU cores), or on
     from a checkpoint with --from (each stage is recorded in training.json). The recipes are in the README."""
@@ -60,6 +63,7 @@ def train(
     from clipterm.toyworld.recipe import RECIPES
     from clipterm.toyworld.rn import ARCHS
     from clipterm.toyworld.train import train as run
+    from clipterm.vit.models import pick_device
 
     if arch not in ARCHS:
         raise ClipTermError(f"--arch {arch!r}: no such toy image tower", hint=f"use {' or '.join(ARCHS)}")
@@ -77,6 +81,7 @@ def train(
     final = run(out_dir, steps=steps or defaults["steps"], batch_size=batch_size or defaults["batch_size"],
                 lr=lr or defaults["lr"], warmup=warmup or defaults["warmup"], seed=seed, threads=threads or None,
                 eval_every=eval_every, init=start, world=world, model_cfg=ARCHS[arch] if start is None else None,
+                device=pick_device(device.value), workers=workers,
                 log=lambda line: stderr.print(line, highlight=False))
     stdout.print(f"saved {out_dir} (world {world}): " + ", ".join(f"{k} {v}" for k, v in final.items()))
 

@@ -27,8 +27,9 @@ def task_classifiers(model, tokenizer) -> dict:
     """Unit text embeddings per task: {task: (n_classes, D)}, averaged over templates."""
     import torch
 
+    device = next(model.parameters()).device
     with torch.no_grad():
-        return class_embeddings(model, task_prompt_tokens(tokenizer))
+        return class_embeddings(model, {t: tok.to(device) for t, tok in task_prompt_tokens(tokenizer).items()})
 
 
 def task_prompt_tokens(tokenizer) -> dict:
@@ -61,12 +62,14 @@ def evaluate_model(model, tokenizer, n: int = 1000, seed: int = HELDOUT_SEED, ba
     images, per_task = heldout(n, seed, world)
     classifiers = task_classifiers(model, tokenizer)
     with torch.no_grad():
-        feats = torch.cat([model.encode_image(to_tensor(images[i : i + batch_size])).float() for i in range(0, n, batch_size)])
+        device = next(model.parameters()).device
+        feats = torch.cat([model.encode_image(to_tensor(images[i : i + batch_size]).to(device)).float().cpu()
+                           for i in range(0, n, batch_size)])
     feats = torch.nn.functional.normalize(feats, dim=-1)  # (n, D)
     acc = {}
     for task, clf in classifiers.items():
         keep = per_task[task] >= 0
-        pred = (feats[torch.from_numpy(keep)] @ clf.T).argmax(-1).numpy()
+        pred = (feats[torch.from_numpy(keep)] @ clf.cpu().T).argmax(-1).numpy()
         acc[task] = round(float((pred == per_task[task][keep]).mean()), 4)
     return acc
 
