@@ -58,7 +58,7 @@ def train(
 ) -> None:
     """Train the toy CLIP on freshly generated world data: from scratch (about an hour on 2 CPU cores), or on
     from a checkpoint with --from (each stage is recorded in training.json). The recipes are in the README."""
-    from clipterm.locations import TOY_MODEL_DIR
+    from clipterm.locations import TOY_MODEL_DIRS
     from clipterm.toyworld.evaluate import trained_world
     from clipterm.toyworld.recipe import RECIPES
     from clipterm.toyworld.rn import ARCHS
@@ -68,7 +68,7 @@ def train(
     if arch not in ARCHS:
         raise ClipTermError(f"--arch {arch!r}: no such toy image tower", hint=f"use {' or '.join(ARCHS)}")
 
-    start = None if init is None else TOY_MODEL_DIR if init == "toy" else Path(init)
+    start = None if init is None else TOY_MODEL_DIRS.get(init) or Path(init)
     if start is not None and not (start / "training.json").is_file():
         raise ClipTermError(f"--from {init}: not a folder written by `clipterm toy train` (no training.json)",
                             hint="pass `--from toy` or a folder a previous `clipterm toy train OUT` wrote")
