@@ -118,21 +118,23 @@ def test_a_fixed_seed_repeats_exactly_with_guidance(toy, vocab, ngram):
     assert [_untimed(e) for e in first] == [_untimed(e) for e in second]
 
 
-def test_the_lm_term_is_skipped_only_where_it_cannot_matter(toy, vocab, ngram):
-    """Strings whose cosine bound is below the beam's worst are not put to the LM; the beam is the same as if all were."""
+@pytest.mark.parametrize("cheap", [True, False])  # the n-gram is asked before the text tower, a costly LM after it
+def test_the_lm_term_is_skipped_only_where_it_cannot_matter(toy, vocab, ngram, monkeypatch, cheap):
+    """Strings that cannot beat the beam's worst are not scored in full; the beam is the same as if all were."""
+    monkeypatch.setattr(ngram, "cheap", cheap)
     tokenizer = toy.tokenizer
     scorer = _Scorer(TextTower(toy.model, tokenizer.sot_token_id, tokenizer.eot_token_id), _embed(toy, "a red star"),
-                     vocab, dataclasses.replace(FAST, beam=4, lam=0.0025), ngram)
+                     vocab, dataclasses.replace(FAST, beam=4, lam=0.0025, lm_weight=0.1), ngram)
     generator = torch.Generator().manual_seed(0)
     strings = [tuple(torch.randint(0, len(vocab), (n,), generator=generator).tolist()) for n in (1, 2, 3) for _ in range(60)]
-    strings += [_rows(vocab, t) for t in ("a red star", "red star", "a red", "star")]
-    beam = [0.3, 0.2]
+    strings += [_rows(vocab, t) for t in ("a red star", "red star", "a red", "star", "a star", "a red shape")]
+    full = [o - 0.1 * nll for s, (o, _), nll in zip(strings, scorer._cosines(strings), nll_per_word(ngram, strings))]
+    beam = [sorted(full, reverse=True)[2]] * 4
     scored = scorer.score(strings, beam)
     assert 0 < sum(s is not None for s in scored) < len(strings)  # some were skipped
-    full = [(c - 0.01 * nll - scorer.lam * float(vocab.prior[list(s)].sum()))
-            for s, (_, c), nll in zip(strings, scorer._cosines(strings), nll_per_word(ngram, strings))]
-    best = sorted(range(len(strings)), key=lambda i: -full[i])[:4]
-    assert all(scored[i] is not None and scored[i][0] == pytest.approx(full[i], abs=1e-5) for i in best)
+    assert all(s is None or s[0] == pytest.approx(f, abs=1e-5) for s, f in zip(scored, full))
+    kept = sorted([*beam, *(s[0] for s in scored if s is not None)], reverse=True)[:4]
+    assert kept == pytest.approx(sorted([*beam, *full], reverse=True)[:4], abs=1e-5)
 
 
 def test_guidance_makes_the_string_read_as_a_caption(toy, vocab, ngram):

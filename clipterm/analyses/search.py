@@ -116,18 +116,21 @@ class _Scorer:
         self.embeds = tower.token_embedding[vocab.ids.to(device)].detach()  # (V, width)
         self.filler = self.embeds.mean(0)  # (width,) the point an insertion is linearised around
         self.prior = vocab.prior.to(device)  # (V,)
+        self._prior = vocab.prior.tolist()
         self.lam = config.prior_weight(guided=lm is not None)
         self.evals = 0
 
     def score(self, strings: list[Tokens], beam: list[float] = ()) -> list[Scored | None]:
-        """(objective, cosine, NLL per word) of each string. With a language model, only strings that can
-        still beat the beam's worst (`beam`: its objectives) are put to it; the others come back None."""
-        bounds = self._cosines(strings)  # objectives without the LM term: upper bounds, as NLL >= 0
+        """(objective, cosine, NLL per word) of each string. With a language model, strings that cannot beat
+        the beam's worst (`beam`: its objectives) come back None: they could never enter it."""
         if self.lm is None:
-            return [(o, c, None) for o, c in bounds]
+            return [(o, c, None) for o, c in self._cosines(strings)]
+        kept = sorted(beam, reverse=True)[: self.config.beam]
+        if self.lm.cheap:
+            return self._lm_first(strings, kept[-1] if len(kept) == self.config.beam else float("-inf"))
+        bounds = self._cosines(strings)  # objectives without the LM term: upper bounds, as NLL >= 0
         out: list[Scored | None] = [None] * len(strings)
         order = sorted(range(len(strings)), key=lambda i: -bounds[i][0])
-        kept = sorted(beam, reverse=True)[: self.config.beam]
         for start in range(0, len(order), _LM_CHUNK):
             floor = kept[-1] if len(kept) == self.config.beam else float("-inf")
             chunk = [i for i in order[start : start + _LM_CHUNK] if bounds[i][0] >= floor]
@@ -136,6 +139,17 @@ class _Scorer:
             kept = sorted(kept + [out[i][0] for i in chunk], reverse=True)[: self.config.beam]
             if len(chunk) < len(order[start : start + _LM_CHUNK]):
                 break  # the rest are sorted lower still
+        return out
+
+    def _lm_first(self, strings: list[Tokens], floor: float) -> list[Scored | None]:
+        """A cheap LM (the n-gram) scores every string first. As cos <= 1, a string whose 1 - λ·prior - λ_lm·NLL
+        is below `floor` can never enter the beam, so the text tower, the costly part, never runs on it."""
+        nll = nll_per_word(self.lm, strings)
+        bound = [1 + 1e-6 - self.lam * sum(self._prior[t] for t in s) - self.config.lm_weight * n for s, n in zip(strings, nll)]
+        live = [i for i in range(len(strings)) if bound[i] >= floor]
+        out: list[Scored | None] = [None] * len(strings)
+        for i, (objective, cosine) in zip(live, self._cosines([strings[i] for i in live])):
+            out[i] = (objective - self.config.lm_weight * nll[i], cosine, nll[i])
         return out
 
     @torch.no_grad()
