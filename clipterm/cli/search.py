@@ -14,7 +14,7 @@ from clipterm.cli.common import load_model_and_cache as _load
 from clipterm.cli.output import emit_json_line, stderr, stdout
 
 SCHEMA = "clipterm.search/1"
-DEFAULT_LM_WEIGHT = 0.05  # lm.DEFAULT_WEIGHT, repeated so that `--help` does not import torch
+DEFAULT_LM_WEIGHT = 0.06  # lm.DEFAULT_WEIGHT, repeated so that `--help` does not import torch
 
 
 def search(
