@@ -104,6 +104,7 @@ class ClipTermApp(TreeMixin, App[None]):
         self.visual_steps = 128  # steps of a visualisation started from the pane
         self._visual_stop = threading.Event()
         self._theme, self._keymap, self._with_hints = theme, keymap or {}, hints
+        self._held: list[tuple[Callable[[], None], str, str]] | None = []  # workers asked for before the first frame
         self.animation_level = "none"  # calm over SSH; no smooth scrolling or fades
 
     # ----------------------------------------------------------------- layout
@@ -141,7 +142,20 @@ class ClipTermApp(TreeMixin, App[None]):
         tree.focus()
         self.select("model")
         if self._with_hints:
-            self.run_worker(self._compute_hints, thread=True, group="hints", exit_on_error=False)
+            self._run_thread(self._compute_hints, "hints", "hints")
+
+    def on_ready(self) -> None:
+        """After the first frame: start the workers asked for until now. Started earlier, their imports (numpy,
+        then torch) hold the GIL while Textual draws, and the first frame waits for them."""
+        held, self._held = self._held or [], None
+        for job, group, name in held:
+            self._run_thread(job, group, name)
+
+    def _run_thread(self, job: Callable[[], None], group: str, name: str) -> None:
+        if self._held is not None:
+            self._held.append((job, group, name))
+            return
+        self.run_worker(job, thread=True, group=group, exit_on_error=False, name=name)
 
     def _root_label(self) -> str:
         model = self.reader.manifest["model"]
@@ -183,7 +197,7 @@ class ClipTermApp(TreeMixin, App[None]):
             compute()
             self.call_from_thread(self._arrived, group, key)
 
-        self.run_worker(job, thread=True, group=group, exit_on_error=False, name=f"{group}:{key}")
+        self._run_thread(job, group, f"{group}:{key}")
 
     def _wanted(self, group: str) -> Any:
         """The key the selection needs for a pane, or None."""
