@@ -130,6 +130,7 @@ def child(job: str, cache: str, pool: str | None, layer: int, head: int, heads: 
                 "problems": len(problems)}
     loaded = model_for_cache(reader)
     from clipterm.analyses import ablation
+    from clipterm.analyses.direct_ablation import ablate_cached
     from clipterm.analyses.examples import top_images
     from clipterm.analyses.session import Analyses
     from clipterm.analyses.textspan import component_stats, text_span
@@ -161,7 +162,7 @@ def child(job: str, cache: str, pool: str | None, layer: int, head: int, heads: 
         shape = reader.shape
         components = ([f"L{l}.H{h}" for l in range(shape.layers) for h in range(shape.heads)] if job == "ablate_head"
                       else [f"L{l}" for l in range(shape.layers)])
-        ablation.ablate(scorings, ablation.shifts(reader, components), DRAWS)
+        ablate_cached(scorings, reader, components, DRAWS)  # what `clipterm ablate` runs (cosines included)
     elif job == "images_head":
         top_images(reader, head_name, top=16, text_embeds=lambda: (embeds, text_pool.texts))
     elif job == "images_neuron":

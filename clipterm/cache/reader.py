@@ -89,6 +89,7 @@ class CacheReader:
                                 hint="rerun the same `clipterm cache build` command to resume it", code=ExitCode.INVALID_DATA)
         self.manifest: dict[str, Any] = manifest
         self._handles: dict[str, Any] = {}
+        self._maps: dict[tuple[str, str], Any] = {}
         self._verifier = Verifier(self.path, self.name)
 
     # ----------------------------------------------------------------- what is in it
@@ -260,7 +261,68 @@ class CacheReader:
             raise self._verifier.damaged(IMAGES, "a line is not an input record")
         return rows
 
+    # ----------------------------------------------------------------- streaming
+
+    def row_chunks(self, rows: int = 16384) -> list[tuple[int, int]]:
+        """Row ranges [lo, hi) of whole shards, about `rows` at a time: the steps of a streaming pass."""
+        chunks, lo, hi = [], 0, 0
+        for record in self.manifest["shards"]:
+            if hi > lo and hi - lo + record["rows"] > rows:
+                chunks.append((lo, hi))
+                lo = hi
+            hi += record["rows"]
+        if hi > lo:
+            chunks.append((lo, hi))
+        return chunks
+
+    def gather(self, tensor: str, index: tuple[int, ...], rows: Any) -> Any:
+        """Cache rows `rows` (ascending positions 0..N-1) of one stored block `tensor[index]` (`head_out`, (l, h): (n, dh);
+        `head_out`, (l,): (H, n, dh); `mlps`, (l,): (n, D); `image_embeds`, (): (n, D)), in the cache dtype. Read
+        through a memory map, so only the pages holding those rows are touched (a sample of a big cache)."""
+        import numpy as np
+        import torch
+
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        axis = _ROW_AXIS.get(tensor.split(".")[0], 0) - len(index)
+        parts, offset = [], 0
+        for record in self.manifest["shards"]:
+            start, offset = offset, offset + record["rows"]
+            first, last = (int(i) for i in torch.searchsorted(rows, torch.tensor([start, offset])))
+            if last > first or (not parts and offset == self.n):  # the last shard answers an empty request
+                values = self._memmap(record, tensor)
+                values = values[index] if index else values
+                parts.append(torch.from_numpy(np.take(values, (rows[first:last] - start).numpy(), axis=axis)))
+        return torch.cat(parts, dim=axis) if len(parts) > 1 else parts[0]
+
+    def image_records(self, indices: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """images.jsonl's records of some inputs, by index: only their lines are parsed (line i holds input i)."""
+        path = self.checked(IMAGES)
+        try:
+            lines = path.read_bytes().split(b"\n")
+            found = {i: json.loads(lines[i]) for i in set(indices) if 0 <= i < len(lines)}
+        except (OSError, ValueError):
+            found = {}
+        if len(found) == len(set(indices)) and all(isinstance(r, dict) and r.get("index") == i for i, r in found.items()):
+            return found
+        return {row["index"]: row for row in self.images() if row["index"] in set(indices)}  # not one line per input
+
     # ----------------------------------------------------------------- plumbing
+
+    def _memmap(self, record: dict, tensor: str) -> Any:
+        """A read-only numpy memory map of one tensor of a shard (checked like `_handle`), from its safetensors header."""
+        import numpy as np
+
+        key = (record["file"], tensor)
+        if key not in self._maps:
+            self._handle(record)  # the shard's checks
+            path = self.path / record["file"]
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                entry = json.loads(f.read(size))[tensor]
+            dtype = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64}[entry["dtype"]]
+            self._maps[key] = np.memmap(path, dtype=dtype, mode="r", offset=8 + size + entry["data_offsets"][0],
+                                        shape=tuple(entry["shape"]))
+        return self._maps[key]
 
     def _layer(self, layer: int | str) -> int:
         if isinstance(layer, str):
@@ -314,6 +376,9 @@ class CacheReader:
         import torch
 
         return torch.cat(self._per_shard(read, rows))
+
+
+_ROW_AXIS = {"head_out": 2, "mlps": 1, "neurons": 1, "tokens": 1}  # where the rows are in a shard's tensor
 
 
 def _open(path: Path) -> Any:

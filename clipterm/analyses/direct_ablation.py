@@ -1,0 +1,162 @@
+"""Direct mean-ablation of cached components, scored in class space and streamed shard by shard.
+
+The same numbers as `ablation.ablate` over `ablation.shifts` (Gandelsman, Efros, Steinhardt, ICLR 2024,
+Sec. 3), without ever building an (N, D) shift. A component's effect is a sum of stored blocks,
+c = Σ_t x_t R_t (a head: its head_out x (n, dh) and readout R (dh, D); an MLP, embed or bias: its joint-space
+rows, R = I), and its mean m comes from the cache's statistics. Mean-ablating it moves the logits by
+
+    (m - c) W^T = m W^T - Σ_t x_t (R_t W^T)        W (K, D): the unit class embeddings
+
+so a head costs N·dh·K, read from its own block only. The cosine between e and e + (m - c) needs
+e·c, m·c and |c|² per image: for a head z·(R e), z·(R m) and z (R Rᵀ) z, at N·dh·D (`cosine=False`
+skips it, as the TUI does). A layer (several blocks) is summed in joint space one chunk of rows at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+
+from clipterm import names
+from clipterm.analyses.ablation import AblationRow, Scoring, bootstrap_drop
+from clipterm.errors import ClipTermError
+
+
+@dataclass(frozen=True)
+class Term:
+    """One stored block of a component: rows `tensor[index]` (n, d), read into joint space by `readout`."""
+
+    tensor: str  # head_out, mlps, embed or bias
+    index: tuple[int, ...]  # (l, h) a head; (l,) an MLP, or a layer's heads; () embed, bias
+    readout: torch.Tensor | None  # (d, D); None: the rows are in joint space
+    mean: torch.Tensor  # (d,) fp64 over every row of the cache, from its stats
+
+
+@dataclass
+class Piece:
+    """What one row of the result ablates: the sum of its terms (plus, when `extends`, the previous piece's)."""
+
+    name: str
+    terms: list[Term]
+    extends: bool = False
+
+
+def terms(reader: Any, name: str) -> list[Term]:
+    """The stored blocks whose sum is a component's direct effect (as `reader.effects(name)` sums them); a layer's
+    heads are one block, `head_out[l]`, read as (n, H·dh) with the heads' readouts stacked (H·dh, D)."""
+    comp = names.validate(names.parse(name), reader.shape).base
+    if comp.kind in ("embed", "bias"):
+        return [Term(comp.kind, (), None, reader.stats(str(comp))["mean"])]
+    if comp.kind == "mlp":
+        return [Term("mlps", (comp.layer,), None, reader.stats(str(comp))["mean"])]
+    if comp.kind == "head":
+        return [Term("head_out", (comp.layer, comp.index), reader.readout[comp.layer, comp.index],
+                     reader.stats(str(comp))["mean"])]
+    if comp.kind == "layer" and not (comp.site == "block" and reader.shape.tower == "resnet"):
+        heads = [str(names.Component("head", comp.layer, h, site=comp.site)) for h in range(reader.shape.heads)]
+        readout = reader.readout[comp.layer]  # (H, dh, D)
+        mean = torch.cat([reader.stats(head)["mean"] for head in heads])  # (H·dh,)
+        stacked = [Term("head_out", (comp.layer,), readout.reshape(-1, readout.shape[-1]), mean)]
+        return stacked if comp.site == "pool" else stacked + terms(reader, names.mlp(comp.layer))
+    reader.effects(name)  # raises the reader's own error for what has no stored direct effect
+    raise ClipTermError(f"{name} has no stored direct effect")
+
+
+def read_rows(reader: Any, term: Term, rows: torch.Tensor) -> torch.Tensor:
+    """A term's rows (n, d) in fp32; a layer's head_out[l] (H, n, dh) comes back as (n, H·dh)."""
+    values = reader.gather(term.tensor, term.index, rows).float()
+    if term.tensor == "head_out" and len(term.index) == 1:
+        values = values.permute(1, 0, 2).reshape(len(rows), -1)  # (n, H·dh)
+    return values
+
+
+def pieces(reader: Any, components: list[str]) -> list[Piece]:
+    return [Piece(name, terms(reader, name)) for name in components]
+
+
+def cumulative_pieces(reader: Any, by: str) -> list[Piece]:
+    """Layers 0..l all mean-ablated (their heads, MLPs, or both), for each l: `ablation.cumulative_shifts`' rows."""
+    out = []
+    for layer in range(reader.shape.layers):
+        parts = {"head": [str(c) for c in names.heads(reader.shape, [layer])], "mlp": names.mlps(reader.shape)[layer:layer + 1],
+                 "layer": names.layers(reader.shape)[layer:layer + 1]}[by]
+        label = names.layers(reader.shape)[layer] if reader.shape.tower == "resnet" else names.format_layers(list(range(layer + 1)))
+        out.append(Piece(label, [t for name in parts for t in terms(reader, name)], extends=bool(out)))
+    return out
+
+
+def _joint(term: Term, rows: torch.Tensor) -> torch.Tensor:
+    return rows if term.readout is None else rows @ term.readout  # (n, D)
+
+
+def ablate_cached(scorings: dict[str, Scoring], reader: Any, components: list[str] | list[Piece], draws: int = 2000,
+                  cosine: bool = True, on_rows: Callable[[int], None] | None = None,
+                  chunk_rows: int = 16384) -> dict[str, list[AblationRow]]:
+    """`ablation.ablate(scorings, ablation.shifts(reader, components), draws)`, streamed: one pass over the cache's
+    rows, each component reading its own blocks. Without `cosine`, rows carry NaN cosines. `on_rows(n)` after each chunk
+    of about `chunk_rows` rows (whole shards)."""
+    parts = components if components and isinstance(components[0], Piece) else pieces(reader, components)  # type: ignore[arg-type]
+    means, total = [], None  # (D,) joint-space mean of each piece
+    for piece in parts:
+        own = sum(t.mean.double() if t.readout is None else t.mean.double() @ t.readout.double() for t in piece.terms)
+        total = own + total if piece.extends and total is not None else own
+        means.append(total.float())
+    mean_logits = {task: [m @ s.weights.T for m in means] for task, s in scorings.items()}  # (K,) per piece
+    chained = any(p.extends for p in parts)  # the cumulative curve: every piece in joint space
+    heads = [p.terms[0] for p in parts if len(p.terms) == 1 and p.terms[0].readout is not None and not chained]
+    in_class = {task: {id(t): t.readout @ s.weights.T for t in heads} for task, s in scorings.items()}  # (dh, K)
+    grams = {id(t): t.readout @ t.readout.T for t in heads} if cosine else {}  # (dh, dh)
+    after = {task: [[] for _ in parts] for task in scorings}
+    cos_sum = {task: [0.0] * len(parts) for task in scorings}
+    for lo, hi in reader.row_chunks(chunk_rows):
+        local = {task: s.span(lo, hi) for task, s in scorings.items()}  # the scored rows here, as slices of `rows`
+        needed = torch.unique(torch.cat([s.rows[local[task]] for task, s in scorings.items()]))  # (n,) cache rows
+        at = {task: torch.searchsorted(needed, s.rows[local[task]]) for task, s in scorings.items()}  # into `needed`
+        embeds = reader.gather("image_embeds", (), needed).float() if cosine else None  # (n, D)
+        embed_sq = (embeds.double() ** 2).sum(1) if cosine else None  # (n,)
+        previous = None  # the previous piece's joint effect on these rows, for `extends`
+        for k, piece in enumerate(parts if needed.numel() else []):
+            blocks = [read_rows(reader, t, needed) for t in piece.terms]  # (n, d) each
+            single = not chained and len(blocks) == 1 and piece.terms[0].readout is not None
+            if single:  # a head: stay in head space
+                term, z = piece.terms[0], blocks[0]  # (n, dh)
+                if cosine:
+                    e_c = (z * (embeds @ term.readout.T)).sum(1)  # (n,) e·c = z·(R e)
+                    m_c = z @ (term.readout @ means[k])  # (n,)
+                    c_sq = ((z @ grams[id(term)]) * z).sum(1)  # (n,) |c|² = z R Rᵀ z
+            else:
+                effect = sum(_joint(t, x) for t, x in zip(piece.terms, blocks))  # (n, D)
+                effect = effect + previous if piece.extends and previous is not None else effect
+                previous = effect
+                if cosine:
+                    e_c, m_c, c_sq = (effect * embeds).sum(1), effect @ means[k], (effect * effect).sum(1)  # (n,) each
+            if cosine:
+                e_s = embeds @ means[k] - e_c  # (n,) e·s for s = m - c
+                s_sq = float(means[k] @ means[k]) - 2 * m_c + c_sq  # (n,) |s|²
+                norms = (embed_sq * (embed_sq + 2 * e_s.double() + s_sq.double()).clamp_min(0)).sqrt().clamp_min(1e-8)
+                cosines = (embed_sq + e_s.double()) / norms  # (n,)
+            for task, scoring in scorings.items():
+                span, rows = local[task], at[task]
+                if single:
+                    moved = blocks[0][rows] @ in_class[task][id(piece.terms[0])]  # (n_s, K) c Wᵀ
+                else:
+                    moved = effect[rows] @ scoring.weights.T  # (n_s, K)
+                logits = scoring.base_logits[span] + mean_logits[task][k] - moved  # (n_s, K)
+                after[task][k].append(logits.argmax(1) == scoring.target[span])
+                if cosine:
+                    cos_sum[task][k] += float(cosines[rows].sum())
+        if on_rows is not None:
+            on_rows(hi - lo)
+    out: dict[str, list[AblationRow]] = {}
+    for task, scoring in scorings.items():
+        before, n = scoring.outcome(), len(scoring.rows)
+        out[task] = []
+        for k, piece in enumerate(parts):
+            outcome = torch.cat(after[task][k])  # (n,)
+            drop, low, high = bootstrap_drop(before, outcome, draws)
+            out[task].append(AblationRow(piece.name, float(outcome.float().mean()), drop, low, high,
+                                         cos_sum[task][k] / n if cosine else float("nan")))
+    return out
+
