@@ -114,6 +114,12 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_s() -> float:
+    """CPU seconds of this process so far: steadier than wall time on a shared machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def child(job: str, cache: str, pool: str | None, layer: int, head: int, heads: int) -> dict:
     """Set up (untimed), then time one job; returns its seconds and peak RSS."""
     import torch
@@ -150,7 +156,7 @@ def child(job: str, cache: str, pool: str | None, layer: int, head: int, heads: 
     if job.startswith("ablate") or job == "tui_visit":
         ablation.class_weights(encode, ablation.prompts_for("synthetic", "class", reader.tasks["class"], [TEMPLATE]))
     rss0 = rss_mb()
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), cpu_s()
     result: dict = {}
     if job == "textspan_head":
         text_span(*component_stats(reader, head_name), embeds, n_texts=10)
@@ -170,17 +176,17 @@ def child(job: str, cache: str, pool: str | None, layer: int, head: int, heads: 
     elif job == "tui_visit":
         analyses = Analyses(reader, pool=pool, loaded=loaded)
         analyses._memo[("pool", None)] = (text_pool, embeds)  # the session's shared inputs, loaded before timing
-        analyses._memo[("scorings", None)] = ablation.scorings(reader, encode, templates=[TEMPLATE])
+        analyses._memo[("scorings", None)] = ablation.scorings(reader, encode, templates=[TEMPLATE], keep=analyses.ablation_sample())
         analyses.model_ablation()
         analyses.top_images("L0.H0")  # warms the thumbnails' code paths
         rss0 = rss_mb()
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), cpu_s()
         visits = []
         shape = reader.shape
         for k in range(heads):  # heads in layers not visited yet: nothing memoised for them
             l, h = shape.layers - 1 - k % shape.layers, (3 * k + 1) % shape.heads
             name = f"L{l}.H{h}"
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_s()
             analyses.description(name)
             t1 = time.perf_counter()
             analyses.layer_ablation(l)
@@ -188,13 +194,16 @@ def child(job: str, cache: str, pool: str | None, layer: int, head: int, heads: 
             analyses.top_images(name)
             t3 = time.perf_counter()
             visits.append({"head": name, "description_ms": 1e3 * (t1 - t0), "ablation_ms": 1e3 * (t2 - t1),
-                           "images_ms": 1e3 * (t3 - t2), "total_ms": 1e3 * (t3 - t0)})
+                           "images_ms": 1e3 * (t3 - t2), "total_ms": 1e3 * (t3 - t0), "cpu_ms": 1e3 * (cpu_s() - c0)})
         totals = sorted(v["total_ms"] for v in visits)
+        cpus = sorted(v["cpu_ms"] for v in visits)
         result = {"visits": visits, "p50_ms": statistics.median(totals),
-                  "p95_ms": totals[min(len(totals) - 1, round(0.95 * (len(totals) - 1)))]}
+                  "p95_ms": totals[min(len(totals) - 1, round(0.95 * (len(totals) - 1)))],
+                  "cpu_p95_ms": cpus[min(len(cpus) - 1, round(0.95 * (len(cpus) - 1)))]}
     else:
         raise SystemExit(f"unknown job {job}")
-    return {"seconds": time.perf_counter() - start, "rss_setup_mb": rss0, "rss_peak_mb": rss_mb(), **result}
+    return {"seconds": time.perf_counter() - start, "cpu_s": cpu_s() - cpu0, "rss_setup_mb": rss0, "rss_peak_mb": rss_mb(),
+            **result}
 
 
 def run_child(job: str, cache: Path, args: argparse.Namespace) -> dict:

@@ -471,3 +471,18 @@ def test_the_most_colour_critical_head_is_described_by_colour_phrases(tmp_path):
     share_top5 = sum(is_colour[i] for i in top5.indices) / len(top5.indices)
     share_pool = sum(is_colour) / len(pool)
     assert share_top5 >= 2 * share_pool, [pool.texts[i] for i in top5.indices]
+
+
+def test_the_panes_ablate_a_seeded_sample_of_a_big_cache(sharded_cache, monkeypatch):
+    """Past ABLATION_SAMPLE rows, the TUI's bars score a fixed random sample, and say so."""
+    from clipterm.analyses import session
+
+    monkeypatch.setattr(session, "ABLATION_SAMPLE", 120)
+    analyses = session.Analyses(sharded_cache)
+    keep = analyses.ablation_sample()
+    assert int(keep.sum()) == 120 and torch.equal(keep, analyses.ablation_sample())  # seeded: the same rows each time
+    colour = analyses.layer_ablation(5)["colour"]
+    assert colour.sample == int((sharded_cache.labels("colour")[keep] >= 0).sum())
+    assert [b.component for b in colour.bars] == [f"L5.H{h}" for h in range(8)] + ["L5.MLP"]
+    monkeypatch.setattr(session, "ABLATION_SAMPLE", 10_000)
+    assert session.Analyses(sharded_cache).layer_ablation(5)["colour"].sample is None

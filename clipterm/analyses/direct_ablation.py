@@ -14,6 +14,7 @@ skips it, as the TUI does). A layer (several blocks) is summed in joint space on
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -93,7 +94,7 @@ def _joint(term: Term, rows: torch.Tensor) -> torch.Tensor:
 
 def ablate_cached(scorings: dict[str, Scoring], reader: Any, components: list[str] | list[Piece], draws: int = 2000,
                   cosine: bool = True, on_rows: Callable[[int], None] | None = None,
-                  chunk_rows: int = 16384) -> dict[str, list[AblationRow]]:
+                  chunk_rows: int = 4096) -> dict[str, list[AblationRow]]:
     """`ablation.ablate(scorings, ablation.shifts(reader, components), draws)`, streamed: one pass over the cache's
     rows, each component reading its own blocks. Without `cosine`, rows carry NaN cosines. `on_rows(n)` after each chunk
     of about `chunk_rows` rows (whole shards)."""
@@ -105,8 +106,12 @@ def ablate_cached(scorings: dict[str, Scoring], reader: Any, components: list[st
         means.append(total.float())
     mean_logits = {task: [m @ s.weights.T for m in means] for task, s in scorings.items()}  # (K,) per piece
     chained = any(p.extends for p in parts)  # the cumulative curve: every piece in joint space
+    # pieces of one head-space block (a head, or a pool's stacked heads) stay in head space
     heads = [p.terms[0] for p in parts if len(p.terms) == 1 and p.terms[0].readout is not None and not chained]
     in_class = {task: {id(t): t.readout @ s.weights.T for t in heads} for task, s in scorings.items()}  # (dh, K)
+    first = next(iter(scorings))
+    per_layer = Counter(t.index[0] for t in heads if len(t.index) == 2)  # one head each, not a pool's stacked heads
+    shared_layers = [layer for layer, count in per_layer.items() if count > 1]
     grams = {id(t): t.readout @ t.readout.T for t in heads} if cosine else {}  # (dh, dh)
     after = {task: [[] for _ in parts] for task in scorings}
     cos_sum = {task: [0.0] * len(parts) for task in scorings}
@@ -117,8 +122,11 @@ def ablate_cached(scorings: dict[str, Scoring], reader: Any, components: list[st
         embeds = reader.gather("image_embeds", (), needed).float() if cosine else None  # (n, D)
         embed_sq = (embeds.double() ** 2).sum(1) if cosine else None  # (n,)
         previous = None  # the previous piece's joint effect on these rows, for `extends`
+        # a layer's heads are read in one go when several of them are ablated one by one: (H, n, dh)
+        layers = {layer: reader.gather("head_out", (layer,), needed) for layer in shared_layers} if needed.numel() else {}
         for k, piece in enumerate(parts if needed.numel() else []):
-            blocks = [read_rows(reader, t, needed) for t in piece.terms]  # (n, d) each
+            blocks = [layers[t.index[0]][t.index[1]].float() if len(t.index) == 2 and id(t) in in_class[first] and t.index[0] in layers
+                      else read_rows(reader, t, needed) for t in piece.terms]  # (n, d) each
             single = not chained and len(blocks) == 1 and piece.terms[0].readout is not None
             if single:  # a head: stay in head space
                 term, z = piece.terms[0], blocks[0]  # (n, dh)

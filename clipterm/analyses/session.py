@@ -15,7 +15,7 @@ from clipterm import names
 from clipterm.errors import ClipTermError
 
 NEURONS_IN_TREE = 64  # a layer's neurons listed under its MLP node, by effect norm; the palette reaches the rest
-ABLATION_SAMPLE = 10_000  # the panes ablate on a seeded random sample of a bigger cache: a visit stays interactive
+ABLATION_SAMPLE = 5_000  # the panes ablate on a seeded random sample of a bigger cache: a visit stays interactive
 
 
 @dataclass(frozen=True)

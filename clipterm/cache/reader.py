@@ -284,27 +284,45 @@ class CacheReader:
 
         rows = torch.as_tensor(rows, dtype=torch.long)
         axis = _ROW_AXIS.get(tensor.split(".")[0], 0) - len(index)
-        parts, offset = [], 0
-        for record in self.manifest["shards"]:
-            start, offset = offset, offset + record["rows"]
-            first, last = (int(i) for i in torch.searchsorted(rows, torch.tensor([start, offset])))
-            if last > first or (not parts and offset == self.n):  # the last shard answers an empty request
-                values = self._memmap(record, tensor)
-                values = values[index] if index else values
-                parts.append(torch.from_numpy(np.take(values, (rows[first:last] - start).numpy(), axis=axis)))
+        shards = self.manifest["shards"]
+        bounds = torch.searchsorted(rows, torch.tensor(self._starts)).tolist()  # (shards + 1,) into `rows`
+        wanted = [k for k in range(len(shards)) if bounds[k + 1] > bounds[k]] or [len(shards) - 1]  # [] : one empty part
+        parts = []
+        for k in wanted:
+            values = self._memmap(shards[k], tensor)
+            values = values[index] if index else values
+            local = (rows[bounds[k]:bounds[k + 1]] - self._starts[k]).numpy()
+            parts.append(torch.from_numpy(np.take(values, local, axis=axis)))
         return torch.cat(parts, dim=axis) if len(parts) > 1 else parts[0]
+
+    @cached_property
+    def _starts(self) -> list[int]:
+        """The first row of each shard, and N last."""
+        starts = [0]
+        for record in self.manifest["shards"]:
+            starts.append(starts[-1] + record["rows"])
+        return starts
 
     def image_records(self, indices: Sequence[int]) -> dict[int, dict[str, Any]]:
         """images.jsonl's records of some inputs, by index: only their lines are parsed (line i holds input i)."""
-        path = self.checked(IMAGES)
+        wanted = set(indices)
         try:
-            lines = path.read_bytes().split(b"\n")
-            found = {i: json.loads(lines[i]) for i in set(indices) if 0 <= i < len(lines)}
+            text, ends = self._image_lines
+            found = {i: json.loads(bytes(text[(ends[i - 1] + 1 if i else 0):ends[i]])) for i in wanted if 0 <= i < len(ends)}
         except (OSError, ValueError):
             found = {}
-        if len(found) == len(set(indices)) and all(isinstance(r, dict) and r.get("index") == i for i, r in found.items()):
+        if len(found) == len(wanted) and all(isinstance(r, dict) and r.get("index") == i for i, r in found.items()):
             return found
-        return {row["index"]: row for row in self.images() if row["index"] in set(indices)}  # not one line per input
+        return {row["index"]: row for row in self.images() if row["index"] in wanted}  # not one line per input
+
+    @cached_property
+    def _image_lines(self) -> tuple[Any, Any]:
+        """images.jsonl mapped (uint8) and the position of each of its newlines: a line's bytes without parsing the rest."""
+        import numpy as np
+
+        path = self.checked(IMAGES)
+        text = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+        return text, np.flatnonzero(text == 10)
 
     # ----------------------------------------------------------------- plumbing
 
