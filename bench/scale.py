@@ -126,7 +126,7 @@ def child(job: str, cache: str, pool: str | None, layer: int, head: int, heads: 
 
     from clipterm.cache.reader import CacheReader, model_for_cache, verify
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(int(os.environ.get("SCALE_THREADS", "1")))  # 1: a shared machine's cores are busy (see --threads)
     reader = CacheReader(cache)
     head_name, layer_name = f"L{layer}.H{head}", f"L{layer}"
     if job == "verify":
@@ -212,7 +212,8 @@ def run_child(job: str, cache: Path, args: argparse.Namespace) -> dict:
                    str(args.head), "--heads", str(args.heads), str(cache)]
         if args.pool:
             command += ["--pool", args.pool]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=3600,
+                              env={**os.environ, "SCALE_THREADS": str(args.threads)})
         if done.returncode != 0:
             return {"error": done.stderr.strip().splitlines()[-1][:300] if done.stderr.strip() else f"exit {done.returncode}"}
         return json.loads(Path(out.name).read_text())
@@ -340,6 +341,8 @@ def main() -> None:
     parser.add_argument("--head", type=int, default=3)
     parser.add_argument("--heads", type=int, default=8, help="uncached heads the TUI's first visits are timed on")
     parser.add_argument("--repeats", type=int, default=3, help="timed TUI first-frame runs")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per job (1 on a shared machine: two threads "
+                        "on two busy cores made many small ops several times slower)")
     parser.add_argument("--no-tui", action="store_true", help="skip the TUI's first frame and first visits")
     parser.add_argument("--skip", action="append", default=[], help="a job to leave out (repeatable), e.g. ablate_head")
     parser.add_argument("--name", default="scale", help="bench/results/<name>.json")
@@ -360,7 +363,7 @@ def main() -> None:
     for cache in args.caches:  # written after each cache, so a long run keeps what it measured
         entries.append(measure(cache, args, base))
         path = write_result(args.name, {"baseline_import_torch_open_clip_rss_mb": base, "goals": GOALS, "pool": args.pool,
-                                        "layer": args.layer, "head": args.head, "ablation_draws": DRAWS,
+                                        "layer": args.layer, "head": args.head, "ablation_draws": DRAWS, "threads": args.threads,
                                         "load": os.getloadavg(), "caches": entries})
     print(f"wrote {path}")
 

@@ -109,6 +109,10 @@ def ablate_cached(scorings: dict[str, Scoring], reader: Any, components: list[st
     # pieces of one head-space block (a head, or a pool's stacked heads) stay in head space
     heads = [p.terms[0] for p in parts if len(p.terms) == 1 and p.terms[0].readout is not None and not chained]
     in_class = {task: {id(t): t.readout @ s.weights.T for t in heads} for task, s in scorings.items()}  # (dh, K)
+    if not cosine and not chained:  # without cosines nothing needs joint space: a layer's blocks go to class space too
+        for task, s in scorings.items():
+            in_class[task].update({id(t): s.weights.T if t.readout is None else t.readout @ s.weights.T
+                                   for p in parts for t in p.terms})  # (d, K)
     first = next(iter(scorings))
     per_layer = Counter(t.index[0] for t in heads if len(t.index) == 2)  # one head each, not a pool's stacked heads
     shared_layers = [layer for layer, count in per_layer.items() if count > 1]
@@ -122,19 +126,25 @@ def ablate_cached(scorings: dict[str, Scoring], reader: Any, components: list[st
         embeds = reader.gather("image_embeds", (), needed).float() if cosine else None  # (n, D)
         embed_sq = (embeds.double() ** 2).sum(1) if cosine else None  # (n,)
         previous = None  # the previous piece's joint effect on these rows, for `extends`
-        # a layer's heads are read in one go when several of them are ablated one by one: (H, n, dh)
-        layers = {layer: reader.gather("head_out", (layer,), needed) for layer in shared_layers} if needed.numel() else {}
+        layer_rows: dict[int, Any] = {}  # the current layer's heads, read in one go: (H, n, dh) and R_h e (n, H, dh)
         for k, piece in enumerate(parts if needed.numel() else []):
-            blocks = [layers[t.index[0]][t.index[1]].float() if len(t.index) == 2 and id(t) in in_class[first] and t.index[0] in layers
-                      else read_rows(reader, t, needed) for t in piece.terms]  # (n, d) each
+            term = piece.terms[0]
+            shared = len(term.index) == 2 and id(term) in in_class[first] and term.index[0] in shared_layers
+            if shared and term.index[0] not in layer_rows:
+                layer = term.index[0]
+                on_heads = (embeds @ reader.readout[layer].flatten(0, 1).T).unflatten(1, (reader.shape.heads, -1)) if cosine else None
+                layer_rows = {layer: (reader.gather("head_out", (layer,), needed), on_heads)}
+            blocks = ([layer_rows[term.index[0]][0][term.index[1]].float()] if shared
+                      else [read_rows(reader, t, needed) for t in piece.terms])  # (n, d) each
             single = not chained and len(blocks) == 1 and piece.terms[0].readout is not None
             if single:  # a head: stay in head space
-                term, z = piece.terms[0], blocks[0]  # (n, dh)
+                z = blocks[0]  # (n, dh)
                 if cosine:
-                    e_c = (z * (embeds @ term.readout.T)).sum(1)  # (n,) e·c = z·(R e)
+                    r_e = layer_rows[term.index[0]][1][:, term.index[1]] if shared else embeds @ term.readout.T  # (n, dh)
+                    e_c = (z * r_e).sum(1)  # (n,) e·c = z·(R e)
                     m_c = z @ (term.readout @ means[k])  # (n,)
                     c_sq = ((z @ grams[id(term)]) * z).sum(1)  # (n,) |c|² = z R Rᵀ z
-            else:
+            elif cosine or chained:
                 effect = sum(_joint(t, x) for t, x in zip(piece.terms, blocks))  # (n, D)
                 effect = effect + previous if piece.extends and previous is not None else effect
                 previous = effect
@@ -147,8 +157,8 @@ def ablate_cached(scorings: dict[str, Scoring], reader: Any, components: list[st
                 cosines = (embed_sq + e_s.double()) / norms  # (n,)
             for task, scoring in scorings.items():
                 span, rows = local[task], at[task]
-                if single:
-                    moved = blocks[0][rows] @ in_class[task][id(piece.terms[0])]  # (n_s, K) c Wᵀ
+                if single or not (cosine or chained):  # c Wᵀ = Σ_t x_t (R_t Wᵀ)
+                    moved = sum(x[rows] @ in_class[task][id(t)] for t, x in zip(piece.terms, blocks))  # (n_s, K)
                 else:
                     moved = effect[rows] @ scoring.weights.T  # (n_s, K)
                 logits = scoring.base_logits[span] + mean_logits[task][k] - moved  # (n_s, K)
