@@ -114,6 +114,36 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class RssSampler:
+    """The peak of the process's current resident memory (and of its anonymous part) over a timed job, sampled every
+    10 ms: `ru_maxrss` is a high-water mark since the process began, which the setup's own peak can hide."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.start, self.start_anon = self.now(), self.now("RssAnon")
+        self.peak, self.peak_anon = self.start, self.start_anon
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def now(field: str = "VmRSS") -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak, self.peak_anon = max(self.peak, self.now()), max(self.peak_anon, self.now("RssAnon"))
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {"rss_job_peak_mb": self.peak - self.start, "anon_job_peak_mb": self.peak_anon - self.start_anon}
+
+
 def cpu_s() -> float:
     """CPU seconds of this process so far: steadier than wall time on a shared machine."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -155,7 +185,7 @@ def child(job: str, cache: str, pool: str | None, layer: int, head: int, heads: 
 
     if job.startswith("ablate") or job == "tui_visit":
         ablation.class_weights(encode, ablation.prompts_for("synthetic", "class", reader.tasks["class"], [TEMPLATE]))
-    rss0 = rss_mb()
+    rss0, sampler = rss_mb(), RssSampler()
     start, cpu0 = time.perf_counter(), cpu_s()
     result: dict = {}
     if job == "textspan_head":
@@ -179,7 +209,7 @@ def child(job: str, cache: str, pool: str | None, layer: int, head: int, heads: 
         analyses._memo[("scorings", None)] = ablation.scorings(reader, encode, templates=[TEMPLATE], keep=analyses.ablation_sample())
         analyses.model_ablation()
         analyses.top_images("L0.H0")  # warms the thumbnails' code paths
-        rss0 = rss_mb()
+        rss0, sampler = rss_mb(), RssSampler()
         start, cpu0 = time.perf_counter(), cpu_s()
         visits = []
         shape = reader.shape
@@ -202,8 +232,8 @@ def child(job: str, cache: str, pool: str | None, layer: int, head: int, heads: 
                   "cpu_p95_ms": cpus[min(len(cpus) - 1, round(0.95 * (len(cpus) - 1)))]}
     else:
         raise SystemExit(f"unknown job {job}")
-    return {"seconds": time.perf_counter() - start, "cpu_s": cpu_s() - cpu0, "rss_setup_mb": rss0, "rss_peak_mb": rss_mb(),
-            **result}
+    seconds, cpu = time.perf_counter() - start, cpu_s() - cpu0
+    return {"seconds": seconds, "cpu_s": cpu, "rss_setup_mb": rss0, "rss_peak_mb": rss_mb(), **sampler.stop(), **result}
 
 
 def run_child(job: str, cache: Path, args: argparse.Namespace) -> dict:
@@ -288,6 +318,8 @@ def measure(cache: Path, args: argparse.Namespace, base: float) -> dict:
         result = run_child(job, cache, args)
         if floor and "seconds" in result:
             result.update(floor, x_floor=result["seconds"] / max(floor["floor_s"], 1e-9))
+            if "cpu_s" in result:  # CPU seconds over the floor's wall seconds: what the machine's load does not inflate
+                result["cpu_x_floor"] = result["cpu_s"] / max(floor["floor_s"], 1e-9)
         if "rss_peak_mb" in result:
             result["rss_above_baseline_mb"] = result["rss_peak_mb"] - base
             result["rss_of_job_mb"] = result["rss_peak_mb"] - result["rss_setup_mb"]
@@ -324,10 +356,15 @@ def table(paths: list[Path]) -> str:
                 continue
             seconds = job["p95_ms"] / 1e3 if key == "tui_visit" else job["seconds"]
             cell = f"{seconds:.2f} s" if seconds < 10 else f"{seconds:.0f} s"
+            if key == "tui_visit" and "cpu_p95_ms" in job:
+                cell = f"{job['p95_ms']:.0f} ms (CPU {job['cpu_p95_ms']:.0f} ms)"
             if "x_floor" in job and key != "tui_visit":
-                cell += f" ({job['x_floor']:.1f}x floor)" if job["x_floor"] < 100 else f" ({job['x_floor']:.0f}x)"
-            if "rss_of_job_mb" in job and job["rss_of_job_mb"] >= 20:
-                cell += f", +{job['rss_of_job_mb']:.0f} MB"
+                ratio = lambda x: f"{x:.1f}x" if x < 100 else f"{x:.0f}x"  # noqa: E731
+                cell += (f" ({ratio(job['x_floor'])} floor; CPU {ratio(job['cpu_x_floor'])})" if "cpu_x_floor" in job
+                         else f" ({ratio(job['x_floor'])} floor)")
+            grew = job.get("rss_job_peak_mb", job.get("rss_of_job_mb", 0))
+            if grew >= 20:
+                cell += f", +{grew:.0f} MB"
             cells.append(cell)
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

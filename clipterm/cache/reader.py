@@ -293,6 +293,7 @@ class CacheReader:
             values = values[index] if index else values
             local = (rows[bounds[k]:bounds[k + 1]] - self._starts[k]).numpy()
             parts.append(torch.from_numpy(np.take(values, local, axis=axis)))
+            _release(self._maps[(shards[k]["file"], tensor)])
         return torch.cat(parts, dim=axis) if len(parts) > 1 else parts[0]
 
     @cached_property
@@ -394,6 +395,17 @@ class CacheReader:
         import torch
 
         return torch.cat(self._per_shard(read, rows))
+
+
+def _release(mapped: Any) -> None:
+    """Drop a memory map's pages from this process (they stay in the page cache): a streaming pass over a big cache
+    then holds one chunk, not every page it read, and its resident memory says what it really keeps."""
+    import mmap
+
+    try:
+        mapped._mmap.madvise(mmap.MADV_DONTNEED)
+    except (AttributeError, OSError, ValueError):  # no madvise here: the pages stay mapped, and reclaimable
+        pass
 
 
 _ROW_AXIS = {"head_out": 2, "mlps": 1, "neurons": 1, "tokens": 1}  # where the rows are in a shard's tensor
