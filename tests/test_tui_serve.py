@@ -88,8 +88,9 @@ def test_headless_chromium_shows_the_tree_and_a_pane(served, tmp_path):
             await browser.wait_for(lambda: asyncio.sleep(0, "H7" in browser.received()), 60, "L5's heads in the tree")
             await browser.press("ArrowDown")
             await browser.press("Enter")  # L5.H0: the Descriptions pane describes it
-            await browser.wait_for(lambda: asyncio.sleep(0, "L5.H0" in browser.received()), 90, "L5.H0's description")
-            await asyncio.sleep(3)  # let the pane fill in and xterm.js paint it
+            await browser.wait_for(lambda: asyncio.sleep(0, "TextSpan over pool" in browser.received()), 120,
+                                   "L5.H0's description")
+            await asyncio.sleep(1.5)  # let xterm.js paint what arrived
             return browser.received(), await browser.screenshot(Path(os.environ.get("CLIPTERM_SCREENSHOT") or tmp_path / "tui.png"))
 
     text, shot = asyncio.run(visit())

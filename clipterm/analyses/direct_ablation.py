@@ -92,6 +92,37 @@ def _joint(term: Term, rows: torch.Tensor) -> torch.Tensor:
     return rows if term.readout is None else rows @ term.readout  # (n, D)
 
 
+def _cosines(embeds: torch.Tensor, mean: torch.Tensor, e_c: torch.Tensor, m_c: torch.Tensor, c_sq: torch.Tensor) -> torch.Tensor:
+    """(n,) cos(e, e + s) for s = m - c, from e (n, D), m (D,) and the per-image e·c, m·c and |c|²."""
+    e_sq = (embeds.double() ** 2).sum(1)  # (n,)
+    e_s = (embeds @ mean - e_c).double()  # (n,) e·s
+    s_sq = (float(mean @ mean) - 2 * m_c + c_sq).double()  # (n,) |s|²
+    return (e_sq + e_s) / (e_sq * (e_sq + 2 * e_s + s_sq).clamp_min(0)).sqrt().clamp_min(1e-8)
+
+
+class _Chunk:
+    """One chunk's scored rows, shared by every piece: which cache rows are read, where each task's rows sit among
+    them, their embeddings (for cosines), and the current layer's heads when they are read in one go."""
+
+    def __init__(self, reader: Any, scorings: dict[str, Scoring], lo: int, hi: int, cosine: bool):
+        self.reader = reader
+        self.spans = {task: s.span(lo, hi) for task, s in scorings.items()}  # slices of each task's `rows`
+        self.rows = torch.unique(torch.cat([s.rows[self.spans[t]] for t, s in scorings.items()]))  # (n,) cache rows
+        self.at = {t: torch.searchsorted(self.rows, s.rows[self.spans[t]]) for t, s in scorings.items()}  # into `rows`
+        self.embeds = reader.gather("image_embeds", (), self.rows).float() if cosine else None  # (n, D)
+        self.layer: tuple[int, Any, Any] | None = None  # (l, head_out[l] (H, n, dh), R_h e (n, H, dh) or None)
+
+    def head(self, term: Term) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A head's rows (n, dh) and R e (n, dh), its whole layer read once (one gather, one GEMM for R e)."""
+        layer, head = term.index
+        if self.layer is None or self.layer[0] != layer:
+            readout = self.reader.readout[layer].flatten(0, 1)  # (H·dh, D)
+            on_heads = None if self.embeds is None else (self.embeds @ readout.T).unflatten(1, (self.reader.shape.heads, -1))
+            self.layer = (layer, self.reader.gather("head_out", (layer,), self.rows), on_heads)
+        _, rows, on_heads = self.layer
+        return rows[head].float(), None if on_heads is None else on_heads[:, head]
+
+
 def ablate_cached(scorings: dict[str, Scoring], reader: Any, components: list[str] | list[Piece], draws: int = 2000,
                   cosine: bool = True, on_rows: Callable[[int], None] | None = None,
                   chunk_rows: int = 4096) -> dict[str, list[AblationRow]]:
@@ -104,60 +135,42 @@ def ablate_cached(scorings: dict[str, Scoring], reader: Any, components: list[st
         own = sum(t.mean.double() if t.readout is None else t.mean.double() @ t.readout.double() for t in piece.terms)
         total = own + total if piece.extends and total is not None else own
         means.append(total.float())
+    chained = any(p.extends for p in parts)  # the cumulative curve: every piece is summed in joint space
+    # A piece of one head-space block (a head, or a pool's stacked heads) stays in head space. Without cosines nothing
+    # needs joint space at all: every block goes straight to class space, x (R Wᵀ).
+    in_head_space = {id(p) for p in parts if len(p.terms) == 1 and p.terms[0].readout is not None and not chained}
+    to_class = [t for p in parts for t in p.terms if id(p) in in_head_space or not (cosine or chained)]
+    in_class = {task: {id(t): s.weights.T if t.readout is None else t.readout @ s.weights.T for t in to_class}
+                for task, s in scorings.items()}  # (d, K) per term
+    grams = {id(t): t.readout @ t.readout.T for t in to_class if cosine and t.readout is not None}  # (dh, dh)
+    heads_per_layer = Counter(p.terms[0].index[0] for p in parts if id(p) in in_head_space and len(p.terms[0].index) == 2)
     mean_logits = {task: [m @ s.weights.T for m in means] for task, s in scorings.items()}  # (K,) per piece
-    chained = any(p.extends for p in parts)  # the cumulative curve: every piece in joint space
-    # pieces of one head-space block (a head, or a pool's stacked heads) stay in head space
-    heads = [p.terms[0] for p in parts if len(p.terms) == 1 and p.terms[0].readout is not None and not chained]
-    in_class = {task: {id(t): t.readout @ s.weights.T for t in heads} for task, s in scorings.items()}  # (dh, K)
-    if not cosine and not chained:  # without cosines nothing needs joint space: a layer's blocks go to class space too
-        for task, s in scorings.items():
-            in_class[task].update({id(t): s.weights.T if t.readout is None else t.readout @ s.weights.T
-                                   for p in parts for t in p.terms})  # (d, K)
-    first = next(iter(scorings))
-    per_layer = Counter(t.index[0] for t in heads if len(t.index) == 2)  # one head each, not a pool's stacked heads
-    shared_layers = [layer for layer, count in per_layer.items() if count > 1]
-    grams = {id(t): t.readout @ t.readout.T for t in heads} if cosine else {}  # (dh, dh)
     after = {task: [[] for _ in parts] for task in scorings}
     cos_sum = {task: [0.0] * len(parts) for task in scorings}
     for lo, hi in reader.row_chunks(chunk_rows):
-        local = {task: s.span(lo, hi) for task, s in scorings.items()}  # the scored rows here, as slices of `rows`
-        needed = torch.unique(torch.cat([s.rows[local[task]] for task, s in scorings.items()]))  # (n,) cache rows
-        at = {task: torch.searchsorted(needed, s.rows[local[task]]) for task, s in scorings.items()}  # into `needed`
-        embeds = reader.gather("image_embeds", (), needed).float() if cosine else None  # (n, D)
-        embed_sq = (embeds.double() ** 2).sum(1) if cosine else None  # (n,)
+        chunk = _Chunk(reader, scorings, lo, hi, cosine)
         previous = None  # the previous piece's joint effect on these rows, for `extends`
-        layer_rows: dict[int, Any] = {}  # the current layer's heads, read in one go: (H, n, dh) and R_h e (n, H, dh)
-        for k, piece in enumerate(parts if needed.numel() else []):
+        for k, piece in enumerate(parts if chunk.rows.numel() else []):
             term = piece.terms[0]
-            shared = len(term.index) == 2 and id(term) in in_class[first] and term.index[0] in shared_layers
-            if shared and term.index[0] not in layer_rows:
-                layer = term.index[0]
-                on_heads = (embeds @ reader.readout[layer].flatten(0, 1).T).unflatten(1, (reader.shape.heads, -1)) if cosine else None
-                layer_rows = {layer: (reader.gather("head_out", (layer,), needed), on_heads)}
-            blocks = ([layer_rows[term.index[0]][0][term.index[1]].float()] if shared
-                      else [read_rows(reader, t, needed) for t in piece.terms])  # (n, d) each
-            single = not chained and len(blocks) == 1 and piece.terms[0].readout is not None
-            if single:  # a head: stay in head space
-                z = blocks[0]  # (n, dh)
-                if cosine:
-                    r_e = layer_rows[term.index[0]][1][:, term.index[1]] if shared else embeds @ term.readout.T  # (n, dh)
-                    e_c = (z * r_e).sum(1)  # (n,) e·c = z·(R e)
-                    m_c = z @ (term.readout @ means[k])  # (n,)
-                    c_sq = ((z @ grams[id(term)]) * z).sum(1)  # (n,) |c|² = z R Rᵀ z
-            elif cosine or chained:
+            if id(piece) in in_head_space and len(term.index) == 2 and heads_per_layer[term.index[0]] > 1:
+                z, r_e = chunk.head(term)  # (n, dh), (n, dh)
+                blocks = [z]
+            else:
+                blocks = [read_rows(reader, t, chunk.rows) for t in piece.terms]  # (n, d) each
+                r_e = None if chunk.embeds is None or id(piece) not in in_head_space else chunk.embeds @ term.readout.T
+            if id(piece) not in in_head_space and (cosine or chained):
                 effect = sum(_joint(t, x) for t, x in zip(piece.terms, blocks))  # (n, D)
-                effect = effect + previous if piece.extends and previous is not None else effect
-                previous = effect
-                if cosine:
-                    e_c, m_c, c_sq = (effect * embeds).sum(1), effect @ means[k], (effect * effect).sum(1)  # (n,) each
-            if cosine:
-                e_s = embeds @ means[k] - e_c  # (n,) e·s for s = m - c
-                s_sq = float(means[k] @ means[k]) - 2 * m_c + c_sq  # (n,) |s|²
-                norms = (embed_sq * (embed_sq + 2 * e_s.double() + s_sq.double()).clamp_min(0)).sqrt().clamp_min(1e-8)
-                cosines = (embed_sq + e_s.double()) / norms  # (n,)
+                effect = previous = effect + previous if piece.extends and previous is not None else effect
+            if cosine and id(piece) in in_head_space:  # e·c = z·(R e), m·c = z·(R m), |c|² = z R Rᵀ z
+                z = blocks[0]
+                cosines = _cosines(chunk.embeds, means[k], (z * r_e).sum(1), z @ (term.readout @ means[k]),
+                                   ((z @ grams[id(term)]) * z).sum(1))  # (n,)
+            elif cosine:
+                cosines = _cosines(chunk.embeds, means[k], (effect * chunk.embeds).sum(1), effect @ means[k],
+                                   (effect * effect).sum(1))  # (n,)
             for task, scoring in scorings.items():
-                span, rows = local[task], at[task]
-                if single or not (cosine or chained):  # c Wᵀ = Σ_t x_t (R_t Wᵀ)
+                span, rows = chunk.spans[task], chunk.at[task]
+                if id(piece) in in_head_space or not (cosine or chained):  # c Wᵀ = Σ_t x_t (R_t Wᵀ)
                     moved = sum(x[rows] @ in_class[task][id(t)] for t, x in zip(piece.terms, blocks))  # (n_s, K)
                 else:
                     moved = effect[rows] @ scoring.weights.T  # (n_s, K)
@@ -177,4 +190,3 @@ def ablate_cached(scorings: dict[str, Scoring], reader: Any, components: list[st
             out[task].append(AblationRow(piece.name, float(outcome.float().mean()), drop, low, high,
                                          cos_sum[task][k] / n if cosine else float("nan")))
     return out
-
