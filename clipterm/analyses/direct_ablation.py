@@ -145,7 +145,7 @@ def ablate_cached(scorings: dict[str, Scoring], reader: Any, components: list[st
     grams = {id(t): t.readout @ t.readout.T for t in to_class if cosine and t.readout is not None}  # (dh, dh)
     heads_per_layer = Counter(p.terms[0].index[0] for p in parts if id(p) in in_head_space and len(p.terms[0].index) == 2)
     mean_logits = {task: [m @ s.weights.T for m in means] for task, s in scorings.items()}  # (K,) per piece
-    after = {task: [[] for _ in parts] for task in scorings}
+    after = {task: torch.zeros(len(parts), len(s.rows), dtype=torch.bool) for task, s in scorings.items()}  # (pieces, n)
     cos_sum = {task: [0.0] * len(parts) for task in scorings}
     for lo, hi in reader.row_chunks(chunk_rows):
         chunk = _Chunk(reader, scorings, lo, hi, cosine)
@@ -175,7 +175,7 @@ def ablate_cached(scorings: dict[str, Scoring], reader: Any, components: list[st
                 else:
                     moved = effect[rows] @ scoring.weights.T  # (n_s, K)
                 logits = scoring.base_logits[span] + mean_logits[task][k] - moved  # (n_s, K)
-                after[task][k].append(logits.argmax(1) == scoring.target[span])
+                after[task][k, span] = logits.argmax(1) == scoring.target[span]  # filled in place: no small tensors kept
                 if cosine:
                     cos_sum[task][k] += float(cosines[rows].sum())
         if on_rows is not None:
@@ -185,7 +185,7 @@ def ablate_cached(scorings: dict[str, Scoring], reader: Any, components: list[st
         before, n = scoring.outcome(), len(scoring.rows)
         out[task] = []
         for k, piece in enumerate(parts):
-            outcome = torch.cat(after[task][k])  # (n,)
+            outcome = after[task][k]  # (n,)
             drop, low, high = bootstrap_drop(before, outcome, draws)
             out[task].append(AblationRow(piece.name, float(outcome.float().mean()), drop, low, high,
                                          cos_sum[task][k] / n if cosine else float("nan")))
