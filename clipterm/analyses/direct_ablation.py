@@ -128,7 +128,7 @@ def ablate_cached(scorings: dict[str, Scoring], reader: Any, components: list[st
                   chunk_rows: int = 4096) -> dict[str, list[AblationRow]]:
     """`ablation.ablate(scorings, ablation.shifts(reader, components), draws)`, streamed: one pass over the cache's
     rows, each component reading its own blocks. Without `cosine`, rows carry NaN cosines. `on_rows(n)` after each chunk
-    of about `chunk_rows` rows (whole shards)."""
+    of whole shards holding about `chunk_rows` scored rows."""
     parts = components if components and isinstance(components[0], Piece) else pieces(reader, components)  # type: ignore[arg-type]
     means, total = [], None  # (D,) joint-space mean of each piece
     for piece in parts:
@@ -147,7 +147,8 @@ def ablate_cached(scorings: dict[str, Scoring], reader: Any, components: list[st
     mean_logits = {task: [m @ s.weights.T for m in means] for task, s in scorings.items()}  # (K,) per piece
     after = {task: torch.zeros(len(parts), len(s.rows), dtype=torch.bool) for task, s in scorings.items()}  # (pieces, n)
     cos_sum = {task: [0.0] * len(parts) for task in scorings}
-    for lo, hi in reader.row_chunks(chunk_rows):
+    scored = max(len(s.rows) for s in scorings.values())  # a sample of a big cache: chunks of ~chunk_rows scored rows
+    for lo, hi in reader.row_chunks(chunk_rows * reader.n // max(scored, 1)):
         chunk = _Chunk(reader, scorings, lo, hi, cosine)
         previous = None  # the previous piece's joint effect on these rows, for `extends`
         for k, piece in enumerate(parts if chunk.rows.numel() else []):

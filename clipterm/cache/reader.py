@@ -293,7 +293,8 @@ class CacheReader:
             values = values[index] if index else values
             local = (rows[bounds[k]:bounds[k + 1]] - self._starts[k]).numpy()
             parts.append(torch.from_numpy(np.take(values, local, axis=axis)))
-            _release(self._maps[(shards[k]["file"], tensor)])
+            if 8 * len(local) > shards[k]["rows"]:  # a streaming pass
+                _release(self._maps[(shards[k]["file"], tensor)], index)
         return torch.cat(parts, dim=axis) if len(parts) > 1 else parts[0]
 
     @cached_property
@@ -397,13 +398,17 @@ class CacheReader:
         return torch.cat(self._per_shard(read, rows))
 
 
-def _release(mapped: Any) -> None:
-    """Drop a memory map's pages from this process (they stay in the page cache): a streaming pass over a big cache
-    then holds one chunk, not every page it read, and its resident memory says what it really keeps."""
+def _release(mapped: Any, index: tuple[int, ...]) -> None:
+    """Drop the pages of `mapped[index]` (one block of a memory-mapped tensor) from this process; they stay in the page
+    cache. A streaming pass over a big cache then holds one chunk, not every page it read, and its resident memory says
+    what it really keeps. Sparse reads (a sample) keep theirs: faulting them in again would cost more than they hold."""
     import mmap
 
+    block = mapped[index] if index else mapped
+    start = mapped.offset % mmap.ALLOCATIONGRANULARITY + (block.ctypes.data - mapped.ctypes.data)  # into the mmap
+    first = start - start % mmap.PAGESIZE
     try:
-        mapped._mmap.madvise(mmap.MADV_DONTNEED)
+        mapped._mmap.madvise(mmap.MADV_DONTNEED, first, start + block.nbytes - first)
     except (AttributeError, OSError, ValueError):  # no madvise here: the pages stay mapped, and reclaimable
         pass
 
