@@ -92,9 +92,9 @@ def _joint(term: Term, rows: torch.Tensor) -> torch.Tensor:
     return rows if term.readout is None else rows @ term.readout  # (n, D)
 
 
-def _cosines(embeds: torch.Tensor, mean: torch.Tensor, e_c: torch.Tensor, m_c: torch.Tensor, c_sq: torch.Tensor) -> torch.Tensor:
-    """(n,) cos(e, e + s) for s = m - c, from e (n, D), m (D,) and the per-image e·c, m·c and |c|²."""
-    e_sq = (embeds.double() ** 2).sum(1)  # (n,)
+def _cosines(chunk: _Chunk, mean: torch.Tensor, e_c: torch.Tensor, m_c: torch.Tensor, c_sq: torch.Tensor) -> torch.Tensor:
+    """(n,) cos(e, e + s) for s = m - c, from the chunk's e (n, D), m (D,) and the per-image e·c, m·c and |c|²."""
+    embeds, e_sq = chunk.embeds, chunk.embed_sq  # (n, D), (n,)
     e_s = (embeds @ mean - e_c).double()  # (n,) e·s
     s_sq = (float(mean @ mean) - 2 * m_c + c_sq).double()  # (n,) |s|²
     return (e_sq + e_s) / (e_sq * (e_sq + 2 * e_s + s_sq).clamp_min(0)).sqrt().clamp_min(1e-8)
@@ -110,6 +110,7 @@ class _Chunk:
         self.rows = torch.unique(torch.cat([s.rows[self.spans[t]] for t, s in scorings.items()]))  # (n,) cache rows
         self.at = {t: torch.searchsorted(self.rows, s.rows[self.spans[t]]) for t, s in scorings.items()}  # into `rows`
         self.embeds = reader.gather("image_embeds", (), self.rows).float() if cosine else None  # (n, D)
+        self.embed_sq = (self.embeds.double() ** 2).sum(1) if cosine else None  # (n,) |e|²
         self.layer: tuple[int, Any, Any] | None = None  # (l, head_out[l] (H, n, dh), R_h e (n, H, dh) or None)
 
     def head(self, term: Term) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -164,10 +165,10 @@ def ablate_cached(scorings: dict[str, Scoring], reader: Any, components: list[st
                 effect = previous = effect + previous if piece.extends and previous is not None else effect
             if cosine and id(piece) in in_head_space:  # e·c = z·(R e), m·c = z·(R m), |c|² = z R Rᵀ z
                 z = blocks[0]
-                cosines = _cosines(chunk.embeds, means[k], (z * r_e).sum(1), z @ (term.readout @ means[k]),
+                cosines = _cosines(chunk, means[k], (z * r_e).sum(1), z @ (term.readout @ means[k]),
                                    ((z @ grams[id(term)]) * z).sum(1))  # (n,)
             elif cosine:
-                cosines = _cosines(chunk.embeds, means[k], (effect * chunk.embeds).sum(1), effect @ means[k],
+                cosines = _cosines(chunk, means[k], (effect * chunk.embeds).sum(1), effect @ means[k],
                                    (effect * effect).sum(1))  # (n,)
             for task, scoring in scorings.items():
                 span, rows = chunk.spans[task], chunk.at[task]
