@@ -51,11 +51,10 @@ class Scoring:
         if self.rows.numel() == 0:
             raise ClipTermError("no image in the cache has a label for this task", hint="pick another --task")
         if streamed:  # shard by shard: the (N, D) embeddings are never held
-            parts = []
-            for lo, hi in self.image_embeds.row_chunks():
-                rows = self.rows[self.span(lo, hi)]  # (n_chunk,)
-                parts.append(self.image_embeds.gather("image_embeds", (), rows).float() @ self.weights.T)  # (n_chunk, K)
-            self.base_logits = torch.cat(parts)  # (n, K)
+            self.base_logits = torch.empty(len(self.rows), len(self.weights))  # (n, K), filled in place
+            for lo, hi in self.image_embeds.row_chunks(4096):
+                span = self.span(lo, hi)
+                self.base_logits[span] = self.image_embeds.gather("image_embeds", (), self.rows[span]).float() @ self.weights.T
         else:
             self.base_logits = self.image_embeds[self.rows].float() @ self.weights.T  # (n, K)
         self.target = self.base_logits.argmax(1) if self.labels is None else self.labels[self.rows].long()

@@ -293,8 +293,7 @@ class CacheReader:
             values = values[index] if index else values
             local = (rows[bounds[k]:bounds[k + 1]] - self._starts[k]).numpy()
             parts.append(torch.from_numpy(np.take(values, local, axis=axis)))
-            if 8 * len(local) > shards[k]["rows"]:  # a streaming pass
-                _release(self._maps[(shards[k]["file"], tensor)], index)
+            _release(self._maps[(shards[k]["file"], tensor)], index)
         return torch.cat(parts, dim=axis) if len(parts) > 1 else parts[0]
 
     @cached_property
@@ -329,20 +328,22 @@ class CacheReader:
     # ----------------------------------------------------------------- plumbing
 
     def _memmap(self, record: dict, tensor: str) -> Any:
-        """A read-only numpy memory map of one tensor of a shard (checked like `_handle`), from its safetensors header."""
+        """A read-only numpy memory map of one tensor of a shard (checked like `_handle`), from its safetensors header.
+        The first call maps that tensor in every shard: a streaming pass then allocates nothing small between its big
+        temporaries (a few hundred small objects made shard by shard pinned the heap, +1 GB over 200k rows)."""
         import numpy as np
 
-        key = (record["file"], tensor)
-        if key not in self._maps:
-            self._handle(record)  # the shard's checks
-            path = self.path / record["file"]
-            with open(path, "rb") as f:
-                size = int.from_bytes(f.read(8), "little")
-                entry = json.loads(f.read(size))[tensor]
-            dtype = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64}[entry["dtype"]]
-            self._maps[key] = np.memmap(path, dtype=dtype, mode="r", offset=8 + size + entry["data_offsets"][0],
-                                        shape=tuple(entry["shape"]))
-        return self._maps[key]
+        if (record["file"], tensor) not in self._maps:
+            for shard in self.manifest["shards"]:
+                self._handle(shard)  # the shard's checks
+                path = self.path / shard["file"]
+                with open(path, "rb") as f:
+                    size = int.from_bytes(f.read(8), "little")
+                    entry = json.loads(f.read(size))[tensor]
+                dtype = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64}[entry["dtype"]]
+                self._maps[(shard["file"], tensor)] = np.memmap(path, dtype=dtype, mode="r", shape=tuple(entry["shape"]),
+                                                                offset=8 + size + entry["data_offsets"][0])
+        return self._maps[(record["file"], tensor)]
 
     def _layer(self, layer: int | str) -> int:
         if isinstance(layer, str):
@@ -401,7 +402,7 @@ class CacheReader:
 def _release(mapped: Any, index: tuple[int, ...]) -> None:
     """Drop the pages of `mapped[index]` (one block of a memory-mapped tensor) from this process; they stay in the page
     cache. A streaming pass over a big cache then holds one chunk, not every page it read, and its resident memory says
-    what it really keeps. Sparse reads (a sample) keep theirs: faulting them in again would cost more than they hold."""
+    what it really keeps; a sample's sparse reads would otherwise map, over a session, nearly every page of the blocks."""
     import mmap
 
     block = mapped[index] if index else mapped
