@@ -293,7 +293,8 @@ class CacheReader:
             values = values[index] if index else values
             local = (rows[bounds[k]:bounds[k + 1]] - self._starts[k]).numpy()
             parts.append(torch.from_numpy(np.take(values, local, axis=axis)))
-            _release(self._maps[(shards[k]["file"], tensor)], index)
+            if 8 * len(local) > shards[k]["rows"]:  # a streaming pass; a sample's sparse pages stay (re-faulting
+                _release(self._maps[(shards[k]["file"], tensor)], index)  # them cost a TUI visit 3x at 200k)
         return torch.cat(parts, dim=axis) if len(parts) > 1 else parts[0]
 
     @cached_property
@@ -402,7 +403,7 @@ class CacheReader:
 def _release(mapped: Any, index: tuple[int, ...]) -> None:
     """Drop the pages of `mapped[index]` (one block of a memory-mapped tensor) from this process; they stay in the page
     cache. A streaming pass over a big cache then holds one chunk, not every page it read, and its resident memory says
-    what it really keeps; a sample's sparse reads would otherwise map, over a session, nearly every page of the blocks."""
+    what it really keeps."""
     import mmap
 
     block = mapped[index] if index else mapped
