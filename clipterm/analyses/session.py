@@ -289,10 +289,10 @@ class Analyses:
                               lambda: self._ablate([names.layer(l) for l in range(self.reader.shape.layers)]))
 
     def _ablate(self, components: list[str]) -> dict[str, TaskAblation]:
-        from clipterm.analyses.direct_ablation import ablate_cached
+        from clipterm.analyses import ablation, direct_ablation  # noqa: F401  (ablation first, as the tree's timing expects)
 
         scorings = self._scorings()
-        rows = ablate_cached(scorings, self.reader, components, self.draws, cosine=False)  # bars need no cosine
+        rows = direct_ablation.ablate_cached(scorings, self.reader, components, self.draws, cosine=False)  # bars need no cosine
         sampled = self.reader.n > ABLATION_SAMPLE
         return {task: TaskAblation(task, "agreement" if scoring.agreement else "accuracy",
                                    float(scoring.outcome().float().mean()),
