@@ -222,3 +222,16 @@ def _stream_of(visual, batch):
     stream.mlps = list(stream.mlps)
     stream.heads = list(stream.heads)
     return stream
+
+
+def test_a_library_change_under_the_hooks_is_refused_not_silently_wrong(monkeypatch):
+    """If timm computed a block differently from what clipterm reads (here: a LayerScale clipterm would misread),
+    the split no longer adds up and decompose refuses the batch with one line."""
+    from clipterm.vit import timm_vit
+
+    visual, size = tower(vision_key("EVA02-B-16"))
+    real = timm_vit._layer_scale
+    monkeypatch.setattr(timm_vit, "_layer_scale", lambda block, which, width, device: 2 * real(block, which, width, device))
+    with pytest.raises(ClipTermError, match="does not add up") as error:
+        timm_vit.decompose(visual, images(2, size))
+    assert error.value.code == ExitCode.UNSUPPORTED and "timm" in error.value.hint

@@ -50,6 +50,15 @@ def check_model(reader: CacheReader, model_info: Any) -> None:
     """Refuse a model whose weights are not the ones the cache was built with."""
     built = reader.manifest["model"]
     have = model_info.to_json() if hasattr(model_info, "to_json") else dict(model_info)
+    built_family, have_family = _family(built), _family(have)
+    if built_family != have_family:  # another kind of tower altogether: its components mean something else
+        raise ClipTermError(
+            f"cache {reader.name} was built with a {built_family} image tower ({built.get('arch')}), and "
+            f"{have.get('arch')} is a {have_family} one: its components are not this cache's",
+            hint=f"load the model the cache was built with (--model {built.get('spec')}"
+                 + (f" --pretrained {built['pretrained']}" if built.get("pretrained") else "") + "), or build a cache for this one",
+            code=ExitCode.INVALID_DATA,
+        )
     if built.get("weights_sha256") != have.get("weights_sha256"):
         raise ClipTermError(
             f"cache {reader.name} was built with other weights ({built.get('arch')} {built.get('pretrained') or ''}, "
@@ -58,6 +67,14 @@ def check_model(reader: CacheReader, model_info: Any) -> None:
                  + (f" --pretrained {built['pretrained']}" if built.get("pretrained") else "") + "), or build a cache for this one",
             code=ExitCode.INVALID_DATA,
         )
+
+
+def _family(model: dict) -> str:
+    """A model's tower family, from its ModelInfo JSON; manifests from before families were recorded give theirs
+    from `tower` (a ResNet, else an open_clip class-token ViT)."""
+    if model.get("family"):
+        return model["family"]
+    return "open_clip ModifiedResNet (attention pool)" if model.get("tower") == "resnet" else "open_clip VisionTransformer (class token)"
 
 
 def model_for_cache(reader: Any, device: str = "cpu", model: str | None = None, pretrained: str | None = None) -> Any:

@@ -142,7 +142,7 @@ def decompose(model, images: Tensor, neurons: bool = False, token_layers=()) -> 
             head_out=image_embeds.new_zeros(batch, blocks.shape[1], 0, 0).float(),  # (B, L, 0, 0)
             embed=joint(seen["embed"]), bias=post.offset(sigmas, batch, weight.device), mlps=joint(blocks),
             ln_scale=scale, image_embeds=image_embeds.float())
-    pooling.check_sum(parts, torch.zeros(blocks.shape[1], 0, 0, matrix.shape[1]), "ConvNeXt",
+    pooling.check_sum(parts, None, "ConvNeXt",
                       fp32=weight.dtype == torch.float32 and not torch.is_autocast_enabled(weight.device.type))
     return Decomposition(head_out=parts.head_out, embed=parts.embed, bias=parts.bias, mlps=parts.mlps,
                          ln_scale=parts.ln_scale, image_embeds=parts.image_embeds)

@@ -88,7 +88,7 @@ def pooling_of(model) -> str:
 
 
 def _unsupported(name: str, reason: str) -> ClipTermError:
-    hint = "clipterm decomposes open_clip ViT towers with class-token pooling; see docs/models.md"
+    hint = "see docs/models.md for every tower clipterm decomposes, and why the others not"
     return ClipTermError(f"{name} is not supported: {reason}", hint=hint, code=ExitCode.UNSUPPORTED)
 
 
@@ -110,7 +110,7 @@ def _tower_options(visual) -> dict:
         return {}
     blocks = visual.transformer.resblocks
     return {
-        "attentional_pool": visual.attn_pool is not None,
+        "attentional_pool": getattr(visual, "attn_pool_type", "") or visual.attn_pool is not None,
         "pool_type": visual.pool_type,
         "scale_attn": any(not _is_identity(getattr(block, "ln_attn", None)) for block in blocks),
         "scale_attn_inner": any(not _is_identity(getattr(block.attn, "ln_inner", None)) for block in blocks),
@@ -274,7 +274,7 @@ def _pooled(model, visual, stream: Tensor, embed: Tensor, heads: list[Tensor], m
         embed=embed, heads=heads, mlps=mlps, final=stream, image_embeds=image_embeds, post_sigmas=sigmas,
         pool_tokens=seen.get("tokens"), pool_attn=attn, pool_mlp=mlp))
     weight = visual.conv1.weight
-    pooling.check_sum(parts, plan.readout(), "open_clip ViT",
+    pooling.check_sum(parts, plan, "open_clip ViT",
                       fp32=weight.dtype == torch.float32 and not torch.is_autocast_enabled(weight.device.type))
     kind = PooledDecomposition if plan.joint else Decomposition
     extra = dict(pool_heads=parts.pool_heads, pool_bias=parts.pool_bias) if plan.joint else {}

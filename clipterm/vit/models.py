@@ -6,6 +6,7 @@ Nothing here downloads weights unless asked (`allow_download=True`), and never w
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -113,6 +114,34 @@ def timm_reason(vision: dict) -> str | None:
     return None
 
 
+def tower_kind(model_cfg: dict) -> str:
+    """The image tower's family and pooling from its config alone, e.g. `timm vision_transformer (map)`."""
+    vision = model_cfg.get("vision_cfg", {})
+    if vision.get("timm_model_name"):
+        module = timm_module(vision["timm_model_name"]) or "timm"
+        pool = vision.get("timm_pool") or ("avg" if module in ("convnext", "vitamin", "fastvit") else
+                                           _timm_default_pool(vision["timm_model_name"]))
+        return f"timm {module} ({pool})"
+    if isinstance(vision.get("layers"), (list, tuple)):
+        return "open_clip ModifiedResNet (attention pool)"
+    if vision.get("attentional_pool"):
+        return "open_clip ViT (attentional pool)"
+    return f"open_clip ViT ({'average pool' if vision.get('pool_type') == 'avg' else 'class token'})"
+
+
+@functools.lru_cache(maxsize=None)
+def _timm_default_pool(name: str) -> str:
+    """A timm model's own global_pool (`timm_pool: ''` keeps it), from the model built on the meta device."""
+    try:
+        import timm
+        import torch
+
+        with torch.device("meta"):
+            return getattr(timm.create_model(name, pretrained=False, num_classes=0), "global_pool", "") or "none"
+    except Exception:  # an unknown name: the support check says why
+        return "default"
+
+
 def unsupported_reason(model_cfg: dict) -> str | None:
     """Why the exact decomposition cannot run on a vision tower, or None when it can."""
     vision = model_cfg.get("vision_cfg", {})
@@ -151,6 +180,8 @@ def nearest_supported(name: str, model_cfg: dict | None = None) -> str | None:
 
     import open_clip
 
+    if name not in open_clip.list_models():  # a model in hand ("model", a folder): no arch to be near
+        return None
     supported = [a for a in open_clip.list_models() if unsupported_reason(arch_config(a) or {}) is None]
     if not supported:
         return None
@@ -342,7 +373,35 @@ def load_model(
         ) from None
     info = _info(model, spec=spec, arch=spec + ("-quickgelu" if quick_gelu and "quickgelu" not in spec else ""),
                  pretrained=pretrained, weights=weights, quick_gelu=quick_gelu)
-    return LoadedModel(model.to(device).eval(), preprocess, open_clip.get_tokenizer(spec), info)
+    return LoadedModel(model.to(device).eval(), preprocess, tokenizer_for(spec), info)
+
+
+class _MissingTokenizer:
+    """Stands in for a tokenizer that could not be loaded (a SigLIP's Hugging Face tokenizer offline, or without
+    transformers): image-only work (a cache build) runs; the first text to tokenize gets the reason in one line."""
+
+    def __init__(self, spec: str, reason: str):
+        self.spec, self.reason = spec, reason
+
+    def __call__(self, *args, **kwargs):
+        raise ClipTermError(f"the text tokenizer of {self.spec} is not available: {self.reason}",
+                            hint="its files come from the Hugging Face hub: run once online (unset HF_HUB_OFFLINE), "
+                                 "or pip install transformers", code=ExitCode.NOT_FOUND)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        self(None)
+
+
+def tokenizer_for(spec: str):
+    """open_clip's tokenizer for a model; a stand-in that explains itself when it cannot be loaded here."""
+    import open_clip
+
+    try:
+        return open_clip.get_tokenizer(spec)
+    except (OSError, ImportError, ValueError) as exc:
+        return _MissingTokenizer(spec, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
 
 
 @contextmanager
@@ -407,7 +466,7 @@ def _load_local_dir(folder: Path, spec: str, device: str) -> LoadedModel:
     refuse_unsupported(spec, cfg)
     info = _info(model, spec=spec, arch="toy" if spec == TOY else f"local-dir:{folder}", pretrained=None,
                  weights=weights, quick_gelu=bool(cfg.get("quick_gelu")))
-    return LoadedModel(model.to(device).eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{folder}"), info)
+    return LoadedModel(model.to(device).eval(), preprocess, tokenizer_for(f"local-dir:{folder}"), info)
 
 
 def resnet_shape(heads: int, channels: int) -> ModelShape:
@@ -545,6 +604,7 @@ def catalogue() -> list[dict[str, Any]]:
             "supported": True,
             "reason": None,
             "quick_gelu": False,
+            "tower": "open_clip ViT (class token)",
         }
     ]
     for arch in open_clip.list_models():
@@ -561,6 +621,7 @@ def catalogue() -> list[dict[str, Any]]:
                     "supported": reason is None,
                     "reason": reason,
                     "quick_gelu": needs_quick_gelu(arch, tag),
+                    "tower": tower_kind(cfg),
                 }
             )
     return rows

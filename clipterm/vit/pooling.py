@@ -379,17 +379,20 @@ def _split_attn(plan: Plan, stream: Stream) -> Split:
     )
 
 
-def check_sum(parts: Split, readout: Tensor, name: str, fp32: bool) -> None:
+def check_sum(parts: Split, plan: Plan | None, name: str, fp32: bool) -> None:
     """Refuse a split that does not add up: the library's forward changed under clipterm's hooks.
 
     The tolerance is loose (1e-3 in fp32, 0.1 under reduced precision): it catches a structural change, whose error
-    is of the order of the embedding itself, not rounding."""
-    if parts.head_out.numel() == 0:
-        heads = torch.zeros_like(parts.embed)
-    elif readout.shape[0] == 1 and readout.shape[1] == 1 and parts.head_out.shape[1:3] != (1, 1):  # joint space
-        heads = parts.head_out.sum((1, 2))
-    else:
-        heads = torch.einsum("blhd,lhde->be", parts.head_out, readout.to(parts.head_out))
+    is of the order of the embedding itself, not rounding. (Heads in head space are summed through the head maps,
+    Σ head_out @ readout = normlin(Σ head_out @ Q) @ P, without forming the (L, H, dh, D) readout.)"""
+    with torch.no_grad(), torch.autocast(parts.embed.device.type, enabled=False):
+        if parts.head_out.numel() == 0 or plan is None:
+            heads = torch.zeros_like(parts.embed)
+        elif plan.joint:
+            heads = parts.head_out.sum((1, 2))
+        else:
+            stream = torch.einsum("blhd,lhdw->bw", parts.head_out, plan.head_maps)  # (B, W)
+            heads = norm_linear(plan.norm, stream) @ plan.post.matrix  # (B, D)
     total = parts.embed + parts.bias + heads + parts.mlps.sum(1)  # (B, D)
     error = float((total - parts.image_embeds).norm() / parts.image_embeds.norm().clamp_min(1e-12))
     if error > (1e-3 if fp32 else 0.1):

@@ -142,7 +142,9 @@ def _head_maps(block: nn.Module, width: int, device) -> tuple[Tensor, Tensor, No
     constant = proj.bias.detach().float() if proj.bias is not None else torch.zeros(width, device=device)
     if inner is not None:
         constant = constant + inner.beta @ weight
-        weight = inner.linear(torch.eye(merged, device=device)) @ weight  # (K, W): C diag(γ) W_P^T, rows = inputs
+        weight = inner.gamma[:, None] * weight  # (K, W): diag(γ) W_P^T, then the centring C (rows = inputs)
+        if inner.centred:
+            weight = weight - weight.mean(0, keepdim=True)  # C diag(γ) W_P^T: C x = x - mean(x), as a row map
     if is_post_norm(block):
         norm = Norm.of(block.norm1, width, device, "the post-attention norm")
         return norm_linear(norm, weight).view(heads, merged // heads, width), constant, inner
@@ -320,7 +322,7 @@ def decompose(model, images: Tensor, neurons: bool = False, token_layers=()) -> 
         pool_mlp=seen["pool_mlp"][:, 0] if pool is not None and pool.mlp is not None else None, token_bias=token_bias,
     )
     parts = pooling.split(fixed, stream)
-    pooling.check_sum(parts, fixed.readout(), type(trunk).__name__, fp32=weight.dtype == torch.float32
+    pooling.check_sum(parts, fixed, type(trunk).__name__, fp32=weight.dtype == torch.float32
                       and not torch.is_autocast_enabled(weight.device.type))
     return _decomposition(parts)
 
