@@ -71,9 +71,9 @@ def tables() -> str:
     pairs = len(rows) + 1
     ok_pairs = sum(len(r) for r in supported.values()) + 1
     lines = [MARKER, "", f"## open_clip {open_clip.__version__} architectures", "",
-             f"**{ok_pairs} of the {pairs} arch/tag pairs `clipterm models` lists are supported** (the toy included): "
-             f"{len(supported)} of {len(by_arch)} architectures. Support depends on the image tower alone. \"QuickGELU\" "
-             "lists the tags that need it (\"always\" for `-quickgelu` archs).", ""]
+             (f"**{ok_pairs} of the {pairs} arch/tag pairs `clipterm models` lists are supported** (the toy included): "
+              f"{len(supported)} of {len(by_arch)} architectures. Support depends on the image tower alone. \"QuickGELU\" "
+              "lists the tags that need it (\"always\" for `-quickgelu` archs)."), ""]
     families = collections.OrderedDict()
     for arch, arch_rows in supported.items():
         families.setdefault(arch_rows[0]["tower"], []).append(arch)

@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from siglip_helpers import save_tiny_siglip
 
 from clipterm.errors import ClipTermError, ExitCode

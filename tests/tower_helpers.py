@@ -12,9 +12,10 @@ import json
 
 import torch
 
+
 def _timm_shrink(module: str) -> dict:
     """create_model overrides for a timm module's towers (img_size is filled in from the image size)."""
-    small = dict(depth=2, embed_dim=64, num_heads=2)
+    small = {"depth": 2, "embed_dim": 64, "num_heads": 2}
     if module == "vision_transformer_hybrid":  # MobileCLIP's MCi: its ConvStem, narrower
         from functools import partial
 
@@ -30,7 +31,7 @@ def _timm_shrink(module: str) -> dict:
         return dict(small, embed_cfg=VitCfg(embed_dim=(16, 32, 64), depths=(1, 1, 1), stem_width=16, head_type="1d",
                                             conv_cfg=VitConvCfg(norm_layer="layernorm2d", norm_eps=1e-6)))
     if module == "convnext":
-        return dict(depths=(1, 1, 1, 2), dims=(8, 16, 24, 32))
+        return {"depths": (1, 1, 1, 2), "dims": (8, 16, 24, 32)}
     return small
 
 

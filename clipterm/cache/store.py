@@ -121,18 +121,19 @@ def partial_stats(tensors: dict[str, Any]) -> dict[str, Any]:
 
     head_out = tensors["head_out"].double()  # (L, H, n, dh)
     mlps = tensors["mlps"].double()  # (L, n, D)
+    joint = "pool_heads" in tensors  # an attention pool: block heads are D-wide joint-space effects, and their outer
+    # products (L, H, D, D) are too big to keep; the reader forms one head's from the shards when asked
     stats = {
         "count": torch.tensor(float(head_out.shape[2]), dtype=torch.float64, device=head_out.device),
         "heads.sum": head_out.sum(2),  # (L, H, dh)
-        "heads.outer": head_out.transpose(-1, -2) @ head_out,  # (L, H, dh, dh)
+        **({} if joint else {"heads.outer": head_out.transpose(-1, -2) @ head_out}),  # (L, H, dh, dh)
         "mlps.sum": mlps.sum(1),  # (L, D)
         "mlps.outer": mlps.transpose(-1, -2) @ mlps,  # (L, D, D)
         "embed.sum": tensors["embed"].double().sum(0),  # (D,)
         "bias.sum": tensors["bias"].double().sum(0),  # (D,)
         "image_embeds.sum": tensors["image_embeds"].double().sum(0),  # (D,)
     }
-    if "pool_heads" in tensors:  # an attention pool: block heads are D-wide joint-space effects, their outer
-        del stats["heads.outer"]  # products (L, H, D, D) too big to keep; the reader forms one head's from the shards
+    if joint:
         pool_heads = tensors["pool_heads"].double()  # (G, n, dh')
         stats["pool_heads.sum"] = pool_heads.sum(1)  # (G, dh')
         stats["pool_heads.outer"] = pool_heads.transpose(-1, -2) @ pool_heads  # (G, dh', dh')

@@ -16,8 +16,9 @@ the real modules. Blocks are stored like a ViT's MLPs (one joint-space vector ea
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn

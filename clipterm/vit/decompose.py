@@ -277,7 +277,7 @@ def _pooled(model, visual, stream: Tensor, embed: Tensor, heads: list[Tensor], m
     pooling.check_sum(parts, plan, "open_clip ViT",
                       fp32=weight.dtype == torch.float32 and not torch.is_autocast_enabled(weight.device.type))
     kind = PooledDecomposition if plan.joint else Decomposition
-    extra = dict(pool_heads=parts.pool_heads, pool_bias=parts.pool_bias) if plan.joint else {}
+    extra = {"pool_heads": parts.pool_heads, "pool_bias": parts.pool_bias} if plan.joint else {}
     return kind(head_out=parts.head_out, embed=parts.embed, bias=parts.bias, mlps=parts.mlps, ln_scale=parts.ln_scale,
                 image_embeds=parts.image_embeds, **extra)
 

@@ -129,7 +129,7 @@ def tower_kind(model_cfg: dict) -> str:
     return f"open_clip ViT ({'average pool' if vision.get('pool_type') == 'avg' else 'class token'})"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _timm_default_pool(name: str) -> str:
     """A timm model's own global_pool (`timm_pool: ''` keeps it), from the model built on the meta device."""
     try:
@@ -138,7 +138,7 @@ def _timm_default_pool(name: str) -> str:
 
         with torch.device("meta"):
             return getattr(timm.create_model(name, pretrained=False, num_classes=0), "global_pool", "") or "none"
-    except Exception:  # an unknown name: the support check says why
+    except (RuntimeError, ValueError, TypeError, KeyError):  # an unknown name: the support check says why
         return "default"
 
 
@@ -491,9 +491,9 @@ def _info(model, spec: str, arch: str, pretrained: str | None, weights: Path | N
     from clipterm.vit.towers import family
 
     visual = model.visual
-    common = dict(spec=spec, arch=arch, pretrained=str(pretrained) if pretrained is not None else None,
-                  quick_gelu=quick_gelu, weights_path=str(weights) if weights else None,
-                  weights_sha256=weights_sha256(weights) if weights else None)
+    common = {"spec": spec, "arch": arch, "pretrained": str(pretrained) if pretrained is not None else None,
+              "quick_gelu": quick_gelu, "weights_path": str(weights) if weights else None,
+              "weights_sha256": weights_sha256(weights) if weights else None}
     if isinstance(visual, ModifiedResNet):
         return _resnet_info(model, **common, family=family(model))
     if hasattr(visual, "trunk"):
@@ -561,7 +561,7 @@ def tower_info(model, **common) -> ModelInfo:
 
 def _last_linear(module):
     """The last nn.Linear (or 1x1 conv) of an MLP: its input width is the number of neurons."""
-    import torch.nn as nn
+    from torch import nn
 
     linears = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     return linears[-1] if not isinstance(linears[-1], nn.Conv2d) else _Width(linears[-1].in_channels)
@@ -574,7 +574,7 @@ class _Width:
 
 def _embed_dim(visual, pooled_width: int) -> int:
     """The embedding's width: the last linear map after the pool (timm's head, open_clip's proj), else the pool's."""
-    import torch.nn as nn
+    from torch import nn
 
     trunk = visual.trunk
     for module in (visual.head, getattr(trunk, "head", None)):

@@ -320,7 +320,7 @@ def _split_tokens(plan: Plan, stream: Stream) -> Split:
     def joint(pooled: Tensor) -> Tensor:  # (B, *, W) pooled stream vectors -> (B, *, D)
         return norm_linear(plan.norm, pooled) @ matrix / scale.view(-1, *[1] * (pooled.dim() - 1))
 
-    pool = lambda x: torch.einsum("bn,bn...->b...", weights, x.float())  # noqa: E731  (B, N, ...) -> (B, ...)
+    pool = lambda x: torch.einsum("bn,bn...->b...", weights, x.float())
     head_out = torch.stack([pool(m) for m in stream.heads], 1) / scale.view(-1, 1, 1, 1)  # (B, L, H, dh)
     mlps = joint(torch.stack([pool(m) for m in stream.mlps], 1))  # (B, L, D)
     total = weights.sum(1, keepdim=True)  # (B, 1): Σ_t π(t)/σ_t

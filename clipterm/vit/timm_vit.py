@@ -20,8 +20,9 @@ sweep over every open_clip arch (tests/test_towers.py) catches first.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
