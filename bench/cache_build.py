@@ -1,15 +1,16 @@
 """Benchmark the cache build against plain `encode_image` and a reference-style baseline, in one run.
 
-For each model (ViT-B-32 and RN50 with random weights at 224 px, the toy and toy-rn) it measures, on the same
-preloaded pixel tensors:
+For each model (ViT-B-32, RN50 and ViT-B-16-SigLIP with random weights at 224 px, the toy and toy-rn) it
+measures, on the same preloaded pixel tensors:
 
 - plain `model.encode_image` images/s (the ceiling; plain and clipterm are timed in interleaved
   repeats and the best of each counts, so a busy machine does not favour either);
 - clipterm's per-batch work (decompose, cast to fp16, fp64 stats) images/s: goal >= 0.8 of plain;
 - a reference-style baseline in the manner of clip_text_span's compute_prs.py: batch 2, every
   head's output for every query and source token materialised ([B, N, N, H, width]) before the
-  CLS row is reduced, fp32 `.npy` of [N, L, H, D] plus MLPs: goal clipterm >= 10x faster (ViTs only: the
-  reference has no ResNet path, so RN50 reports plain vs clipterm and end to end);
+  CLS row is reduced, fp32 `.npy` of [N, L, H, D] plus MLPs: goal clipterm >= 10x faster (open_clip class-token
+  ViTs only: the reference has no ResNet or MAP-head path, so RN50 and SigLIP report plain vs clipterm and end to
+  end; SigLIP's split runs every block component through its MAP head with the pool attention frozen);
 
 and end to end, `build_cache` from PNG files on disk (the renders, at the input size), and from
 photo-sized JPEGs (500x375, as ImageNet's, over twice the input size) with the default faithful
@@ -22,6 +23,7 @@ default fp16 cache (shard bytes per row; readout and stats are a fixed cost) aga
     python bench/cache_build.py --models toy --n 512
     python bench/cache_build.py --models RN50 --n 16 --repeat 2 --batch-size 8
     python bench/cache_build.py --models RN50 toy-rn --n 32 --batch-size 16     # the ResNet path
+    python bench/cache_build.py --models ViT-B-16-SigLIP --n 16 --repeat 2 --batch-size 8
 """
 
 from __future__ import annotations
@@ -107,7 +109,8 @@ def run_reference(model, pixels: torch.Tensor, out_dir: Path) -> tuple[float, in
 
 
 def random_weights(arch: str, folder: Path):
-    """An open_clip arch (ViT-B-32, RN50) with seeded random weights, loaded through clipterm like any local weights file."""
+    """An open_clip arch (ViT-B-32, RN50, ViT-B-16-SigLIP) with seeded random weights, loaded through clipterm like any
+    local weights file (a SigLIP's Hugging Face tokenizer is not needed: nothing here encodes text)."""
     import open_clip
     from safetensors.torch import save_file
 
@@ -140,7 +143,7 @@ def bench_model(name: str, n: int, n_baseline: int, batch_size: int, repeat: int
         with torch.no_grad():
             plain = max(plain, images_per_s(lambda b: model.encode_image(b), batches))
         ours = max(ours, images_per_s(lambda b: decompose_batch(model, b, "cpu", options, []), batches))
-    vit = loaded.info.tower == "vit"
+    vit = loaded.info.tower == "vit" and loaded.info.pool == "tok" and hasattr(model.visual, "transformer")
     reference, reference_bytes = run_reference(model, pixels[: max(2, n_baseline)], work) if vit else (None, None)
 
     folder = work / f"png-{name}"  # end to end: PNG files on disk -> decode -> preprocess -> decompose -> shards
@@ -187,7 +190,7 @@ def bench_model(name: str, n: int, n_baseline: int, batch_size: int, repeat: int
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["ViT-B-32", "toy"], choices=["ViT-B-32", "RN50", "toy", "toy-rn"])
+    parser.add_argument("--models", nargs="+", default=["ViT-B-32", "toy"], choices=["ViT-B-32", "RN50", "ViT-B-16-SigLIP", "toy", "toy-rn"])
     parser.add_argument("--n", type=int, default=64, help="images for plain, clipterm and end-to-end figures")
     parser.add_argument("--n-baseline", type=int, default=8, help="images for the (slow) reference-style baseline")
     parser.add_argument("--batch-size", type=int, default=32)

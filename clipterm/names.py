@@ -27,6 +27,19 @@ of the last stage, read through the pool: `L3.N1234`. `ModelShape.tower` says wh
 model speaks, and `validate` refuses the other one's names with the model's own vocabulary as the hint.
 A pool component's `layer` is its slot in the stored head tensors (`ModelShape.pool_layer`), filled in
 by `validate`; `parse` leaves it None.
+
+A ViT that pools by attention after its blocks (SigLIP's MAP head, PE-Core's, CoCa's attentional pooler;
+`ModelShape.pool_heads` > 0) speaks the ViT names and the pool's: `pool.H{g}` (pool head g: what it reads
+from the normed stream, the split of the pool by head), `pool.bias`, `pool` (all pool heads) and, for a
+MAP head, `pool.MLP` (its MLP on the pooled vector: one component, not split further). `L{l}.H{h}` and
+`L{l}.MLP` are then each block component read through the whole pool, with its attention frozen; the
+block view `embed, bias, L*.H*, L*.MLP, pool.MLP` and the pool view `pool.H*, pool.bias, pool.MLP` both
+add up to the embedding. `pool.MLP`'s `layer` is its slot after the last block's (`ModelShape.layers`).
+
+A ConvNeXt (`tower="convnext"`) is named by its last stage's blocks, each a residual branch added to the
+grid: `S3.B2` is block 2 of stage 3 (timm's `stages.3.blocks.2`; stages and blocks count from 0; kind
+`mlp`, site `stage`), `S3` all of them, `embed` the stage's input (the stem and every earlier stage) and
+`bias` the pooled norm's β and the projection's bias. It has no heads.
 """
 
 from __future__ import annotations
@@ -38,17 +51,18 @@ from typing import Literal
 from clipterm.errors import ClipTermError
 
 Kind = Literal["embed", "bias", "layer", "head", "mlp", "neuron"]
-Site = Literal["block", "pool"]
-Tower = Literal["vit", "resnet"]
+Site = Literal["block", "pool", "stage"]
+Tower = Literal["vit", "resnet", "convnext"]
 
 _PATTERN = re.compile(
     r"^(?:(?P<special>embed|bias)"
     r"|L(?P<layer>\d+)(?:\.(?:H(?P<head>\d+)|(?P<mlp>MLP)|N(?P<neuron>\d+)))?(?::pc(?P<pc>\d+))?"
-    r"|pool(?:\.(?:H(?P<pool_head>\d+)|(?P<pool_part>bias|pos|MLP)))?(?::pc(?P<pool_pc>\d+))?)$",
+    r"|pool(?:\.(?:H(?P<pool_head>\d+)|(?P<pool_part>bias|pos|MLP)))?(?::pc(?P<pool_pc>\d+))?"
+    r"|S(?P<stage>\d+)(?:\.B(?P<block>\d+))?)$",
     re.IGNORECASE,
 )
-_HINT = ("names look like embed, bias, L10, L10.H3, L10.H3:pc2, L10.MLP or L9.N1234, and pool.H3, pool.pos, pool.bias "
-         "for a ResNet (layers and heads count from 0)")
+_HINT = ("names look like embed, bias, L10, L10.H3, L10.H3:pc2, L10.MLP or L9.N1234; pool.H3, pool.pos, pool.bias "
+         "for a ResNet; pool.H3, pool.bias, pool.MLP for a MAP head; S3.B2 for a ConvNeXt block (all count from 0)")
 _POOL_SUFFIX = {"layer": "", "head": ".H{index}", "mlp": ".MLP", "bias": ".bias", "embed": ".pos"}
 
 
@@ -60,9 +74,12 @@ class Component:
     layer: int | None = None
     index: int | None = None
     pc: int | None = None
-    site: Site = "block"  # "pool": part of the tower's attention pool, spelled `pool.*`
+    site: Site = "block"  # "pool": part of the tower's attention pool, spelled `pool.*`; "stage": a ConvNeXt's
+    stage: int | None = None  # site "stage": the stage number (`S3.B2`: stage 3, layer = block 2)
 
     def __str__(self) -> str:
+        if self.site == "stage":
+            return f"S{self.stage}" if self.kind == "layer" else f"S{self.stage}.B{self.layer}"
         if self.site == "pool":
             base = "pool" + _POOL_SUFFIX[self.kind].format(index=self.index)
             return base if self.pc is None else f"{base}:pc{self.pc}"
@@ -74,7 +91,7 @@ class Component:
     @property
     def base(self) -> Component:
         """The component without its `:pcK` suffix."""
-        return Component(self.kind, self.layer, self.index, site=self.site)
+        return Component(self.kind, self.layer, self.index, site=self.site, stage=self.stage)
 
 
 @dataclass(frozen=True)
@@ -90,10 +107,21 @@ class ModelShape:
     tower: Tower = "vit"
     pool_layer: int | None = None  # slot of the pool's heads in the stored head tensors
     neuron_layer: int | None = None  # a ResNet's last stage, whose channels are the neurons
+    pool_heads: int = 0  # a ViT with an attention pool after its blocks (MAP head, CoCa): the pool's heads
+    pool_mlp: bool = False  # that pool has an MLP on the pooled vector (a MAP head): `pool.MLP`
+    stage: int | None = None  # a ConvNeXt's last stage, whose blocks are the components
 
     @property
     def vocabulary(self) -> str:
         """The model's names, in one line (for hints)."""
+        if self.tower == "convnext":
+            return (f"this ConvNeXt's components are embed, bias and the blocks of its last stage "
+                    f"S{self.stage}.B0..S{self.stage}.B{self.layers - 1} (S{self.stage} for all of them); it has no heads")
+        if self.pool_heads:
+            extra = ", pool.MLP" if self.pool_mlp else ""
+            return (f"this ViT's components are embed, bias, L0..L{self.layers - 1} with .H0..H{self.heads - 1} and "
+                    f".MLP, read through its attention pool; the pool's own are pool.H0..pool.H{self.pool_heads - 1}, "
+                    f"pool.bias{extra} (and pool for all its heads)")
         if self.tower == "resnet":
             return (f"this ResNet's components are pool.H0..pool.H{self.heads - 1}, pool.pos, pool.bias (and pool for all "
                     f"heads); its neurons are the last stage's channels {neuron(self.neuron_layer, 0)}.."
@@ -154,6 +182,10 @@ def parse(name: str) -> Component:
         raise ClipTermError(f"not a component name: {name!r}", hint=_HINT)
     if match["special"]:
         return Component(match["special"].lower())  # type: ignore[arg-type]
+    if match["stage"] is not None:
+        block = match["block"]
+        return Component("layer" if block is None else "mlp", None if block is None else int(block), site="stage",
+                         stage=int(match["stage"]))
     if name.strip()[:4].lower() == "pool":
         return _parse_pool(name, match)
     layer, pc = int(match["layer"]), (int(match["pc"]) if match["pc"] else None)
@@ -184,6 +216,12 @@ def validate(component: Component, shape: ModelShape) -> Component:
     """Check a component against a model's shape; return it (a pool part gets its stored layer slot)."""
     if shape.tower == "resnet":
         return _validate_resnet(component, shape)
+    if shape.tower == "convnext":
+        return _validate_convnext(component, shape)
+    if component.site == "stage":
+        raise ClipTermError(f"{component} names a ConvNeXt block, and this model is a ViT", hint=shape.vocabulary)
+    if component.site == "pool" and shape.pool_heads:
+        return _validate_attention_pool(component, shape)
     if component.site == "pool":
         raise ClipTermError(f"{component} names an attention pool, and this model has none", hint=shape.vocabulary)
     if component.layer is not None and not 0 <= component.layer < shape.layers:
@@ -216,6 +254,44 @@ def _validate_resnet(component: Component, shape: ModelShape) -> Component:
     return Component(component.kind, shape.pool_layer, component.index, component.pc, site="pool")
 
 
+def _validate_attention_pool(component: Component, shape: ModelShape) -> Component:
+    if component.kind == "embed":
+        raise ClipTermError(f"{component}: this model's pool adds no positional embedding of its own", hint=shape.vocabulary)
+    if component.kind == "mlp" and not shape.pool_mlp:
+        raise ClipTermError(f"{component}: this model's attention pool has no MLP", hint=shape.vocabulary)
+    if component.kind == "head" and not 0 <= component.index < shape.pool_heads:  # type: ignore[operator]
+        raise ClipTermError(f"no head {component.index} in this model's pool: {component}", hint=shape.vocabulary)
+    slot = shape.layers if component.kind == "mlp" else None  # pool.MLP: the slot after the last block's MLP
+    return Component(component.kind, slot, component.index, component.pc, site="pool")
+
+
+def _validate_convnext(component: Component, shape: ModelShape) -> Component:
+    if component.kind in ("embed", "bias") and component.site == "block":
+        return component
+    if component.site != "stage":
+        raise ClipTermError(f"{component} is not a ConvNeXt name", hint=shape.vocabulary)
+    if component.stage != shape.stage:
+        raise ClipTermError(f"{component}: only the last stage's blocks are components", hint=shape.vocabulary)
+    if component.kind == "mlp" and not 0 <= component.layer < shape.layers:  # type: ignore[operator]
+        raise ClipTermError(f"no block {component.layer} in stage {shape.stage}: {component}", hint=shape.vocabulary)
+    return component
+
+
+def block(stage: int, index: int) -> str:
+    """`S3.B2`: block 2 of a ConvNeXt's stage 3."""
+    return str(Component("mlp", index, site="stage", stage=stage))
+
+
+def stage(number: int) -> str:
+    """`S3`: all the blocks of a ConvNeXt's stage 3."""
+    return str(Component("layer", site="stage", stage=number))
+
+
+def pool_mlp() -> str:
+    """`pool.MLP`: a MAP head's MLP on the pooled vector."""
+    return str(Component("mlp", site="pool"))
+
+
 def describe(component: Component, shape: ModelShape | None = None) -> str:
     """A short human description of what a component is (a ResNet's neurons are channels, given its shape)."""
     pc = f", principal direction {component.pc}" if component.pc else ""
@@ -223,6 +299,20 @@ def describe(component: Component, shape: ModelShape | None = None) -> str:
         if component.kind == "neuron":
             return f"channel {component.index} of stage {layer(component.layer)}, read through the attention pool{pc}"
         return f"stage {layer(component.layer)}: its channels are the neurons"
+    if component.site == "stage":
+        if component.kind == "layer":
+            return f"stage {component.stage}: all its blocks"
+        return f"block {component.layer} of stage {component.stage}: its whole residual branch, averaged over the grid"
+    if shape is not None and shape.tower == "convnext" and component.kind in ("embed", "bias"):
+        return {"embed": f"the input of stage {shape.stage}: the stem and every earlier stage",
+                "bias": "the pooled norm's β and the projection's bias"}[component.kind]
+    if component.site == "pool" and shape is not None and shape.pool_heads:
+        return {
+            "layer": "the attention pool: all its heads",
+            "head": f"head {component.index} of the attention pool{pc}: what it reads from the normed stream",
+            "bias": "the attention pool's value and output biases (and the norm β they read)",
+            "mlp": "the MAP head's MLP on the pooled vector",
+        }[component.kind]
     if component.site == "pool":
         return {
             "layer": "the attention pool: all its heads",
@@ -281,7 +371,9 @@ def format_layers(layers: list[int]) -> str:
 
 
 def heads(shape: ModelShape, layers: list[int] | None = None) -> list[Component]:
-    """Every head, layer-major (a ResNet's: the pool's, when `layers` is None or holds its slot)."""
+    """Every head, layer-major (a ResNet's: the pool's, when `layers` is None or holds its slot; a ConvNeXt has none)."""
+    if shape.tower == "convnext":
+        return []
     if shape.tower == "resnet":
         wanted = layers is None or shape.pool_layer in layers
         return [Component("head", shape.pool_layer, h, site="pool") for h in range(shape.heads)] if wanted else []
@@ -289,31 +381,51 @@ def heads(shape: ModelShape, layers: list[int] | None = None) -> list[Component]
 
 
 def layers(shape: ModelShape) -> list[str]:
-    """Every stored attention layer's name: `L0`.. for a ViT, `pool` for a ResNet."""
+    """Every stored attention layer's name: `L0`.. for a ViT, `pool` for a ResNet, the blocks for a ConvNeXt."""
     if shape.tower == "resnet":
         return [pool()]
+    if shape.tower == "convnext":
+        return [block(shape.stage, k) for k in range(shape.layers)]
     return [layer(l) for l in range(shape.layers)]
 
 
 def mlps(shape: ModelShape) -> list[str]:
-    """Every MLP with a direct effect (a ResNet has none)."""
-    return [] if shape.tower == "resnet" else [mlp(l) for l in range(shape.layers)]
+    """Every MLP with a direct effect (a ResNet has none; a MAP head's is `pool.MLP`; a ConvNeXt's blocks count)."""
+    if shape.tower == "convnext":
+        return [block(shape.stage, k) for k in range(shape.layers)]
+    own = [pool_mlp()] if shape.pool_heads and shape.pool_mlp else []
+    return [] if shape.tower == "resnet" else [mlp(l) for l in range(shape.layers)] + own
 
 
 def direct_components(shape: ModelShape) -> list[Component]:
     """Every top-level component with a stored direct effect; they add up to the image embedding.
 
-    ViT: embed, bias, all heads, all MLPs. ResNet: pool.pos, pool.bias, all pool heads."""
+    ViT: embed, bias, all heads, all MLPs (and a MAP head's pool.MLP). ResNet: pool.pos, pool.bias, all pool heads.
+    ConvNeXt: embed, bias, every block of the last stage."""
+    if shape.tower == "convnext":
+        return [Component("embed"), Component("bias"),
+                *[Component("mlp", k, site="stage", stage=shape.stage) for k in range(shape.layers)]]
     if shape.tower == "resnet":
         return [Component("embed", shape.pool_layer, site="pool"), Component("bias", shape.pool_layer, site="pool"),
                 *heads(shape)]
     mlp_parts = [Component("mlp", l) for l in range(shape.layers)]
+    if shape.pool_heads and shape.pool_mlp:
+        mlp_parts.append(Component("mlp", shape.layers, site="pool"))
     return [Component("embed"), Component("bias"), *heads(shape), *mlp_parts]
+
+
+def pool_components(shape: ModelShape) -> list[Component]:
+    """The pool view of a ViT with an attention pool: pool.H*, pool.bias (and pool.MLP); they add up to the embedding."""
+    if not shape.pool_heads:
+        return []
+    own = [Component("mlp", shape.layers, site="pool")] if shape.pool_mlp else []
+    return [*[Component("head", index=g, site="pool") for g in range(shape.pool_heads)], Component("bias", site="pool"), *own]
 
 
 __all__ = [
     "Component",
     "ModelShape",
+    "block",
     "describe",
     "direct_components",
     "format_layers",
@@ -330,7 +442,10 @@ __all__ = [
     "parse_layers",
     "pool",
     "pool_bias",
+    "pool_components",
     "pool_head",
+    "pool_mlp",
     "pool_pos",
+    "stage",
     "validate",
 ]

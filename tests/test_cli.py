@@ -59,7 +59,9 @@ def test_models_json_lists_toy_and_refusals(cli):
     refused = {r["model"]: r["reason"] for r in rows if not r["supported"]}
     resnets = [r for r in rows if r["model"].startswith("RN")]
     assert len(resnets) == 16 and all(r["supported"] for r in resnets)  # every ModifiedResNet arch/tag pair
-    assert "timm" in refused["ViT-SO400M-14-SigLIP"]
+    assert "FastViT" in refused["MobileCLIP-S1"] and "ViT-SO400M-14-SigLIP" not in refused  # SigLIP decomposes
+    siglip = next(r for r in rows if r["model"] == "ViT-SO400M-14-SigLIP")
+    assert siglip["supported"] and siglip["tower"] == "timm vision_transformer (map)"
 
 
 def test_doctor_json(cli):

@@ -217,9 +217,39 @@ def test_bfloat16_autocast_stays_close_and_returns_fp32(toy):
     assert rel(parts.summed(readout(toy.model)), parts.image_embeds) < 1e-2
 
 
+POOLED = {
+    "avg_ln_after_pool": dict(pool_type="avg", final_ln_after_pool=True, no_ln_pre=True),  # CLIPA
+    "avg_ln_per_token": dict(pool_type="avg"),
+    "attentional_pool": dict(attentional_pool=True, attn_pooler_queries=3, attn_pooler_heads=2),  # CoCa
+    "attentional_pool_layerscale": dict(attentional_pool=True, attn_pooler_queries=2, attn_pooler_heads=4,
+                                        ls_init_value=0.5, block_type="custom", scale_heads=True),
+}
+
+
+@pytest.mark.parametrize("config", POOLED.values(), ids=POOLED.keys())
+def test_average_and_attentional_pools_sum_to_encode_image(config):
+    """pool_type='avg' (ln_post per token or after the pool) and CoCa's attentional pooler: exact too."""
+    from clipterm.vit.decompose import pool_readout
+
+    model, batch = tiny_clip(**config), images(3)
+    parts = assert_exact(model, batch)
+    if config.get("attentional_pool"):  # joint-space heads (readout I) and the pool's own split
+        heads = model.visual.attn_pool.attn.num_heads
+        assert parts.head_out.shape == (3, 3, 4, 24) and parts.pool_heads.shape == (3, heads, 24 // heads)
+        pooled = torch.einsum("bgd,gde->be", parts.pool_heads, pool_readout(model)) + parts.pool_bias
+        assert rel(pooled, parts.image_embeds) < 1e-5
+    else:
+        assert parts.head_out.shape == (3, 3, 4, 16)
+
+
+def test_the_untested_two_pool_coca_setup_is_refused():
+    model = tiny_clip(attentional_pool="parallel", attn_pooler_queries=2, attn_pooler_heads=2)
+    with pytest.raises(ClipTermError, match="parallel") as error:
+        check_supported(model, "tiny-vit")
+    assert error.value.code == ExitCode.UNSUPPORTED
+
+
 REFUSED = {
-    "attentional_pool": (dict(attentional_pool=True, attn_pooler_queries=2, attn_pooler_heads=2), "attentional_pool"),
-    "pool_type_avg": (dict(pool_type="avg"), "pool_type='avg'"),
     "scale_attn": (dict(scale_attn=True), "scale_attn=True"),
     "scale_attn_inner": (dict(scale_attn_inner=True), "scale_attn_inner=True"),
 }
@@ -240,7 +270,7 @@ def test_unsupported_options_are_refused_by_name(vision, option):
     "vision, what",
     [
         (dict(layers=[1, 1, 1, 1], width=8, head_width=8, image_size=32), "ModifiedResNet"),
-        (dict(timm_model_name="vit_tiny_patch16_224", image_size=32), "timm-based vision tower (vit_tiny_patch16_224)"),
+        (dict(timm_model_name="vit_tiny_patch16_224", image_size=32), "TimmModel vision tower (not an open_clip ViT)"),
     ],
     ids=["modified_resnet", "timm"],
 )

@@ -130,7 +130,8 @@ def test_weights_for_another_arch_are_refused(tmp_path):
     assert "does not fit" in err.value.message
 
 
-@pytest.mark.parametrize("arch, option", [("ViT-SO400M-14-SigLIP", "timm"), ("coca_ViT-B-32", "attentional_pool"), ("coca_base", "CoCa")])
+@pytest.mark.parametrize("arch, option", [("MobileCLIP-S1", "FastViT"), ("swin_base_patch4_window7_224", "Swin"),
+                                          ("convnext_large_d", "timm_proj='mlp'")])
 def test_unsupported_towers_are_refused_by_name(arch, option):
     with pytest.raises(ClipTermError) as err:
         load_model(arch, pretrained="x.safetensors")

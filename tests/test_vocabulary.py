@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "clipterm"
 # The words a --json payload may use, wherever they sit. A new key goes here on purpose, not by accident:
 # synonyms of these (`n`, `rows`, `neuron`, `top_k`, …) are what this list keeps out.
 JSON_WORDS = set("""
+pool_heads pool_mlp stage
 about accuracy already_complete arch background baseline best blue built builtin by bytes bytes_per_row cache cache_root
 cached caches changed classes clipterm cls first_token coefficient colour complete component components config_dir contribution
 convention cosine created cuda cumulative dataset decomposition dir done drop dropped_blank dropped_duplicates dtype

@@ -130,8 +130,9 @@ def group(reader: Any, by: str, reference: bool = False) -> list[str]:
     In the `reference` convention (analyses.conventions), `embed` counts among the MLPs, as clip_text_span's
     ln_pre term does."""
     shape = reader.shape
-    if by == "head":
-        return [str(c) for c in names.heads(shape)]
+    if by == "head":  # a tower with an attention pool: its pool heads too (another split of the same embedding)
+        pooled = [str(c) for c in names.pool_components(shape) if c.kind == "head"]
+        return [str(c) for c in names.heads(shape)] + pooled
     if by == "mlp" and not names.mlps(shape):
         raise ClipTermError("this model has no MLPs with a direct effect", hint=f"--by takes layer or head; {shape.vocabulary}")
     if by == "mlp":
@@ -193,7 +194,8 @@ def cumulative_shifts(reader: Any, by: str, view: Any = None) -> Iterable[tuple[
                  "layer": names.layers(reader.shape)[layer:layer + 1]}[by]
         for name in parts:
             total = shift(reader, name, view) if total is None else total + shift(reader, name, view)
-        label = names.layers(reader.shape)[layer] if reader.shape.tower == "resnet" else names.format_layers(list(range(layer + 1)))
+        label = names.layers(reader.shape)[layer] if reader.shape.tower in ("resnet", "convnext") \
+            else names.format_layers(list(range(layer + 1)))
         yield ("embed+" + label if with_embed else label), total
 
 

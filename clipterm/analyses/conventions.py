@@ -29,6 +29,9 @@ from clipterm.vit.second_order import CONVENTIONS, check_convention  # noqa: F40
 
 def require(reader: Any) -> None:
     """Refuse, before any model loads, a cache the reference convention cannot be read from."""
+    from clipterm.vit.towers import refuse_analysis
+
+    refuse_analysis(reader.manifest["model"], "--convention reference (second_order_lens' class-token split)")
     if not reader.manifest["stored"]["neurons"]:
         raise ClipTermError(f"--convention reference needs the MLPs' neuron activations, and cache {reader.name} has none",
                             hint="rebuild the cache with `clipterm cache build ... --neurons`", code=ExitCode.USAGE)

@@ -300,7 +300,9 @@ def visualise(loaded: Any, objective: Objective, config: Config, facet: Any = No
     """Climb the objective; yields a Frame every step (pixels on every `every`-th and the last)."""
     from clipterm.vit.decompose import readout as readout_of
     from clipterm.vit.decompose import vision_tower
+    from clipterm.vit.towers import refuse_model_analysis
 
+    refuse_model_analysis(loaded.model, "feature visualisation")
     size = check(config, loaded)
     visual = vision_tower(loaded.model)
     device = visual.conv1.weight.device

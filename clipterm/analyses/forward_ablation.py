@@ -135,6 +135,9 @@ def forward_shifts(
     One pass records the mean outputs (and, when they fit in memory, the residual stream entering
     each ablated layer, so that later passes start there instead of at the pixels).
     """
+    from clipterm.vit.towers import refuse_model_analysis
+
+    refuse_model_analysis(loaded.model, "forward mean-ablation (--forward)")
     model = loaded.model
     visual = model.visual
     blocks = visual.transformer.resblocks

@@ -170,6 +170,10 @@ def default_layers(n_layers: int, reader: Any = None, loaded: Any = None) -> lis
 
 def token_effects(image: SpatialImage, layers: list[int], reader: Any = None, loaded: Any = None) -> TokenEffects:
     """Per-token head outputs of `layers`: from the cache's tokens.L{l} when it holds them all, else one forward pass."""
+    from clipterm.vit.towers import refuse_analysis
+
+    refuse_analysis(loaded.info if loaded is not None else reader.manifest["model"] if reader is not None else {},
+                    "a per-patch map")
     stored = reader.manifest["stored"]["tokens"] if reader is not None else []
     if reader is not None and image.row is not None and set(layers) <= set(stored):
         tokens = {layer: reader.tokens(layer, rows=[image.row])[:, 0].float() for layer in layers}  # (H, T, dh) each
@@ -343,6 +347,9 @@ def _channel_map(image: SpatialImage, comp: names.Component, loaded: Any, reader
 
 def mlp_activations(model: Any, pixels: Tensor, layers: list[int], outputs: bool = False) -> tuple[dict, dict]:
     """One forward pass: per-token MLP post-activations {layer: (B, T, M)}, and outputs {layer: (B, T, W)} if asked."""
+    from clipterm.vit.towers import refuse_model_analysis
+
+    refuse_model_analysis(model, "a per-patch MLP map")
     from clipterm.vit.decompose import vision_tower
 
     visual = vision_tower(model)

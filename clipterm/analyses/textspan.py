@@ -173,6 +173,8 @@ def component_stats(reader, name: str) -> tuple[float, torch.Tensor, torch.Tenso
         raise ClipTermError(f"TextSpan describes heads and MLPs, not {name}", hint="try L5.H2, L5.MLP or --layers L4-5")
     stats = reader.stats(str(comp))
     count = float(stats["count"])
+    if comp.kind == "head" and comp.site == "pool" and reader.shape.pool_heads:  # a MAP head's (or CoCa pooler's) head
+        return count, stats["sum"], stats["outer"], reader.pool_readout[comp.index]
     if comp.kind == "head":
         return count, stats["sum"], stats["outer"], reader.readout[comp.layer, comp.index]
     return count, stats["sum"], stats["outer"], torch.eye(stats["sum"].shape[0])

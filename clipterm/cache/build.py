@@ -117,7 +117,11 @@ def _build(options: BuildOptions, ranks: Ranks, progress: ProgressFactory | None
             return True, old
         manifest = store.prepare(directory, fresh, options.force)
         with torch.no_grad():
-            files.save_tensors(directory / store.READOUT, {"heads": decompose.readout(model).float().cpu()})  # (L, H, dh, D)
+            readouts = {"heads": decompose.readout(model).float().cpu()}  # (L, H, dh, D); (1, 1, D, D) for joint heads
+            pool = getattr(decompose, "pool_readout", lambda _m: None)(model)
+            if pool is not None:
+                readouts["pool"] = pool.float().cpu()  # (G, dh', D): an attention pool's heads
+            files.save_tensors(directory / store.READOUT, readouts)
         return False, manifest
 
     try:
@@ -227,11 +231,16 @@ def decompose_batch(model: Any, pixels: Any, device: str, options: BuildOptions,
     }
     if options.neurons:
         part["neurons"] = out.neurons.to(store_dtype)  # (B, L, M)
+    if getattr(out, "pool_heads", None) is not None:  # an attention pool's own split
+        part["pool_heads"] = out.pool_heads.to(store_dtype)  # (B, G, dh')
+        part["pool_bias"] = out.pool_bias.to(store_dtype)  # (B, D)
     for layer in token_layers:
         part[f"tokens.{names.layer(layer)}"] = out.tokens[layer].to(store_dtype)  # (B, H, T, dh)
     with torch.no_grad():
-        batch_stats = store.partial_stats({**part, "head_out": part["head_out"].permute(1, 2, 0, 3),  # (L, H, B, dh)
-                                           "mlps": part["mlps"].transpose(0, 1)})  # (L, B, D)
+        major = {**part, "head_out": part["head_out"].permute(1, 2, 0, 3), "mlps": part["mlps"].transpose(0, 1)}  # (L, H, B, dh), (L, B, D)
+        if "pool_heads" in part:
+            major["pool_heads"] = part["pool_heads"].transpose(0, 1)  # (G, B, dh')
+        batch_stats = store.partial_stats(major)
     return {key: value.cpu() for key, value in part.items()}, batch_stats
 
 
@@ -290,13 +299,14 @@ def _result(directory: Path, manifest: dict, ranks: Ranks, built: int, started: 
 
 
 def tower(model: Any) -> Any:
-    """The decomposition module for a model's vision tower: `vit.resnet` for a ModifiedResNet, else `vit.decompose`.
+    """The decomposition module for a model's vision tower (`clipterm.vit.towers.tower_module`): `vit.resnet` for a
+    ModifiedResNet, `vit.timm_vit` for timm transformers, `vit.convnext` for timm ConvNeXts, else `vit.decompose`.
 
-    Both give `check_supported`, `readout`, `decompose` and `CONVENTION` with the same layout (a ResNet is stored
+    All give `check_supported`, `readout`, `decompose` and `CONVENTION` with the same layout (a ResNet is stored
     as one attention layer, its pool, with `embed` = pool.pos, `bias` = pool.bias and no MLPs)."""
-    from clipterm.vit import decompose, resnet
+    from clipterm.vit.towers import tower_module
 
-    return resnet if resnet.is_resnet(model) else decompose
+    return tower_module(model)
 
 
 def _shape(info: Any) -> dict[str, Any]:
@@ -306,6 +316,14 @@ def _shape(info: Any) -> dict[str, Any]:
     if getattr(info, "tower", "vit") == "resnet":
         s = info.shape
         shape.update(tower="resnet", pool_layer=s.pool_layer, neuron_layer=s.neuron_layer, mlp_layers=0)
+    if getattr(info, "tower", "vit") == "convnext":  # the last stage's blocks stored as MLPs, no heads
+        shape.update(tower="convnext", stage=info.stage, heads=0, head_dim=0)
+    if getattr(info, "pool", "tok") == "attn":  # block heads in joint space; the pool's heads and MLP stored too
+        shape.update(head_space="joint", head_dim=info.embed_dim, pool_heads=info.pool_heads,
+                     pool_head_dim=info.pool_head_dim, pool_mlp=int(bool(info.pool_mlp)),
+                     mlp_layers=info.layers + int(bool(info.pool_mlp)))
+    if getattr(info, "pool", "tok") != "tok":
+        shape["pool"] = info.pool
     return shape
 
 
@@ -322,8 +340,14 @@ def _empty_part(manifest: dict, dtype: str, token_layers: list[int], with_index:
         "ln_scale": torch.zeros(0),
         "image_embeds": torch.zeros(0, s["embed_dim"]),
     }
+    if s.get("pool_heads"):
+        part["pool_heads"] = torch.zeros(0, s["pool_heads"], s["pool_head_dim"], dtype=store_dtype)
+        part["pool_bias"] = torch.zeros(0, s["embed_dim"], dtype=store_dtype)
     if not with_index:  # for statistics: component-major
-        return {**part, "head_out": part["head_out"].permute(1, 2, 0, 3), "mlps": part["mlps"].transpose(0, 1)}
+        major = {**part, "head_out": part["head_out"].permute(1, 2, 0, 3), "mlps": part["mlps"].transpose(0, 1)}
+        if "pool_heads" in part:
+            major["pool_heads"] = part["pool_heads"].transpose(0, 1)
+        return major
     part["index"] = torch.zeros(0, dtype=torch.long)
     part.update({f"labels.{task}": torch.zeros(0, dtype=torch.long) for task in manifest["dataset"]["tasks"]})
     if manifest["stored"]["neurons"]:

@@ -38,6 +38,9 @@ def shard_layout(manifest: dict, rows: int) -> Layout:
     }
     if stored["neurons"]:
         layout["neurons"] = (dtype, [s["layers"], rows, s["mlp_width"]])
+    if s.get("pool_heads"):  # an attention pool after the blocks: its own split
+        layout["pool_heads"] = (dtype, [s["pool_heads"], rows, s["pool_head_dim"]])
+        layout["pool_bias"] = (dtype, [rows, s["embed_dim"]])
     for layer in stored["tokens"]:
         layout[f"tokens.{names.layer(layer)}"] = (dtype, [s["heads"], rows, s["tokens"], s["head_dim"]])
     return layout
@@ -47,14 +50,26 @@ def stats_layout(manifest: dict) -> Layout:
     s = manifest["shape"]
     L, H, dh, D = s["layers"], s["heads"], s["head_dim"], s["embed_dim"]
     M = s.get("mlp_layers", L)  # a ResNet cache has no MLP components
-    return {"count": ("F64", []), "heads.sum": ("F64", [L, H, dh]), "heads.outer": ("F64", [L, H, dh, dh]),
-            "mlps.sum": ("F64", [M, D]), "mlps.outer": ("F64", [M, D, D]), "embed.sum": ("F64", [D]),
-            "bias.sum": ("F64", [D]), "image_embeds.sum": ("F64", [D])}
+    layout = {"count": ("F64", []), "heads.sum": ("F64", [L, H, dh]), "heads.outer": ("F64", [L, H, dh, dh]),
+              "mlps.sum": ("F64", [M, D]), "mlps.outer": ("F64", [M, D, D]), "embed.sum": ("F64", [D]),
+              "bias.sum": ("F64", [D]), "image_embeds.sum": ("F64", [D])}
+    if s.get("pool_heads"):  # joint-space block heads: no heads.outer; the pool's heads in head space
+        G, dp = s["pool_heads"], s["pool_head_dim"]
+        del layout["heads.outer"]
+        layout.update({"pool_heads.sum": ("F64", [G, dp]), "pool_heads.outer": ("F64", [G, dp, dp]),
+                       "pool_bias.sum": ("F64", [D])})
+    return layout
 
 
 def readout_layout(manifest: dict) -> Layout:
     s = manifest["shape"]
-    return {"heads": ("F32", [s["layers"], s["heads"], s["head_dim"], s["embed_dim"]])}
+    if s.get("head_space") == "joint":  # the identity, stored once for every (layer, head)
+        layout = {"heads": ("F32", [1, 1, s["embed_dim"], s["embed_dim"]])}
+    else:
+        layout = {"heads": ("F32", [s["layers"], s["heads"], s["head_dim"], s["embed_dim"]])}
+    if s.get("pool_heads"):
+        layout["pool"] = ("F32", [s["pool_heads"], s["pool_head_dim"], s["embed_dim"]])
+    return layout
 
 
 def neurons_layout(manifest: dict, rows: int) -> Layout:

@@ -133,7 +133,10 @@ def build_neurons(reader: Any, layer: int, device: str = "auto", top_k: int = 10
     from clipterm.cache.reader import check_model
     from clipterm.vit.models import pick_device
 
+    from clipterm.vit.towers import refuse_analysis
+
     started = time.perf_counter()
+    refuse_analysis(reader.manifest["model"], "second-order neuron effects")
     shape = reader.shape
     second_order = neuron_paths(shape)
     second_order.check_layer(shape.layers, layer)

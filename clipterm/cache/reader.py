@@ -50,6 +50,15 @@ def check_model(reader: CacheReader, model_info: Any) -> None:
     """Refuse a model whose weights are not the ones the cache was built with."""
     built = reader.manifest["model"]
     have = model_info.to_json() if hasattr(model_info, "to_json") else dict(model_info)
+    built_family, have_family = _family(built), _family(have)
+    if built_family != have_family:  # another kind of tower altogether: its components mean something else
+        raise ClipTermError(
+            f"cache {reader.name} was built with a {built_family} image tower ({built.get('arch')}), and "
+            f"{have.get('arch')} is a {have_family} one: its components are not this cache's",
+            hint=f"load the model the cache was built with (--model {built.get('spec')}"
+                 + (f" --pretrained {built['pretrained']}" if built.get("pretrained") else "") + "), or build a cache for this one",
+            code=ExitCode.INVALID_DATA,
+        )
     if built.get("weights_sha256") != have.get("weights_sha256"):
         raise ClipTermError(
             f"cache {reader.name} was built with other weights ({built.get('arch')} {built.get('pretrained') or ''}, "
@@ -58,6 +67,14 @@ def check_model(reader: CacheReader, model_info: Any) -> None:
                  + (f" --pretrained {built['pretrained']}" if built.get("pretrained") else "") + "), or build a cache for this one",
             code=ExitCode.INVALID_DATA,
         )
+
+
+def _family(model: dict) -> str:
+    """A model's tower family, from its ModelInfo JSON; manifests from before families were recorded give theirs
+    from `tower` (a ResNet, else an open_clip class-token ViT)."""
+    if model.get("family"):
+        return model["family"]
+    return "open_clip ModifiedResNet (attention pool)" if model.get("tower") == "resnet" else "open_clip VisionTransformer (class token)"
 
 
 def model_for_cache(reader: Any, device: str = "cpu", model: str | None = None, pretrained: str | None = None) -> Any:
@@ -116,13 +133,25 @@ class CacheReader:
     def shape(self) -> names.ModelShape:
         s = self.manifest["shape"]
         return names.ModelShape(s["layers"], s["heads"], s["mlp_width"], s.get("tower", "vit"), s.get("pool_layer"),
-                                s.get("neuron_layer"))
+                                s.get("neuron_layer"), pool_heads=s.get("pool_heads", 0), pool_mlp=bool(s.get("pool_mlp")),
+                                stage=s.get("stage"))
+
+    @property
+    def joint_heads(self) -> bool:
+        """True when heads are stored as joint-space effects (a tower with an attention pool): readout is I."""
+        return self.manifest["shape"].get("head_space") == "joint"
 
     def components(self) -> list[str]:
         """Every top-level component whose `effects` add up to `image_embeds`, for any tower.
 
-        ViT: embed, bias, every L{l}.H{h} and L{l}.MLP. ResNet: pool.pos, pool.bias and every pool.H{h}."""
+        ViT: embed, bias, every L{l}.H{h} and L{l}.MLP (and pool.MLP after a MAP head). ResNet: pool.pos, pool.bias
+        and every pool.H{h}. ConvNeXt: embed, bias and every block S{s}.B{k} of the last stage."""
         return [str(c) for c in names.direct_components(self.shape)]
+
+    def pool_components(self) -> list[str]:
+        """A tower with an attention pool after its blocks: pool.H*, pool.bias (and pool.MLP), which also add up to
+        `image_embeds` (the pool's own split; empty for other towers)."""
+        return [str(c) for c in names.pool_components(self.shape)]
 
     @property
     def tasks(self) -> dict[str, list[str]]:
@@ -153,10 +182,18 @@ class CacheReader:
         import torch
 
         comp = names.validate(names.parse(name), self.shape).base
+        if comp.site == "pool" and self.shape.pool_heads:
+            return self._pool_effects(comp, rows)
+        if comp.site == "stage":  # a ConvNeXt block is stored as an MLP; the stage is all of them
+            if comp.kind == "mlp":
+                return self._gather(lambda f: f.get_slice("mlps")[comp.layer], rows).float()  # (N, D)
+            return self._gather(lambda f: f.get_tensor("mlps").float().sum(0), rows)  # (N, D)
         if comp.kind in ("embed", "bias"):
             return self._gather(lambda f: f.get_tensor(comp.kind), rows).float()
         if comp.kind == "mlp":
             return self._gather(lambda f: f.get_slice("mlps")[comp.layer], rows).float()  # (N, D)
+        if comp.kind == "head" and self.joint_heads:
+            return self.head_out((comp.layer, comp.index), rows).float()  # (N, D): stored in joint space
         if comp.kind == "head":
             return self.head_out((comp.layer, comp.index), rows).float() @ self.readout[comp.layer, comp.index]  # (N, D)
         if comp.kind == "layer" and comp.site == "block" and self.shape.tower == "resnet":
@@ -164,25 +201,59 @@ class CacheReader:
                                 hint=f"{self.shape.vocabulary}; `pool` is all the pool's heads")
         if comp.kind == "layer":
             head_out = self._gather(lambda f: f.get_slice("head_out")[comp.layer].transpose(0, 1), rows)  # (N, H, dh)
-            heads = torch.einsum("nhd,hde->ne", head_out.float(), self.readout[comp.layer])  # (N, D)
+            if self.joint_heads:
+                heads = head_out.float().sum(1)  # (N, D)
+            else:
+                heads = torch.einsum("nhd,hde->ne", head_out.float(), self.readout[comp.layer])  # (N, D)
             return heads if comp.site == "pool" else heads + self.effects(names.mlp(comp.layer), rows)
         raise ClipTermError(f"{name} has no stored direct effect", hint="neurons have second-order effects: see `clipterm neurons`")
 
+    def _pool_effects(self, comp: names.Component, rows: Sequence[int] | None) -> Any:
+        """pool.H{g}, pool (all pool heads), pool.bias and pool.MLP of a tower with an attention pool, (N, D) fp32."""
+        import torch
+
+        if comp.kind == "mlp":
+            return self._gather(lambda f: f.get_slice("mlps")[comp.layer], rows).float()  # (N, D): the last slot
+        if comp.kind == "bias":
+            return self._gather(lambda f: f.get_tensor("pool_bias"), rows).float()  # (N, D)
+        if comp.kind == "head":
+            return self.head_out(str(comp), rows).float() @ self.pool_readout[comp.index]  # (N, D)
+        pooled = self._gather(lambda f: f.get_tensor("pool_heads").transpose(0, 1), rows)  # (N, G, dh')
+        return torch.einsum("ngd,gde->ne", pooled.float(), self.pool_readout)  # (N, D)
+
     def head_out(self, head: str | tuple[int, int], rows: Sequence[int] | None = None) -> Any:
-        """A head's output in head space (CLS attention output / ln_post σ), (N, dh) in the cache dtype."""
+        """A head's output in head space (CLS attention output / ln_post σ), (N, dh) in the cache dtype.
+
+        A tower with an attention pool stores its block heads' joint-space effects (N, D) here, and `pool.H{g}`
+        gives the pool's heads in head space (N, dh')."""
         site = "pool" if self.shape.tower == "resnet" else "block"  # (layer, head) pairs index the stored tensors
         comp = names.parse(head) if isinstance(head, str) else names.Component("head", head[0], head[1], site=site)
         if comp.kind != "head":
             raise ClipTermError(f"{head} is not a head", hint="heads look like L10.H3 (pool.H3 for a ResNet)")
         comp = names.validate(comp, self.shape)
+        if comp.site == "pool" and self.shape.pool_heads:
+            return self._gather(lambda f: f.get_slice("pool_heads")[comp.index], rows)  # (N, dh')
         return self._gather(lambda f: f.get_slice("head_out")[comp.layer, comp.index], rows)
 
     @cached_property
     def readout(self) -> Any:
-        """(L, H, dh, D) fp32: head space -> joint space."""
+        """(L, H, dh, D) fp32: head space -> joint space (for joint-space heads, the identity, as a broadcast view)."""
         from safetensors.torch import load_file
 
-        return load_file(str(self.checked(READOUT, readout_layout(self.manifest))))["heads"]
+        heads = load_file(str(self.checked(READOUT, readout_layout(self.manifest))))["heads"]
+        if self.joint_heads:
+            s = self.manifest["shape"]
+            return heads.expand(s["layers"], s["heads"], -1, -1)  # (L, H, D, D), no copy
+        return heads
+
+    @cached_property
+    def pool_readout(self) -> Any:
+        """(G, dh', D) fp32: an attention pool's heads, head space -> joint space."""
+        from safetensors.torch import load_file
+
+        if not self.shape.pool_heads:
+            raise ClipTermError(f"cache {self.name} has no attention pool after its blocks", hint=self.shape.vocabulary)
+        return load_file(str(self.checked(READOUT, readout_layout(self.manifest))))["pool"]
 
     def image_embeds(self, rows: Sequence[int] | None = None) -> Any:
         """(N, D) fp32: the model's own `encode_image` output."""
@@ -236,9 +307,18 @@ class CacheReader:
         comp = names.validate(names.parse(name), self.shape).base
         with _open(path) as f:
             count = f.get_tensor("count")
-            if comp.kind == "head":
+            if comp.kind == "head" and comp.site == "pool" and self.shape.pool_heads:
+                total = f.get_slice("pool_heads.sum")[comp.index]
+                outer = f.get_slice("pool_heads.outer")[comp.index]
+            elif comp.kind == "head" and self.joint_heads:  # (D, D) outer products are formed on demand, not stored
+                total = f.get_slice("heads.sum")[comp.layer, comp.index]
+                outer = self._outer(lambda g: g.get_slice("head_out")[comp.layer, comp.index])
+            elif comp.kind == "head":
                 total = f.get_slice("heads.sum")[comp.layer, comp.index]
                 outer = f.get_slice("heads.outer")[comp.layer, comp.index]
+            elif comp.site == "pool" and comp.kind == "bias" and self.shape.pool_heads:
+                total = f.get_tensor("pool_bias.sum")
+                return {"count": count, "sum": total, "mean": total / count}
             elif comp.kind == "mlp":
                 total, outer = f.get_slice("mlps.sum")[comp.layer], f.get_slice("mlps.outer")[comp.layer]
             elif comp.kind in ("embed", "bias"):
@@ -248,6 +328,15 @@ class CacheReader:
                 raise ClipTermError(f"no statistics for {name}", hint="stats exist for embed, bias, heads and MLPs")
         mean = total / count
         return {"count": count, "sum": total, "outer": outer, "mean": mean, "cov": outer / count - mean[:, None] * mean[None, :]}
+
+    def _outer(self, read: Any) -> Any:
+        """Σ xᵀx in fp64 over every stored row of one (n, k) block per shard, read one shard at a time."""
+        outer = None
+        for record in self.manifest["shards"]:
+            rows = read(self._handle(record)).double()  # (n, k)
+            part = rows.T @ rows  # (k, k)
+            outer = part if outer is None else outer + part
+        return outer
 
     def images(self) -> list[dict[str, Any]]:
         """One dict per input (images.jsonl): index, path or id, labels, skipped (and reason)."""

@@ -121,16 +121,24 @@ def partial_stats(tensors: dict[str, Any]) -> dict[str, Any]:
 
     head_out = tensors["head_out"].double()  # (L, H, n, dh)
     mlps = tensors["mlps"].double()  # (L, n, D)
-    return {
+    joint = "pool_heads" in tensors  # an attention pool: block heads are D-wide joint-space effects, and their outer
+    # products (L, H, D, D) are too big to keep; the reader forms one head's from the shards when asked
+    stats = {
         "count": torch.tensor(float(head_out.shape[2]), dtype=torch.float64, device=head_out.device),
         "heads.sum": head_out.sum(2),  # (L, H, dh)
-        "heads.outer": head_out.transpose(-1, -2) @ head_out,  # (L, H, dh, dh)
+        **({} if joint else {"heads.outer": head_out.transpose(-1, -2) @ head_out}),  # (L, H, dh, dh)
         "mlps.sum": mlps.sum(1),  # (L, D)
         "mlps.outer": mlps.transpose(-1, -2) @ mlps,  # (L, D, D)
         "embed.sum": tensors["embed"].double().sum(0),  # (D,)
         "bias.sum": tensors["bias"].double().sum(0),  # (D,)
         "image_embeds.sum": tensors["image_embeds"].double().sum(0),  # (D,)
     }
+    if joint:
+        pool_heads = tensors["pool_heads"].double()  # (G, n, dh')
+        stats["pool_heads.sum"] = pool_heads.sum(1)  # (G, dh')
+        stats["pool_heads.outer"] = pool_heads.transpose(-1, -2) @ pool_heads  # (G, dh', dh')
+        stats["pool_bias.sum"] = tensors["pool_bias"].double().sum(0)  # (D,)
+    return stats
 
 
 def add_stats(total: dict[str, Any] | None, part: dict[str, Any]) -> dict[str, Any]:
@@ -146,9 +154,9 @@ def shard_stats(path: Path, device: str = "cpu") -> dict[str, Any]:
     """Recompute a finished shard's partial sums from disk (a resumed build needs them)."""
     from safetensors import safe_open
 
-    keys = ("head_out", "mlps", "embed", "bias", "image_embeds")
+    keys = ("head_out", "mlps", "embed", "bias", "image_embeds", "pool_heads", "pool_bias")
     with safe_open(str(path), framework="pt", device=str(device)) as f:
-        return partial_stats({key: f.get_tensor(key) for key in keys})
+        return partial_stats({key: f.get_tensor(key) for key in keys if key in f.keys()})
 
 
 # --------------------------------------------------------------------------- shards
@@ -174,8 +182,10 @@ def shard_tensors(parts: list[dict[str, Any]], dtype: str) -> dict[str, Any]:
     for key in parts[0]:
         if key.startswith("labels."):
             tensors[key] = cat(key).long().contiguous()  # (n,)
-        elif key == "neurons":
-            tensors[key] = cat(key).to(store).transpose(0, 1).contiguous()  # (n, L, M) -> (L, n, M)
+        elif key in ("neurons", "pool_heads"):
+            tensors[key] = cat(key).to(store).transpose(0, 1).contiguous()  # (n, L, M) -> (L, n, M); (n, G, dh') -> (G, n, dh')
+        elif key == "pool_bias":
+            tensors[key] = cat(key).to(store).contiguous()  # (n, D)
         elif key.startswith("tokens."):
             tensors[key] = cat(key).to(store).transpose(0, 1).contiguous()  # (n, H, T, dh) -> (H, n, T, dh)
     return tensors
@@ -233,15 +243,18 @@ def missing_keys(manifest: Any) -> list[str]:
     return missing
 
 
+SHAPE_WORDS = ("tower", "pool", "head_space")  # the manifest shape's keys that hold words, not sizes
 _RECORD = {"file": str, "chunk": int, "start": int, "stop": int, "rows": int, "bytes": int, "sha256": str}
 
 
 def malformed(manifest: dict) -> str | None:
     """What in a manifest that has every required key is of the wrong type (None: nothing)."""
     shape, stored = manifest["shape"], manifest["stored"]
-    sizes = {k: v for k, v in shape.items() if k != "tower"}  # `tower` names the family ("resnet"); the rest are sizes
+    # `tower` names the family ("resnet"), `pool` the pooling ("avg", "attn"), `head_space` how heads are stored
+    # ("joint"); the rest are sizes
+    sizes = {k: v for k, v in shape.items() if k not in SHAPE_WORDS}
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sizes.values() if v is not None) \
-            or not isinstance(shape.get("tower", "vit"), str):
+            or not all(isinstance(shape.get(k, ""), str) for k in SHAPE_WORDS):
         return "shape"
     if not isinstance(manifest["shards"], list) or not all(
             isinstance(r, dict) and all(isinstance(r.get(k), t) and not isinstance(r.get(k), bool) for k, t in _RECORD.items())

@@ -49,11 +49,13 @@ def models(
         return
     from rich.table import Table
 
-    table = Table("model", "pretrained", "weights", "decomposition", title=f"{len(rows)} models")
+    count = sum(r["supported"] for r in rows)
+    table = Table("model", "pretrained", "tower", "weights", "decomposition",
+                  title=f"{len(rows)} models: {count} supported, {len(rows) - count} refused")
     for r in rows:
         weights = "[green]present[/]" if r["weights"] == "present" else f"[dim]{r['weights']}[/]"
         support = "[green]supported[/]" if r["supported"] else f"[yellow]refused[/]: {r['reason']}"
-        table.add_row(r["model"], r["pretrained"] or "", weights, support)
+        table.add_row(r["model"], r["pretrained"] or "", r["tower"], weights, support)
     stdout.print(table)
 
 

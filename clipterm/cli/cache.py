@@ -118,9 +118,7 @@ def info(cache: str = CacheArg, cache_dir: str = CacheDirOpt, json_out: bool = J
         "path": summary["path"],
         "state": "complete" if summary["complete"] else "incomplete: rerun the build command to resume",
         "model": " ".join(filter(None, [m["arch"], m["pretrained"], f"(sha256 {str(m['weights_sha256'])[:12]})"])),
-        "shape": (f"ResNet: attention pool of {s['heads']} heads (head dim {s['head_dim']}) over {s['mlp_width']} channels, "
-                  f"embed dim {s['embed_dim']}") if s.get("tower") == "resnet" else
-                 f"{s['layers']} layers x {s['heads']} heads (head dim {s['head_dim']}), embed dim {s['embed_dim']}",
+        "shape": _shape_line(s),
         "images": f"{summary['source']}: {summary['inputs']:,} inputs, {summary['images']:,} images stored, {summary['skipped']} skipped",
         "labels": ", ".join(f"{t} ({k} classes)" for t, k in summary["tasks"].items()) or "none",
         "stored": f"{', '.join(stored)} in {summary['dtype']}",
@@ -135,6 +133,21 @@ def info(cache: str = CacheArg, cache_dir: str = CacheDirOpt, json_out: bool = J
         stdout.print(f"  skipped #{item['index']}: {item['reason']}", highlight=False)
     if len(summary["skipped_inputs"]) > 20:
         stdout.print(f"  ... and {len(summary['skipped_inputs']) - 20} more (--json lists all)")
+
+
+def _shape_line(s: dict) -> str:
+    """The shape of a cache in words, for its tower."""
+    if s.get("tower") == "resnet":
+        return (f"ResNet: attention pool of {s['heads']} heads (head dim {s['head_dim']}) over {s['mlp_width']} channels, "
+                f"embed dim {s['embed_dim']}")
+    if s.get("tower") == "convnext":
+        return f"ConvNeXt: {s['layers']} blocks of stage {s.get('stage')} (S{s.get('stage')}.B*), no heads, embed dim {s['embed_dim']}"
+    line = f"{s['layers']} layers x {s['heads']} heads"
+    if s.get("head_space") == "joint":
+        pool = f"attention pool of {s['pool_heads']} heads (head dim {s['pool_head_dim']})" + (" and an MLP" if s.get("pool_mlp") else "")
+        return f"{line} stored in joint space, then an {pool}; embed dim {s['embed_dim']}"
+    pooled = ", average-pooled" if s.get("pool") == "avg" else ""
+    return f"{line} (head dim {s['head_dim']}){pooled}, embed dim {s['embed_dim']}"
 
 
 @cache_app.command()

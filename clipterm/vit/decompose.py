@@ -42,8 +42,22 @@ class Decomposition:
 
     def summed(self, heads_readout: Tensor) -> Tensor:
         """All components added up in joint space; equals `image_embeds` up to float rounding."""
-        heads = torch.einsum("blhd,lhde->be", self.head_out, heads_readout.to(self.head_out))  # (B, D)
+        if heads_readout.shape[:2] == (1, 1) and self.head_out.shape[1:3] != (1, 1):  # joint-space heads, readout I
+            heads = self.head_out.sum((1, 2))  # (B, D)
+        else:
+            heads = torch.einsum("blhd,lhde->be", self.head_out, heads_readout.to(self.head_out))  # (B, D)
         return self.embed + self.bias + heads + self.mlps.sum(1)  # (B, D)
+
+
+@dataclass
+class PooledDecomposition(Decomposition):
+    """A tower that pools by attention (a MAP head, CoCa's attentional pooler): block heads in joint space
+    (`head_out` (B, L, H, D), readout the identity), the pool's MLP as the last slot of `mlps`, and the pool's own
+    split: `pool_heads` (B, G, dh') in head space (readout `pool_readout`), `pool_bias` (B, D). Then
+    `Σ_g pool_heads[g] @ pool_readout[g] + pool_bias + mlps[:, -1] == image_embeds` as well."""
+
+    pool_heads: Tensor | None = None  # (B, G, dh')
+    pool_bias: Tensor | None = None  # (B, D)
 
 
 # --------------------------------------------------------------------------- support
@@ -59,10 +73,22 @@ def check_supported(model, name: str = "model") -> None:
         raise _unsupported(name, f"{type(visual).__name__} vision tower (not an open_clip ViT)")
     if not isinstance(visual.ln_post, nn.LayerNorm):
         raise _unsupported(name, f"ln_post is {type(visual.ln_post).__name__}, not a LayerNorm")
+    if visual.attn_pool is not None and getattr(visual, "attn_pool_contrastive", None) is not None:
+        raise _unsupported(name, f"attentional_pool={visual.attn_pool_type!r} (open_clip's untested two-pool setup)")
+    if visual.attn_pool is not None and visual.pool_type != "tok":
+        raise _unsupported(name, f"attentional pooling with pool_type={visual.pool_type!r} (only the first query is decomposed)")
+
+
+def pooling_of(model) -> str:
+    """`tok` (the class token, the original split), `avg` (pool_type='avg') or `attn` (CoCa's attentional pooler)."""
+    visual = vision_tower(model)
+    if getattr(visual, "attn_pool", None) is not None:
+        return "attn"
+    return "avg" if getattr(visual, "pool_type", "tok") == "avg" else "tok"
 
 
 def _unsupported(name: str, reason: str) -> ClipTermError:
-    hint = "clipterm decomposes open_clip ViT towers with class-token pooling; see docs/models.md"
+    hint = "see docs/models.md for every tower clipterm decomposes, and why the others not"
     return ClipTermError(f"{name} is not supported: {reason}", hint=hint, code=ExitCode.UNSUPPORTED)
 
 
@@ -84,7 +110,7 @@ def _tower_options(visual) -> dict:
         return {}
     blocks = visual.transformer.resblocks
     return {
-        "attentional_pool": visual.attn_pool is not None,
+        "attentional_pool": getattr(visual, "attn_pool_type", "") or visual.attn_pool is not None,
         "pool_type": visual.pool_type,
         "scale_attn": any(not _is_identity(getattr(block, "ln_attn", None)) for block in blocks),
         "scale_attn_inner": any(not _is_identity(getattr(block.attn, "ln_inner", None)) for block in blocks),
@@ -144,8 +170,16 @@ def readout(model, centred: bool = True) -> Tensor:
 
     `R_h = W_O^h · head_scale · LayerScale · C · diag(γ) · proj`, with C the centring `I − 11ᵀ/width`;
     `centred=False` leaves C out (the reference convention, which centres by shares of the stream's mean).
+    An average-pooled tower's readout goes through its pooled norm the same way; an attention-pooled one stores
+    joint-space heads, and its readout is the identity (1, 1, D, D).
     """
     visual = vision_tower(model)
+    if pooling_of(model) != "tok":
+        if not centred:
+            raise ClipTermError("the reference convention is defined for class-token ViTs only",
+                                hint="use the clipterm convention for this model", code=ExitCode.UNSUPPORTED)
+        with torch.no_grad():
+            return pooled_plan(model).readout()
     gamma, _, proj = ln_post_affine(visual)
     width, device = visual.transformer.width, gamma.device
     rows = []
@@ -159,6 +193,93 @@ def readout(model, centred: bool = True) -> Tensor:
                 w_out = w_out - w_out.mean(-1, keepdim=True)  # (H, dh, W)
             rows.append((w_out * gamma) @ proj)  # (H, dh, D)
     return torch.stack(rows)  # (L, H, dh, D)
+
+
+def pooled_plan(model):
+    """The fixed part of an avg- or attention-pooled open_clip ViT's split (`clipterm.vit.pooling`)."""
+    from clipterm.vit import pooling
+
+    visual = vision_tower(model)
+    width, device = visual.transformer.width, visual.conv1.weight.device
+    maps, constants = [], []
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        for block in visual.transformer.resblocks:
+            heads = block.attn.num_heads
+            w_out = block.attn.out_proj.weight.float().T.reshape(heads, width // heads, width)  # (H, dh, W)
+            w_out = w_out * _head_scale(block.attn, device).view(heads, 1, 1)
+            scale = layer_scale_vector(block.ls_1, width, device)
+            maps.append(w_out * scale)
+            bias = block.attn.out_proj.bias
+            constants.append(bias.float() * scale if bias is not None else torch.zeros(width, device=device))
+        kind = pooling_of(model)
+        if kind == "attn":
+            pool, attn = visual.attn_pool, visual.attn_pool.attn
+            heads, embed = attn.num_heads, attn.embed_dim
+            w_v = attn.in_proj_weight[2 * embed:] if attn.in_proj_weight is not None else attn.v_proj_weight
+            b_v = attn.in_proj_bias[2 * embed:] if attn.in_proj_bias is not None else torch.zeros(embed, device=device)
+            out = attn.out_proj
+            plan_pool = pooling.AttnPool(
+                w_v=w_v.float().view(heads, embed // heads, -1), b_v=b_v.float().view(heads, embed // heads),
+                w_o=out.weight.float().view(out.out_features, heads, embed // heads),
+                b_o=out.bias.float() if out.bias is not None else torch.zeros(out.out_features, device=device))
+            norm, pooled_width, post = pooling.Norm.of(pool.ln_k, width, device, "ln_k"), embed, [("ln_post", visual.ln_post)]
+        else:
+            plan_pool, pooled_width = pooling.TokenPool("avg", start=1), width
+            after = visual.final_ln_after_pool
+            norm = None if after else pooling.Norm.of(visual.ln_post, width, device, "ln_post")
+            post = [("ln_post", visual.ln_post)] if after else []
+        post.append(("proj", visual.proj))
+        steps = pooling.post_steps([(n, m) for n, m in post if m is not None], pooled_width, device)
+        return pooling.Plan(head_maps=torch.stack(maps), stream_bias=torch.stack(constants), norm=norm, pool=plan_pool,
+                            post=pooling.Post(steps, pooled_width, device))
+
+
+def pool_readout(model) -> Tensor | None:
+    """(G, dh', D) fp32 for CoCa's attentional pooler (its heads, head space -> joint space); None for other pools."""
+    if pooling_of(model) != "attn":
+        return None
+    with torch.no_grad():
+        return pooled_plan(model).pool_readout()
+
+
+def _pooled(model, visual, stream: Tensor, embed: Tensor, heads: list[Tensor], mlps: list[Tensor]) -> Decomposition:
+    """The split of an avg- or attention-pooled tower, from the per-token tensors of the block loop."""
+    from clipterm.vit import pooling
+
+    plan = pooled_plan(model)
+    seen: dict = {}
+    hooks = []
+    if plan.joint:
+        hooks.append(visual.attn_pool.ln_k.register_forward_hook(lambda _m, _a, out: seen.__setitem__("tokens", out)))
+    post_norm = visual.ln_post if plan.post.norms else None
+    if post_norm is not None:
+        hooks.append(post_norm.register_forward_pre_hook(lambda _m, args: seen.__setitem__("post", args[0])))
+    try:
+        pooled, _ = visual._pool(stream)  # the real pooling modules on the stream the loop computed
+    finally:
+        for hook in hooks:
+            hook.remove()
+    image_embeds = pooled @ visual.proj if visual.proj is not None else pooled  # (B, D)
+    sigmas = []
+    if post_norm is not None:
+        post_in = seen["post"][:, 0] if seen["post"].dim() == 3 else seen["post"]  # the kept query / the pooled vector
+        sigmas.append(pooling.Norm.of(post_norm, post_in.shape[-1], post_in.device).sigma(post_in))
+    attn = mlp = None
+    if plan.joint:
+        pool = visual.attn_pool
+        query = pool.ln_q(pool.query)[:1].unsqueeze(0).expand(stream.shape[0], -1, -1)  # (B, 1, E)
+        _, weights = pool.attn(query, seen["tokens"], seen["tokens"], need_weights=True, average_attn_weights=False)
+        attn = weights[:, :, 0].float()  # (B, G, N): the real module's weights for the kept (first) query
+    parts = pooling.split(plan, pooling.Stream(
+        embed=embed, heads=heads, mlps=mlps, final=stream, image_embeds=image_embeds, post_sigmas=sigmas,
+        pool_tokens=seen.get("tokens"), pool_attn=attn, pool_mlp=mlp))
+    weight = visual.conv1.weight
+    pooling.check_sum(parts, plan, "open_clip ViT",
+                      fp32=weight.dtype == torch.float32 and not torch.is_autocast_enabled(weight.device.type))
+    kind = PooledDecomposition if plan.joint else Decomposition
+    extra = {"pool_heads": parts.pool_heads, "pool_bias": parts.pool_bias} if plan.joint else {}
+    return kind(head_out=parts.head_out, embed=parts.embed, bias=parts.bias, mlps=parts.mlps, ln_scale=parts.ln_scale,
+                image_embeds=parts.image_embeds, **extra)
 
 
 # --------------------------------------------------------------------------- the forward pass
@@ -205,8 +326,16 @@ def decompose(model, images: Tensor, neurons: bool = False, token_layers: Sequen
     token_layers = set(token_layers)
     weight = visual.conv1.weight
     device = weight.device
+    pooled = pooling_of(model) != "tok"
+    if pooled and (neurons or token_layers):
+        what = "attentional pool" if pooling_of(model) == "attn" else "average pool"
+        raise ClipTermError(f"--{'neurons' if neurons else 'tokens'} is stored for class-token ViTs; this tower ends in an "
+                            f"{what}", hint="build without it; heads and whole MLPs decompose exactly",
+                            code=ExitCode.UNSUPPORTED)
+    keep_heads, keep_mlps = [], []
     with torch.no_grad():
         stream = visual._embeds(images.to(device=device, dtype=weight.dtype))  # (B, N, W)
+        embed_tokens = stream
         embed_cls = stream[:, 0].float()  # (B, W)
         head_cls, mlp_cls, acts, token_parts = [], [], [], {}
         out_bias = torch.zeros(width, device=device)  # (W,)
@@ -215,6 +344,8 @@ def decompose(model, images: Tensor, neurons: bool = False, token_layers: Sequen
             q, k, v, scale = attention_qkv(attn, block.ln_1(stream))  # (B, H, N, dh) each
             heads_out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # (B, H, N, dh)
             head_cls.append(heads_out[:, :, 0].float())  # (B, H, dh)
+            if pooled:
+                keep_heads.append(heads_out.transpose(1, 2))  # (B, N, H, dh)
             if layer in token_layers:
                 with torch.autocast(device.type, enabled=False):
                     scores = q[:, :, :1].float() @ k.float().transpose(-1, -2) * scale  # (B, H, 1, T)
@@ -232,7 +363,11 @@ def decompose(model, images: Tensor, neurons: bool = False, token_layers: Sequen
                     acts.append(hidden[:, 0].float())  # (B, M)
             mlp_out = block.ls_2(hidden)  # (B, N, W)
             mlp_cls.append(mlp_out[:, 0].float())  # (B, W)
+            if pooled:
+                keep_mlps.append(mlp_out)  # (B, N, W)
             stream = stream + mlp_out  # (B, N, W)
+        if pooled:
+            return _pooled(model, visual, stream, embed_tokens, keep_heads, keep_mlps)
         image_embeds = visual.ln_post(stream[:, 0])  # (B, W)
         if visual.proj is not None:
             image_embeds = image_embeds @ visual.proj  # (B, D)

@@ -6,6 +6,7 @@ Nothing here downloads weights unless asked (`allow_download=True`), and never w
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -46,13 +47,22 @@ class ModelInfo:
     quick_gelu: bool
     weights_path: str | None
     weights_sha256: str | None
-    tower: str = "vit"  # "resnet": layers=1 (the attention pool), mlp_width = channels of the last stage
+    tower: str = "vit"  # "resnet": layers=1 (the attention pool), mlp_width = channels of the last stage;
+    # "convnext": layers = blocks of the last stage (`stage`), no heads
+    pool: str = "tok"  # how the tower pools its last tokens: tok (class token), avg, attn (MAP head / CoCa's pooler)
+    pool_heads: int = 0  # attn: the pool's heads, their width, and whether an MLP follows (a MAP head)
+    pool_head_dim: int = 0
+    pool_mlp: bool = False
+    stage: int | None = None  # convnext: the last stage's number
+    family: str = ""  # e.g. "timm VisionTransformer (map)" (clipterm.vit.towers.family)
 
     @property
     def shape(self) -> ModelShape:
         if self.tower == "resnet":
             return resnet_shape(self.heads, self.mlp_width)
-        return ModelShape(self.layers, self.heads, self.mlp_width)
+        if self.tower == "convnext":
+            return ModelShape(self.layers, 0, 0, tower="convnext", stage=self.stage)
+        return ModelShape(self.layers, self.heads, self.mlp_width, pool_heads=self.pool_heads, pool_mlp=self.pool_mlp)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,19 +80,87 @@ class LoadedModel:
 # --------------------------------------------------------------------------- configs and support
 
 
+# timm modules whose towers clipterm decomposes (clipterm.vit.timm_vit, clipterm.vit.convnext), and why the others not.
+TIMM_TRANSFORMERS = ("vision_transformer", "vision_transformer_hybrid", "vitamin", "eva", "vision_transformer_relpos")
+TIMM_REFUSED = {
+    "fastvit": "FastViT (MobileCLIP-S*): its final_conv (a MobileOne conv, BatchNorm and GELU) follows the last stage, "
+               "so no stage's blocks add up to the embedding",
+    "swin_transformer": "Swin: window attention with patch merging between stages; not decomposed yet",
+}
+
+
+def timm_module(name: str) -> str | None:
+    """The timm module that registers a model name (`vision_transformer`, `eva`, `convnext`, ...), or None."""
+    try:
+        import timm.models
+    except ImportError:
+        return None
+    for module in (*TIMM_TRANSFORMERS, "convnext", *TIMM_REFUSED):
+        if timm.models.is_model_in_modules(name, [module]):
+            return module
+    return None
+
+
+def timm_reason(vision: dict) -> str | None:
+    """Why a timm tower (vision_cfg with timm_model_name) does not decompose, or None when it does."""
+    name = vision["timm_model_name"]
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return f"timm-based vision tower ({name}) and timm is not installed (pip install timm)"
+    module = timm_module(name)
+    if module in TIMM_REFUSED:
+        return TIMM_REFUSED[module]
+    if module is None:
+        return f"timm tower {name} (not a timm ViT, Eva or ConvNeXt)"
+    if vision.get("timm_proj") == "mlp":
+        return "timm_proj='mlp': a nonlinear projection head (an MLP) after the pooled features"
+    if vision.get("timm_pool") in ("abs_attn", "rot_attn", "max", "avgmax"):
+        return f"timm_pool={vision['timm_pool']!r} (token, avg and map pools are decomposed)"
+    return None
+
+
+def tower_kind(model_cfg: dict) -> str:
+    """The image tower's family and pooling from its config alone, e.g. `timm vision_transformer (map)`."""
+    vision = model_cfg.get("vision_cfg", {})
+    if vision.get("timm_model_name"):
+        module = timm_module(vision["timm_model_name"]) or "timm"
+        pool = vision.get("timm_pool") or ("avg" if module in ("convnext", "vitamin", "fastvit") else
+                                           _timm_default_pool(vision["timm_model_name"]))
+        return f"timm {module} ({pool})"
+    if isinstance(vision.get("layers"), (list, tuple)):
+        return "open_clip ModifiedResNet (attention pool)"
+    if vision.get("attentional_pool"):
+        return "open_clip ViT (attentional pool)"
+    return f"open_clip ViT ({'average pool' if vision.get('pool_type') == 'avg' else 'class token'})"
+
+
+@functools.cache
+def _timm_default_pool(name: str) -> str:
+    """A timm model's own global_pool (`timm_pool: ''` keeps it), from the model built on the meta device."""
+    try:
+        import timm
+        import torch
+
+        with torch.device("meta"):
+            return getattr(timm.create_model(name, pretrained=False, num_classes=0), "global_pool", "") or "none"
+    except (RuntimeError, ValueError, TypeError, KeyError):  # an unknown name: the support check says why
+        return "default"
+
+
 def unsupported_reason(model_cfg: dict) -> str | None:
     """Why the exact decomposition cannot run on a vision tower, or None when it can."""
     vision = model_cfg.get("vision_cfg", {})
     if vision.get("timm_model_name"):
-        return f"timm-based vision tower ({vision['timm_model_name']})"
+        return timm_reason(vision)
     if isinstance(vision.get("layers"), (list, tuple)):
         return None  # ModifiedResNet: decomposed through its attention pool (clipterm.vit.resnet)
-    if vision.get("attentional_pool"):
-        return "attentional pooling (attentional_pool=True)"
-    if vision.get("pool_type", "tok") != "tok":
-        return f"pool_type={vision['pool_type']!r} (only the class token is decomposed)"
-    if "multimodal_cfg" in model_cfg:
-        return "CoCa (its image tower also feeds a text decoder; not decomposed yet)"
+    if isinstance(vision.get("attentional_pool"), str):
+        return f"attentional_pool={vision['attentional_pool']!r} (open_clip's untested two-pool setup)"
+    if vision.get("pool_type", "tok") not in ("tok", "avg"):
+        return f"pool_type={vision['pool_type']!r} (the class token and the average are decomposed)"
+    if vision.get("attentional_pool") and vision.get("pool_type", "tok") != "tok":
+        return f"attentional pooling with pool_type={vision['pool_type']!r} (only the first query is decomposed)"
     if vision.get("scale_attn"):
         return "ln_attn (scale_attn=True) breaks the per-head split"
     if vision.get("scale_attn_inner"):
@@ -94,11 +172,33 @@ def refuse_unsupported(name: str, model_cfg: dict) -> None:
     """Raise a clear error naming the model and the option when the decomposition can't be exact."""
     reason = unsupported_reason(model_cfg)
     if reason:
+        near = nearest_supported(name, model_cfg)
         raise ClipTermError(
             f"{name} is not supported: {reason}",
-            hint="clipterm decomposes ViT towers with class-token pooling; see docs/models.md",
+            hint=(f"the nearest supported arch is {near}; " if near else "") + "see docs/models.md for every arch and why",
             code=ExitCode.UNSUPPORTED,
         )
+
+
+def nearest_supported(name: str, model_cfg: dict | None = None) -> str | None:
+    """The supported open_clip arch closest to `name`: same family first (by embedding size), then by spelling."""
+    import difflib
+
+    import open_clip
+
+    if name not in open_clip.list_models():  # a model in hand ("model", a folder): no arch to be near
+        return None
+    supported = [a for a in open_clip.list_models() if unsupported_reason(arch_config(a) or {}) is None]
+    if not supported:
+        return None
+    family = ("MobileCLIP" if "MobileCLIP" in name else name.split("-")[0].split("_")[0]).lower()
+    same = [a for a in supported if a.lower().startswith(family)]
+    if same and model_cfg:
+        dim = model_cfg.get("embed_dim")
+        same.sort(key=lambda a: (abs((arch_config(a) or {}).get("embed_dim", 0) - (dim or 0)), a))
+        return same[0]
+    close = difflib.get_close_matches(name, supported, n=1, cutoff=0.0)
+    return close[0] if close else None
 
 
 def arch_config(arch: str) -> dict | None:
@@ -279,7 +379,35 @@ def load_model(
         ) from None
     info = _info(model, spec=spec, arch=spec + ("-quickgelu" if quick_gelu and "quickgelu" not in spec else ""),
                  pretrained=pretrained, weights=weights, quick_gelu=quick_gelu)
-    return LoadedModel(model.to(device).eval(), preprocess, open_clip.get_tokenizer(spec), info)
+    return LoadedModel(model.to(device).eval(), preprocess, tokenizer_for(spec), info)
+
+
+class _MissingTokenizer:
+    """Stands in for a tokenizer that could not be loaded (a SigLIP's Hugging Face tokenizer offline, or without
+    transformers): image-only work (a cache build) runs; the first text to tokenize gets the reason in one line."""
+
+    def __init__(self, spec: str, reason: str):
+        self.spec, self.reason = spec, reason
+
+    def __call__(self, *args, **kwargs):
+        raise ClipTermError(f"the text tokenizer of {self.spec} is not available: {self.reason}",
+                            hint="its files come from the Hugging Face hub: run once online (unset HF_HUB_OFFLINE), "
+                                 "or pip install transformers", code=ExitCode.NOT_FOUND)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        self(None)
+
+
+def tokenizer_for(spec: str):
+    """open_clip's tokenizer for a model; a stand-in that explains itself when it cannot be loaded here."""
+    import open_clip
+
+    try:
+        return open_clip.get_tokenizer(spec)
+    except (OSError, ImportError, ValueError) as exc:
+        return _MissingTokenizer(spec, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
 
 
 @contextmanager
@@ -346,7 +474,7 @@ def _load_local_dir(folder: Path, spec: str, device: str) -> LoadedModel:
     refuse_unsupported(spec, cfg)
     info = _info(model, spec=spec, arch=spec if is_toy(spec) else f"local-dir:{folder}", pretrained=None,
                  weights=weights, quick_gelu=bool(cfg.get("quick_gelu")))
-    return LoadedModel(model.to(device).eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{folder}"), info, kept)
+    return LoadedModel(model.to(device).eval(), preprocess, tokenizer_for(f"local-dir:{folder}"), info, kept)
 
 
 def resnet_shape(heads: int, channels: int) -> ModelShape:
@@ -368,11 +496,16 @@ def _resnet_info(model, **common) -> ModelInfo:
 def _info(model, spec: str, arch: str, pretrained: str | None, weights: Path | None, quick_gelu: bool) -> ModelInfo:
     from open_clip.modified_resnet import ModifiedResNet
 
+    from clipterm.vit.towers import family
+
     visual = model.visual
+    common = {"spec": spec, "arch": arch, "pretrained": str(pretrained) if pretrained is not None else None,
+              "quick_gelu": quick_gelu, "weights_path": str(weights) if weights else None,
+              "weights_sha256": weights_sha256(weights) if weights else None}
     if isinstance(visual, ModifiedResNet):
-        return _resnet_info(model, spec=spec, arch=arch, pretrained=str(pretrained) if pretrained is not None else None,
-                            quick_gelu=quick_gelu, weights_path=str(weights) if weights else None,
-                            weights_sha256=weights_sha256(weights) if weights else None)
+        return _resnet_info(model, **common, family=family(model))
+    if hasattr(visual, "trunk"):
+        return tower_info(model, **common)
     block = visual.transformer.resblocks[0]
     width = visual.transformer.width
     heads = block.attn.num_heads
@@ -394,7 +527,69 @@ def _info(model, spec: str, arch: str, pretrained: str | None, weights: Path | N
         quick_gelu=quick_gelu,
         weights_path=str(weights) if weights else None,
         weights_sha256=weights_sha256(weights) if weights else None,
+        **_native_pool(visual), family=family(model),
     )
+
+
+def _native_pool(visual) -> dict[str, Any]:
+    if getattr(visual, "attn_pool", None) is None:
+        return {"pool": "avg" if visual.pool_type == "avg" else "tok"}
+    attn = visual.attn_pool.attn
+    return {"pool": "attn", "pool_heads": attn.num_heads, "pool_head_dim": attn.embed_dim // attn.num_heads}
+
+
+def tower_info(model, **common) -> ModelInfo:
+    """ModelInfo of a timm tower (open_clip's TimmModel): a transformer's blocks, or a ConvNeXt's last stage."""
+    from clipterm.vit import convnext
+    from clipterm.vit.towers import family
+
+    visual = getattr(model, "visual", model)
+    trunk = visual.trunk
+    size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
+    context = int(getattr(model, "context_length", 0) or 0)
+    if convnext.is_convnext(model):
+        blocks = trunk.stages[-1].blocks
+        return ModelInfo(layers=len(blocks), heads=0, width=trunk.num_features, head_dim=0,
+                         mlp_width=_last_linear(blocks[0].mlp).in_features, embed_dim=_embed_dim(visual, trunk.num_features),
+                         image_size=int(size), patch_size=32, context_length=context, tower="convnext",
+                         stage=len(trunk.stages) - 1, pool="avg", family=family(model), **common)
+    attn = trunk.blocks[0].attn
+    width = trunk.embed_dim
+    grid = getattr(trunk.patch_embed, "grid_size", None) or (int(size) // 16,)
+    pool = getattr(trunk, "attn_pool", None)
+    extra: dict[str, Any] = {"pool": "attn" if pool is not None else ("tok" if trunk.global_pool == "token" else "avg")}
+    if pool is not None:
+        extra.update(pool_heads=pool.num_heads, pool_head_dim=pool.head_dim, pool_mlp=pool.mlp is not None)
+    pooled = pool.proj.out_features if pool is not None else width
+    return ModelInfo(layers=len(trunk.blocks), heads=attn.num_heads, width=width,
+                     head_dim=attn.proj.in_features // attn.num_heads, mlp_width=_last_linear(trunk.blocks[0].mlp).in_features,
+                     embed_dim=_embed_dim(visual, pooled), image_size=int(size), patch_size=max(1, int(size) // int(grid[0])),
+                     context_length=context, family=family(model), **extra, **common)
+
+
+def _last_linear(module):
+    """The last nn.Linear (or 1x1 conv) of an MLP: its input width is the number of neurons."""
+    from torch import nn
+
+    linears = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return linears[-1] if not isinstance(linears[-1], nn.Conv2d) else _Width(linears[-1].in_channels)
+
+
+class _Width:
+    def __init__(self, width: int):
+        self.in_features = width
+
+
+def _embed_dim(visual, pooled_width: int) -> int:
+    """The embedding's width: the last linear map after the pool (timm's head, open_clip's proj), else the pool's."""
+    from torch import nn
+
+    trunk = visual.trunk
+    for module in (visual.head, getattr(trunk, "head", None)):
+        linears = [m for m in module.modules() if isinstance(m, nn.Linear)] if module is not None else []
+        if linears:
+            return linears[-1].out_features
+    return pooled_width
 
 
 # --------------------------------------------------------------------------- what is available
@@ -417,6 +612,7 @@ def catalogue() -> list[dict[str, Any]]:
             "supported": True,
             "reason": None,
             "quick_gelu": False,
+            "tower": "open_clip ViT (class token)",
         }
         for spec, folder in locations.TOY_MODEL_DIRS.items()
     ]
@@ -434,6 +630,7 @@ def catalogue() -> list[dict[str, Any]]:
                     "supported": reason is None,
                     "reason": reason,
                     "quick_gelu": needs_quick_gelu(arch, tag),
+                    "tower": tower_kind(cfg),
                 }
             )
     return rows
@@ -453,14 +650,36 @@ def model_shape(spec: str = TOY) -> ModelShape:
         if cfg is None:
             raise unknown_model(spec)
     vision = cfg["vision_cfg"]
+    if vision.get("timm_model_name"):
+        refuse_unsupported(spec, cfg)
+        return _timm_shape(vision)
     if isinstance(vision.get("layers"), (list, tuple)) and not vision.get("timm_model_name"):
         width = vision.get("width", 64) * 32  # channels of the last stage
         return resnet_shape(width // vision.get("head_width", 64), width)
     if not isinstance(vision.get("layers", 12), int) or vision.get("timm_model_name"):
         refuse_unsupported(spec, cfg)
     width = vision.get("width", 768)
+    pool_heads = vision.get("attn_pooler_heads", 8) if vision.get("attentional_pool") else 0  # CoCa's pooler
     return ModelShape(layers=vision.get("layers", 12), heads=width // vision.get("head_width", 64),
-                      neurons=int(width * vision.get("mlp_ratio", 4.0)))
+                      neurons=int(width * vision.get("mlp_ratio", 4.0)), pool_heads=pool_heads)
+
+
+def _timm_shape(vision: dict) -> ModelShape:
+    """A timm tower's names, from the timm model built on the meta device (no weights, no memory)."""
+    import timm
+    import torch
+
+    kwargs = {"num_classes": 0}
+    if vision.get("timm_pool"):
+        kwargs["global_pool"] = vision["timm_pool"]
+    with torch.device("meta"):
+        trunk = timm.create_model(vision["timm_model_name"], pretrained=False, **kwargs)
+    wrapper = torch.nn.Module()
+    wrapper.trunk, wrapper.head, wrapper.image_size = trunk, torch.nn.Identity(), vision.get("image_size", 224)
+    shell = torch.nn.Module()
+    shell.visual = wrapper
+    info = tower_info(shell, spec="", arch="", pretrained=None, quick_gelu=False, weights_path=None, weights_sha256=None)
+    return info.shape
 
 
 def pick_device(device: str, local_rank: int = 0) -> str:

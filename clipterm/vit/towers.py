@@ -1,0 +1,100 @@
+"""Which decomposition a vision tower gets, and what family it belongs to.
+
+Every tower module (`vit.decompose` for open_clip's ViT, `vit.resnet`, `vit.timm_vit`, `vit.convnext`) gives
+`check_supported(model, name)`, `readout(model)`, `decompose(model, images, neurons, token_layers)` and `CONVENTION`,
+with the same cache layout: `embed + bias + Σ head_out @ readout + Σ mlps == image_embeds`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clipterm.vit.decompose import vision_tower
+
+
+def tower_module(model: Any) -> Any:
+    """The decomposition module for a model's vision tower."""
+    from clipterm.vit import convnext, decompose, resnet, timm_vit
+
+    if resnet.is_resnet(model):
+        return resnet
+    if timm_vit.is_timm_transformer(model):
+        return timm_vit
+    if hasattr(vision_tower(model), "trunk") and convnext.is_convnext(model):
+        return convnext
+    return decompose
+
+
+def family(model: Any) -> str:
+    """A short name of the tower's family and pooling, e.g. `timm VisionTransformer (map)`; caches record it."""
+    from clipterm.vit import decompose, resnet
+
+    visual = vision_tower(model)
+    if resnet.is_resnet(model):
+        return "open_clip ModifiedResNet (attention pool)"
+    trunk = getattr(visual, "trunk", None)
+    if trunk is not None:
+        pool = "map" if getattr(trunk, "attn_pool", None) is not None else getattr(trunk, "global_pool", "") or "avg"
+        return f"timm {type(trunk).__name__} ({pool})"
+    pool = {"tok": "class token", "avg": "average pool", "attn": "attentional pool"}[decompose.pooling_of(model)]
+    return f"open_clip VisionTransformer ({pool})"
+
+
+def pool_readout(model: Any) -> Any:
+    """(G, dh', D) for a tower that pools by attention after its blocks (a MAP head, CoCa); else None."""
+    module = tower_module(model)
+    return getattr(module, "pool_readout", lambda _m: None)(model)
+
+
+def analysis_refusal(model_info: dict, analysis: str) -> str | None:
+    """Why an analysis that follows open_clip's class-token ViT (second-order neurons, per-token maps, feature
+    visualisation) cannot run on a tower, in one line naming the model part; None when it can.
+
+    `model_info` is a ModelInfo's JSON (a cache manifest's `model`); caches from before towers were recorded
+    read as class-token ViTs or ResNets."""
+    tower, pool, fam = model_info.get("tower", "vit"), model_info.get("pool", "tok"), model_info.get("family", "")
+    if tower == "convnext":
+        return f"{analysis} cannot be computed for a ConvNeXt: it has no attention heads or tokens (its components " \
+               "are the last stage's blocks)"
+    if pool == "attn":
+        return f"{analysis} cannot be computed through an attention-pool head ({fam or 'MAP / attentional pool'}): " \
+               "the pool reads every token with its own attention (pool.H*), so no class-token path reaches the embedding"
+    if pool == "avg":
+        return f"{analysis} cannot be computed for an average-pooled tower ({fam or 'pool_type=avg'}): the embedding " \
+               "averages every token, so no class-token path reaches it"
+    if fam.startswith("timm"):
+        return f"{analysis} follows open_clip's own ViT blocks; this image tower is {fam}, not decomposed that far yet"
+    return None
+
+
+def refuse_analysis(model_info: Any, analysis: str) -> None:
+    """Raise the one-line refusal of `analysis_refusal`, if any (exit code: unsupported)."""
+    from clipterm.errors import ClipTermError, ExitCode
+
+    info = model_info.to_json() if hasattr(model_info, "to_json") else dict(model_info)
+    reason = analysis_refusal(info, analysis)
+    if reason:
+        raise ClipTermError(reason, hint="TextSpan, ablation, attribution, top images and search work on this cache",
+                            code=ExitCode.UNSUPPORTED)
+
+
+def model_analysis_info(model: Any) -> dict:
+    """The tower, pooling and family of a model in hand, as `analysis_refusal` reads them from a manifest."""
+    from clipterm.vit import convnext, decompose, resnet
+
+    if resnet.is_resnet(model):
+        return {"tower": "resnet", "pool": "tok", "family": family(model)}
+    visual = vision_tower(model)
+    trunk = getattr(visual, "trunk", None)
+    if trunk is not None:
+        if convnext.is_convnext(model):
+            return {"tower": "convnext", "pool": "avg", "family": family(model)}
+        pool = "attn" if getattr(trunk, "attn_pool", None) is not None else (
+            "tok" if getattr(trunk, "global_pool", "") == "token" else "avg")
+        return {"tower": "vit", "pool": pool, "family": family(model)}
+    return {"tower": "vit", "pool": decompose.pooling_of(model), "family": family(model)}
+
+
+def refuse_model_analysis(model: Any, analysis: str) -> None:
+    """`refuse_analysis` for a model in hand."""
+    refuse_analysis(model_analysis_info(model), analysis)
