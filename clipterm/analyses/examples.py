@@ -119,6 +119,9 @@ def projected(reader: Any, component: names.Component, direction: Any) -> Any:
     by shard: a head stays in head space (its block @ R d, or the norm through the Gram R Rᵀ), never (N, D)."""
     import torch
 
+    if reader.joint_heads:  # an attention-pool tower's heads are stored in joint space: project their effects
+        effects = reader.effects(str(component.base))  # (N, D)
+        return effects.norm(dim=1) if direction is None else effects @ direction.float()
     component = names.validate(component.base, reader.shape)  # a pool head's layer is its stored slot
     if component.kind == "head":
         tensor, index = "head_out", (component.layer, component.index)

@@ -295,10 +295,13 @@ class Analyses:
         return self._memoised("ablation", "layers", lambda: self._ablate(names.layers(self.reader.shape)))
 
     def _ablate(self, components: list[str]) -> dict[str, TaskAblation]:
-        from clipterm.analyses import ablation, direct_ablation  # noqa: F401  (ablation first, as the tree's timing expects)
+        from clipterm.analyses import ablation, direct_ablation  # (ablation first, as the tree's timing expects)
 
         scorings = self._scorings()
-        rows = direct_ablation.ablate_cached(scorings, self.reader, components, self.draws, cosine=False)  # bars need no cosine
+        if self.reader.joint_heads:  # an attention-pool tower: class-space scoring reads head-space blocks only
+            rows = ablation.ablate(scorings, ablation.shifts(self.reader, components), self.draws)
+        else:
+            rows = direct_ablation.ablate_cached(scorings, self.reader, components, self.draws, cosine=False)  # no cosine
         sampled = self.reader.n > ABLATION_SAMPLE
         return {task: TaskAblation(task, "agreement" if scoring.agreement else "accuracy",
                                    float(scoring.outcome().float().mean()),

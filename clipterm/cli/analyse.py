@@ -222,7 +222,7 @@ def ablate(
     view = conventions.ReferenceView(reader, loaded.model) if reference and neuron_file is None else None
     if neuron_file is not None:
         rows = ablation.ablate(scorings, second_order_shifts, draws)
-    elif view is None:  # class space, streamed: one pass over the components' own blocks
+    elif view is None and not reader.joint_heads:  # class space, streamed: one pass over the components' own blocks
         from clipterm.analyses import direct_ablation
 
         with progress("ablating", total=reader.n, unit="images") as advance:
@@ -235,7 +235,7 @@ def ablate(
                     advance(1)
             rows = ablation.ablate(scorings, counted(ablation.shifts(reader, components, view)), draws)
     curve = {}
-    if cumulative and view is None:
+    if cumulative and view is None and not reader.joint_heads:
         from clipterm.analyses import direct_ablation
 
         curve = direct_ablation.ablate_cached(scorings, reader, direct_ablation.cumulative_pieces(reader, by), draws)
