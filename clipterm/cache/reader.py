@@ -51,20 +51,20 @@ def check_model(reader: CacheReader, model_info: Any) -> None:
     built = reader.manifest["model"]
     have = model_info.to_json() if hasattr(model_info, "to_json") else dict(model_info)
     built_family, have_family = _family(built), _family(have)
+    hint = (f"load the model the cache was built with (--model {built.get('spec')}"
+            + (f" --pretrained {built['pretrained']}" if built.get("pretrained") else "") + "), or build a cache for this one")
     if built_family != have_family:  # another kind of tower altogether: its components mean something else
         raise ClipTermError(
             f"cache {reader.name} was built with a {built_family} image tower ({built.get('arch')}), and "
             f"{have.get('arch')} is a {have_family} one: its components are not this cache's",
-            hint=f"load the model the cache was built with (--model {built.get('spec')}"
-                 + (f" --pretrained {built['pretrained']}" if built.get("pretrained") else "") + "), or build a cache for this one",
+            hint=hint,
             code=ExitCode.INVALID_DATA,
         )
     if built.get("weights_sha256") != have.get("weights_sha256"):
         raise ClipTermError(
             f"cache {reader.name} was built with other weights ({built.get('arch')} {built.get('pretrained') or ''}, "
             f"sha256 {str(built.get('weights_sha256'))[:12]}) than {have.get('arch')} (sha256 {str(have.get('weights_sha256'))[:12]})",
-            hint=f"load the model the cache was built with (--model {built.get('spec')}"
-                 + (f" --pretrained {built['pretrained']}" if built.get("pretrained") else "") + "), or build a cache for this one",
+            hint=hint,
             code=ExitCode.INVALID_DATA,
         )
 

@@ -54,12 +54,7 @@ def serve_tui(cache: str, host: str, port: int, cache_dir: str | None = None, mo
     from clipterm.inputs.texts import BUILTIN_POOLS, load_pool
 
     reader = open_cache(cache, cache_dir)
-    if reader.shape.tower == "convnext":
-        from clipterm.errors import ClipTermError, ExitCode
-
-        raise ClipTermError(f"the TUI does not show ConvNeXt caches yet ({reader.name}: its components are the last "
-                            "stage's blocks, with no layers or heads to browse)",
-                            hint="use the CLI on it: textspan, ablate, attribute, images, search", code=ExitCode.UNSUPPORTED)
+    check_browsable(reader)
     if pool is not None and pool not in BUILTIN_POOLS:
         load_pool(pool)
     if theme is not None:
@@ -79,6 +74,16 @@ def serve_tui(cache: str, host: str, port: int, cache_dir: str | None = None, mo
     Server(shlex.join(argv), host=host, port=port, title=f"clipterm {reader.name}").serve()
 
 
+def check_browsable(reader: Any) -> None:
+    """Refuse, in one line, a cache whose tower the TUI's tree cannot show."""
+    if reader.shape.tower == "convnext":
+        from clipterm.errors import ClipTermError, ExitCode
+
+        raise ClipTermError(f"the TUI does not show ConvNeXt caches yet ({reader.name}: its components are the last "
+                            "stage's blocks, with no layers or heads to browse)",
+                            hint="use the CLI on it: textspan, ablate, attribute, images, search", code=ExitCode.UNSUPPORTED)
+
+
 def open_tui(cache: str, cache_dir: str | None = None, model: str | None = None, pretrained: str | None = None,
              pool: str | None = None, theme: str | None = None, images: str = "auto", loaded: Any = None) -> None:
     """Check everything a user can get wrong, then run the app (also used by `clipterm demo`)."""
@@ -87,12 +92,7 @@ def open_tui(cache: str, cache_dir: str | None = None, model: str | None = None,
     from clipterm.tui.config import load_keymap
 
     reader = open_cache(cache, cache_dir)
-    if reader.shape.tower == "convnext":
-        from clipterm.errors import ClipTermError, ExitCode
-
-        raise ClipTermError(f"the TUI does not show ConvNeXt caches yet ({reader.name}: its components are the last "
-                            "stage's blocks, with no layers or heads to browse)",
-                            hint="use the CLI on it: textspan, ablate, attribute, images, search", code=ExitCode.UNSUPPORTED)
+    check_browsable(reader)
     if pool is not None and pool not in BUILTIN_POOLS:
         load_pool(pool)  # a missing or empty pool file fails now, not in a worker
     chosen = None

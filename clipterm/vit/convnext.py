@@ -61,10 +61,7 @@ def unsupported_reason(model) -> str | None:
         return f"global pool {head.global_pool.pool_type!r} (only the average is linear)"
     if not isinstance(head.pre_logits, nn.Identity):
         return "the classifier head has a hidden MLP (head_hidden_size)"
-    for name, module in visual.head.named_children():
-        if not isinstance(module, (nn.Linear, nn.Dropout, nn.Identity)):
-            return f"the projection head's {name} is {type(module).__name__} (timm_proj='mlp' is not linear)"
-    return None
+    return pooling.projection_reason(visual)
 
 
 def check_supported(model, name: str = "model") -> None:

@@ -666,6 +666,11 @@ def model_shape(spec: str = TOY) -> ModelShape:
 
 def _timm_shape(vision: dict) -> ModelShape:
     """A timm tower's names, from the timm model built on the meta device (no weights, no memory)."""
+    return timm_tower_info(vision).shape
+
+
+def timm_tower_info(vision: dict, arch: str = "") -> Any:
+    """`tower_info` of a timm tower from its open_clip vision config, built on the meta device (no weights)."""
     import timm
     import torch
 
@@ -678,8 +683,7 @@ def _timm_shape(vision: dict) -> ModelShape:
     wrapper.trunk, wrapper.head, wrapper.image_size = trunk, torch.nn.Identity(), vision.get("image_size", 224)
     shell = torch.nn.Module()
     shell.visual = wrapper
-    info = tower_info(shell, spec="", arch="", pretrained=None, quick_gelu=False, weights_path=None, weights_sha256=None)
-    return info.shape
+    return tower_info(shell, spec=arch, arch=arch, pretrained=None, quick_gelu=False, weights_path=None, weights_sha256=None)
 
 
 def pick_device(device: str, local_rank: int = 0) -> str:

@@ -37,6 +37,14 @@ from clipterm.errors import ClipTermError, ExitCode
 HEAD_SPACE_JOINT = "joint"  # manifest shape["head_space"]: heads stored as D-dim joint-space effects, readout = I
 
 
+def projection_reason(visual: nn.Module) -> str | None:
+    """Why a timm tower's projection head (open_clip's `visual.head`) is not linear, or None when it is."""
+    for name, module in visual.head.named_children():
+        if not isinstance(module, (nn.Linear, nn.Dropout, nn.Identity)):
+            return f"the projection head's {name} is {type(module).__name__} (timm_proj='mlp' is not linear)"
+    return None
+
+
 def unsupported(name: str, reason: str) -> ClipTermError:
     return ClipTermError(f"{name} is not supported: {reason}", hint="see docs/models.md for what decomposes and why",
                          code=ExitCode.UNSUPPORTED)

@@ -100,10 +100,7 @@ def unsupported_reason(model) -> str | None:
             return "the MAP head has no value and output projections to split by head"
     elif trunk.global_pool not in ("token", "avg"):
         return f"global_pool={trunk.global_pool!r} (token, avg and map are decomposed; max is not linear)"
-    for name, module in visual.head.named_children():
-        if not isinstance(module, (nn.Linear, nn.Dropout, nn.Identity)):
-            return f"the projection head's {name} is {type(module).__name__} (timm_proj='mlp' is not linear)"
-    return None
+    return pooling.projection_reason(visual)
 
 
 def check_supported(model, name: str = "model") -> None:
