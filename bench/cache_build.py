@@ -1,7 +1,7 @@
 """Benchmark the cache build against plain `encode_image` and a reference-style baseline, in one run.
 
-For each model (ViT-B-32, RN50 and ViT-B-16-SigLIP with random weights at 224 px, and the toy) it measures, on
-the same preloaded pixel tensors:
+For each model (ViT-B-32, RN50 and ViT-B-16-SigLIP with random weights at 224 px, the toy and toy-rn) it
+measures, on the same preloaded pixel tensors:
 
 - plain `model.encode_image` images/s (the ceiling; plain and clipterm are timed in interleaved
   repeats and the best of each counts, so a busy machine does not favour either);
@@ -22,7 +22,8 @@ default fp16 cache (shard bytes per row; readout and stats are a fixed cost) aga
     python bench/cache_build.py --n 64 --n-baseline 8            # both models
     python bench/cache_build.py --models toy --n 512
     python bench/cache_build.py --models RN50 --n 16 --repeat 2 --batch-size 8
-    python bench/cache_build.py --models ViT-B-16-SigLIP --n 16 --repeat 2 --batch-size 8
+    python bench/cache_build.py --models RN50 toy-rn --n 32 --batch-size 16     # the ResNet path
+    python bench/cache_build.py --models ViT-B-16-SigLIP --n 16 --repeat 3 --batch-size 8 --threads 1  # a MAP head
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def bench_model(name: str, n: int, n_baseline: int, batch_size: int, repeat: int
     from clipterm.toyworld import world
     from clipterm.vit.models import load_model
 
-    loaded = load_model("toy") if name == "toy" else random_weights(name, work)
+    loaded = load_model(name) if name in ("toy", "toy-rn") else random_weights(name, work)
     model = loaded.model.eval()
     renders = [Image.fromarray(world.render(world.scene_at(0, i))[0]) for i in range(n)]
     pixels = torch.stack([loaded.preprocess(image) for image in renders])  # (n, 3, S, S) preloaded once
@@ -189,7 +190,8 @@ def bench_model(name: str, n: int, n_baseline: int, batch_size: int, repeat: int
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["ViT-B-32", "toy"], choices=["ViT-B-32", "RN50", "ViT-B-16-SigLIP", "toy"])
+    parser.add_argument("--models", nargs="+", default=["ViT-B-32", "toy"],
+                        choices=["ViT-B-32", "RN50", "ViT-B-16-SigLIP", "toy", "toy-rn"])
     parser.add_argument("--n", type=int, default=64, help="images for plain, clipterm and end-to-end figures")
     parser.add_argument("--n-baseline", type=int, default=8, help="images for the (slow) reference-style baseline")
     parser.add_argument("--batch-size", type=int, default=32)

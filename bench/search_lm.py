@@ -3,14 +3,15 @@
 Targets: --images held-out single-object toy scenes (`image:` targets, no written word) and the 8 heads that
 matter most for colour and for shape (the top --heads of each by `clipterm ablate --by head --task colour|shape`
 on a toy cache, their :pc1 directions). Each target is searched with the default settings unguided (`--lm
-none`) and guided by the n-gram LM at each --weights value. Per setting:
+none`, so the word-frequency prior λ = 0.0025) and guided by the n-gram LM at each --weights value (λ = 0 by
+default: the LM's unigram counts word frequency). Per setting:
 
 - readable: the share of best strings that parse as phrases of the toy caption grammar
   (`toyworld.captions.parses_as_caption`). Goal, guided: >= 60%;
 - names colour: the share of image targets whose best string names the object's colour. Goal: >= 85%;
 - cosine: the mean ratio of the best string's cosine to the unguided best's, per target. Goal: >= 0.95.
 
-    python bench/search_lm.py [--images 20] [--heads 4] [--cache-images 512] [--weights 0.01,0.02]
+    python bench/search_lm.py [--images 20] [--heads 4] [--cache-images 512] [--weights 0.05,0.1]
 
 Writes bench/results/search_lm.json.
 """
@@ -91,7 +92,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--heads", type=int, default=4, help="heads per task (colour, shape)")
     parser.add_argument("--cache-images", type=int, default=512)
-    parser.add_argument("--weights", default="0.01,0.02", help="λ_lm values to try, comma-separated")
+    parser.add_argument("--weights", default="0.05,0.1", help="λ_lm values to try, comma-separated")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -117,6 +118,7 @@ def main() -> None:
     for name, _, weight in settings:
         all_rows = rows[name]
         report[name] = {"lm_weight": weight if name != "unguided" else None,
+                        "lam": SearchConfig().prior_weight(guided=name != "unguided"),
                         "all": summary(all_rows, rows["unguided"]),
                         "images": summary(all_rows[:n_images], rows["unguided"][:n_images]),
                         "heads": summary(all_rows[n_images:], rows["unguided"][n_images:]) if heads else None,

@@ -8,6 +8,8 @@ from pathlib import Path
 APP = "clipterm"
 PACKAGE_DIR = Path(__file__).resolve().parent
 TOY_MODEL_DIR = PACKAGE_DIR / "toyworld" / "model"
+TOY_RN_MODEL_DIR = PACKAGE_DIR / "toyworld" / "model_rn"  # toy-rn: the toy recipe with a small ModifiedResNet
+TOY_MODEL_DIRS = {"toy": TOY_MODEL_DIR, "toy-rn": TOY_RN_MODEL_DIR}  # the built-in model specs
 # Themes are data files in the repo's top-level themes/; the wheel maps them to clipterm/themes.
 BUNDLED_THEMES_DIR = PACKAGE_DIR / "themes" if (PACKAGE_DIR / "themes").is_dir() else PACKAGE_DIR.parent / "themes"
 

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 
 from clipterm.analyses import lm as lm_module
 from clipterm.analyses.lm import NGram, count_trigrams, load_lm, load_ngram, nll_per_word
-from clipterm.analyses.search import SearchConfig, TextTower, _Scorer, search_model
+from clipterm.analyses.search import SearchConfig, _Scorer, search_model
 from clipterm.errors import ClipTermError
 from clipterm.inputs.vocab import default_vocabulary, file_vocabulary
 from clipterm.toyworld.captions import parses_as_caption, sample_captions
+from clipterm.vit.textencode import TextTower
 
 FAST = SearchConfig(beam=3, topk=8, random=4, steps=6, patience=None, lm_weight=0.01)
 
@@ -98,16 +99,17 @@ def test_the_caption_grammar_recogniser():
 # --------------------------------------------------------------------------- guided search
 
 
-def test_guided_scores_carry_the_cosine_and_the_lm_term(toy, vocab, ngram):
+@pytest.mark.parametrize("lam, expected", [(None, 0.0), (0.0025, 0.0025)])  # by default a guided search has no prior
+def test_guided_scores_carry_the_cosine_and_the_lm_term(toy, vocab, ngram, lam, expected):
     target = _embed(toy, "a large green ring at the top")
-    last = list(search_model(toy, target, vocab, FAST, lm=ngram))[-1]
+    last = list(search_model(toy, target, vocab, dataclasses.replace(FAST, lam=lam), lm=ngram))[-1]
     assert last.lm == "ngram:toy"
     for hit in last.best:
         rows = _rows(vocab, hit.text)
         assert hit.cosine == pytest.approx(float(_embed(toy, hit.text) @ target), abs=1e-4)
         assert hit.lm_nll == pytest.approx(nll_per_word(ngram, [rows])[0], abs=1e-9)
         prior = float(vocab.prior[list(rows)].sum()) if rows else 0.0
-        assert hit.score == pytest.approx(hit.cosine - 0.01 * hit.lm_nll - FAST.lam * prior, abs=1e-4)
+        assert hit.score == pytest.approx(hit.cosine - 0.01 * hit.lm_nll - expected * prior, abs=1e-4)
 
 
 def test_a_fixed_seed_repeats_exactly_with_guidance(toy, vocab, ngram):
@@ -116,21 +118,23 @@ def test_a_fixed_seed_repeats_exactly_with_guidance(toy, vocab, ngram):
     assert [_untimed(e) for e in first] == [_untimed(e) for e in second]
 
 
-def test_the_lm_term_is_skipped_only_where_it_cannot_matter(toy, vocab, ngram):
-    """Strings whose cosine bound is below the beam's worst are not put to the LM; the beam is the same as if all were."""
+@pytest.mark.parametrize("cheap", [True, False])  # the n-gram is asked before the text tower, a costly LM after it
+def test_the_lm_term_is_skipped_only_where_it_cannot_matter(toy, vocab, ngram, monkeypatch, cheap):
+    """Strings that cannot beat the beam's worst are not scored in full; the beam is the same as if all were."""
+    monkeypatch.setattr(ngram, "cheap", cheap)
     tokenizer = toy.tokenizer
     scorer = _Scorer(TextTower(toy.model, tokenizer.sot_token_id, tokenizer.eot_token_id), _embed(toy, "a red star"),
-                     vocab, dataclasses.replace(FAST, beam=4), ngram)
+                     vocab, dataclasses.replace(FAST, beam=4, lam=0.0025, lm_weight=0.1), ngram)
     generator = torch.Generator().manual_seed(0)
     strings = [tuple(torch.randint(0, len(vocab), (n,), generator=generator).tolist()) for n in (1, 2, 3) for _ in range(60)]
-    strings += [_rows(vocab, t) for t in ("a red star", "red star", "a red", "star")]
-    beam = [0.3, 0.2]
+    strings += [_rows(vocab, t) for t in ("a red star", "red star", "a red", "star", "a star", "a red shape")]
+    full = [o - 0.1 * nll for s, (o, _), nll in zip(strings, scorer._cosines(strings), nll_per_word(ngram, strings))]
+    beam = [sorted(full, reverse=True)[2]] * 4
     scored = scorer.score(strings, beam)
     assert 0 < sum(s is not None for s in scored) < len(strings)  # some were skipped
-    full = [(c - 0.01 * nll - FAST.lam * float(vocab.prior[list(s)].sum()))
-            for s, (_, c), nll in zip(strings, scorer._cosines(strings), nll_per_word(ngram, strings))]
-    best = sorted(range(len(strings)), key=lambda i: -full[i])[:4]
-    assert all(scored[i] is not None and scored[i][0] == pytest.approx(full[i], abs=1e-5) for i in best)
+    assert all(s is None or s[0] == pytest.approx(f, abs=1e-5) for s, f in zip(scored, full))
+    kept = sorted([*beam, *(s[0] for s in scored if s is not None)], reverse=True)[:4]
+    assert kept == pytest.approx(sorted([*beam, *full], reverse=True)[:4], abs=1e-5)
 
 
 def test_guidance_makes_the_string_read_as_a_caption(toy, vocab, ngram):

@@ -163,6 +163,50 @@ def test_a_stopped_build_says_what_was_kept_and_how_to_resume(cli, toy, tmp_path
     monkeypatch.setenv("CLIPTERM_CACHE", str(tmp_path))
 
 
+@pytest.mark.parametrize("args", [("cache", "info", "pets"), ("textspan", "pets"), ("cache", "verify", "pets")])
+def test_ctrl_c_in_any_command_says_nothing_was_lost_and_exits_130(cli, root, monkeypatch, args):
+    """Typer turns a KeyboardInterrupt into a silent exit 130; every command now says so in one line."""
+    from clipterm.cache import reader
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reader, "resolve", interrupted)  # where every command that names a cache starts
+    result = cli(*args)
+    err = one_line_error(result)
+    assert result.code == ExitCode.INTERRUPTED and "interrupted: nothing was lost" in err
+    assert f"rerun the same `clipterm {' '.join(args[:-1])}` command" in err
+
+
+def test_ctrl_c_at_the_rm_prompt_removes_nothing(cli, root, monkeypatch):
+    import importlib
+    import sys
+
+    import typer
+
+    def ctrl_c(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    termui = importlib.import_module(typer.confirm.__module__)  # typer vendors click's prompts
+    monkeypatch.setattr(termui, "visible_prompt_func", ctrl_c)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
+    result = cli("cache", "rm", "pets")
+    assert result.code == ExitCode.INTERRUPTED and "Aborted" not in result.err
+    assert "interrupted at the prompt, before anything was changed" in one_line_error(result)
+    assert (root / "pets" / "manifest.json").is_file()
+
+
+def test_every_command_turns_ctrl_c_into_one_line():
+    import typer
+
+    from clipterm.cli.app import app
+    from clipterm.cli.common import clean_interrupts
+
+    command = clean_interrupts(typer.main.get_command(app))
+    leaves = [c for sub in command.commands.values() for c in getattr(sub, "commands", {sub.name: sub}).values()]
+    assert len(leaves) > 20 and all(getattr(c, "_interrupts", False) for c in leaves)
+
+
 def test_a_cache_dir_that_is_a_file_is_a_one_line_error(cli, tmp_path):
     (tmp_path / "afile").write_text("x")
     for args in (["cache", "ls"], ["cache", "info", "pets"], ["cache", "build", "--images", "toy:4"]):

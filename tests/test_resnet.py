@@ -330,6 +330,29 @@ def test_toy_rn_recipe_saves_a_resnet_model_folder_that_loads_and_splits(tmp_pat
     torch.manual_seed(0)
     save_model_dir(open_clip.model.CLIP(**RN_MODEL_CFG).eval(), tmp_path / "toy-rn", {"steps": 0}, model_cfg=RN_MODEL_CFG)
     loaded = load_model(f"local-dir:{tmp_path / 'toy-rn'}")
-    assert loaded.info.tower == "resnet" and loaded.info.heads == 16 and loaded.info.mlp_width == 1024
+    assert loaded.info.tower == "resnet" and loaded.info.heads == 8 and loaded.info.mlp_width == 512
     parts = resnet.decompose(loaded.model.float(), images(2))
     assert rel(summed(parts, resnet.readout(loaded.model)), loaded.model.encode_image(images(2))) < 1e-5
+
+
+def test_mean_ablating_every_channel_is_mean_ablating_the_pool_heads(rn_cache, cli, monkeypatch):
+    """The channels add up to the heads, so their second-order mean-ablation (`ablate --second-order L3`, set `all`)
+    moves each embedding exactly as mean-ablating the whole pool (`ablate --by layer`) does."""
+    from clipterm.analyses import ablation
+    from clipterm.cache.neurons import NeuronFile, build_neurons, built_layers
+
+    reader, loaded = rn_cache
+    if 3 not in built_layers(reader.path):
+        build_neurons(reader, 3, device="cpu", top_k=4, loaded=loaded)
+    channels = dict(ablation.second_order_shifts(NeuronFile(reader, 3)))["all"]  # (N, D)
+    pool = dict(ablation.shifts(reader, ["pool"]))["pool"]  # (N, D)
+    assert rel(channels, pool) < 1e-4 and pool.norm() > 0
+    monkeypatch.setenv("CLIPTERM_CACHE", str(reader.path.parent))
+    by_channels = cli("ablate", "rn", "--second-order", "L3", "--which", "all", "--json", "--draws", "100")
+    by_pool = cli("ablate", "rn", "--by", "layer", "--json", "--draws", "100")
+    assert by_channels.code == 0 and by_pool.code == 0, by_channels.err + by_pool.err
+    for task, result in json.loads(by_channels.out)["tasks"].items():
+        row, = result["components"]
+        pooled, = json.loads(by_pool.out)["tasks"][task]["components"]
+        assert row["component"] == "L3" and pooled["component"] == "pool"
+        assert row["cosine"] == pytest.approx(pooled["cosine"], abs=2e-5) and row["score"] == pooled["score"]

@@ -288,3 +288,34 @@ def test_sincos_positions_tell_every_patch_apart():
     assert table.shape == (64, 128)
     distances = torch.cdist(table, table) + torch.eye(64) * 1e3
     assert distances.min() > 0.5  # neighbouring patches differ clearly, at about unit scale
+
+
+def test_prompt_loss_scores_each_task_against_its_class_prompts_and_skips_undefined_labels():
+    import torch
+
+    from clipterm.toyworld.train import prompt_loss
+    from clipterm.toyworld.world import TASKS
+
+    classes = {t: torch.nn.functional.normalize(torch.randn(len(c), 16), dim=-1) for t, c in TASKS.items()}
+    shape, colour = list(TASKS).index("shape"), list(TASKS).index("colour")
+    truth = torch.full((2, len(TASKS)), -1)
+    truth[0, colour], truth[1, shape] = 0, 3  # image 0 is scored on colour only, image 1 on shape only
+    right = torch.stack([classes["colour"][0], classes["shape"][3]])
+    wrong = torch.stack([classes["colour"][1], classes["shape"][4]])
+    scale = torch.tensor(50.0)
+    assert prompt_loss(wrong, scale, classes, truth) > prompt_loss(right, scale, classes, truth)
+    assert prompt_loss(right, scale, classes, truth) < 0.1  # nothing but the right prompt is near
+
+
+def test_world_two_batches_depend_only_on_seed_and_step_whatever_the_workers():
+    from clipterm.toyworld.batches import batch_stream, world_batch
+    from clipterm.toyworld.recipe import RECIPES
+
+    inline = list(batch_stream(5, first=3, steps=4, batch_size=8, recipe=RECIPES[2], workers=0))
+    pooled = list(batch_stream(5, first=3, steps=4, batch_size=8, recipe=RECIPES[2], workers=2))
+    assert len(inline) == len(pooled) == 4
+    for (img, cap, truth), (img2, cap2, truth2) in zip(inline, pooled):
+        assert np.array_equal(img, np.asarray(img2)) and cap == list(cap2) and np.array_equal(truth, np.asarray(truth2))
+    img, cap, truth = world_batch(5, 4, 8, RECIPES[2])
+    assert np.array_equal(img, inline[1][0]) and not np.array_equal(img, inline[0][0])
+    assert truth.shape == (8, 6) and (truth >= -1).all()

@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "clipterm"
 JSON_WORDS = set("""
 pool_heads pool_mlp stage
 about accuracy already_complete arch background baseline best blue built builtin by bytes bytes_per_row cache cache_root
-cached caches changed classes clipterm cls coefficient colour complete component components config_dir contribution
+cached caches changed classes clipterm cls first_token coefficient colour complete component components config_dir contribution
 convention cosine created cuda cumulative dataset decomposition dir done drop dropped_blank dropped_duplicates dtype
 elapsed embed_dim evals evals_per_s examples explained fingerprint folder_removed forward green grid grid_size head_dim
 heads high id image images images_per_s index inputs kept kind labels layer layers low matching mean_effect_norm

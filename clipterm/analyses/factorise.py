@@ -27,7 +27,7 @@ from clipterm.analyses.spatial import (
     open_image,
     pool_embeddings,
 )
-from clipterm.errors import ClipTermError
+from clipterm.errors import ClipTermError, ExitCode
 
 METHODS = ("nmf", "pca")
 
@@ -85,6 +85,9 @@ def factorise(image: str | SpatialImage, k: int, *, loaded: Any, reader: Any = N
         raise ClipTermError(f"--nmf {k}: a factorisation needs at least 1 factor", hint="e.g. --nmf 3")
     if loaded is None:
         raise ClipTermError("factorising needs per-patch activations, so a forward pass", hint=model_hint(reader))
+    if loaded.info.tower != "vit":
+        raise ClipTermError(f"factorising reads a ViT's MLP activations, and {loaded.info.spec} is a {loaded.info.tower}",
+                            hint="map a component or a text query instead", code=ExitCode.UNSUPPORTED)
     image = open_image(image, reader) if isinstance(image, str) else image
     layers = layers if layers is not None else default_layers(loaded.info.layers)
     acts, _ = mlp_activations(loaded.model, model_pixels(loaded, image), layers)

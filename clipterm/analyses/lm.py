@@ -32,7 +32,7 @@ from clipterm.inputs.vocab import Vocabulary
 
 Tokens = tuple[int, ...]  # a string, as rows of the vocabulary
 DISCOUNT = 0.75  # Kneser–Ney's absolute discount, one for every order
-DEFAULT_WEIGHT = 0.05  # λ_lm of `clipterm search` and the TUI: see bench/search_lm.py and the README
+DEFAULT_WEIGHT = 0.06  # λ_lm of `clipterm search` and the TUI: see bench/search_lm.py and the README
 TOY_CAPTIONS = 600  # training-style captions in the toy model's corpus, beside the `toy` pool
 _WORD = re.compile(r"[a-z]+")
 _START, _END = "<s>", "</s>"
@@ -40,6 +40,7 @@ _START, _END = "<s>", "</s>"
 
 class LanguageModel(Protocol):
     name: str  # what the JSON and the TUI header call it: "ngram:toy", "gpt2", a folder
+    cheap: bool  # scoring a string costs less than the text tower does, so the search asks it first
 
     def next_logprobs(self, prefixes: Sequence[Tokens]) -> torch.Tensor:
         """log p(next word | prefix) (B, V) over the vocabulary's rows."""
@@ -62,6 +63,8 @@ class NGram:
     """Interpolated Kneser–Ney trigram over a vocabulary's V words, the end of string (row V) and one unknown
     word (row V+1). p(w | u v) = max(c(uvw) − D, 0)/c(uv·) + D·T(uv·)/c(uv·) · p2(w | v), where p2 and p1
     use continuation counts (the distinct words seen before) in place of counts, and p1 falls back to uniform."""
+
+    cheap = True
 
     def __init__(self, trigrams: dict[tuple[str, str, str], int], vocab: Vocabulary, name: str):
         self.name, self.size = name, len(vocab)
@@ -154,7 +157,9 @@ def builtin_corpus(model_spec: str) -> tuple[str, tuple[str, ...]]:
     """(name, texts): the `toy` pool and toy captions for the toy model, else the `general` pool."""
     from clipterm.inputs.texts import load_pool
 
-    if model_spec == "toy":
+    from clipterm.vit.models import is_toy
+
+    if is_toy(model_spec):
         from clipterm.toyworld.captions import sample_captions
 
         return "toy", (*load_pool("toy").texts, *sample_captions(TOY_CAPTIONS))
@@ -212,6 +217,8 @@ def load_ngram(vocab: Vocabulary, name: str, texts: Sequence[str], cache_dir: st
 
 class HuggingFaceLM:
     """A causal LM scoring whole strings as text: [start] + tokens(" " + words) + [end]."""
+
+    cheap = False
 
     def __init__(self, model: Any, tokenizer: Any, vocab: Vocabulary, name: str, batch_size: int = 64):
         self.model, self.tokenizer, self.name, self.batch_size = model.eval(), tokenizer, name, batch_size

@@ -7,14 +7,16 @@ best B strings. OpenAI fed every option to the network. Here a HotFlip step (Ebr
 ACL 2018) ranks the vocabulary at each position by the gradient of the cosine with respect to the
 token embeddings (one backward pass for the whole beam; an insertion is linearised around the
 mean vocabulary embedding), and only the top-k per position, plus a few random moves so that the
-beam does not lock in, are scored exactly. Exact scoring runs the causal text tower only as far
-as the candidate's end-of-text token, which cannot see later positions, so this equals
-`encode_text` (see textencode.py). The prior is an offline token-frequency cost (vocab.py).
+beam does not lock in, are scored exactly (moves.py proposes the candidates). Exact scoring runs the
+causal text tower only as far as the candidate's end-of-text token, which cannot see later positions,
+so this equals `encode_text` (vit/textencode.py). The prior is an offline token-frequency cost (vocab.py).
 
 With a language model (lm.py), as the article also did, the objective gains a readability penalty,
 cos − λ_lm·NLL_per_word(s) − λ·prior(s), and the LM proposes its top next words at each insertion and
 replacement position beside the gradient's and the random ones. The LM term only changes the rank of a
 string that could still enter the beam (it only lowers the score), so only those are put to the LM.
+By default a guided search drops the frequency prior (λ = 0): the LM's own unigram already counts word
+frequency, and the prior, a sum over words, taxes every word a caption needs ("background", "on the left").
 
 Every vocabulary entry is one whole-word BPE token, so a candidate is [SOT, t1..tn, EOT] and its
 text is the words joined by spaces. The beam only ever gains strings that beat its worst member,
@@ -31,10 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from clipterm.analyses.lm import LanguageModel, nll_per_word
-from clipterm.errors import ClipTermError, ExitCode
+from clipterm.analyses.moves import proposals
+from clipterm.errors import ClipTermError
 from clipterm.inputs.vocab import Vocabulary
+from clipterm.vit.textencode import TextTower
 
 Tokens = tuple[int, ...]  # a string, as rows of the vocabulary
+PRIOR_WEIGHT = 0.0025  # λ of an unguided search; a language model's unigram already counts word frequency
 
 
 @dataclass(frozen=True)
@@ -45,12 +50,16 @@ class SearchConfig:
     steps: int = 100  # stop after this many steps
     patience: int | None = 10  # stop when the best score has not improved for this many steps
     time_limit: float | None = None  # stop after this many seconds
-    lam: float = 0.0025  # weight of the prior (0 turns it off)
+    lam: float | None = None  # weight of the prior (0 turns it off); None: PRIOR_WEIGHT unguided, 0 with a language model
     max_tokens: int = 12  # longest string, in tokens
     seed: int = 0
     batch_size: int = 1024  # candidates per forward pass
     lm_weight: float = 0.0  # λ_lm, weight of the language model's NLL per word (0: guidance without penalty)
     lm_topk: int = 8  # words the language model proposes per position of each beam member
+
+    def prior_weight(self, guided: bool) -> float:
+        """λ: as set, else PRIOR_WEIGHT for an unguided search and 0 for a guided one."""
+        return self.lam if self.lam is not None else 0.0 if guided else PRIOR_WEIGHT
 
     def check(self, context_length: int | None = None) -> None:
         """Refuse settings that cannot run, naming the option."""
@@ -63,7 +72,7 @@ class SearchConfig:
             raise ClipTermError(f"--patience must be at least 1, got {self.patience}")
         if self.time_limit is not None and self.time_limit <= 0:
             raise ClipTermError(f"--time must be positive, got {self.time_limit}")
-        if self.lam < 0:
+        if self.lam is not None and self.lam < 0:
             raise ClipTermError(f"--lambda must be 0 or more, got {self.lam}")
         if self.lm_weight < 0:
             raise ClipTermError(f"--lm-weight must be 0 or more, got {self.lm_weight}", hint="use 0 to keep guidance without the penalty")
@@ -96,39 +105,6 @@ class SearchEvent:
     lm: str | None = None  # the guiding language model's name, None when unguided
 
 
-class TextTower:
-    """open_clip's causal text tower run from token embeddings, on sequences cut right after EOT."""
-
-    def __init__(self, model, sot_id: int, eot_id: int):
-        from clipterm.vit.textencode import fallback_reason, text_tower
-
-        reason = fallback_reason(model)
-        if reason is not None:
-            raise ClipTermError(f"text search cannot run on this model: {reason}",
-                                hint="search needs an open_clip causal text tower that pools at end-of-text",
-                                code=ExitCode.UNSUPPORTED)
-        self.parts = text_tower(model)
-        self.token_embedding = self.parts.token_embedding.weight  # (vocab, width)
-        self.context_length = int(self.parts.positional_embedding.shape[0])
-        self.sot = self.token_embedding[sot_id].detach()  # (width,)
-        self.eot = self.token_embedding[eot_id].detach()  # (width,)
-
-    def encode(self, words: torch.Tensor) -> torch.Tensor:
-        """Unit text embeddings (B, D) of [SOT, words, EOT], `words` (B, n, width) token embeddings."""
-        tower, batch = self.parts, words.shape[0]
-        cast = tower.transformer.get_cast_dtype()
-        x = torch.cat([self.sot.expand(batch, 1, -1), words, self.eot.expand(batch, 1, -1)], dim=1)  # (B, T, width)
-        length = x.shape[1]
-        x = x.to(cast) + tower.positional_embedding[:length].to(cast)  # (B, T, width)
-        x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])  # (B, T, width)
-        pooled = tower.ln_final(x[:, -1])  # (B, width) EOT is last
-        if isinstance(tower.text_projection, torch.nn.Linear):
-            pooled = tower.text_projection(pooled)  # (B, D)
-        elif tower.text_projection is not None:
-            pooled = pooled @ tower.text_projection  # (B, D)
-        return F.normalize(pooled.float(), dim=-1)  # (B, D)
-
-
 class _Scorer:
     """Exact objective and HotFlip gradients for strings of vocabulary rows."""
 
@@ -140,17 +116,21 @@ class _Scorer:
         self.embeds = tower.token_embedding[vocab.ids.to(device)].detach()  # (V, width)
         self.filler = self.embeds.mean(0)  # (width,) the point an insertion is linearised around
         self.prior = vocab.prior.to(device)  # (V,)
+        self._prior = vocab.prior.tolist()
+        self.lam = config.prior_weight(guided=lm is not None)
         self.evals = 0
 
     def score(self, strings: list[Tokens], beam: list[float] = ()) -> list[Scored | None]:
-        """(objective, cosine, NLL per word) of each string. With a language model, only strings that can
-        still beat the beam's worst (`beam`: its objectives) are put to it; the others come back None."""
-        bounds = self._cosines(strings)  # objectives without the LM term: upper bounds, as NLL >= 0
+        """(objective, cosine, NLL per word) of each string. With a language model, strings that cannot beat
+        the beam's worst (`beam`: its objectives) come back None: they could never enter it."""
         if self.lm is None:
-            return [(o, c, None) for o, c in bounds]
+            return [(o, c, None) for o, c in self._cosines(strings)]
+        kept = sorted(beam, reverse=True)[: self.config.beam]
+        if self.lm.cheap:
+            return self._lm_first(strings, kept[-1] if len(kept) == self.config.beam else float("-inf"))
+        bounds = self._cosines(strings)  # objectives without the LM term: upper bounds, as NLL >= 0
         out: list[Scored | None] = [None] * len(strings)
         order = sorted(range(len(strings)), key=lambda i: -bounds[i][0])
-        kept = sorted(beam, reverse=True)[: self.config.beam]
         for start in range(0, len(order), _LM_CHUNK):
             floor = kept[-1] if len(kept) == self.config.beam else float("-inf")
             chunk = [i for i in order[start : start + _LM_CHUNK] if bounds[i][0] >= floor]
@@ -159,6 +139,17 @@ class _Scorer:
             kept = sorted(kept + [out[i][0] for i in chunk], reverse=True)[: self.config.beam]
             if len(chunk) < len(order[start : start + _LM_CHUNK]):
                 break  # the rest are sorted lower still
+        return out
+
+    def _lm_first(self, strings: list[Tokens], floor: float) -> list[Scored | None]:
+        """A cheap LM (the n-gram) scores every string first. As cos <= 1, a string whose 1 - λ·prior - λ_lm·NLL
+        is below `floor` can never enter the beam, so the text tower, the costly part, never runs on it."""
+        nll = nll_per_word(self.lm, strings)
+        bound = [1 + 1e-6 - self.lam * sum(self._prior[t] for t in s) - self.config.lm_weight * n for s, n in zip(strings, nll)]
+        live = [i for i in range(len(strings)) if bound[i] >= floor]
+        out: list[Scored | None] = [None] * len(strings)
+        for i, (objective, cosine) in zip(live, self._cosines([strings[i] for i in live])):
+            out[i] = (objective - self.config.lm_weight * nll[i], cosine, nll[i])
         return out
 
     @torch.no_grad()
@@ -171,7 +162,7 @@ class _Scorer:
                 tokens = torch.tensor([strings[i] for i in chunk], dtype=torch.long,
                                       device=self.embeds.device).reshape(len(chunk), length)  # (b, n)
                 cosine = self.tower.encode(self.embeds[tokens]) @ self.target  # (b,)
-                objective = cosine - self.config.lam * self.prior[tokens].sum(1)  # (b,)
+                objective = cosine - self.lam * self.prior[tokens].sum(1)  # (b,)
                 for i, o, c in zip(chunk, objective.tolist(), cosine.tolist()):
                     out[i] = (o, c)
         self.evals += len(strings)
@@ -200,7 +191,7 @@ class _Scorer:
         """Vocabulary rows by first-order gain in objective at each slot: for a slot of depth d, the
         d-th group of `topk` (ranks k(d-1) .. kd-1), so a string that stays in the beam goes deeper."""
         k = self.config.topk
-        gain = grads @ self.embeds.T - self.config.lam * self.prior  # (P, V)
+        gain = grads @ self.embeds.T - self.lam * self.prior  # (P, V)
         top = gain.topk(min(k * max(depths), gain.shape[1]), dim=1).indices.tolist()  # (P, k·max depth)
         return [row[k * (d - 1) : k * d] for row, d in zip(top, depths)]
 
@@ -214,57 +205,6 @@ def _by_length(lengths: list[int]) -> dict[int, list[int]]:
     for i, length in enumerate(lengths):
         groups.setdefault(length, []).append(i)
     return dict(sorted(groups.items()))
-
-
-def _proposals(scorer: _Scorer, beam: dict[Tokens, int], vocab_size: int, generator: torch.Generator) -> list[Tokens]:
-    """Candidate strings for one step, in a fixed order: deletions, gradient-ranked insertions and
-    replacements, then random moves. `beam` maps each string to the steps it has spent in the beam."""
-    config = scorer.config
-    out: list[Tokens] = [string[:i] + string[i + 1 :] for string in beam for i in range(len(string))]
-    if config.topk:
-        rows: list[tuple[Tokens, int | None]] = []  # strings to differentiate
-        moves: list[tuple[Tokens, int, int, int]] = []  # (string, row, slot, tokens replaced: 0 or 1)
-        for string in beam:
-            for j in range(len(string) + 1) if len(string) < config.max_tokens else []:
-                moves.append((string, len(rows), j, 0))
-                rows.append((string, j))
-            if string:
-                moves += [(string, len(rows), i, 1) for i in range(len(string))]
-                rows.append((string, None))
-        grads = scorer.gradients(rows)
-        slot_grads = torch.stack([grads[row][slot] for _, row, slot, _ in moves])  # (P, width)
-        depths = [beam[string] for string, *_ in moves]
-        for (string, _, slot, cut), tokens in zip(moves, scorer.ranked(slot_grads, depths)):
-            out += [string[:slot] + (token,) + string[slot + cut :] for token in tokens]
-    if scorer.lm is not None and config.lm_topk:
-        out += _guided(scorer.lm, beam, config)
-    for string in beam:
-        n = len(string)
-        kinds = (["insert"] if n < config.max_tokens else []) + (["delete", "replace"] if n else [])
-        for kind, position, token in torch.randint(0, 1 << 30, (config.random, 3), generator=generator).tolist():
-            kind, token = kinds[kind % len(kinds)], token % vocab_size
-            i = position % (n + 1 if kind == "insert" else n)
-            out.append({"insert": string[:i] + (token,) + string[i:], "delete": string[:i] + string[i + 1 :],
-                        "replace": string[:i] + (token,) + string[i + 1 :]}[kind])
-    return out
-
-
-def _guided(lm: LanguageModel, beam: dict[Tokens, int], config: SearchConfig) -> list[Tokens]:
-    """The language model's next words after each prefix of each beam string, inserted there or replacing the
-    word there: for a string of depth d, its d-th group of `lm_topk`, as with the gradient's."""
-    k = config.lm_topk
-    moves = [(string, j, 0) for string in beam for j in (range(len(string) + 1) if len(string) < config.max_tokens else [])]
-    moves += [(string, i, 1) for string in beam for i in range(len(string))]
-    prefixes = list(dict.fromkeys(string[:slot] for string, slot, _ in moves))
-    logp = lm.next_logprobs(prefixes)  # (P, V)
-    top = logp.topk(min(k * max(beam.values()), logp.shape[1]), dim=1)  # (P, k·max depth)
-    ranked = {prefix: [w for w, lp in zip(words, values) if lp > float("-inf")]
-              for prefix, words, values in zip(prefixes, top.indices.tolist(), top.values.tolist())}
-    out = []
-    for string, slot, cut in moves:
-        depth = beam[string]
-        out += [string[:slot] + (word,) + string[slot + cut :] for word in ranked[string[:slot]][k * (depth - 1) : k * depth]]
-    return out
 
 
 def search(
@@ -306,7 +246,7 @@ def _climb(tower: TextTower, target: torch.Tensor, vocab: Vocabulary, config: Se
             reason = "cancelled"
             break
         age = {string: age.get(string, 0) + 1 for string in beam}
-        candidates = [s for s in dict.fromkeys(_proposals(scorer, age, len(vocab), generator)) if s not in seen]
+        candidates = [s for s in dict.fromkeys(proposals(scorer, age, len(vocab), generator)) if s not in seen]
         if not candidates:
             reason = "exhausted"
             break
@@ -336,4 +276,4 @@ def search_model(loaded, target: torch.Tensor, vocab: Vocabulary | None = None, 
 
     tokenizer = bpe_tokenizer(loaded.tokenizer)
     tower = TextTower(loaded.model, tokenizer.sot_token_id, tokenizer.eot_token_id)
-    return search(tower, target, vocab if vocab is not None else default_vocabulary(tokenizer), config, cancel, lm)
+    return search(tower, target, vocab if vocab is not None else default_vocabulary(tokenizer, loaded.text_tokens), config, cancel, lm)

@@ -139,7 +139,9 @@ class Analyses:
     def __init__(self, reader: Any, pool: str | None = None, cache_dir: str | None = None,
                  n_texts: int = 10, draws: int = 500, loaded: Any = None, load_model: Callable[[], Any] | None = None):
         self.reader = reader
-        self.pool_spec = pool or ("toy" if reader.manifest["model"].get("spec") == "toy" else "general")
+        from clipterm.vit.models import is_toy
+
+        self.pool_spec = pool or ("toy" if is_toy(reader.manifest["model"].get("spec")) else "general")
         self.cache_dir = cache_dir
         self.n_texts = n_texts
         self.draws = draws
@@ -266,15 +268,19 @@ class Analyses:
         return list(self._scorings())
 
     def layer_ablation(self, layer: int) -> dict[str, TaskAblation]:
-        """Per task: the drop when each head (and the MLP) of a layer is mean-ablated on its own."""
+        """Per task: the drop when each head (and the MLP) of a layer is mean-ablated on its own.
+
+        A ResNet's one stored layer is its pool (`layer` is its slot): its heads, and its positional part."""
         shape = self.reader.shape
-        components = [names.head(layer, h) for h in range(shape.heads)] + [names.mlp(layer)]
+        if shape.tower == "resnet":
+            components = [str(h) for h in names.heads(shape)] + [names.pool_pos()]
+        else:
+            components = [names.head(layer, h) for h in range(shape.heads)] + [names.mlp(layer)]
         return self._memoised("ablation", layer, lambda: self._ablate(components))
 
     def model_ablation(self) -> dict[str, TaskAblation]:
-        """Per task: the drop when each whole layer (its heads and MLP) is mean-ablated."""
-        return self._memoised("ablation", "layers",
-                              lambda: self._ablate([names.layer(l) for l in range(self.reader.shape.layers)]))
+        """Per task: the drop when each whole layer (its heads and MLP; a ResNet's pool) is mean-ablated."""
+        return self._memoised("ablation", "layers", lambda: self._ablate(names.layers(self.reader.shape)))
 
     def _ablate(self, components: list[str]) -> dict[str, TaskAblation]:
         from clipterm.analyses import ablation
@@ -358,7 +364,7 @@ class Analyses:
         loaded = self.loaded()
         with self._lock:  # the direction reads the cache; the climb itself only needs the text tower
             direction = targets.resolve(target, loaded, self.reader).direction
-        vocab = self._memoised("vocab", None, lambda: default_vocabulary(loaded.tokenizer))
+        vocab = self._memoised("vocab", None, lambda: default_vocabulary(loaded.tokenizer, loaded.text_tokens))
         language = self._memoised("lm", lm, lambda: load_lm(lm, vocab, loaded.info.spec, cache_dir=self.cache_dir,
                                                              device=next(loaded.model.parameters()).device))
         config = SearchConfig(steps=steps, patience=25, seed=seed, lm_weight=DEFAULT_WEIGHT)
@@ -404,21 +410,31 @@ class Analyses:
         manifest = self.reader.manifest
         model, dims_of, shape = manifest["model"], manifest["shape"], self.reader.shape
         comp = names.parse(component) if component != "model" else None
-        dims = {"head": f"head_out (N, {dims_of.get('head_dim')}) → joint space ({dims_of.get('embed_dim')})",
-                "mlp": f"(N, {dims_of.get('embed_dim')}) in joint space, {shape.neurons} neurons",
-                "neuron": f"second-order effect ({dims_of.get('embed_dim')}) through the later layers' heads",
+        embed_dim = dims_of.get("embed_dim")
+        head_dim = dims_of.get("pool_head_dim") if comp is not None and comp.site == "pool" and shape.pool_heads \
+            else dims_of.get("head_dim")
+        dims = {"head": f"head_out (N, {head_dim}) → joint space ({embed_dim})",
+                "mlp": f"(N, {embed_dim}) in joint space, {shape.neurons} neurons",
+                "neuron": f"second-order effect ({embed_dim}) through the later layers' heads",
                 "layer": f"{shape.heads} heads + MLP"}
+        overview = f"{shape.layers} layers × {shape.heads} heads"
+        if shape.tower == "resnet":
+            dims |= {"neuron": f"direct effect ({embed_dim}) through the pool's {shape.heads} heads",
+                     "layer": f"{shape.heads} heads" if comp and comp.site == "pool" else f"{shape.neurons} channels",
+                     "embed": f"(N, {embed_dim}) in joint space", "bias": f"(1, {embed_dim}): the same for every image"}
+            overview = (f"a ResNet: an attention pool of {shape.heads} heads over {names.layer(shape.neuron_layer)}'s "
+                        f"{shape.neurons} channels")
         built = self.neuron_layers()
         return {
             "component": component,
-            "what": names.describe(comp) if comp else f"{shape.layers} layers × {shape.heads} heads",
-            "shape": dims.get(comp.kind, "") if comp else f"width {dims_of.get('width')}, embed {dims_of.get('embed_dim')}",
+            "what": names.describe(comp, shape) if comp else overview,
+            "shape": dims.get(comp.kind, "") if comp else f"width {dims_of.get('width')}, embed {embed_dim}",
             "cache": self.reader.name, "n": self.reader.n,
             "model": " ".join(str(v) for v in (model.get("arch"), model.get("pretrained")) if v) or model.get("spec", ""),
             "source": manifest["dataset"].get("source"),
             "tasks": ", ".join(self.reader.tasks) or "none",
             "neurons": ", ".join(names.layer(l) for l in built) or "none (clipterm neurons build CACHE --layer L…)",
-            "tokens": ", ".join(names.layer(l) for l in self.token_layers()) or "none",
+            "tokens": ", ".join(names.layers(shape)[l] for l in self.token_layers()) or "none",
             "pool": self.pool_spec,
         }
 

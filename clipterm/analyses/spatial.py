@@ -54,7 +54,14 @@ class SpatialMap:
     measure: str  # what a cell holds
     layers: list[int]
     source: str  # "cache" or "forward"
-    cls: float | None = None  # the part of the score that the class token itself carries (no position)
+    cls: float | None = None  # the part of the score that the first token (class, or a ResNet pool's mean) carries
+    where: str = ""  # the layers' name when it is not a layer set (a ResNet's `pool`)
+    first_token: str = "class token"  # what `cls` is: a ResNet pool's first token is the grid's mean
+
+    @property
+    def layer_names(self) -> str:
+        """`L8-11`, or `pool` for a ResNet's attention pool."""
+        return self.where or names.format_layers(self.layers)
 
     def upsampled(self, size: int) -> Tensor:
         """(size, size) bilinear."""
@@ -71,8 +78,8 @@ class SpatialMap:
         return heat > heat.mean()
 
     def to_json(self) -> dict[str, Any]:
-        return {"title": self.title, "measure": self.measure, "layers": names.format_layers(self.layers),
-                "source": self.source, "grid_size": self.grid.shape[0], "cls": self.cls,
+        return {"title": self.title, "measure": self.measure, "layers": self.layer_names,
+                "source": self.source, "grid_size": self.grid.shape[0], "cls": self.cls, "first_token": self.first_token,
                 "grid": [[round(float(v), 6) for v in row] for row in self.grid]}
 
 
@@ -84,6 +91,11 @@ class TokenEffects:
     readout: Tensor  # (L, H, dh, D)
     image_embed: Tensor  # (D,) the model's own image embedding
     source: str  # "cache" or "forward"
+    tower: str = "vit"  # "resnet": layer 0 is the attention pool, and token 0 the grid's mean
+
+    def labels(self) -> dict[str, str]:
+        """SpatialMap's `where` and `first_token` for maps made from these tokens."""
+        return {"where": names.pool(), "first_token": "mean token"} if self.tower == "resnet" else {}
 
     def project(self, layer: int, directions: Tensor, heads: list[int] | None = None) -> Tensor:
         """Each token's joint-space effect through the layer's heads, dotted with per-head directions (H, D): (T,)."""
@@ -165,7 +177,8 @@ def token_effects(image: SpatialImage, layers: list[int], reader: Any = None, lo
     stored = reader.manifest["stored"]["tokens"] if reader is not None else []
     if reader is not None and image.row is not None and set(layers) <= set(stored):
         tokens = {layer: reader.tokens(layer, rows=[image.row])[:, 0].float() for layer in layers}  # (H, T, dh) each
-        return TokenEffects(tokens, reader.readout, reader.image_embeds([image.row])[0].float(), "cache")
+        return TokenEffects(tokens, reader.readout, reader.image_embeds([image.row])[0].float(), "cache",
+                            reader.shape.tower)
     if loaded is None:
         missing = names.format_layers([layer for layer in layers if layer not in stored])
         where = f"cache {reader.name} holds no tokens for {missing}" if reader is not None and image.row is not None \
@@ -173,11 +186,11 @@ def token_effects(image: SpatialImage, layers: list[int], reader: Any = None, lo
         raise ClipTermError(f"{where}, and there is no model to recompute them",
                             hint=f"{model_hint(reader)}, or pick stored layers with --layers, or build the cache with "
                                  f"--tokens {missing}")
-    from clipterm.vit.decompose import decompose
+    from clipterm.cache.build import tower
 
-    out = decompose(loaded.model, model_pixels(loaded, image), token_layers=layers)
+    out = tower(loaded.model).decompose(loaded.model, model_pixels(loaded, image), token_layers=layers)
     tokens = {layer: out.tokens[layer][0].float().cpu() for layer in layers}  # (H, T, dh) each
-    return TokenEffects(tokens, _readout(loaded.model), out.image_embeds[0].cpu(), "forward")
+    return TokenEffects(tokens, _readout(loaded.model), out.image_embeds[0].cpu(), "forward", loaded.info.tower)
 
 
 def model_hint(reader: Any) -> str:
@@ -189,11 +202,11 @@ def model_hint(reader: Any) -> str:
 
 
 def _readout(model: Any) -> Tensor:
-    """decompose.readout, computed once per model object."""
-    from clipterm.vit.decompose import readout
+    """The tower's readout (vit.decompose or vit.resnet), computed once per model object."""
+    from clipterm.cache.build import tower
 
     if model not in _READOUTS:
-        _READOUTS[model] = readout(model).cpu()  # (L, H, dh, D)
+        _READOUTS[model] = tower(model).readout(model).detach().cpu()  # (L, H, dh, D)
     return _READOUTS[model]
 
 
@@ -218,7 +231,9 @@ def pool_embeddings(loaded: Any, pool: str = "auto", cache_dir: Any = None) -> t
     """Unit text embeddings (C, D) and texts of a pool (`auto`: toy for the toy model, else general); disk-cached."""
     from clipterm.inputs.texts import embed_pool, load_pool
 
-    name = ("toy" if loaded.info.spec == "toy" else "general") if pool == "auto" else pool
+    from clipterm.vit.models import is_toy
+
+    name = ("toy" if is_toy(loaded.info.spec) else "general") if pool == "auto" else pool
     text_pool = load_pool(name)
     return F.normalize(embed_pool(loaded, text_pool, cache_dir=cache_dir).float(), dim=-1), list(text_pool.texts)
 
@@ -258,7 +273,8 @@ def query_map(image: str | SpatialImage, query: str, *, loaded: Any, reader: Any
     scores = sum(effects.project(layer, direction.expand(heads, -1)) for layer in layers)  # (T,)
     scores = scores / effects.image_embed.norm()  # (T,)
     measure = "direct effect · text" + (" (minus contrast mean)" if contrast is not None else "") + ", over |image|"
-    return SpatialMap(_patch_grid(scores), query, measure, layers, effects.source, float(scores[0]))
+    return SpatialMap(_patch_grid(scores), query, measure, layers, effects.source, float(scores[0]),
+                      **effects.labels())
 
 
 # --------------------------------------------------------------------------- components
@@ -279,8 +295,13 @@ def component_map(image: str | SpatialImage, component: str, *, reader: Any = No
     comp = names.parse_for(component, shape)
     if comp.kind in ("embed", "bias"):
         raise ClipTermError(f"{comp} has no position in the image", hint="map a head (L5.H2), a layer (L5), an MLP or a neuron")
+    if comp.kind == "neuron" and shape.tower == "resnet":
+        return _channel_map(image, comp, loaded, reader)
     if comp.kind in ("mlp", "neuron"):
         return _mlp_map(image, comp, loaded, reader)
+    if comp.kind == "layer" and shape.tower == "resnet" and comp.site == "block":
+        raise ClipTermError(f"{comp} is a stage of channels: map one of them ({names.neuron(comp.layer, 0)}) or the pool",
+                            hint="e.g. pool, pool.H3 or " + names.neuron(comp.layer, 0))
     layer = comp.layer
     effects = token_effects(image, [layer], reader, loaded)
     heads = [comp.index] if comp.kind == "head" else list(range(shape.heads))
@@ -297,7 +318,7 @@ def component_map(image: str | SpatialImage, component: str, *, reader: Any = No
     scores = effects.project(layer, direction.expand(heads_total, -1), heads) / effects.image_embed.norm()  # (T,)
     along = "its principal direction" if comp.pc is not None else "its own total effect"
     return SpatialMap(_patch_grid(scores), str(comp), f"direct effect along {along}, over |image|", [layer],
-                      effects.source, float(scores[0]))
+                      effects.source, float(scores[0]), **effects.labels())
 
 
 def _mlp_map(image: SpatialImage, comp: names.Component, loaded: Any, reader: Any) -> SpatialMap:
@@ -310,6 +331,18 @@ def _mlp_map(image: SpatialImage, comp: names.Component, loaded: Any, reader: An
     else:
         scores, measure = outputs[comp.layer][0].norm(dim=-1), "output norm"  # (T,)
     return SpatialMap(_patch_grid(scores), str(comp.base), measure, [comp.layer], "forward", float(scores[0]))
+
+
+def _channel_map(image: SpatialImage, comp: names.Component, loaded: Any, reader: Any) -> SpatialMap:
+    """A ResNet channel's activation at each cell of the last stage's grid (its mean is the pool's mean token)."""
+    if loaded is None:
+        raise ClipTermError(f"{comp.base}'s per-cell values need a forward pass (the cache keeps their mean only)",
+                            hint=model_hint(reader))
+    from clipterm.vit.resnet import last_stage
+
+    grid = last_stage(loaded.model, model_pixels(loaded, image))[0, comp.index].float().cpu()  # (h, w)
+    return SpatialMap(grid, str(comp.base), "activation", [comp.layer], "forward", float(grid.mean()),
+                      where=names.layer(comp.layer), first_token="mean over the grid")
 
 
 def mlp_activations(model: Any, pixels: Tensor, layers: list[int], outputs: bool = False) -> tuple[dict, dict]:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from clipterm import names
 from clipterm.errors import ClipTermError, ExitCode
+from clipterm.vit.models import is_toy
 
 _KINDS = ("text", "image", "class")
 # Terms split at " + " / " - " only where a new target starts, so that texts may hold dashes.
@@ -145,7 +146,7 @@ def class_direction(loaded: Any, spec: str, reader: Any | None = None) -> torch.
     kind, tasks = "", {}
     if reader is not None:
         kind, tasks = reader.manifest["dataset"].get("kind", ""), dict(reader.tasks)
-    elif loaded.info.spec == "toy":
+    elif is_toy(loaded.info.spec):
         from clipterm.toyworld.world import TASKS
 
         kind, tasks = "toy", {t: list(classes) for t, classes in TASKS.items()}
@@ -157,7 +158,7 @@ def class_direction(loaded: Any, spec: str, reader: Any | None = None) -> torch.
         return class_weights(lambda texts: _encode(loaded, texts), prompts_for(kind, found[0], [name], None))[0]
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
-    if not task and name in IMAGENET_CLASSNAMES and loaded.info.spec != "toy":
+    if not task and name in IMAGENET_CLASSNAMES and not is_toy(loaded.info.spec):
         return class_weights(lambda texts: _encode(loaded, texts), [[t.format(name) for t in imagenet_templates()]])[0]
     known = "; ".join(f"{t}: {', '.join(c[:8])}" for t, c in tasks.items()) or "ImageNet class names"
     raise ClipTermError(f"unknown class {spec!r}", hint=f"classes: {known}"[:300])

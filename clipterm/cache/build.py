@@ -369,7 +369,9 @@ def _check_options(options: BuildOptions) -> None:
 
 def default_name(info: Any, source: ImageSource) -> str:
     """`<model>[-<tag>]-<images>`, e.g. `toy-toy2000` or `ViT-B-32-openai-imagenette`."""
-    model = info.arch if info.spec == "toy" or not info.arch.startswith("local-dir:") else Path(info.arch[10:]).name
+    from clipterm.vit.models import is_toy
+
+    model = info.arch if is_toy(info.spec) or not info.arch.startswith("local-dir:") else Path(info.arch[10:]).name
     tag = info.pretrained if info.pretrained and not Path(info.pretrained).suffix else None
     if source.kind == "toy":
         images = f"toy{len(source)}" + (f"s{source.seed}" if source.seed else "")

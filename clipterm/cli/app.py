@@ -39,12 +39,12 @@ _register()
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning ClipTermError into one line plus a hint and an exit code."""
-    from clipterm.cli.common import finite_floats
+    from clipterm.cli.common import clean_interrupts, finite_floats
     from clipterm.cli.output import error
 
     debug = os.environ.get("CLIPTERM_DEBUG", "") not in ("", "0")
     try:
-        finite_floats(typer.main.get_command(app))(args=argv, prog_name="clipterm")
+        clean_interrupts(finite_floats(typer.main.get_command(app)))(args=argv, prog_name="clipterm")
     except ClipTermError as exc:
         if debug:
             raise

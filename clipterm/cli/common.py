@@ -38,6 +38,39 @@ def finite_floats(command: Any) -> Any:
     return command
 
 
+def clean_interrupts(command: Any, path: str = "clipterm") -> Any:
+    """Make Ctrl-C in any command of `command` one line and exit code 130, instead of typer's silent exit or a
+    prompt's "Aborted!". Commands that know more (a build: what it kept) raise their own ClipTermError first."""
+    if getattr(command, "callback", None) is not None and not getattr(command, "_interrupts", False):
+        command.callback, command._interrupts = _interruptible(command.callback, path), True  # type: ignore[attr-defined]
+    for name, sub in getattr(command, "commands", {}).items():
+        clean_interrupts(sub, f"{path} {name}")
+    return command
+
+
+def _interruptible(callback: Callable[..., Any], path: str) -> Callable[..., Any]:
+    import functools
+
+    from clipterm.errors import ExitCode
+
+    again = f"rerun the same `{path}` command to start it again"
+
+    @functools.wraps(callback)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return callback(*args, **kwargs)
+        except typer.Abort as exc:  # Ctrl-C at a prompt: nothing was done yet
+            if not isinstance(exc.__context__, KeyboardInterrupt):
+                raise
+            raise ClipTermError("interrupted at the prompt, before anything was changed", hint=again,
+                                code=ExitCode.INTERRUPTED) from None
+        except KeyboardInterrupt:
+            raise ClipTermError("interrupted: nothing was lost (clipterm writes each file whole: a temporary file, "
+                                "then a rename)", hint=again, code=ExitCode.INTERRUPTED) from None
+
+    return run
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"

@@ -14,7 +14,7 @@ from clipterm.cli.common import load_model_and_cache as _load
 from clipterm.cli.output import emit_json_line, stderr, stdout
 
 SCHEMA = "clipterm.search/1"
-DEFAULT_LM_WEIGHT = 0.05  # lm.DEFAULT_WEIGHT, repeated so that `--help` does not import torch
+DEFAULT_LM_WEIGHT = 0.06  # lm.DEFAULT_WEIGHT, repeated so that `--help` does not import torch
 
 
 def search(
@@ -33,7 +33,8 @@ def search(
                                  "(0: never)."),
     time_limit: float = typer.Option(None, "--time", help="Stop after this many seconds."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random moves: the same seed repeats the same run."),
-    lam: float = typer.Option(0.0025, "--lambda", help="Weight of the word-frequency prior (0: off)."),
+    lam: float = typer.Option(None, "--lambda", help="Weight of the word-frequency prior (0: off; default 0.0025, "
+                              "and 0 with an --lm, whose own unigram already counts word frequency)."),
     max_tokens: int = typer.Option(12, "--max-tokens", help="Longest string, in tokens."),
     vocab: str = typer.Option(None, "--vocab", help="UTF-8 file of words to build strings from (default: every "
                               "whole-word token of the BPE vocabulary)."),
@@ -82,7 +83,7 @@ def _vocabulary(loaded: Any, path: str | None) -> Any:
     from clipterm.inputs.vocab import default_vocabulary, file_vocabulary
 
     if path is None:
-        return default_vocabulary(loaded.tokenizer)
+        return default_vocabulary(loaded.tokenizer, loaded.text_tokens)
     words = file_vocabulary(loaded.tokenizer, path)
     if words.dropped:
         shown = ", ".join(words.dropped[:5]) + (", ..." if len(words.dropped) > 5 else "")

@@ -112,8 +112,8 @@ def _print(result: Any, picture: Any, show: bool, size: int) -> None:
             table.add_row(str(i), f"{100 * factor.share:.0f}%", _peak(factor.grid), texts)
     else:
         where = "the cache's tokens" if result.source == "cache" else "a forward pass"
-        stdout.print(f"[bold]{result.title}[/] in {picture.ref}: {result.measure}; {format_layers(result.layers)}, "
-                     f"from {where}; class token {result.cls:+.4f}, peak at {_peak(result.grid)}")
+        stdout.print(f"[bold]{result.title}[/] in {picture.ref}: {result.measure}; {result.layer_names}, "
+                     f"from {where}; {result.first_token} {result.cls:+.4f}, peak at {_peak(result.grid)}")
         exponent = math.floor(math.log10(max(float(result.grid.abs().max()), 1e-30)))
         scale = f", ×1e{exponent}" if exponent else ""
         table = Table(*[""] + [str(c) for c in range(result.grid.shape[1])], title=f"per patch (row, column){scale}")

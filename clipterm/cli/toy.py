@@ -6,13 +6,13 @@ from pathlib import Path
 
 import typer
 
-from clipterm.cli.common import JsonOpt, accuracy_table
+from clipterm.cli.common import Device, DeviceOpt, JsonOpt, accuracy_table
 from clipterm.cli.output import emit_json, progress, stderr, stdout
 from clipterm.errors import ClipTermError
 
 WORLD_HELP = "World version: 1 (what the shipped toy was trained on) or 2 (legible words; see the README)."
 
-toy_app = typer.Typer(help="The synthetic world and the built-in toy CLIP: render images, train, evaluate.", no_args_is_help=True)
+toy_app = typer.Typer(help="The synthetic world and the built-in toy CLIPs: render images, train, evaluate, ship.", no_args_is_help=True)
 
 
 @toy_app.command()
@@ -52,19 +52,23 @@ def train(
                                                     "clipterm/toyworld/rn.py). With --from, the checkpoint's own."),
     init: str = typer.Option(None, "--from", help="Train on from this checkpoint: `toy` (the shipped model) or a folder "
                                                   "written by `clipterm toy train`. Its steps and history carry on."),
+    device: Device = DeviceOpt,
+    workers: int = typer.Option(0, "--workers", min=0, help="Processes that draw world-2 batches (0: the training "
+                                                            "process). The data is the same for any number."),
 ) -> None:
     """Train the toy CLIP on freshly generated world data: from scratch (about an hour on 2 CPU cores), or on
     from a checkpoint with --from (each stage is recorded in training.json). The recipes are in the README."""
-    from clipterm.locations import TOY_MODEL_DIR
+    from clipterm.locations import TOY_MODEL_DIRS
     from clipterm.toyworld.evaluate import trained_world
     from clipterm.toyworld.recipe import RECIPES
     from clipterm.toyworld.rn import ARCHS
     from clipterm.toyworld.train import train as run
+    from clipterm.vit.models import pick_device
 
     if arch not in ARCHS:
         raise ClipTermError(f"--arch {arch!r}: no such toy image tower", hint=f"use {' or '.join(ARCHS)}")
 
-    start = None if init is None else TOY_MODEL_DIR if init == "toy" else Path(init)
+    start = None if init is None else TOY_MODEL_DIRS.get(init) or Path(init)
     if start is not None and not (start / "training.json").is_file():
         raise ClipTermError(f"--from {init}: not a folder written by `clipterm toy train` (no training.json)",
                             hint="pass `--from toy` or a folder a previous `clipterm toy train OUT` wrote")
@@ -77,8 +81,27 @@ def train(
     final = run(out_dir, steps=steps or defaults["steps"], batch_size=batch_size or defaults["batch_size"],
                 lr=lr or defaults["lr"], warmup=warmup or defaults["warmup"], seed=seed, threads=threads or None,
                 eval_every=eval_every, init=start, world=world, model_cfg=ARCHS[arch] if start is None else None,
+                device=pick_device(device.value), workers=workers,
                 log=lambda line: stderr.print(line, highlight=False))
     stdout.print(f"saved {out_dir} (world {world}): " + ", ".join(f"{k} {v}" for k, v in final.items()))
+
+
+@toy_app.command()
+def ship(
+    source: Path = typer.Argument(..., help="A model folder written by `clipterm toy train`."),
+    out_dir: Path = typer.Argument(..., help="Where to write the shipped copy (e.g. clipterm/toyworld/model_rn)."),
+) -> None:
+    """Copy a trained toy with its token embedding pruned to the rows the toy's texts use (docs: vit/pruned.py):
+    its captions, prompts and the built-in pools encode exactly as before, in a fraction of the bytes."""
+    from clipterm.toyworld.ship import ship as run
+
+    if not (source / "training.json").is_file():
+        raise ClipTermError(f"{source}: not a folder written by `clipterm toy train` (no training.json)",
+                            hint="train one with `clipterm toy train OUT`")
+    if source.resolve() == out_dir.resolve():
+        raise ClipTermError(f"{out_dir} is the source folder", hint="write to a new folder")
+    summary = run(source, out_dir)
+    stdout.print(f"shipped {out_dir}: {summary['kept_tokens']} tokens kept, {summary['bytes'] / 2**20:.1f} MB")
 
 
 EVAL_MAX = 200_000
@@ -86,14 +109,14 @@ EVAL_MAX = 200_000
 
 @toy_app.command("eval")
 def evaluate(
-    model: str = typer.Option("toy", "--model", help="`toy`, or a local-dir model folder trained by `clipterm toy train`."),
+    model: str = typer.Option("toy", "--model", help="`toy`, `toy-rn`, or a local-dir model folder trained by `clipterm toy train`."),
     n: int = typer.Option(1000, "--n", min=10, help="Held-out images to evaluate on."),
     seed: int = typer.Option(None, "--seed", help="Seed of the held-out scenes (default: the fixed held-out seed)."),
     world: int = typer.Option(None, "--world", help=WORLD_HELP + " Default: the world the model was trained on."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Zero-shot accuracy per task on freshly generated held-out images of the world the model was trained on."""
-    from clipterm.locations import TOY_MODEL_DIR
+    from clipterm.locations import TOY_MODEL_DIRS
     from clipterm.toyworld.evaluate import HELDOUT_SEED, evaluate_model, trained_world
     from clipterm.vit.models import load_model
 
@@ -102,7 +125,7 @@ def evaluate(
                             hint="accuracy on 10,000 scenes is within about 1% of the truth; use --seed for other scenes")
     loaded = load_model(model)
     if world is None:
-        world = trained_world(TOY_MODEL_DIR if model == "toy" else Path(model.removeprefix("local-dir:")))
+        world = trained_world(TOY_MODEL_DIRS.get(model) or Path(model.removeprefix("local-dir:")))
     check_world(world)
     acc = evaluate_model(loaded.model, loaded.tokenizer, n=n, seed=HELDOUT_SEED if seed is None else seed, world=world)
     if json_out:

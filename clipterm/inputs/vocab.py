@@ -63,11 +63,13 @@ def token_prior(ids: torch.Tensor, n_tokens: int) -> torch.Tensor:
     return (torch.log(rank + _ZIPF_OFFSET) + log_z).float()  # (V,)
 
 
-def default_vocabulary(tokenizer: Any) -> Vocabulary:
+def default_vocabulary(tokenizer: Any, token_ids: Any = None) -> Vocabulary:
     """Every whole-word, all-letter token of the tokenizer, single letters other than a and i left out
-    (about 33k for CLIP's BPE)."""
+    (about 33k for CLIP's BPE); only those among `token_ids` when given (a pruned model's kept tokens)."""
     encoder = bpe_tokenizer(tokenizer).encoder
-    pairs = sorted((token_id, token[:-4]) for token, token_id in encoder.items() if _WORD.match(token))
+    allowed = None if token_ids is None else {int(i) for i in token_ids}
+    pairs = sorted((token_id, token[:-4]) for token, token_id in encoder.items()
+                   if _WORD.match(token) and (allowed is None or token_id in allowed))
     ids = torch.tensor([token_id for token_id, _ in pairs], dtype=torch.long)
     return Vocabulary(ids, tuple(word for _, word in pairs), token_prior(ids, len(encoder)), "bpe")
 

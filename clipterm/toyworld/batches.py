@@ -79,6 +79,12 @@ def make_batch(rng: np.random.Generator, batch_size: int, group: int = 4) -> tup
 
 def make_focused_batch(rng: np.random.Generator, batch_size: int, recipe: Recipe, step: int) -> tuple[np.ndarray, list[str]]:
     """World 2: images (B, 64, 64, 3) uint8 and captions, in groups that each vary one attribute."""
+    scenes, captions = focused_scenes(rng, batch_size, recipe, step)
+    return np.stack([render(s)[0] for s in scenes]), captions
+
+
+def focused_scenes(rng: np.random.Generator, batch_size: int, recipe: Recipe, step: int) -> tuple[list[Scene], list[str]]:
+    """The scenes of a world-2 batch and their captions (`make_focused_batch` without the drawing)."""
     attrs = list(recipe.attribute_weights)
     weights = np.array([recipe.attribute_weights[a] for a in attrs])
     p_two = 0.0 if step < recipe.single_object_steps else 0.25
@@ -91,5 +97,31 @@ def make_focused_batch(rng: np.random.Generator, batch_size: int, recipe: Recipe
         for scene in [base, *(with_attribute(base, attr, str(v)) for v in picked)]:
             scenes.append(scene)
             captions.append(focused_caption(scene, rng, attr, recipe.dropout, recipe.p_single, recipe.p_ink))
-    images = np.stack([render(s)[0] for s in scenes[:batch_size]])
-    return images, captions[:batch_size]
+    return scenes[:batch_size], captions[:batch_size]
+
+
+def world_batch(seed: int, step: int, batch_size: int, recipe: Recipe) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Training batch `step` of a world-2 run with this seed: images (B, 64, 64, 3) uint8, captions, and labels
+    (B, n_tasks) int64 (-1 where undefined). It depends only on (seed, step), so any process can draw any step."""
+    from clipterm.toyworld.world import TASKS, labels
+
+    scenes, captions = focused_scenes(np.random.default_rng([seed, step]), batch_size, recipe, step)
+    truth = np.array([[labels(s)[t] for t in TASKS] for s in scenes], dtype=np.int64)
+    return np.stack([render(s)[0] for s in scenes]), captions, truth
+
+
+def batch_stream(seed: int, first: int, steps: int, batch_size: int, recipe: Recipe, workers: int = 0):
+    """`world_batch` for steps first .. first+steps-1, in order, drawn by `workers` processes (0: this one)."""
+    if workers <= 0:
+        for step in range(first, first + steps):
+            yield world_batch(seed, step, batch_size, recipe)
+        return
+    import torch.utils.data as tud
+
+    class Steps(tud.IterableDataset):
+        def __iter__(self):  # worker w draws steps w, w+W, ...; the loader takes them round-robin, so in order
+            info = tud.get_worker_info()
+            for step in range(first + info.id, first + steps, info.num_workers):
+                yield world_batch(seed, step, batch_size, recipe)
+
+    yield from tud.DataLoader(Steps(), batch_size=None, num_workers=workers, prefetch_factor=4, persistent_workers=False)

@@ -27,14 +27,30 @@ def task_classifiers(model, tokenizer) -> dict:
     """Unit text embeddings per task: {task: (n_classes, D)}, averaged over templates."""
     import torch
 
-    out = {}
+    device = next(model.parameters()).device
     with torch.no_grad():
-        for task in TASKS:
-            prompts = task_prompts(task)  # [C][T]
-            flat = [p for per_class in prompts for p in per_class]
-            emb = torch.nn.functional.normalize(model.encode_text(tokenizer(flat)).float(), dim=-1)
-            emb = emb.view(len(prompts), len(prompts[0]), -1).mean(1)  # (C, D)
-            out[task] = torch.nn.functional.normalize(emb, dim=-1)
+        return class_embeddings(model, {t: tok.to(device) for t, tok in task_prompt_tokens(tokenizer).items()})
+
+
+def task_prompt_tokens(tokenizer) -> dict:
+    """Every task's zero-shot prompts, tokenized: {task: (n_classes, n_templates, context)}."""
+    out = {}
+    for task in TASKS:
+        prompts = task_prompts(task)  # [C][T]
+        out[task] = tokenizer([p for per_class in prompts for p in per_class]).view(len(prompts), len(prompts[0]), -1)
+    return out
+
+
+def class_embeddings(model, tokens: dict) -> dict:
+    """{task: (C, D)} unit class embeddings of `task_prompt_tokens`, averaged over templates (with autograd,
+    so that training can classify by them too)."""
+    import torch.nn.functional as F
+
+    out = {}
+    for task, tok in tokens.items():
+        n_classes, n_templates = tok.shape[:2]
+        emb = F.normalize(model.encode_text(tok.flatten(0, 1)).float(), dim=-1)  # (C*T, D)
+        out[task] = F.normalize(emb.view(n_classes, n_templates, -1).mean(1), dim=-1)  # (C, D)
     return out
 
 
@@ -46,12 +62,14 @@ def evaluate_model(model, tokenizer, n: int = 1000, seed: int = HELDOUT_SEED, ba
     images, per_task = heldout(n, seed, world)
     classifiers = task_classifiers(model, tokenizer)
     with torch.no_grad():
-        feats = torch.cat([model.encode_image(to_tensor(images[i : i + batch_size])).float() for i in range(0, n, batch_size)])
+        device = next(model.parameters()).device
+        feats = torch.cat([model.encode_image(to_tensor(images[i : i + batch_size]).to(device)).float().cpu()
+                           for i in range(0, n, batch_size)])
     feats = torch.nn.functional.normalize(feats, dim=-1)  # (n, D)
     acc = {}
     for task, clf in classifiers.items():
         keep = per_task[task] >= 0
-        pred = (feats[torch.from_numpy(keep)] @ clf.T).argmax(-1).numpy()
+        pred = (feats[torch.from_numpy(keep)] @ clf.cpu().T).argmax(-1).numpy()
         acc[task] = round(float((pred == per_task[task][keep]).mean()), 4)
     return acc
 

@@ -32,6 +32,9 @@ class Recipe:
     p_ink: float = 0.0  # share of word captions that also name the ink colour
     single_object_steps: int = 0  # warm-up: steps with one object per scene
     sincos_positions: bool = False  # start the image tower's position embedding from a 2D sin-cos table
+    # Weight of the prompt loss: each image also classified, per task, among that task's zero-shot prompts
+    # (every class at once: the densest hard negatives there are). 0: captions only.
+    prompt_loss: float = 0.0
     defaults: dict = field(default_factory=dict)  # training defaults for the CLI: steps, batch_size, lr, warmup
 
 
@@ -46,6 +49,7 @@ RECIPES: dict[int, Recipe] = {
         p_ink=0.3,
         single_object_steps=300,
         sincos_positions=True,
+        prompt_loss=1.0,
         defaults={"steps": 3000, "batch_size": 128, "lr": 1e-3, "warmup": 100},
     ),
 }

@@ -2,8 +2,10 @@
 
 Symmetric contrastive (InfoNCE) loss over batches of hard-negative groups (see
 batches.py). World 2 treats captions that are the same string as positives of
-each other, instead of as negatives. Everything is drawn from one seed, so the
-recipe is reproducible; a run resumes as a new stage with `init`.
+each other, instead of as negatives; with the recipe's `prompt_loss`, each image
+is also classified per task among that task's zero-shot prompts (all classes at
+once). Everything is drawn from one seed, so the recipe is reproducible; a run
+resumes as a new stage with `init`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from typing import Callable
 
 import numpy as np
 
-from clipterm.toyworld.batches import make_batch, make_focused_batch
-from clipterm.toyworld.evaluate import evaluate_model
+from clipterm.toyworld.batches import batch_stream, make_batch
+from clipterm.toyworld.evaluate import class_embeddings, evaluate_model, task_prompt_tokens
 from clipterm.toyworld.recipe import MODEL_CFG, PREPROCESS_CFG, RECIPES, to_tensor
+from clipterm.toyworld.world import TASKS
 
 
 def train(
@@ -34,10 +37,15 @@ def train(
     init: Path | None = None,
     model_cfg: dict | None = None,
     world: int = 1,
+    device: str = "cpu",
+    workers: int = 0,
 ) -> dict:
     """Train the toy CLIP on `world` with that world's recipe and save it as a `local-dir:` model folder:
     from scratch, or on from the toy checkpoint in `init` (a folder this wrote), whose steps and history
-    the new notes carry on. Every `eval_every` steps it evaluates on held-out scenes of `world` and saves."""
+    the new notes carry on. Every `eval_every` steps it evaluates on held-out scenes of `world` and saves.
+
+    World 2's batch k comes from the seed and k alone (`batches.world_batch`), drawn by `workers` processes,
+    so a run gives the same data on any number of workers; on CUDA the forward runs under bf16 autocast."""
     import open_clip
     import torch
 
@@ -50,6 +58,7 @@ def train(
         model_cfg = json.loads((Path(init) / "open_clip_config.json").read_text())["model_cfg"]
     model_cfg = model_cfg or MODEL_CFG  # the toy ViT; toyworld/rn.py holds toy-rn's
     model = open_clip.model.CLIP(**model_cfg)
+    cuda = device.startswith("cuda")
     done, history, stages = 0, [], []
     if init is None and recipe.sincos_positions:
         with torch.no_grad():
@@ -58,26 +67,39 @@ def train(
         from clipterm.files import load_tensors
 
         notes = json.loads((Path(init) / "training.json").read_text())
-        model.load_state_dict({k: v.float() for k, v in load_tensors(Path(init) / "open_clip_model.safetensors").items()})
+        from clipterm.vit.pruned import unprune
+
+        state, _ = unprune(load_tensors(Path(init) / "open_clip_model.safetensors"), model_cfg["text_cfg"]["vocab_size"])
+        model.load_state_dict({k: v.float() for k, v in state.items()})
         done, history = notes["steps"], notes.get("history", [])
         stages = notes.get("stages") or [{key: notes[key] for key in ("steps", "seed", "batch_size", "lr") if key in notes}]
-    stage = {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "warmup": warmup, "world": world}
+    model.to(device)
+    stage = {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "warmup": warmup, "world": world,
+             "prompt_loss": recipe.prompt_loss, "device": "cuda" if cuda else "cpu"}
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
     schedule = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    prompt_tokens = {t: tok.to(device) for t, tok in task_prompt_tokens(tokenizer).items()} if recipe.prompt_loss else None
+    stream = None if world == 1 else batch_stream(seed, done, steps, batch_size, recipe, workers)
     start = time.time()
     for step in range(steps):
         model.train()
-        if world == 1:
+        if stream is None:
             images, captions = make_batch(rng, batch_size)
-        else:  # a resumed stage continues the warm-up curriculum where the run stands
-            images, captions = make_focused_batch(rng, batch_size, recipe, step=done + step)
-        img_f, txt_f, scale = model(to_tensor(images), tokenizer(captions))
-        logits = scale * img_f @ txt_f.T  # (B, B)
-        loss = contrastive_loss(logits, captions if world >= 2 else None)
+            truth = None
+        else:  # a resumed stage continues the curriculum (and the data) where the run stands
+            images, captions, truth = next(stream)
+            truth = torch.as_tensor(truth).to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            img_f, txt_f, scale = model(to_tensor(np.asarray(images)).to(device), tokenizer(captions).to(device))
+            img_f, txt_f = img_f.float(), txt_f.float()
+            logits = scale * img_f @ txt_f.T  # (B, B)
+            loss = contrastive_loss(logits, captions if world >= 2 else None)
+            if prompt_tokens is not None and truth is not None:
+                loss = loss + recipe.prompt_loss * prompt_loss(img_f, scale, class_embeddings(model, prompt_tokens), truth)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -86,7 +108,9 @@ def train(
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         if step % 25 == 0:
-            log(f"step {step}/{steps} loss {loss.item():.3f} scale {scale.item():.1f} {time.time() - start:.0f}s")
+            seconds = time.time() - start
+            log(f"step {step}/{steps} loss {loss.item():.3f} scale {scale.item():.1f} {seconds:.0f}s "
+                f"({step * batch_size / max(seconds, 1e-9):.0f} images/s)")
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             model.eval()
             acc = evaluate_model(model, tokenizer, n=512, seed=seed + 1, world=world)
@@ -114,6 +138,21 @@ def sincos_positions(grid: int, width: int):
     return torch.cat([angles_y.sin(), angles_y.cos(), angles_x.sin(), angles_x.cos()], dim=1)  # (G*G, W)
 
 
+def prompt_loss(img_f, scale, classes: dict, truth):
+    """Mean over tasks of the cross-entropy of classifying each image among its task's class prompts, as
+    zero-shot evaluation does: img_f (B, D) unit, classes {task: (C, D)}, truth (B, n_tasks) labels, -1 where
+    undefined, tasks in `TASKS` order."""
+    import torch
+    import torch.nn.functional as F
+
+    losses = []
+    for k, task in enumerate(TASKS):
+        keep = truth[:, k] >= 0  # (B,)
+        if keep.any():
+            losses.append(F.cross_entropy(scale * img_f[keep] @ classes[task].T, truth[keep, k]))
+    return torch.stack(losses).mean()
+
+
 def contrastive_loss(logits, captions: list[str] | None = None):
     """Symmetric InfoNCE over (B, B) image-text logits. With `captions`, images whose captions are the
     same string are positives of each other, spread evenly, rather than each other's negatives."""
@@ -137,7 +176,7 @@ def save_model_dir(model, out_dir: Path, meta: dict, model_cfg: dict | None = No
     from clipterm.files import save_tensors
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_tensors(out_dir / "open_clip_model.safetensors", {k: v.detach().to(torch.float16) for k, v in model.state_dict().items()})
+    save_tensors(out_dir / "open_clip_model.safetensors", {k: v.detach().to("cpu", torch.float16) for k, v in model.state_dict().items()})
     config = {"model_cfg": model_cfg or MODEL_CFG, "preprocess_cfg": PREPROCESS_CFG}
     (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out_dir / "training.json").write_text(json.dumps(meta, indent=2) + "\n")

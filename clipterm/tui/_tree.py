@@ -28,6 +28,10 @@ class TreeMixin:
         tree.clear()
         self.nodes = {"model": tree.root}
         shape, built = self.reader.shape, set(self.analyses.neuron_layers())
+        if shape.tower == "resnet":
+            self._populate_resnet(tree, built)
+            tree.root.expand()
+            return
         for layer in range(shape.layers):
             children = [names.head(layer, h) for h in range(shape.heads)]
             neurons = [row.component for row in self.neuron_rows.get(layer, [])]
@@ -49,7 +53,53 @@ class TreeMixin:
                     self.nodes[name] = mlp_node.add_leaf(self._label(name), data=name)
             else:
                 self.nodes[mlp] = layer_node.add_leaf(self._label(mlp), data=mlp)
+        if shape.pool_heads:
+            self._populate_attention_pool(tree)
         tree.root.expand()
+
+    def _populate_attention_pool(self, tree: Tree) -> None:
+        """A MAP head's (or CoCa pooler's) own split, after the layers: `pool` with pool.H*, pool.bias, pool.MLP."""
+        shape = self.reader.shape
+        self.hints.setdefault(names.pool(), "the attention pool after the blocks: its own split by head")
+        parts = [str(c) for c in names.pool_components(shape)]
+        if not (self._matches(names.pool()) or any(self._matches(p) for p in parts)):
+            return
+        pool_node = tree.root.add(self._label(names.pool()), data=names.pool(), expand=bool(self.filter_text))
+        self.nodes[names.pool()] = pool_node
+        for name in parts:
+            if self._matches(name) or self._matches(names.pool()):
+                self.nodes[name] = pool_node.add_leaf(self._label(name), data=name)
+
+    def _populate_resnet(self, tree: Tree, built: set[int]) -> None:
+        """A ResNet's two levels: `pool` (its heads, positional part and biases) and the last stage (its channels)."""
+        shape = self.reader.shape
+        stage = names.layer(shape.neuron_layer)
+        self.hints.setdefault(names.pool_pos(), "position only, no image content")
+        self.hints.setdefault(names.pool_bias(), "the same for every image")
+        self.hints.setdefault(stage, f"{shape.neurons} channels" if shape.neuron_layer in built else
+                              f"{shape.neurons} channels: clipterm neurons build {self.reader.name} --layer {stage}")
+        parts = [str(h) for h in names.heads(shape)] + [names.pool_pos(), names.pool_bias()]
+        if self._matches(names.pool()) or any(self._matches(p) for p in parts):
+            pool_node = tree.root.add(self._label(names.pool()), data=names.pool(), expand=bool(self.filter_text))
+            self.nodes[names.pool()] = pool_node
+            for name in parts:
+                if self._matches(name) or self._matches(names.pool()):
+                    self.nodes[name] = pool_node.add_leaf(self._label(name), data=name)
+        channels = [row.component for row in self.neuron_rows.get(shape.neuron_layer, [])]
+        shown = [c for c in channels if self._matches(c)]
+        if not (self._matches(stage) or shown):
+            return
+        if shape.neuron_layer in built:
+            stage_node = tree.root.add(self._label(stage), data=stage, expand=bool(self.filter_text and shown))
+            for name in channels if self._matches(stage) and not shown else shown:
+                self.nodes[name] = stage_node.add_leaf(self._label(name), data=name)
+        else:
+            stage_node = tree.root.add_leaf(self._label(stage), data=stage)
+        self.nodes[stage] = stage_node
+
+    def _neuron_parent(self, layer: int) -> str:
+        """The node a layer's neurons hang under: its MLP, or a ResNet's stage itself."""
+        return names.layer(layer) if self.reader.shape.tower == "resnet" else names.mlp(layer)
 
     def _matches(self, name: str) -> bool:
         needle = self.filter_text.lower()
@@ -71,12 +121,12 @@ class TreeMixin:
         from textual.worker import get_current_worker
 
         worker = get_current_worker()
-        model = self.analyses.model_ablation()  # task -> one bar per layer
-        for layer in range(self.reader.shape.layers):
-            drop, task = max((result.bars[layer].drop, task) for task, result in model.items())
-            self.call_from_thread(self._set_hint, names.layer(layer), f"−{100 * drop:.1f}% {task}")
+        model = self.analyses.model_ablation()  # task -> one bar per layer (a ResNet's: its pool)
         shape = self.reader.shape
-        for component in [str(h) for h in names.heads(shape)] + [names.mlp(l) for l in range(shape.layers)]:
+        for index, layer in enumerate(names.layers(shape)):
+            drop, task = max((result.bars[index].drop, task) for task, result in model.items())
+            self.call_from_thread(self._set_hint, layer, f"−{100 * drop:.1f}% {task}")
+        for component in [str(h) for h in names.heads(shape)] + names.mlps(shape):
             if worker.is_cancelled:
                 return
             rows = self.analyses.description(component).rows
@@ -96,7 +146,7 @@ class TreeMixin:
     def _add_neurons(self, layer: int) -> None:
         rows = self.analyses.cached("neurons", layer) or []
         self.neuron_rows[layer] = rows
-        mlp_node = self.nodes.get(names.mlp(layer))
+        mlp_node = self.nodes.get(self._neuron_parent(layer))
         for row in rows:
             self.hints.setdefault(row.component, row.hint)
             if mlp_node is not None and row.component not in self.nodes:
@@ -108,7 +158,8 @@ class TreeMixin:
             self._clear_filter()
         if component not in self.nodes and names.parse(component).kind == "neuron":
             neuron = names.parse(component)
-            self.nodes[component] = self.nodes[names.mlp(neuron.layer)].add_leaf(self._label(component), data=component)
+            self.nodes[component] = self.nodes[self._neuron_parent(neuron.layer)].add_leaf(self._label(component),
+                                                                                             data=component)
         node = self.nodes[component]
         parent = node.parent
         while parent is not None:

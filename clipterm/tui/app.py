@@ -104,6 +104,7 @@ class ClipTermApp(TreeMixin, App[None]):
         self.visual_steps = 128  # steps of a visualisation started from the pane
         self._visual_stop = threading.Event()
         self._theme, self._keymap, self._with_hints = theme, keymap or {}, hints
+        self._held: list[tuple[Callable[[], None], str, str]] | None = []  # workers asked for before the first frame
         self.animation_level = "none"  # calm over SSH; no smooth scrolling or fades
 
     # ----------------------------------------------------------------- layout
@@ -141,7 +142,20 @@ class ClipTermApp(TreeMixin, App[None]):
         tree.focus()
         self.select("model")
         if self._with_hints:
-            self.run_worker(self._compute_hints, thread=True, group="hints", exit_on_error=False)
+            self._run_thread(self._compute_hints, "hints", "hints")
+
+    def on_ready(self) -> None:
+        """After the first frame: start the workers asked for until now. Started earlier, their imports (numpy,
+        then torch) hold the GIL while Textual draws, and the first frame waits for them."""
+        held, self._held = self._held or [], None
+        for job, group, name in held:
+            self._run_thread(job, group, name)
+
+    def _run_thread(self, job: Callable[[], None], group: str, name: str) -> None:
+        if self._held is not None:
+            self._held.append((job, group, name))
+            return
+        self.run_worker(job, thread=True, group=group, exit_on_error=False, name=name)
 
     def _root_label(self) -> str:
         model = self.reader.manifest["model"]
@@ -166,6 +180,15 @@ class ClipTermApp(TreeMixin, App[None]):
     def _layer(self) -> int | None:
         return None if self.selected == "model" else names.parse(self.selected).layer
 
+    def _resnet(self) -> bool:
+        return self.reader.shape.tower == "resnet"
+
+    def _ablation_layer(self) -> int | None:
+        """Whose heads the Ablation pane lists: the selection's layer; for a ResNet, always its pool's."""
+        if self.selected == "model":
+            return None
+        return self.reader.shape.pool_layer if self._resnet() else self._layer()
+
     def _compute(self, group: str, key: Any, compute: Callable[[], Any]) -> None:
         """Run `compute` in a thread worker, unless the user moved on before it started; then redraw `group`."""
         def job() -> None:
@@ -174,7 +197,7 @@ class ClipTermApp(TreeMixin, App[None]):
             compute()
             self.call_from_thread(self._arrived, group, key)
 
-        self.run_worker(job, thread=True, group=group, exit_on_error=False, name=f"{group}:{key}")
+        self._run_thread(job, group, f"{group}:{key}")
 
     def _wanted(self, group: str) -> Any:
         """The key the selection needs for a pane, or None."""
@@ -182,7 +205,7 @@ class ClipTermApp(TreeMixin, App[None]):
         if group == "describe":
             return self.selected if kind in ("head", "mlp", "neuron") else None
         if group == "ablate":
-            return "layers" if kind == "model" else self._layer()
+            return "layers" if kind == "model" else self._ablation_layer()
         if group == "images":
             return self.selected if kind in ("head", "mlp", "neuron") and self.images != "off" else None
         if group == "spatial":
@@ -206,11 +229,20 @@ class ClipTermApp(TreeMixin, App[None]):
     def _refresh_description(self) -> None:
         pane, component, kind = self.query_one(DescriptionPane), self.selected, self._kind()
         if kind not in ("head", "mlp", "neuron"):
-            pane.show_message("select a head (L0.H0), an MLP (L0.MLP) or a neuron to see what it says in words")
+            pane.show_message(self._no_words(kind))
             return
         describe = self.analyses.neuron_description if kind == "neuron" else self.analyses.description
         self._show_or_compute(pane, "description", "describe", lambda: describe(component),
                               f"computing {'its sparse decomposition' if kind == 'neuron' else 'TextSpan'}…")
+
+    def _no_words(self, kind: str) -> str:
+        """One line: why the selection has no Descriptions, and what has."""
+        if not self._resnet():
+            return "select a head (L0.H0), an MLP (L0.MLP) or a neuron to see what it says in words"
+        stage = names.neuron(self.reader.shape.neuron_layer, 0)
+        why = {"embed": f"{self.selected} carries position, not image content: nothing to put in words; ",
+               "bias": f"{self.selected} is the same for every image: nothing to put in words; "}.get(kind, "")
+        return why + f"select a pool head ({names.pool_head(0)}) or a channel ({stage}) to see what it says in words"
 
     def _show_or_compute(self, pane: Any, kind: str, group: str, compute: Callable[[], Any], waiting: str) -> None:
         """Show the selection's memoised result in a pane, or say why there is none, or compute it in a worker."""
@@ -227,11 +259,11 @@ class ClipTermApp(TreeMixin, App[None]):
         self._compute(group, component, compute)
 
     def _refresh_ablation(self) -> None:
-        pane, layer = self.query_one(AblationPane), self._layer()
+        pane, layer = self.query_one(AblationPane), self._ablation_layer()
         layers = self.analyses.cached("ablation", "layers")
         result = self.analyses.cached("ablation", layer) if layer is not None else None
         if layers is None or (layer is not None and result is None):
-            pane.show_message("mean-ablating " + (f"{names.layer(layer)}'s heads and MLP…" if layer is not None else "each layer…"))
+            pane.show_message("mean-ablating " + (f"{self._ablation_title(layer)}…" if layer is not None else "each layer…"))
 
             def compute() -> None:
                 self.analyses.model_ablation()
@@ -244,7 +276,13 @@ class ClipTermApp(TreeMixin, App[None]):
         if self.task_index is None:  # start on the task the layers' ablation hurts most
             self.task_index = max(range(len(tasks)), key=lambda i: max(b.drop for b in layers[tasks[i]].bars))
         task = tasks[self.task_index % len(tasks)]
-        pane.show(task, layer, result[task] if result else None, layers[task], self.selected, tasks)
+        pane.show(task, layer, result[task] if result else None, layers[task], self.selected, tasks,
+                  titles=(self._ablation_title(layer), "the whole pool" if self._resnet() else "whole layers"))
+
+    def _ablation_title(self, layer: int | None) -> str:
+        if self._resnet():
+            return "the pool's heads and positional part"
+        return f"{names.layer(layer)} heads and MLP"
 
     def _refresh_images(self) -> None:
         pane, component, kind = self.query_one(ImagesPane), self.selected, self._kind()
@@ -252,7 +290,8 @@ class ClipTermApp(TreeMixin, App[None]):
             pane.show_message("images are off (--images off); start with --images auto or half to see them")
             return
         if kind not in ("head", "mlp", "neuron"):
-            pane.show_message("select a head, an MLP or a neuron to see the images it responds to most")
+            what = "a pool head or a channel" if self._resnet() else "a head, an MLP or a neuron"
+            pane.show_message(f"select {what} to see the images it responds to most")
             return
         self._show_or_compute(pane, "images", "images", lambda: self.analyses.top_images(component),
                               "ranking the cache's images…")
@@ -263,7 +302,7 @@ class ClipTermApp(TreeMixin, App[None]):
         """(cache row, what to map) for the Spatial pane, or None when the selection has no map."""
         if self.spatial_typed:
             target = SpatialRequest.typed(self.spatial_typed)
-        elif self._kind() in ("layer", "head", "mlp", "neuron"):
+        elif self._kind() in ("head", "mlp", "neuron") or (self._kind() == "layer" and not self._is_stage()):
             target = SpatialRequest(self.selected)
         else:
             return None
@@ -273,10 +312,15 @@ class ClipTermApp(TreeMixin, App[None]):
         rows = [t.row for t in ranking.tiles if t.row is not None] if ranking else []
         return (rows[0] if rows else 0), target
 
+    def _is_stage(self) -> bool:
+        """A ResNet's last stage: a set of channels, with no one map."""
+        return self._resnet() and self.selected == names.layer(self.reader.shape.neuron_layer)
+
     def _refresh_spatial(self) -> None:
         pane, key = self.query_one(SpatialPane), self._spatial_key()
         if key is None:
-            pane.show_message("select a layer, head, MLP or neuron, or type a text query and press enter")
+            what = "the pool, a pool head or a channel" if self._resnet() else "a layer, head, MLP or neuron"
+            pane.show_message(f"select {what}, or type a text query and press enter")
             return
         result = self.analyses.cached("spatial", key)
         if result is not None:
@@ -368,6 +412,10 @@ class ClipTermApp(TreeMixin, App[None]):
 
     def _refresh_visualise(self) -> None:
         pane = self.query_one(VisualisePane)
+        if self._resnet():
+            pane.show_message("feature visualisation climbs a ViT's blocks; it has no objective for a ResNet's pool or "
+                              "channels yet")
+            return
         target = self.analyses.visual_target(self.selected)
         pane.suggest(target)
         if self.visual_running:
@@ -393,6 +441,9 @@ class ClipTermApp(TreeMixin, App[None]):
 
     def start_visualise(self, target: str) -> None:
         """Paint `target`'s image in a worker; frames stream into the Visualise pane. Finished runs are memoised."""
+        if self._resnet():
+            self.notify("feature visualisation runs on ViT towers only", severity="warning")
+            return
         memo = self.analyses.cached("visualise", target)
         if memo is not None:
             self.query_one(VisualisePane).show_frame(memo, self.analyses.cached("images", target))

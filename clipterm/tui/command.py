@@ -35,7 +35,8 @@ def tui(
     host: str = typer.Option("127.0.0.1", "--host", help="With --serve: the address to listen on (default loopback "
                              "only; another address shows the cache to the network)."),
 ) -> None:
-    """Browse a cache with the keyboard: the model tree (layer, head, MLP, neuron) and panes for TextSpan texts,
+    """Browse a cache with the keyboard: the model tree (layer, head, MLP, neuron; a ResNet's pool heads and
+    channels) and panes for TextSpan texts,
     ablation, live text search, top images and info. Press ? for keys, ctrl+p to jump anywhere."""
     if serve:
         serve_tui(cache, host, port, cache_dir=cache_dir, model=model, pretrained=pretrained, pool=pool, theme=theme)
@@ -80,12 +81,12 @@ def open_tui(cache: str, cache_dir: str | None = None, model: str | None = None,
     from clipterm.tui.config import load_keymap
 
     reader = open_cache(cache, cache_dir)
-    if reader.shape.tower != "vit":
+    if reader.shape.tower == "convnext":
         from clipterm.errors import ClipTermError, ExitCode
 
-        raise ClipTermError(f"the TUI does not show {reader.shape.tower} caches yet ({reader.name})",
-                            hint="use the CLI on it: images, textspan, ablate, attribute, search, neurons",
-                            code=ExitCode.UNSUPPORTED)
+        raise ClipTermError(f"the TUI does not show ConvNeXt caches yet ({reader.name}: its components are the last "
+                            "stage's blocks, with no layers or heads to browse)",
+                            hint="use the CLI on it: textspan, ablate, attribute, images, search", code=ExitCode.UNSUPPORTED)
     if pool is not None and pool not in BUILTIN_POOLS:
         load_pool(pool)  # a missing or empty pool file fails now, not in a worker
     chosen = None

@@ -23,8 +23,9 @@ class ComponentCommands(Provider):
     def _components(self) -> list[str]:
         app = self.app
         shape = app.reader.shape
-        found = [names.layer(l) for l in range(shape.layers)] + [str(h) for h in names.heads(shape)]
-        found += [names.mlp(l) for l in range(shape.layers)]
+        found = names.layers(shape) + [str(h) for h in names.heads(shape)] + names.mlps(shape)
+        if shape.tower == "resnet":
+            found += [names.pool_pos(), names.pool_bias(), names.layer(shape.neuron_layer)]
         return found + [n for n in app.nodes if n not in found and n != "model"]
 
     async def discover(self) -> Hits:
@@ -35,7 +36,7 @@ class ComponentCommands(Provider):
         app, matcher = self.app, self.matcher(query)
         exact = self._exact(query.strip())
         if exact is not None:
-            yield Hit(1.0, f"Go to {exact}", partial(app.jump, exact), help=names.describe(names.parse(exact)))
+            yield Hit(1.0, f"Go to {exact}", partial(app.jump, exact), help=names.describe(names.parse(exact), app.reader.shape))
         for name in self._components():
             if name == exact:
                 continue
@@ -57,4 +58,5 @@ class ComponentCommands(Provider):
             return None
         if component.kind == "neuron" and component.layer not in app.analyses.neuron_layers():
             return None
-        return str(component.base) if component.kind in ("head", "mlp", "neuron", "layer") else None
+        wanted = component.kind in ("head", "mlp", "neuron", "layer") or component.site == "pool"  # pool.pos, pool.bias
+        return str(component.base) if wanted else None

@@ -20,6 +20,11 @@ from clipterm.errors import ClipTermError, ExitCode
 from clipterm.names import ModelShape
 
 TOY = "toy"
+
+
+def is_toy(spec: str | None) -> bool:
+    """A built-in toy model (`toy`, `toy-rn`): trained by clipterm on its synthetic world, shipped in the package."""
+    return spec in locations.TOY_MODEL_DIRS
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -69,6 +74,7 @@ class LoadedModel:
     preprocess: Any  # PIL image -> (3, S, S) tensor
     tokenizer: Any  # list[str] -> (n, context) int tensor
     info: ModelInfo
+    text_tokens: Any = None  # (K,) the token ids a pruned weights file keeps (vit/pruned.py); None: every token
 
 
 # --------------------------------------------------------------------------- configs and support
@@ -225,7 +231,7 @@ def unknown_model(name: str) -> ClipTermError:
 
     import open_clip
 
-    close = difflib.get_close_matches(name, ["toy", *open_clip.list_models()], n=3)
+    close = difflib.get_close_matches(name, [*locations.TOY_MODEL_DIRS, *open_clip.list_models()], n=3)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     return ClipTermError(f"unknown model {name!r}", hint=hint + "run `clipterm models` for the list", code=ExitCode.NOT_FOUND)
 
@@ -332,8 +338,8 @@ def load_model(
     """
     import open_clip
 
-    if spec == TOY or spec.startswith("local-dir:") or Path(spec).is_dir():
-        folder = locations.TOY_MODEL_DIR if spec == TOY else Path(spec.removeprefix("local-dir:"))
+    if is_toy(spec) or spec.startswith("local-dir:") or Path(spec).is_dir():
+        folder = locations.TOY_MODEL_DIRS[spec] if is_toy(spec) else Path(spec.removeprefix("local-dir:"))
         return _load_local_dir(folder, spec, device)
     if arch_config(spec) is None:
         raise unknown_model(spec)
@@ -452,21 +458,23 @@ def _load_local_dir(folder: Path, spec: str, device: str) -> LoadedModel:
     config = folder / "open_clip_config.json"
     weights = folder / "open_clip_model.safetensors"
     if not config.is_file() or not weights.is_file():
-        where = "the installed package is missing the toy model" if spec == TOY else f"{folder} is not an open_clip model folder"
+        where = f"the installed package is missing the {spec} model" if is_toy(spec) else f"{folder} is not an open_clip model folder"
         raise ClipTermError(
             f"{where} (need open_clip_config.json and open_clip_model.safetensors)",
-            hint="reinstall clipterm" if spec == TOY else "save one with clipterm's toy recipe or open_clip's push_to_hf_hub layout",
+            hint="reinstall clipterm" if is_toy(spec) else "save one with clipterm's toy recipe or open_clip's push_to_hf_hub layout",
             code=ExitCode.NOT_FOUND,
         )
-    state = read_state_dict(weights)
+    from clipterm.vit.pruned import unprune
+
+    cfg = json.loads(config.read_text())["model_cfg"]
+    state, kept = unprune(read_state_dict(weights), cfg.get("text_cfg", {}).get("vocab_size", 49408))
     with _quiet_open_clip():
         model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", load_weights=False)
     model.load_state_dict(state, strict=True)
-    cfg = json.loads(config.read_text())["model_cfg"]
     refuse_unsupported(spec, cfg)
-    info = _info(model, spec=spec, arch="toy" if spec == TOY else f"local-dir:{folder}", pretrained=None,
+    info = _info(model, spec=spec, arch=spec if is_toy(spec) else f"local-dir:{folder}", pretrained=None,
                  weights=weights, quick_gelu=bool(cfg.get("quick_gelu")))
-    return LoadedModel(model.to(device).eval(), preprocess, tokenizer_for(f"local-dir:{folder}"), info)
+    return LoadedModel(model.to(device).eval(), preprocess, tokenizer_for(f"local-dir:{folder}"), info, kept)
 
 
 def resnet_shape(heads: int, channels: int) -> ModelShape:
@@ -587,6 +595,14 @@ def _embed_dim(visual, pooled_width: int) -> int:
 # --------------------------------------------------------------------------- what is available
 
 
+def _folder_tower(folder: Path) -> str:
+    """tower_kind of a model folder's config (a built-in toy's); "unknown" when it cannot be read."""
+    try:
+        return tower_kind(json.loads((folder / "open_clip_config.json").read_text())["model_cfg"])
+    except (OSError, ValueError, KeyError):
+        return "unknown"
+
+
 def catalogue() -> list[dict[str, Any]]:
     """Every model clipterm knows: the toy, then each open_clip arch with each pretrained tag.
 
@@ -597,15 +613,16 @@ def catalogue() -> list[dict[str, Any]]:
 
     rows: list[dict[str, Any]] = [
         {
-            "model": TOY,
+            "model": spec,
             "pretrained": None,
-            "weights": "present" if (locations.TOY_MODEL_DIR / "open_clip_model.safetensors").is_file() else "missing",
-            "weights_path": str(locations.TOY_MODEL_DIR),
+            "weights": "present" if (folder / "open_clip_model.safetensors").is_file() else "missing",
+            "weights_path": str(folder),
             "supported": True,
             "reason": None,
             "quick_gelu": False,
-            "tower": "open_clip ViT (class token)",
+            "tower": _folder_tower(folder),
         }
+        for spec, folder in locations.TOY_MODEL_DIRS.items()
     ]
     for arch in open_clip.list_models():
         cfg = arch_config(arch) or {}
@@ -629,8 +646,8 @@ def catalogue() -> list[dict[str, Any]]:
 
 def model_shape(spec: str = TOY) -> ModelShape:
     """Layers, heads and MLP width from the model's config alone, without loading weights."""
-    if spec == TOY or spec.startswith("local-dir:") or Path(spec).is_dir():
-        folder = locations.TOY_MODEL_DIR if spec == TOY else Path(spec.removeprefix("local-dir:"))
+    if is_toy(spec) or spec.startswith("local-dir:") or Path(spec).is_dir():
+        folder = locations.TOY_MODEL_DIRS[spec] if is_toy(spec) else Path(spec.removeprefix("local-dir:"))
         try:
             cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
         except (OSError, ValueError, KeyError):

@@ -102,6 +102,19 @@ def attention_weights(pool, tokens: Tensor) -> Tensor:
     return (q @ k.transpose(-1, -2) * (width // heads) ** -0.5).softmax(-1)[:, :, 0]  # (B, H, 1+T)
 
 
+def last_stage(model, images: Tensor) -> Tensor:
+    """The last stage's output (B, C, h, w): what the attention pool reads, from the model's own forward."""
+    pool, seen = vision_tower(model).attnpool, {}
+    hook = pool.register_forward_hook(lambda _module, args, _output: seen.__setitem__("grid", args[0]))
+    weight = vision_tower(model).conv1.weight
+    try:
+        with torch.no_grad():
+            vision_tower(model)(images.to(device=weight.device, dtype=weight.dtype))
+    finally:
+        hook.remove()
+    return seen["grid"]  # (B, C, h, w)
+
+
 def decompose(model, images: Tensor, neurons: bool = False, token_layers=()) -> PoolDecomposition:
     """Split the embeddings of a batch (B, 3, S, S): the real trunk and pool run once, the pool's input is hooked."""
     visual = vision_tower(model)

@@ -19,6 +19,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from clipterm.errors import ClipTermError, ExitCode
+
 
 @dataclass
 class _Tower:
@@ -136,3 +138,35 @@ def encode_texts(
         return torch.empty(0, 0)
     tokens = torch.cat([tokenizer(texts[i : i + 4096]) for i in range(0, len(texts), 4096)])  # (n, context)
     return encode_tokens(model, tokens, batch_size=batch_size, normalize=normalize, on_batch=on_batch)
+
+
+class TextTower:
+    """open_clip's causal text tower run from token embeddings, on sequences cut right after EOT: the text search's
+    forward and backward pass (analyses/search.py)."""
+
+    def __init__(self, model, sot_id: int, eot_id: int):
+        reason = fallback_reason(model)
+        if reason is not None:
+            raise ClipTermError(f"text search cannot run on this model: {reason}",
+                                hint="search needs an open_clip causal text tower that pools at end-of-text",
+                                code=ExitCode.UNSUPPORTED)
+        self.parts = text_tower(model)
+        self.token_embedding = self.parts.token_embedding.weight  # (vocab, width)
+        self.context_length = int(self.parts.positional_embedding.shape[0])
+        self.sot = self.token_embedding[sot_id].detach()  # (width,)
+        self.eot = self.token_embedding[eot_id].detach()  # (width,)
+
+    def encode(self, words: torch.Tensor) -> torch.Tensor:
+        """Unit text embeddings (B, D) of [SOT, words, EOT], `words` (B, n, width) token embeddings."""
+        tower, batch = self.parts, words.shape[0]
+        cast = tower.transformer.get_cast_dtype()
+        x = torch.cat([self.sot.expand(batch, 1, -1), words, self.eot.expand(batch, 1, -1)], dim=1)  # (B, T, width)
+        length = x.shape[1]
+        x = x.to(cast) + tower.positional_embedding[:length].to(cast)  # (B, T, width)
+        x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])  # (B, T, width)
+        pooled = tower.ln_final(x[:, -1])  # (B, width) EOT is last
+        if isinstance(tower.text_projection, torch.nn.Linear):
+            pooled = tower.text_projection(pooled)  # (B, D)
+        elif tower.text_projection is not None:
+            pooled = pooled @ tower.text_projection  # (B, D)
+        return F.normalize(pooled.float(), dim=-1)  # (B, D)

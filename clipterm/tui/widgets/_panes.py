@@ -73,7 +73,8 @@ class AblationPane(Pane):
     """Drop in score when each head of the current layer, and each layer, is mean-ablated; one task at a time."""
 
     def show(self, task: str, layer_index: int | None, layer: Any | None, layers: Any | None, selected: str | None,
-             tasks: list[str]) -> None:
+             tasks: list[str], titles: tuple[str, str] | None = None) -> None:
+        """`titles`: the two sections' headings (default: "L{l} heads and MLP", "whole layers")."""
         out = Text(no_wrap=True, overflow="ellipsis")
         first = layer if layer is not None else layers
         out.append(f"mean-ablation, task {task}", style="bold")
@@ -83,7 +84,9 @@ class AblationPane(Pane):
             out.append(f"  (t: next of {len(tasks)} tasks)", style="dim")
         out.append("\n")
         lines = []
-        for title, result in ((f"{names.layer(layer_index)} heads and MLP", layer), ("whole layers", layers)):
+        if titles is None:
+            titles = (f"{names.layer(layer_index)} heads and MLP" if layer_index is not None else "", "whole layers")
+        for title, result in ((titles[0], layer), (titles[1], layers)):
             if result is None:
                 continue
             out.append(f"{title}\n", style="underline")
