@@ -114,13 +114,49 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class RssSampler:
+    """The peak of the process's current resident memory (and of its anonymous part) over a timed job, sampled every
+    10 ms: `ru_maxrss` is a high-water mark since the process began, which the setup's own peak can hide."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.start, self.start_anon = self.now(), self.now("RssAnon")
+        self.peak, self.peak_anon = self.start, self.start_anon
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def now(field: str = "VmRSS") -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak, self.peak_anon = max(self.peak, self.now()), max(self.peak_anon, self.now("RssAnon"))
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {"rss_job_peak_mb": self.peak - self.start, "anon_job_peak_mb": self.peak_anon - self.start_anon}
+
+
+def cpu_s() -> float:
+    """CPU seconds of this process so far: steadier than wall time on a shared machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def child(job: str, cache: str, pool: str | None, layer: int, head: int, heads: int) -> dict:
     """Set up (untimed), then time one job; returns its seconds and peak RSS."""
     import torch
 
     from clipterm.cache.reader import CacheReader, model_for_cache, verify
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(int(os.environ.get("SCALE_THREADS", "1")))  # 1: a shared machine's cores are busy (see --threads)
     reader = CacheReader(cache)
     head_name, layer_name = f"L{layer}.H{head}", f"L{layer}"
     if job == "verify":
@@ -130,6 +166,7 @@ def child(job: str, cache: str, pool: str | None, layer: int, head: int, heads: 
                 "problems": len(problems)}
     loaded = model_for_cache(reader)
     from clipterm.analyses import ablation
+    from clipterm.analyses.direct_ablation import ablate_cached
     from clipterm.analyses.examples import top_images
     from clipterm.analyses.session import Analyses
     from clipterm.analyses.textspan import component_stats, text_span
@@ -148,8 +185,8 @@ def child(job: str, cache: str, pool: str | None, layer: int, head: int, heads: 
 
     if job.startswith("ablate") or job == "tui_visit":
         ablation.class_weights(encode, ablation.prompts_for("synthetic", "class", reader.tasks["class"], [TEMPLATE]))
-    rss0 = rss_mb()
-    start = time.perf_counter()
+    rss0, sampler = rss_mb(), RssSampler()
+    start, cpu0 = time.perf_counter(), cpu_s()
     result: dict = {}
     if job == "textspan_head":
         text_span(*component_stats(reader, head_name), embeds, n_texts=10)
@@ -161,7 +198,7 @@ def child(job: str, cache: str, pool: str | None, layer: int, head: int, heads: 
         shape = reader.shape
         components = ([f"L{l}.H{h}" for l in range(shape.layers) for h in range(shape.heads)] if job == "ablate_head"
                       else [f"L{l}" for l in range(shape.layers)])
-        ablation.ablate(scorings, ablation.shifts(reader, components), DRAWS)
+        ablate_cached(scorings, reader, components, DRAWS)  # what `clipterm ablate` runs (cosines included)
     elif job == "images_head":
         top_images(reader, head_name, top=16, text_embeds=lambda: (embeds, text_pool.texts))
     elif job == "images_neuron":
@@ -169,17 +206,17 @@ def child(job: str, cache: str, pool: str | None, layer: int, head: int, heads: 
     elif job == "tui_visit":
         analyses = Analyses(reader, pool=pool, loaded=loaded)
         analyses._memo[("pool", None)] = (text_pool, embeds)  # the session's shared inputs, loaded before timing
-        analyses._memo[("scorings", None)] = ablation.scorings(reader, encode, templates=[TEMPLATE])
+        analyses._memo[("scorings", None)] = ablation.scorings(reader, encode, templates=[TEMPLATE], keep=analyses.ablation_sample())
         analyses.model_ablation()
         analyses.top_images("L0.H0")  # warms the thumbnails' code paths
-        rss0 = rss_mb()
-        start = time.perf_counter()
+        rss0, sampler = rss_mb(), RssSampler()
+        start, cpu0 = time.perf_counter(), cpu_s()
         visits = []
         shape = reader.shape
         for k in range(heads):  # heads in layers not visited yet: nothing memoised for them
             l, h = shape.layers - 1 - k % shape.layers, (3 * k + 1) % shape.heads
             name = f"L{l}.H{h}"
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_s()
             analyses.description(name)
             t1 = time.perf_counter()
             analyses.layer_ablation(l)
@@ -187,13 +224,16 @@ def child(job: str, cache: str, pool: str | None, layer: int, head: int, heads: 
             analyses.top_images(name)
             t3 = time.perf_counter()
             visits.append({"head": name, "description_ms": 1e3 * (t1 - t0), "ablation_ms": 1e3 * (t2 - t1),
-                           "images_ms": 1e3 * (t3 - t2), "total_ms": 1e3 * (t3 - t0)})
+                           "images_ms": 1e3 * (t3 - t2), "total_ms": 1e3 * (t3 - t0), "cpu_ms": 1e3 * (cpu_s() - c0)})
         totals = sorted(v["total_ms"] for v in visits)
+        cpus = sorted(v["cpu_ms"] for v in visits)
         result = {"visits": visits, "p50_ms": statistics.median(totals),
-                  "p95_ms": totals[min(len(totals) - 1, round(0.95 * (len(totals) - 1)))]}
+                  "p95_ms": totals[min(len(totals) - 1, round(0.95 * (len(totals) - 1)))],
+                  "cpu_p95_ms": cpus[min(len(cpus) - 1, round(0.95 * (len(cpus) - 1)))]}
     else:
         raise SystemExit(f"unknown job {job}")
-    return {"seconds": time.perf_counter() - start, "rss_setup_mb": rss0, "rss_peak_mb": rss_mb(), **result}
+    seconds, cpu = time.perf_counter() - start, cpu_s() - cpu0
+    return {"seconds": seconds, "cpu_s": cpu, "rss_setup_mb": rss0, "rss_peak_mb": rss_mb(), **sampler.stop(), **result}
 
 
 def run_child(job: str, cache: Path, args: argparse.Namespace) -> dict:
@@ -202,7 +242,8 @@ def run_child(job: str, cache: Path, args: argparse.Namespace) -> dict:
                    str(args.head), "--heads", str(args.heads), str(cache)]
         if args.pool:
             command += ["--pool", args.pool]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=3600,
+                              env={**os.environ, "SCALE_THREADS": str(args.threads)})
         if done.returncode != 0:
             return {"error": done.stderr.strip().splitlines()[-1][:300] if done.stderr.strip() else f"exit {done.returncode}"}
         return json.loads(Path(out.name).read_text())
@@ -277,6 +318,8 @@ def measure(cache: Path, args: argparse.Namespace, base: float) -> dict:
         result = run_child(job, cache, args)
         if floor and "seconds" in result:
             result.update(floor, x_floor=result["seconds"] / max(floor["floor_s"], 1e-9))
+            if "cpu_s" in result:  # CPU seconds over the floor's wall seconds: what the machine's load does not inflate
+                result["cpu_x_floor"] = result["cpu_s"] / max(floor["floor_s"], 1e-9)
         if "rss_peak_mb" in result:
             result["rss_above_baseline_mb"] = result["rss_peak_mb"] - base
             result["rss_of_job_mb"] = result["rss_peak_mb"] - result["rss_setup_mb"]
@@ -313,10 +356,15 @@ def table(paths: list[Path]) -> str:
                 continue
             seconds = job["p95_ms"] / 1e3 if key == "tui_visit" else job["seconds"]
             cell = f"{seconds:.2f} s" if seconds < 10 else f"{seconds:.0f} s"
+            if key == "tui_visit" and "cpu_p95_ms" in job:
+                cell = f"{job['p95_ms']:.0f} ms (CPU {job['cpu_p95_ms']:.0f} ms)"
             if "x_floor" in job and key != "tui_visit":
-                cell += f" ({job['x_floor']:.1f}x floor)" if job["x_floor"] < 100 else f" ({job['x_floor']:.0f}x)"
-            if "rss_of_job_mb" in job and job["rss_of_job_mb"] >= 20:
-                cell += f", +{job['rss_of_job_mb']:.0f} MB"
+                ratio = lambda x: f"{x:.1f}x" if x < 100 else f"{x:.0f}x"  # noqa: E731
+                cell += (f" ({ratio(job['x_floor'])} floor; CPU {ratio(job['cpu_x_floor'])})" if "cpu_x_floor" in job
+                         else f" ({ratio(job['x_floor'])} floor)")
+            grew = job.get("rss_job_peak_mb", job.get("rss_of_job_mb", 0))
+            if grew >= 20:
+                cell += f", +{grew:.0f} MB"
             cells.append(cell)
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -330,6 +378,8 @@ def main() -> None:
     parser.add_argument("--head", type=int, default=3)
     parser.add_argument("--heads", type=int, default=8, help="uncached heads the TUI's first visits are timed on")
     parser.add_argument("--repeats", type=int, default=3, help="timed TUI first-frame runs")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per job (1 on a shared machine: two threads "
+                        "on two busy cores made many small ops several times slower)")
     parser.add_argument("--no-tui", action="store_true", help="skip the TUI's first frame and first visits")
     parser.add_argument("--skip", action="append", default=[], help="a job to leave out (repeatable), e.g. ablate_head")
     parser.add_argument("--name", default="scale", help="bench/results/<name>.json")
@@ -350,7 +400,7 @@ def main() -> None:
     for cache in args.caches:  # written after each cache, so a long run keeps what it measured
         entries.append(measure(cache, args, base))
         path = write_result(args.name, {"baseline_import_torch_open_clip_rss_mb": base, "goals": GOALS, "pool": args.pool,
-                                        "layer": args.layer, "head": args.head, "ablation_draws": DRAWS,
+                                        "layer": args.layer, "head": args.head, "ablation_draws": DRAWS, "threads": args.threads,
                                         "load": os.getloadavg(), "caches": entries})
     print(f"wrote {path}")
 

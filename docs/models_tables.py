@@ -60,27 +60,26 @@ def _blocks(shape: dict, tower: str) -> str:
 def tables() -> str:
     import open_clip
 
-    from clipterm.vit.models import catalogue, is_toy
+    from clipterm.locations import TOY_MODEL_DIRS
+    from clipterm.vit.models import catalogue
 
-    everything = catalogue()
-    toys = [r for r in everything if is_toy(r["model"])]
-    rows = [r for r in everything if not is_toy(r["model"])]
+    toys = len(TOY_MODEL_DIRS)
+    rows = [r for r in catalogue() if r["model"] not in TOY_MODEL_DIRS]
     by_arch: dict[str, list[dict]] = collections.OrderedDict()
     for row in rows:
         by_arch.setdefault(row["model"], []).append(row)
     supported = {a: r for a, r in by_arch.items() if r[0]["supported"]}
     refused = {a: r for a, r in by_arch.items() if not r[0]["supported"]}
-    pairs = len(rows) + len(toys)
-    ok_pairs = sum(len(r) for r in supported.values()) + sum(r["supported"] for r in toys)
+    pairs = len(rows) + toys
+    ok_pairs = sum(len(r) for r in supported.values()) + toys
     lines = [MARKER, "", f"## open_clip {open_clip.__version__} architectures", "",
-             (f"**{ok_pairs} of the {pairs} rows `clipterm models` lists are supported** (the built-in "
-              f"{' and '.join(r['model'] for r in toys)} included): "
+             (f"**{ok_pairs} of the {pairs} arch/tag pairs `clipterm models` lists are supported** (the built-in toys included): "
               f"{len(supported)} of {len(by_arch)} architectures. Support depends on the image tower alone. \"QuickGELU\" "
               "lists the tags that need it (\"always\" for `-quickgelu` archs)."), ""]
     families = collections.OrderedDict()
     for arch, arch_rows in supported.items():
         families.setdefault(arch_rows[0]["tower"], []).append(arch)
-    lines += [f"### Supported ({len(supported)} architectures, {sum(len(r) for r in supported.values())} arch/tag pairs)", ""]
+    lines += [f"### Supported ({len(supported)} architectures, {ok_pairs - toys} arch/tag pairs)", ""]
     for tower in sorted(families):
         archs = sorted(families[tower], key=str.lower)
         lines += [f"#### {tower}", "", "| Arch | Blocks | Image | Embed | QuickGELU | Pretrained tags |", "|---|---|---|---|---|---|"]

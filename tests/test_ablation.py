@@ -137,6 +137,63 @@ def test_direct_ablation_equals_rescoring_the_summed_components(toy_cache, toy_s
     assert torch.equal(direct, logits.argmax(1) == scoring.target)
 
 
+@pytest.fixture(scope="module")
+def sharded_cache(tmp_path_factory):
+    """A 300-image fp16 cache of the toy model in shards of 64 rows: the streamed scoring crosses shards."""
+    from clipterm.cache.build import BuildOptions, build_cache
+    from clipterm.cache.reader import open_cache
+
+    root = tmp_path_factory.mktemp("sharded")
+    build_cache(BuildOptions(images="toy:300", name="toy300", cache_dir=str(root), workers=0, shard_rows=64))
+    return open_cache(root / "toy300")
+
+
+def assert_same_rows(streamed, expanded, n):
+    """Scores equal but for at most one image flipped by float rounding; cosines within 1e-5."""
+    for task in expanded:
+        for new, old in zip(streamed[task], expanded[task], strict=True):
+            assert new.component == old.component
+            assert abs(new.score - old.score) <= 1 / n + 1e-12 and abs(new.drop - old.drop) <= 1 / n + 1e-12
+            assert new.cosine == pytest.approx(old.cosine, abs=1e-5)
+
+
+@pytest.mark.parametrize("by", ["head", "layer", "mlp"])
+def test_class_space_streaming_equals_expanding_every_shift(sharded_cache, by):
+    """`direct_ablation` (head space, class space, shard by shard) gives `ablate` over (N, D) shifts' rows."""
+    from clipterm.analyses import direct_ablation
+    from clipterm.cache.reader import model_for_cache
+    from clipterm.vit.textencode import encode_texts
+
+    loaded = model_for_cache(sharded_cache)
+    scorings = ablation.scorings(sharded_cache, lambda texts: encode_texts(loaded.model, loaded.tokenizer, texts))
+    components = ablation.group(sharded_cache, by) + (["embed", "bias"] if by == "mlp" else [])
+    expanded = ablation.ablate(scorings, ablation.shifts(sharded_cache, components), draws=200)
+    seen = []
+    streamed = direct_ablation.ablate_cached(scorings, sharded_cache, components, draws=200, on_rows=seen.append)
+    assert sum(seen) == sharded_cache.n and len(seen) == 1  # one chunk of 300 rows over 5 shards
+    assert_same_rows(streamed, expanded, 300)
+    small_chunks = direct_ablation.ablate_cached(scorings, sharded_cache, components, draws=200, chunk_rows=100)
+    assert_same_rows(small_chunks, expanded, 300)
+    no_cosine = direct_ablation.ablate_cached(scorings, sharded_cache, components, draws=200, cosine=False)
+    assert [r.drop for r in no_cosine["colour"]] == [r.drop for r in streamed["colour"]]
+    assert all(np.isnan(r.cosine) for r in no_cosine["colour"])
+
+
+def test_class_space_cumulative_curve_equals_summed_shifts(sharded_cache):
+    from clipterm.analyses import direct_ablation
+    from clipterm.cache.reader import model_for_cache
+    from clipterm.vit.textencode import encode_texts
+
+    loaded = model_for_cache(sharded_cache)
+    scorings = ablation.scorings(sharded_cache, lambda texts: encode_texts(loaded.model, loaded.tokenizer, texts),
+                                 task="colour")
+    for by in ("head", "layer"):
+        expanded = ablation.ablate(scorings, ablation.cumulative_shifts(sharded_cache, by), draws=200)
+        streamed = direct_ablation.ablate_cached(scorings, sharded_cache, direct_ablation.cumulative_pieces(sharded_cache, by),
+                                                 draws=200, chunk_rows=100)
+        assert_same_rows(streamed, expanded, 300)
+
+
 def test_cumulative_curve_ends_with_every_layer_ablated(toy_cache, toy_scorings):
     curve = list(ablation.cumulative_shifts(toy_cache, "layer"))
     assert [name for name, _ in curve][-1] == "L0-5"
@@ -414,3 +471,18 @@ def test_the_most_colour_critical_head_is_described_by_colour_phrases(tmp_path):
     share_top5 = sum(is_colour[i] for i in top5.indices) / len(top5.indices)
     share_pool = sum(is_colour) / len(pool)
     assert share_top5 >= 2 * share_pool, [pool.texts[i] for i in top5.indices]
+
+
+def test_the_panes_ablate_a_seeded_sample_of_a_big_cache(sharded_cache, monkeypatch):
+    """Past ABLATION_SAMPLE rows, the TUI's bars score a fixed random sample, and say so."""
+    from clipterm.analyses import session
+
+    monkeypatch.setattr(session, "ABLATION_SAMPLE", 120)
+    analyses = session.Analyses(sharded_cache)
+    keep = analyses.ablation_sample()
+    assert int(keep.sum()) == 120 and torch.equal(keep, analyses.ablation_sample())  # seeded: the same rows each time
+    colour = analyses.layer_ablation(5)["colour"]
+    assert colour.sample == int((sharded_cache.labels("colour")[keep] >= 0).sum())
+    assert [b.component for b in colour.bars] == [f"L5.H{h}" for h in range(8)] + ["L5.MLP"]
+    monkeypatch.setattr(session, "ABLATION_SAMPLE", 10_000)
+    assert session.Analyses(sharded_cache).layer_ablation(5)["colour"].sample is None

@@ -273,6 +273,15 @@ def test_ablation_and_attribution_speak_pool_names(rn_cache):
     assert list(contributions) == reader.components()
     assert rel(sum(contributions.values()), reader.image_embeds([4])[0]) < 1e-5
     assert [name for name, _ in ablation.cumulative_shifts(reader, "head")] == ["pool"]
+    from clipterm.analyses.direct_ablation import ablate_cached
+
+    weights = torch.nn.functional.normalize(torch.randn(5, reader.image_embeds().shape[1], generator=torch.Generator().manual_seed(0)), dim=-1)
+    scoring = {"agreement": ablation.Scoring(weights, reader)}  # streamed over the 6-row shards
+    components = ablation.group(reader, "head") + ["pool", "pool.pos", "pool.bias"]
+    expanded = ablation.ablate(scoring, ablation.shifts(reader, components), draws=100)["agreement"]
+    streamed = ablate_cached(scoring, reader, components, draws=100, chunk_rows=6)["agreement"]
+    assert [(r.component, r.score) for r in streamed] == [(r.component, r.score) for r in expanded]
+    assert [r.cosine for r in streamed] == pytest.approx([r.cosine for r in expanded], abs=1e-5)
 
 
 def test_textspan_of_a_pool_head_finds_its_own_direction(rn_cache):

@@ -34,26 +34,44 @@ class Scoring:
     """Zero-shot scoring of (possibly ablated) image embeddings against one classifier."""
 
     weights: torch.Tensor  # (K, D) unit class embeddings
-    image_embeds: torch.Tensor  # (N, D) the unablated embeddings
+    image_embeds: Any  # (N, D) the unablated embeddings, or a cache reader: its image_embeds are then streamed
     labels: torch.Tensor | None = None  # (N,) class per image, -1 unknown; None: agreement with unablated top-1
     keep: torch.Tensor | None = None  # (N,) bool: the rows that may be scored; None: all
     base_logits: torch.Tensor = field(init=False)  # (n, K) on the scored rows
     target: torch.Tensor = field(init=False)  # (n,) the label, or the unablated top-1
-    rows: torch.Tensor = field(init=False)  # (n,) the rows that are scored
+    rows: torch.Tensor = field(init=False)  # (n,) the rows that are scored, ascending
 
     def __post_init__(self) -> None:
-        known = torch.ones(len(self.image_embeds), dtype=torch.bool) if self.labels is None else self.labels >= 0
+        streamed = not isinstance(self.image_embeds, torch.Tensor)
+        total = self.image_embeds.n if streamed else len(self.image_embeds)
+        known = torch.ones(total, dtype=torch.bool) if self.labels is None else self.labels >= 0
         if self.keep is not None:
             known = known & self.keep
         self.rows = known.nonzero().squeeze(1)  # (n,)
         if self.rows.numel() == 0:
             raise ClipTermError("no image in the cache has a label for this task", hint="pick another --task")
-        self.base_logits = self.image_embeds[self.rows].float() @ self.weights.T  # (n, K)
+        if streamed:  # shard by shard: the (N, D) embeddings are never held
+            self.base_logits = torch.empty(len(self.rows), len(self.weights))  # (n, K), filled in place
+            for lo, hi in self.image_embeds.row_chunks(4096):
+                span = self.span(lo, hi)
+                self.base_logits[span] = self.image_embeds.gather("image_embeds", (), self.rows[span]).float() @ self.weights.T
+        else:
+            self.base_logits = self.image_embeds[self.rows].float() @ self.weights.T  # (n, K)
         self.target = self.base_logits.argmax(1) if self.labels is None else self.labels[self.rows].long()
 
     @property
     def agreement(self) -> bool:
         return self.labels is None
+
+    def span(self, lo: int, hi: int) -> slice:
+        """The scored rows inside cache rows lo..hi-1, as a slice of `rows` (and of `base_logits`)."""
+        first, last = (int(i) for i in torch.searchsorted(self.rows, torch.tensor([lo, hi])))
+        return slice(first, last)
+
+    def _embeds(self) -> torch.Tensor:
+        if isinstance(self.image_embeds, torch.Tensor):
+            return self.image_embeds[self.rows].float()
+        return self.image_embeds.image_embeds(self.rows).float()
 
     def outcome(self, shift: torch.Tensor | None = None) -> torch.Tensor:
         """(n,) bool: correct (or agreeing) after adding `shift` (N, D) to every image embedding."""
@@ -62,7 +80,7 @@ class Scoring:
 
     def mean_cosine(self, shift: torch.Tensor) -> float:
         """Mean cosine between each unablated embedding and its ablated one."""
-        base = self.image_embeds[self.rows].float()  # (n, D)
+        base = self._embeds()  # (n, D)
         return float(F.cosine_similarity(base, base + shift[self.rows].float(), dim=1).mean())
 
 
@@ -250,7 +268,9 @@ def scorings(
     """One Scoring per task of the cache (or the one asked for); for a cache without labels, agreement
     with the unablated top-1 over `classes` (with templates) or over the pool texts `pool_embeds()`.
     `keep` (N,) bool leaves the other rows out of every score."""
-    image_embeds = reader.image_embeds()  # (N, D)
+    from clipterm.cache.reader import CacheReader
+
+    image_embeds = reader if isinstance(reader, CacheReader) else reader.image_embeds()  # a cache's are streamed
     kind = reader.manifest["dataset"].get("kind", "")
     out = {}
     for name in task_names(reader, task):

@@ -97,21 +97,49 @@ def _direct_scores(reader: Any, component: names.Component, by: str, text_embeds
     if by not in DIRECT_BY:
         raise ClipTermError(f"a {component.kind}'s images are ranked by {', '.join(DIRECT_BY)}, not {by!r}",
                             hint="norm and activation of second-order effects are for neurons, e.g. L9.N123")
-    effects = reader.effects(str(component.base))  # (N, D)
+    name = str(component.base)
     if by == "norm":
-        return effects.norm(dim=-1), "norm of the direct effect"
+        return projected(reader, component, None), "norm of the direct effect"
     if by == "pc":
         k = component.pc or 1
-        return effects @ principal_direction(reader, str(component.base), k), f"projection on principal direction {k}"
+        return projected(reader, component, principal_direction(reader, name, k)), f"projection on principal direction {k}"
     if text_embeds is None:
         raise ClipTermError("ranking by TextSpan needs a text pool", hint="use --by pc, or give a pool")
     from clipterm.analyses.textspan import component_stats, text_span
 
     embeds, texts = text_embeds()
-    span = text_span(*component_stats(reader, str(component.base)), embeds, n_texts=1)
+    span = text_span(*component_stats(reader, name), embeds, n_texts=1)
     if not span.indices:
-        return effects @ principal_direction(reader, str(component.base), 1), "projection on principal direction 1"
-    return effects @ span.directions[0], f"projection on its first TextSpan direction, {texts[span.indices[0]]!r}"
+        return projected(reader, component, principal_direction(reader, name, 1)), "projection on principal direction 1"
+    return projected(reader, component, span.directions[0]), f"projection on its first TextSpan direction, {texts[span.indices[0]]!r}"
+
+
+def projected(reader: Any, component: names.Component, direction: Any) -> Any:
+    """(N,) each image's direct effect of a head or MLP projected on `direction` (D,), or its norm (None), read shard
+    by shard: a head stays in head space (its block @ R d, or the norm through the Gram R Rᵀ), never (N, D)."""
+    import torch
+
+    if reader.joint_heads:  # an attention-pool tower's heads are stored in joint space: project their effects
+        effects = reader.effects(str(component.base))  # (N, D)
+        return effects.norm(dim=1) if direction is None else effects @ direction.float()
+    component = names.validate(component.base, reader.shape)  # a pool head's layer is its stored slot
+    if component.kind == "head":
+        tensor, index = "head_out", (component.layer, component.index)
+        readout = reader.readout[component.layer, component.index]  # (dh, D)
+        gram = readout @ readout.T  # (dh, dh)
+        along = None if direction is None else readout @ direction.float()  # (dh,)
+    else:
+        tensor, index, along = "mlps", (component.layer,), None if direction is None else direction.float()
+    scores = []
+    for lo, hi in reader.row_chunks():
+        rows = reader.gather(tensor, index, torch.arange(lo, hi)).float()  # (n, dh) or (n, D)
+        if along is not None:
+            scores.append(rows @ along)  # (n,)
+        elif component.kind == "head":
+            scores.append(((rows @ gram) * rows).sum(1).clamp_min(0).sqrt())  # (n,) |z R|
+        else:
+            scores.append(rows.norm(dim=-1))  # (n,)
+    return torch.cat(scores)
 
 
 def principal_direction(reader: Any, name: str, k: int = 1) -> Any:
@@ -138,10 +166,10 @@ def _examples(reader: Any, scores: Any, top: int) -> list[Example]:
     import torch
 
     indices = reader.index().tolist()  # (N,) row -> images.jsonl line
-    lines = {row["index"]: row for row in reader.images()}
     classes = reader.tasks
     finite = torch.isfinite(scores)
-    order = scores.masked_fill(~finite, float("-inf")).argsort(descending=True)[: min(top, int(finite.sum()))]
+    order = scores.masked_fill(~finite, float("-inf")).topk(min(top, int(finite.sum()))).indices
+    lines = reader.image_records([indices[row] for row in order.tolist()])
     examples = []
     for rank, row in enumerate(order.tolist(), 1):
         line = lines[indices[row]]

@@ -15,6 +15,7 @@ from clipterm import names
 from clipterm.errors import ClipTermError
 
 NEURONS_IN_TREE = 64  # a layer's neurons listed under its MLP node, by effect norm; the palette reaches the rest
+ABLATION_SAMPLE = 5_000  # the panes ablate on a seeded random sample of a bigger cache: a visit stays interactive
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class TaskAblation:
     metric: str  # "accuracy" or "agreement"
     baseline: float
     bars: list[AblationBar]
+    sample: int | None = None  # images scored, when a sample of a bigger cache (`clipterm ablate` scores all)
 
 
 @dataclass(frozen=True)
@@ -208,9 +210,19 @@ class Analyses:
 
             loaded = self.loaded()
             return ablation.scorings(self.reader, lambda texts: encode_texts(loaded.model, loaded.tokenizer, texts),
-                                     pool_embeds=lambda: self._pool()[1])
+                                     pool_embeds=lambda: self._pool()[1], keep=self.ablation_sample())
 
         return self._memoised("scorings", None, load)
+
+    def ablation_sample(self) -> Any:
+        """(N,) bool: the rows the panes' ablation scores, a seeded sample of ABLATION_SAMPLE rows; None: every row."""
+        import torch
+
+        if self.reader.n <= ABLATION_SAMPLE:
+            return None
+        keep = torch.zeros(self.reader.n, dtype=torch.bool)
+        keep[torch.randperm(self.reader.n, generator=torch.Generator().manual_seed(0))[:ABLATION_SAMPLE]] = True
+        return keep
 
     def _neuron_file(self, layer: int) -> Any:
         from clipterm.cache.neurons import NeuronFile
@@ -283,13 +295,18 @@ class Analyses:
         return self._memoised("ablation", "layers", lambda: self._ablate(names.layers(self.reader.shape)))
 
     def _ablate(self, components: list[str]) -> dict[str, TaskAblation]:
-        from clipterm.analyses import ablation
+        from clipterm.analyses import ablation, direct_ablation  # (ablation first, as the tree's timing expects)
 
         scorings = self._scorings()
-        rows = ablation.ablate(scorings, ablation.shifts(self.reader, components), self.draws)
+        if self.reader.joint_heads:  # an attention-pool tower: class-space scoring reads head-space blocks only
+            rows = ablation.ablate(scorings, ablation.shifts(self.reader, components), self.draws)
+        else:
+            rows = direct_ablation.ablate_cached(scorings, self.reader, components, self.draws, cosine=False)  # no cosine
+        sampled = self.reader.n > ABLATION_SAMPLE
         return {task: TaskAblation(task, "agreement" if scoring.agreement else "accuracy",
                                    float(scoring.outcome().float().mean()),
-                                   [AblationBar(r.component, r.drop, r.low, r.high) for r in rows[task]])
+                                   [AblationBar(r.component, r.drop, r.low, r.high) for r in rows[task]],
+                                   len(scoring.rows) if sampled else None)
                 for task, scoring in scorings.items()}
 
     # ----------------------------------------------------------------- images

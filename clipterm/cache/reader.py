@@ -106,6 +106,7 @@ class CacheReader:
                                 hint="rerun the same `clipterm cache build` command to resume it", code=ExitCode.INVALID_DATA)
         self.manifest: dict[str, Any] = manifest
         self._handles: dict[str, Any] = {}
+        self._maps: dict[tuple[str, str], Any] = {}
         self._verifier = Verifier(self.path, self.name)
 
     # ----------------------------------------------------------------- what is in it
@@ -349,7 +350,90 @@ class CacheReader:
             raise self._verifier.damaged(IMAGES, "a line is not an input record")
         return rows
 
+    # ----------------------------------------------------------------- streaming
+
+    def row_chunks(self, rows: int = 16384) -> list[tuple[int, int]]:
+        """Row ranges [lo, hi) of whole shards, about `rows` at a time: the steps of a streaming pass."""
+        chunks, lo, hi = [], 0, 0
+        for record in self.manifest["shards"]:
+            if hi > lo and hi - lo + record["rows"] > rows:
+                chunks.append((lo, hi))
+                lo = hi
+            hi += record["rows"]
+        if hi > lo:
+            chunks.append((lo, hi))
+        return chunks
+
+    def gather(self, tensor: str, index: tuple[int, ...], rows: Any) -> Any:
+        """Cache rows `rows` (ascending positions 0..N-1) of one stored block `tensor[index]` (`head_out`, (l, h): (n, dh);
+        `head_out`, (l,): (H, n, dh); `mlps`, (l,): (n, D); `image_embeds`, (): (n, D)), in the cache dtype. Read
+        through a memory map, so only the pages holding those rows are touched (a sample of a big cache)."""
+        import numpy as np
+        import torch
+
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        axis = _ROW_AXIS.get(tensor.split(".")[0], 0) - len(index)
+        shards = self.manifest["shards"]
+        bounds = torch.searchsorted(rows, torch.tensor(self._starts)).tolist()  # (shards + 1,) into `rows`
+        wanted = [k for k in range(len(shards)) if bounds[k + 1] > bounds[k]] or [len(shards) - 1]  # [] : one empty part
+        parts = []
+        for k in wanted:
+            values = self._memmap(shards[k], tensor)
+            values = values[index] if index else values
+            local = (rows[bounds[k]:bounds[k + 1]] - self._starts[k]).numpy()
+            parts.append(torch.from_numpy(np.take(values, local, axis=axis)))
+            if 8 * len(local) > shards[k]["rows"]:  # a streaming pass; a sample's sparse pages stay (re-faulting
+                _release(self._maps[(shards[k]["file"], tensor)], index)  # them cost a TUI visit 3x at 200k)
+        return torch.cat(parts, dim=axis) if len(parts) > 1 else parts[0]
+
+    @cached_property
+    def _starts(self) -> list[int]:
+        """The first row of each shard, and N last."""
+        starts = [0]
+        for record in self.manifest["shards"]:
+            starts.append(starts[-1] + record["rows"])
+        return starts
+
+    def image_records(self, indices: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """images.jsonl's records of some inputs, by index: only their lines are parsed (line i holds input i)."""
+        wanted = set(indices)
+        try:
+            text, ends = self._image_lines
+            found = {i: json.loads(bytes(text[(ends[i - 1] + 1 if i else 0):ends[i]])) for i in wanted if 0 <= i < len(ends)}
+        except (OSError, ValueError):
+            found = {}
+        if len(found) == len(wanted) and all(isinstance(r, dict) and r.get("index") == i for i, r in found.items()):
+            return found
+        return {row["index"]: row for row in self.images() if row["index"] in wanted}  # not one line per input
+
+    @cached_property
+    def _image_lines(self) -> tuple[Any, Any]:
+        """images.jsonl mapped (uint8) and the position of each of its newlines: a line's bytes without parsing the rest."""
+        import numpy as np
+
+        path = self.checked(IMAGES)
+        text = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+        return text, np.flatnonzero(text == 10)
+
     # ----------------------------------------------------------------- plumbing
+
+    def _memmap(self, record: dict, tensor: str) -> Any:
+        """A read-only numpy memory map of one tensor of a shard (checked like `_handle`), from its safetensors header.
+        The first call maps that tensor in every shard: a streaming pass then allocates nothing small between its big
+        temporaries (a few hundred small objects made shard by shard pinned the heap, +1 GB over 200k rows)."""
+        import numpy as np
+
+        if (record["file"], tensor) not in self._maps:
+            for shard in self.manifest["shards"]:
+                self._handle(shard)  # the shard's checks
+                path = self.path / shard["file"]
+                with open(path, "rb") as f:
+                    size = int.from_bytes(f.read(8), "little")
+                    entry = json.loads(f.read(size))[tensor]
+                dtype = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64}[entry["dtype"]]
+                self._maps[(shard["file"], tensor)] = np.memmap(path, dtype=dtype, mode="r", shape=tuple(entry["shape"]),
+                                                                offset=8 + size + entry["data_offsets"][0])
+        return self._maps[(record["file"], tensor)]
 
     def _layer(self, layer: int | str) -> int:
         if isinstance(layer, str):
@@ -403,6 +487,24 @@ class CacheReader:
         import torch
 
         return torch.cat(self._per_shard(read, rows))
+
+
+def _release(mapped: Any, index: tuple[int, ...]) -> None:
+    """Drop the pages of `mapped[index]` (one block of a memory-mapped tensor) from this process; they stay in the page
+    cache. A streaming pass over a big cache then holds one chunk, not every page it read, and its resident memory says
+    what it really keeps."""
+    import mmap
+
+    block = mapped[index] if index else mapped
+    start = mapped.offset % mmap.ALLOCATIONGRANULARITY + (block.ctypes.data - mapped.ctypes.data)  # into the mmap
+    first = start - start % mmap.PAGESIZE
+    try:
+        mapped._mmap.madvise(mmap.MADV_DONTNEED, first, start + block.nbytes - first)
+    except (AttributeError, OSError, ValueError):  # no madvise here: the pages stay mapped, and reclaimable
+        pass
+
+
+_ROW_AXIS = {"head_out": 2, "mlps": 1, "neurons": 1, "tokens": 1}  # where the rows are in a shard's tensor
 
 
 def _open(path: Path) -> Any:

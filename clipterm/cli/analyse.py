@@ -222,6 +222,11 @@ def ablate(
     view = conventions.ReferenceView(reader, loaded.model) if reference and neuron_file is None else None
     if neuron_file is not None:
         rows = ablation.ablate(scorings, second_order_shifts, draws)
+    elif view is None and not reader.joint_heads:  # class space, streamed: one pass over the components' own blocks
+        from clipterm.analyses import direct_ablation
+
+        with progress("ablating", total=reader.n, unit="images") as advance:
+            rows = direct_ablation.ablate_cached(scorings, reader, components, draws, on_rows=advance)
     else:
         with progress("ablating", total=len(components), unit="components") as advance:
             def counted(items):
@@ -229,7 +234,13 @@ def ablate(
                     yield item
                     advance(1)
             rows = ablation.ablate(scorings, counted(ablation.shifts(reader, components, view)), draws)
-    curve = ablation.ablate(scorings, ablation.cumulative_shifts(reader, by, view), draws) if cumulative else {}
+    curve = {}
+    if cumulative and view is None and not reader.joint_heads:
+        from clipterm.analyses import direct_ablation
+
+        curve = direct_ablation.ablate_cached(scorings, reader, direct_ablation.cumulative_pieces(reader, by), draws)
+    elif cumulative:
+        curve = ablation.ablate(scorings, ablation.cumulative_shifts(reader, by, view), draws)
     forward_rows = {}
     if forward:
         from clipterm.analyses.forward_ablation import forward_shifts

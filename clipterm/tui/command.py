@@ -54,6 +54,12 @@ def serve_tui(cache: str, host: str, port: int, cache_dir: str | None = None, mo
     from clipterm.inputs.texts import BUILTIN_POOLS, load_pool
 
     reader = open_cache(cache, cache_dir)
+    if reader.shape.tower == "convnext":
+        from clipterm.errors import ClipTermError, ExitCode
+
+        raise ClipTermError(f"the TUI does not show ConvNeXt caches yet ({reader.name}: its components are the last "
+                            "stage's blocks, with no layers or heads to browse)",
+                            hint="use the CLI on it: textspan, ablate, attribute, images, search", code=ExitCode.UNSUPPORTED)
     if pool is not None and pool not in BUILTIN_POOLS:
         load_pool(pool)
     if theme is not None:

@@ -80,6 +80,8 @@ class AblationPane(Pane):
         out.append(f"mean-ablation, task {task}", style="bold")
         if first is not None:
             out.append(f"  {first.metric} {100 * first.baseline:.1f}%", style="dim")
+            if first.sample is not None:
+                out.append(f"  on a random {first.sample:,} of the images", style="dim")
         if len(tasks) > 1:
             out.append(f"  (t: next of {len(tasks)} tasks)", style="dim")
         out.append("\n")
