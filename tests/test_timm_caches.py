@@ -173,4 +173,30 @@ def test_a_convnext_cache_names_its_last_stage_blocks(convnext, cli, monkeypatch
     result = cli("images", "cnx", "--component", "L0.H0")
     assert result.code != 0 and "not a ConvNeXt name" in result.err and "S3.B0" in result.err
     result = cli("tui", "cnx")
-    assert result.code != 0 and "convnext" in result.err.lower() and "Traceback" not in result.err
+    assert result.code != 0 and "ConvNeXt" in result.err and "Traceback" not in result.err
+
+
+def test_the_tui_browses_a_siglip_cache_with_its_pool(siglip):
+    """The tree holds the layers and, after them, the MAP head's `pool` with pool.H*, pool.bias and pool.MLP."""
+    import asyncio
+
+    from clipterm.tui.app import ClipTermApp
+    from clipterm.tui.widgets import DescriptionPane, InfoPane
+
+    reader, loaded = siglip
+
+    async def run() -> None:
+        app = ClipTermApp(reader, cache_dir=str(reader.path.parent), loaded=loaded, pool="toy")
+        async with app.run_test(size=(100, 30)) as pilot:
+            assert all(name in app.nodes for name in ("L8.H2", "pool", "pool.H2", "pool.bias", "pool.MLP"))
+            for name in ("pool.H1", "pool.MLP", "L8.H1"):
+                app.jump(name)
+                await pilot.pause()
+                await app.workers.wait_for_complete()
+                await pilot.pause()
+                assert app.selected == name and "TextSpan" in str(app.query_one(DescriptionPane).content)
+            app.jump("pool.H1")
+            await pilot.pause()
+            assert "head_out (N, 32)" in str(app.query_one(InfoPane).content)
+
+    asyncio.run(run())

@@ -428,7 +428,9 @@ class Analyses:
         model, dims_of, shape = manifest["model"], manifest["shape"], self.reader.shape
         comp = names.parse(component) if component != "model" else None
         embed_dim = dims_of.get("embed_dim")
-        dims = {"head": f"head_out (N, {dims_of.get('head_dim')}) → joint space ({embed_dim})",
+        head_dim = dims_of.get("pool_head_dim") if comp is not None and comp.site == "pool" and shape.pool_heads \
+            else dims_of.get("head_dim")
+        dims = {"head": f"head_out (N, {head_dim}) → joint space ({embed_dim})",
                 "mlp": f"(N, {embed_dim}) in joint space, {shape.neurons} neurons",
                 "neuron": f"second-order effect ({embed_dim}) through the later layers' heads",
                 "layer": f"{shape.heads} heads + MLP"}

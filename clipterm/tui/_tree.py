@@ -53,7 +53,22 @@ class TreeMixin:
                     self.nodes[name] = mlp_node.add_leaf(self._label(name), data=name)
             else:
                 self.nodes[mlp] = layer_node.add_leaf(self._label(mlp), data=mlp)
+        if shape.pool_heads:
+            self._populate_attention_pool(tree)
         tree.root.expand()
+
+    def _populate_attention_pool(self, tree: Tree) -> None:
+        """A MAP head's (or CoCa pooler's) own split, after the layers: `pool` with pool.H*, pool.bias, pool.MLP."""
+        shape = self.reader.shape
+        self.hints.setdefault(names.pool(), "the attention pool after the blocks: its own split by head")
+        parts = [str(c) for c in names.pool_components(shape)]
+        if not (self._matches(names.pool()) or any(self._matches(p) for p in parts)):
+            return
+        pool_node = tree.root.add(self._label(names.pool()), data=names.pool(), expand=bool(self.filter_text))
+        self.nodes[names.pool()] = pool_node
+        for name in parts:
+            if self._matches(name) or self._matches(names.pool()):
+                self.nodes[name] = pool_node.add_leaf(self._label(name), data=name)
 
     def _populate_resnet(self, tree: Tree, built: set[int]) -> None:
         """A ResNet's two levels: `pool` (its heads, positional part and biases) and the last stage (its channels)."""

@@ -595,6 +595,14 @@ def _embed_dim(visual, pooled_width: int) -> int:
 # --------------------------------------------------------------------------- what is available
 
 
+def _folder_tower(folder: Path) -> str:
+    """tower_kind of a model folder's config (a built-in toy's); "unknown" when it cannot be read."""
+    try:
+        return tower_kind(json.loads((folder / "open_clip_config.json").read_text())["model_cfg"])
+    except (OSError, ValueError, KeyError):
+        return "unknown"
+
+
 def catalogue() -> list[dict[str, Any]]:
     """Every model clipterm knows: the toy, then each open_clip arch with each pretrained tag.
 
@@ -612,7 +620,7 @@ def catalogue() -> list[dict[str, Any]]:
             "supported": True,
             "reason": None,
             "quick_gelu": False,
-            "tower": "open_clip ViT (class token)",
+            "tower": _folder_tower(folder),
         }
         for spec, folder in locations.TOY_MODEL_DIRS.items()
     ]
