@@ -18,6 +18,9 @@ from test_images import write_bad_images, write_odd_images  # tests/ is on sys.p
 from clipterm.cache.build import BuildOptions, build_cache
 from clipterm.cache.reader import CacheReader, check_model
 from clipterm.errors import ClipTermError, ExitCode
+from clipterm.toyworld.evaluate import model_world
+
+TOY_WORLD = model_world("toy")  # the world the shipped toy was trained on: what `toy:N` draws for it
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
 
@@ -66,7 +69,7 @@ def test_fp32_cache_is_exact_and_in_input_order(toy, tmp_path):
     assert contract_error(cache) < 1e-5
     from PIL import Image
 
-    pixels = torch.stack([toy.preprocess(Image.fromarray(world.render(world.scene_at(0, i))[0])) for i in range(24)])
+    pixels = torch.stack([toy.preprocess(Image.fromarray(world.render(world.scene_at(0, i, TOY_WORLD))[0])) for i in range(24)])
     with torch.no_grad():
         direct = decompose.decompose(toy.model, pixels, neurons=True, token_layers=[5])
         embeds = toy.model.encode_image(pixels)

@@ -105,9 +105,38 @@ def test_toy_source_labels_every_task():
     assert np.array_equal(np.asarray(source.load(4, 64)), expected)
 
 
+@pytest.mark.parametrize("spec, world", [("toy2:5@3", None), ("toy:5@3", 2), ("toy1:5@3", 2)])
+def test_toy_sources_draw_the_world_they_name_or_the_models(spec, world):
+    """`toy2:` names world 2; `toy:` draws the model's world (`toy_world`), recorded so that the cache can be re-read."""
+    from clipterm.inputs.images import synthetic_image
+    from clipterm.toyworld import world as toyworld
+
+    source = open_source(spec) if world is None else open_source(spec, toy_world=world)
+    drawn = 1 if spec.startswith("toy1") else 2
+    assert source.world == drawn and source.describe()["world"] == drawn
+    assert source.describe()["source"] == (spec if spec.startswith("toy1") else "toy2:5@3")
+    assert open_source(source.describe()["source"]).world == drawn  # what forward ablation re-opens
+    item = source.items[4].to_json()["id"]
+    assert item == ("toy:3/4" if drawn == 1 else "toy2:3/4")
+    expected, _ = toyworld.render(toyworld.scene_at(3, 4, drawn))
+    assert np.array_equal(np.asarray(source.load(4, 64)), expected)
+    assert np.array_equal(np.asarray(synthetic_image(item)), expected)
+    assert source.items[4].labels == toyworld.labels(toyworld.scene_at(3, 4, drawn))
+    assert source.fingerprint() != open_source("toy1:5@3" if drawn == 2 else "toy2:5@3").fingerprint()
+
+
+def test_the_model_world_comes_from_its_training_notes(tmp_path):
+    from clipterm.toyworld.evaluate import model_world
+
+    (tmp_path / "training.json").write_text('{"world": 2, "steps": 1}')
+    assert model_world(f"local-dir:{tmp_path}") == 2 and model_world(str(tmp_path)) == 2
+    assert model_world("ViT-B-32") == 1 and model_world("toy-rn") == 1
+
+
 @pytest.mark.parametrize(
     "spec, code, words",
-    [("toy:0", ExitCode.USAGE, "N >= 1"), ("toy:abc", ExitCode.USAGE, "toy:N"), ("/no/such/dir", ExitCode.NOT_FOUND, "no such")],
+    [("toy:0", ExitCode.USAGE, "N >= 1"), ("toy:abc", ExitCode.USAGE, "toy:N"), ("toy3:5", ExitCode.USAGE, "toy2:"),
+     ("/no/such/dir", ExitCode.NOT_FOUND, "no such")],
 )
 def test_bad_specs_are_clear_errors(spec, code, words):
     with pytest.raises(ClipTermError, match=words) as info:

@@ -17,7 +17,10 @@ import torch
 from clipterm.cache.build import BuildOptions, build_cache
 from clipterm.cache.reader import open_cache
 from clipterm.errors import ClipTermError
+from clipterm.toyworld.evaluate import model_world
 from clipterm.vit import second_order
+
+TOY_WORLD = model_world("toy")  # the world the shipped toy was trained on: what `toy:N` draws for it
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -30,7 +33,7 @@ def toy_images(n: int, seed: int = 0) -> torch.Tensor:
     from clipterm.toyworld import world
     from clipterm.toyworld.train import to_tensor
 
-    pixels = np.stack([world.render(world.scene_at(seed, i))[0] for i in range(n)])  # (n, 64, 64, 3)
+    pixels = np.stack([world.render(world.scene_at(seed, i, TOY_WORLD))[0] for i in range(n)])  # (n, 64, 64, 3)
     return to_tensor(pixels)  # (n, 3, 64, 64)
 
 

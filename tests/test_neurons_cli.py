@@ -13,6 +13,10 @@ from clipterm.cache import store
 from clipterm.cache.build import BuildOptions, build_cache
 from clipterm.cache.reader import open_cache
 from clipterm.errors import ClipTermError, ExitCode
+from clipterm.inputs.images import toy_id
+from clipterm.toyworld.evaluate import model_world
+
+TOY_WORLD = model_world("toy")  # the world the shipped toy was trained on: what `toy:N` draws for it
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +151,7 @@ def test_images_of_a_neuron_by_norm_and_activation(cli, cache):
     assert payload["schema"] == "clipterm.images/2" and payload["by"] == "norm"
     expected = neuron_file.column("norms", 77).topk(5).indices.tolist()
     assert [image["row"] for image in payload["examples"]] == expected
-    assert payload["examples"][0]["id"] == f"toy:0/{expected[0]}" and payload["examples"][0]["missing"] is False
+    assert payload["examples"][0]["id"] == toy_id(0, expected[0], TOY_WORLD) and payload["examples"][0]["missing"] is False
     by_activation = as_json(cli("images", str(cache), "-c", "L4.N77", "--by", "activation", "--top", "3", "--json"))
     scores = [image["score"] for image in by_activation["examples"]]
     assert scores == sorted(scores, reverse=True) and scores[0] == pytest.approx(float(neuron_file.column("activations", 77).max()))

@@ -18,8 +18,11 @@ from clipterm.analyses.factorise import factorise
 from clipterm.cache.build import BuildOptions, build_cache
 from clipterm.cache.reader import open_cache
 from clipterm.errors import ClipTermError, ExitCode
+from clipterm.inputs.images import toy_id
 from clipterm.toyworld import world
-from clipterm.toyworld.evaluate import HELDOUT_SEED
+from clipterm.toyworld.evaluate import HELDOUT_SEED, model_world
+
+TOY_WORLD = model_world("toy")  # the world the shipped toy was trained on: what `toy:N` draws for it
 
 EVAL_SEED = HELDOUT_SEED + 1  # scenes no choice of method or layer was tuned on
 SIZE = world.IMAGE_SIZE
@@ -32,9 +35,9 @@ def scenes_with(n: int, objects: int, seed: int = EVAL_SEED) -> list[tuple[str, 
     """The first n scenes of a seed with this many objects and no rendered word, as (toy:SEED/INDEX, scene)."""
     found, index = [], 0
     while len(found) < n:
-        scene = world.scene_at(seed, index)
+        scene = world.scene_at(seed, index, TOY_WORLD)
         if len(scene.objects) == objects and scene.word is None:
-            found.append((f"toy:{seed}/{index}", scene))
+            found.append((toy_id(seed, index, TOY_WORLD), scene))
         index += 1
     return found
 

@@ -17,6 +17,10 @@ from clipterm.cache import store
 from clipterm.cache.build import BuildOptions, build_cache
 from clipterm.cache.reader import CacheReader, check_model
 from clipterm.errors import ClipTermError, ExitCode
+from clipterm.inputs.images import toy_id, toy_spec
+from clipterm.toyworld.evaluate import model_world
+
+TOY_WORLD = model_world("toy")  # the world the shipped toy was trained on: what `toy:N` draws for it
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +123,7 @@ def test_reader_head_out_readout_and_rows(cache):
 def test_reader_extras_and_labels(cache):
     from clipterm.toyworld import world
 
-    assert cache.labels("shape").tolist() == [world.labels(world.scene_at(0, i))["shape"] for i in range(40)]
+    assert cache.labels("shape").tolist() == [world.labels(world.scene_at(0, i, TOY_WORLD))["shape"] for i in range(40)]
     assert cache.neurons("L5").shape == (40, 512) and cache.neurons(0).shape == (40, 512)
     tokens = cache.tokens(4)  # (H, N, T, dh); the CLS output is the sum over source tokens
     assert tokens.shape == (8, 40, 65, 16)
@@ -132,7 +136,7 @@ def test_reader_extras_and_labels(cache):
     with pytest.raises(ClipTermError, match="no layer 9"):
         cache.effects("L9.H0")
     images = cache.images()
-    assert len(images) == 40 and images[7]["id"] == "toy:0/7" and images[7]["skipped"] is False
+    assert len(images) == 40 and images[7]["id"] == toy_id(0, 7, TOY_WORLD) and images[7]["skipped"] is False
 
 
 def test_reader_stats_match_the_rows(cache):
@@ -150,7 +154,7 @@ def test_open_cache_by_path_or_name(cache, monkeypatch):
     assert clipterm.open_cache(cache.path).n == 40
     assert clipterm.open_cache("small", cache_dir=cache.path.parent).n == 40
     monkeypatch.setenv("CLIPTERM_CACHE", str(cache.path.parent))
-    assert clipterm.open_cache("small").manifest["dataset"]["source"] == "toy:40"
+    assert clipterm.open_cache("small").manifest["dataset"]["source"] == toy_spec(40, world=TOY_WORLD)
     with pytest.raises(ClipTermError, match="no cache 'nope'") as info:
         clipterm.open_cache("nope")
     assert info.value.code == ExitCode.NOT_FOUND and "small" in info.value.hint

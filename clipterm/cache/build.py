@@ -32,7 +32,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 class BuildOptions:
     """Everything `clipterm cache build` can be asked for."""
 
-    images: str  # DIR | LIST | toy:N[@SEED] | tar shards (data/{000000..000099}.tar, a folder of .tar) | hf:PATH[:split]
+    images: str  # DIR | LIST | toy[1|2]:N[@SEED] | tar shards (data/{000000..000099}.tar, a folder of .tar) | hf:PATH[:split]
     model: str = "toy"  # toy | open_clip arch | local-dir:PATH
     pretrained: str | None = None  # tag or weights file
     name: str | None = None  # cache name under the root; derived from model and images when None
@@ -85,12 +85,13 @@ def _build(options: BuildOptions, ranks: Ranks, progress: ProgressFactory | None
     import torch
 
     from clipterm.names import parse_layers
+    from clipterm.toyworld.evaluate import model_world
     from clipterm.vit.models import load_model, pick_device
 
     started = time.perf_counter()
     _check_options(options)
-    source = open_source(options.images, label_key=options.label_key, image_column=options.image_column,
-                         label_column=options.label_column)
+    source = open_source(options.images, toy_world=model_world(loaded.info.spec if loaded is not None else options.model), label_key=options.label_key,
+                         image_column=options.image_column, label_column=options.label_column)
     device = pick_device(options.device, ranks.local_rank)
     if loaded is None:
         loaded = load_model(options.model, options.pretrained, device=device)

@@ -30,17 +30,20 @@ def prepare(n_images: int, console: Console, cache_dir: str | None = None) -> tu
     from clipterm.cache.neurons import build_neurons, built_layers
     from clipterm.cache.reader import open_cache
     from clipterm.cli.output import progress
+    from clipterm.inputs.images import toy_spec
+    from clipterm.toyworld.evaluate import model_world
     from clipterm.vit.models import load_model
 
     with console.status("loading the toy CLIP"):
         loaded = load_model("toy")
+    images = toy_spec(n_images, world=model_world("toy"))  # the world the toy was trained on
     # The demo's own cache is rebuilt when the shipped toy changed (another clipterm version) or its size did.
     old = store.read_manifest(locations.cache_root(cache_dir)[0] / DEMO_CACHE)
     stale = old is not None and ((old.get("model") or {}).get("weights_sha256") != loaded.info.weights_sha256
-                                 or (old.get("dataset") or {}).get("source") != f"toy:{n_images}")
+                                 or (old.get("dataset") or {}).get("source") != images)
     if stale:
         console.print(f"rebuilding cache {DEMO_CACHE}: it was built with another toy model or size")
-    options = BuildOptions(images=f"toy:{n_images}", name=DEMO_CACHE, cache_dir=cache_dir, workers=0, device="cpu",
+    options = BuildOptions(images=images, name=DEMO_CACHE, cache_dir=cache_dir, workers=0, device="cpu",
                            force=stale)
     result = build_cache(options, progress=progress, loaded=loaded)
     if result.built:
@@ -56,7 +59,7 @@ def prepare(n_images: int, console: Console, cache_dir: str | None = None) -> tu
 def run_demo(n: int, seed: int, n_images: int, console: Console, interactive: bool, cache_dir: str | None = None) -> dict:
     """Score the toy CLIP on n fresh scenes, then open the TUI on the demo cache (or print its summary)."""
     from clipterm.cli.common import accuracy_table
-    from clipterm.toyworld.evaluate import evaluate_model
+    from clipterm.toyworld.evaluate import evaluate_model, model_world
 
     start = time.perf_counter()
     loaded, reader = prepare(n_images, console, cache_dir)
@@ -66,7 +69,7 @@ def run_demo(n: int, seed: int, n_images: int, console: Console, interactive: bo
         f"{info.head_dim}, {info.image_size}px images in {info.patch_size}px patches, joint space {info.embed_dim}-d."
     )
     with console.status(f"scoring {n} fresh synthetic images"):
-        acc = evaluate_model(loaded.model, loaded.tokenizer, n=n, seed=seed)
+        acc = evaluate_model(loaded.model, loaded.tokenizer, n=n, seed=seed, world=model_world("toy"))
     console.print(accuracy_table(acc, title=f"zero-shot accuracy on {n} fresh images (seed {seed})"))
     if interactive:
         from clipterm.cli.common import open_tui

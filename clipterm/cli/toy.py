@@ -116,8 +116,7 @@ def evaluate(
     json_out: bool = JsonOpt,
 ) -> None:
     """Zero-shot accuracy per task on freshly generated held-out images of the world the model was trained on."""
-    from clipterm.locations import TOY_MODEL_DIRS
-    from clipterm.toyworld.evaluate import HELDOUT_SEED, evaluate_model, trained_world
+    from clipterm.toyworld.evaluate import HELDOUT_SEED, evaluate_model, model_world
     from clipterm.vit.models import load_model
 
     if n > EVAL_MAX:  # held-out scenes are rendered in memory, 12 KB each
@@ -125,7 +124,7 @@ def evaluate(
                             hint="accuracy on 10,000 scenes is within about 1% of the truth; use --seed for other scenes")
     loaded = load_model(model)
     if world is None:
-        world = trained_world(TOY_MODEL_DIRS.get(model) or Path(model.removeprefix("local-dir:")))
+        world = model_world(model)
     check_world(world)
     acc = evaluate_model(loaded.model, loaded.tokenizer, n=n, seed=HELDOUT_SEED if seed is None else seed, world=world)
     if json_out:

@@ -4,8 +4,9 @@
 |---------------|----------------------------------------------------------------------------|
 | `DIR`         | every image file under DIR, recursively, in sorted order; the first-level sub-folder names the class (task `class`) |
 | `LIST`        | a text file, one image path per line (relative to the list's folder); an optional tab-separated second column names the class |
-| `toy:N`       | the first N scenes of the synthetic world, seed 0, with every toy task's labels |
+| `toy:N`       | the first N scenes of the synthetic world, seed 0, with every toy task's labels: the world the built-in toy model was trained on (`cache build` reads it from the model; world 1 elsewhere) |
 | `toy:N@SEED`  | the same with another seed                                                  |
+| `toy1:N`, `toy2:N[@SEED]` | the same scenes of world 1 or 2, whatever the model                 |
 
 Decoding is forgiving where it can be and honest where it can't: CMYK, alpha, palette and 16-bit
 images are turned into RGB; empty, truncated and non-image files are skipped with a reason.
@@ -36,7 +37,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 # Decompression-bomb guard: more pixels than this (16k x 16k) is refused rather than decoded.
 MAX_PIXELS = 16384 * 16384
 DECODE_FULL, DECODE_FAST = "full", "fast"  # the manifest's `decode`: how a build decoded its files
-_TOY = re.compile(r"^toy:(\d+)(?:@(\d+))?$")
+_TOY = re.compile(r"^toy([12])?:(\d+)(?:@(\d+))?$")  # world (none: the model's), N, seed
 
 
 class SkipImage(Exception):
@@ -49,7 +50,7 @@ class ImageItem:
 
     index: int
     path: str | None  # absolute path of a file
-    id: str | None  # synthetic id, e.g. "toy:0/17"
+    id: str | None  # synthetic id, e.g. "toy:0/17" (world 1) or "toy2:0/17"
     labels: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -92,6 +93,7 @@ class ImageSource:
     items: list[ImageItem]
     tasks: dict[str, list[str]]  # task -> class names, in label order
     seed: int | None = None  # toy only
+    world: int = 1  # toy only: the synthetic world's version
 
     def __len__(self) -> int:
         return len(self.items)
@@ -102,7 +104,7 @@ class ImageSource:
         base = Path(self.root).parent if self.kind == "list" else Path(self.root or ".")
         if self.kind == "toy":  # the same digest as over the items' ids, without drawing a scene
             for i in range(len(self.items)):
-                digest.update(f"toy:{self.seed}/{i}\n".encode())
+                digest.update(f"{toy_id(self.seed or 0, i, self.world)}\n".encode())
             return digest.hexdigest()
         for item in self.items:
             if item.path is not None:
@@ -118,28 +120,40 @@ class ImageSource:
 
     def describe(self) -> dict[str, Any]:
         """What the manifest records about the dataset."""
+        toy = {"world": self.world} if self.kind == "toy" else {}
         return {"source": printable(self.spec), "kind": self.kind, "root": printable(self.root) if self.root else None,
-                "seed": self.seed, "n": len(self.items),
+                "seed": self.seed, **toy, "n": len(self.items),
                 "tasks": self.tasks, "fingerprint": self.fingerprint()}
 
     def load(self, index: int, min_side: int, fast: bool = False) -> Any:
         """The RGB PIL image of input `index` (with `fast`, reduced to about 2x `min_side` when huge); raises SkipImage."""
         item = self.items[index]
         if item.path is None:
-            return toy_scene(self.seed or 0, index) if item.id is None or TOY_ID.match(item.id) else synthetic_image(item.id, min_side)
+            return toy_scene(self.seed or 0, index, self.world) if item.id is None or TOY_ID.match(item.id) \
+                else synthetic_image(item.id, min_side)
         return decode(item.path, min_side, fast)
 
 
-TOY_ID = re.compile(r"^toy:(\d+)/(\d+)$")  # the synthetic id of a toy scene, as images.jsonl records it
+TOY_ID = re.compile(r"^toy(2)?:(\d+)/(\d+)$")  # the synthetic id of a toy scene, as images.jsonl records it
 
 
-def toy_scene(seed: int, index: int) -> Any:
-    """The RGB PIL image (64×64) of toy scene `index` of the world with `seed`."""
+def toy_id(seed: int, index: int, world: int = 1) -> str:
+    """`toy:SEED/INDEX` for world 1 (as caches have always recorded it), `toy2:SEED/INDEX` for world 2."""
+    return f"toy{'' if world == 1 else world}:{seed}/{index}"
+
+
+def toy_spec(n: int, seed: int = 0, world: int = 1) -> str:
+    """The image spec of the first n scenes of a world with this seed, as a manifest records it."""
+    return f"toy{'' if world == 1 else world}:{n}" + (f"@{seed}" if seed else "")
+
+
+def toy_scene(seed: int, index: int, world: int = 1) -> Any:
+    """The RGB PIL image (64×64) of toy scene `index` of the world (version `world`) with `seed`."""
     from PIL import Image
 
-    from clipterm.toyworld import world
+    from clipterm.toyworld import world as toyworld
 
-    pixels, _ = world.render(world.scene_at(seed, index))  # (64, 64, 3) uint8
+    pixels, _ = toyworld.render(toyworld.scene_at(seed, index, world))  # (64, 64, 3) uint8
     return Image.fromarray(pixels)
 
 
@@ -153,21 +167,25 @@ def synthetic_image(synthetic_id: str, min_side: int = 224) -> Any:
         return load_by_id(synthetic_id, min_side)
     if match is None:
         raise ValueError(f"not a synthetic image id: {synthetic_id!r}")
-    return toy_scene(int(match.group(1)), int(match.group(2)))
+    return toy_scene(int(match.group(2)), int(match.group(3)), 2 if match.group(1) else 1)
 
 
-def open_source(spec: str, **shard_options: Any) -> ImageSource:
-    """Parse an image spec (`DIR`, `LIST`, `toy:N`, `toy:N@SEED`, or a shard spec of clipterm.inputs.shards) into an
-    ImageSource; `shard_options` (label_key, image_column, label_column) go to the shard sources."""
+def open_source(spec: str, toy_world: int = 1, **shard_options: Any) -> ImageSource:
+    """Parse an image spec (`DIR`, `LIST`, `toy:N`, `toy:N@SEED`, `toy2:N`, or a shard spec of clipterm.inputs.shards)
+    into an ImageSource; `toy:N` draws world `toy_world` (the model's). `shard_options` (label_key, image_column,
+    label_column) go to the shard sources."""
     from clipterm.inputs import shards
 
     if shards.is_shard_spec(spec):
         return shards.open_shard_source(spec, **shard_options)
     match = _TOY.match(spec.strip())
     if match:
-        return toy_source(int(match[1]), int(match[2] or 0), spec)
+        world = int(match[1] or toy_world)
+        n, seed = int(match[2]), int(match[3] or 0)
+        return toy_source(n, seed, spec if match[1] or world == 1 else toy_spec(n, seed, world), world)
     if spec.startswith("toy"):
-        raise ClipTermError(f"not a toy image spec: {spec!r}", hint="write toy:N or toy:N@SEED, e.g. toy:2000")
+        raise ClipTermError(f"not a toy image spec: {spec!r}", hint="write toy:N or toy:N@SEED (toy1:/toy2: for a world), "
+                                                                    "e.g. toy:2000")
     path = Path(spec).expanduser()
     if path.is_dir():
         return folder_source(path, spec)
@@ -184,8 +202,8 @@ TOY_MAX = 2**31
 class ToyItems(Sequence):
     """The items of a toy source, each labelled when it is first asked for (a scene costs a draw of the world)."""
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed = n, seed
+    def __init__(self, n: int, seed: int, world: int = 1):
+        self.n, self.seed, self.world = n, seed, world
 
     def __len__(self) -> int:
         return self.n
@@ -196,26 +214,29 @@ class ToyItems(Sequence):
         if not -self.n <= index < self.n:
             raise IndexError(index)
         index %= self.n
-        return ImageItem(index, None, f"toy:{self.seed}/{index}", _toy_labels(self.seed, index))
+        return ImageItem(index, None, toy_id(self.seed, index, self.world), _toy_labels(self.seed, index, self.world))
 
 
-def _toy_labels(seed: int, index: int) -> dict[str, int]:
-    from clipterm.toyworld import world
+def _toy_labels(seed: int, index: int, world: int = 1) -> dict[str, int]:
+    from clipterm.toyworld import world as toyworld
 
-    return world.labels(world.scene_at(seed, index))
+    return toyworld.labels(toyworld.scene_at(seed, index, world))
 
 
-def toy_source(n: int, seed: int = 0, spec: str | None = None) -> ImageSource:
-    """The first `n` scenes of the synthetic world with this seed, labelled for every toy task (lazily)."""
-    from clipterm.toyworld import world
+def toy_source(n: int, seed: int = 0, spec: str | None = None, world: int = 1) -> ImageSource:
+    """The first `n` scenes of the synthetic world (version `world`) with this seed, labelled for every toy task
+    (lazily)."""
+    from clipterm.toyworld.world import TASKS, check_world
 
+    check_world(world)
     if n < 1:
         raise ClipTermError("toy:N needs N >= 1", hint="e.g. toy:2000")
     if n > TOY_MAX:
         raise ClipTermError(f"toy:{n} asks for more scenes than the synthetic world has: at most {TOY_MAX:,} "
                             "(each scene draws its noise from 2^31 seeds)", hint="use a smaller N, or another @SEED for more")
-    items = ToyItems(n, seed)
-    return ImageSource(spec or f"toy:{n}@{seed}", "toy", None, items, {t: list(c) for t, c in world.TASKS.items()}, seed)  # type: ignore[arg-type]
+    items = ToyItems(n, seed, world)
+    return ImageSource(spec or toy_spec(n, seed, world), "toy", None, items,  # type: ignore[arg-type]
+                       {t: list(c) for t, c in TASKS.items()}, seed, world)
 
 
 def folder_source(folder: Path, spec: str | None = None) -> ImageSource:

@@ -78,3 +78,11 @@ def trained_world(model_dir: Path) -> int:
     """The world a model folder written by `clipterm toy train` was trained on (1 for folders that predate worlds)."""
     notes = Path(model_dir) / "training.json"
     return int(json.loads(notes.read_text()).get("world", 1)) if notes.is_file() else 1
+
+
+def model_world(model: str) -> int:
+    """The world a model spec was trained on: a built-in toy's, or the notes of a folder `clipterm toy train` wrote;
+    1 for any other model (`toy:N` images then draw world 1, as they always have)."""
+    from clipterm.locations import TOY_MODEL_DIRS
+
+    return trained_world(TOY_MODEL_DIRS.get(model) or Path(model.removeprefix("local-dir:")))

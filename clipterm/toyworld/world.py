@@ -6,10 +6,12 @@ shape masks are precomputed once, and a scene is a few array writes.
 
 The world is versioned, so that a model is always evaluated on the world it was
 trained on. World 1 is what the shipped toy CLIP was trained on, and stays
-bit-for-bit as it was. World 2 keeps the same tasks and classes but makes the
-written word legible (glyphs twice as tall, in a band of its own at the top or
-bottom, drawn under the objects), makes ink colour independent of the word, and
-writes a word in half of the scenes.
+bit-for-bit as it was. World 2 keeps the same tasks and classes but makes them
+learnable by a small ViT with 8-pixel patches: larger objects (radius 7 and 12)
+at exact positions (no jitter), and a legible written word (glyphs twice as tall
+and two pixels thick, on a dark label in a band of its own at the top or bottom,
+under the objects). Its ink colour is independent of the word, and half of the
+scenes have one.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ TASKS: dict[str, tuple[str, ...]] = {
 
 _CENTRES = {"left": (32, 15), "right": (32, 49), "top": (15, 32), "bottom": (49, 32), "centre": (32, 32)}
 _RADIUS = {"small": 6, "large": 11}
+_RADIUS_V2 = {"small": 7, "large": 12}
 _BG_LEVEL = {"dark": 25, "light": 225}
 
 
@@ -73,7 +76,7 @@ class Scene:
     noise_seed: int = 0
     tint: tuple[int, int, int] = field(default=(0, 0, 0))
     world: int = 1  # the world version whose drawing rules `render` follows
-    word_shift: int = 0  # world 2: horizontal jitter of the word, in pixels
+    word_shift: int = 0  # horizontal offset of a world-2 word, in pixels (the world draws 0)
 
 
 def _shape_mask(shape: str, radius: int) -> np.ndarray:
@@ -103,8 +106,8 @@ def _shape_mask(shape: str, radius: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=None)
-def stencil(shape: str, size: str) -> np.ndarray:
-    return _shape_mask(shape, _RADIUS[size])
+def stencil(shape: str, size: str, world: int = 1) -> np.ndarray:
+    return _shape_mask(shape, (_RADIUS if world == 1 else _RADIUS_V2)[size])
 
 
 @lru_cache(maxsize=None)
@@ -122,8 +125,13 @@ def word_stencil(word: str) -> np.ndarray:
 
 @lru_cache(maxsize=None)
 def tall_word_stencil(word: str) -> np.ndarray:
-    """World 2's glyphs: the bitmap font stretched to twice its height (about 14-18 px, two patch rows)."""
-    return np.kron(word_stencil(word), np.ones((2, 1), dtype=bool))
+    """World 2's glyphs: the bitmap font stretched to twice its height (about 14-18 px, two patch rows), and
+    its one-pixel strokes thickened to two."""
+    tall = np.kron(word_stencil(word), np.ones((2, 1), dtype=bool))
+    bold = np.zeros((tall.shape[0], tall.shape[1] + 1), dtype=bool)
+    bold[:, :-1] |= tall
+    bold[:, 1:] |= tall
+    return bold
 
 
 def _paste(canvas: np.ndarray, mask: np.ndarray, top: int, left: int) -> np.ndarray:
@@ -152,7 +160,7 @@ def render(scene: Scene) -> tuple[np.ndarray, list[np.ndarray]]:
         _draw_word(img, scene)  # under the objects, so that their masks stay exact
     masks = []
     for obj in scene.objects:
-        st = stencil(obj.shape, obj.size)
+        st = stencil(obj.shape, obj.size, scene.world)
         cy, cx = _CENTRES[obj.position]
         top = cy + obj.jitter[0] - st.shape[0] // 2
         left = cx + obj.jitter[1] - st.shape[1] // 2
@@ -167,28 +175,32 @@ def render(scene: Scene) -> tuple[np.ndarray, list[np.ndarray]]:
     return np.clip(img, 0, 255).astype(np.uint8), masks
 
 
-# World 2 writes words in a band of their own: centred at row 11 (top) or 53 (bottom).
+# World 2 writes words in a band of their own: centred at row 11 (top) or 53 (bottom), on a dark label.
 _WORD_ROWS = {"top": 11, "bottom": 53}
+_LABEL_LEVEL, _LABEL_MARGIN = 12, 2
 
 
 def _draw_word(img: np.ndarray, scene: Scene) -> None:
-    """Write the word of a world-2 scene in its band, horizontally centred with its jitter, inside the frame."""
+    """Write the word of a world-2 scene in its band, horizontally centred with its jitter, inside the frame, on
+    a dark label a little larger than the word (so that striped and noisy backgrounds never break its strokes)."""
     st = tall_word_stencil(scene.word)
     top = _WORD_ROWS[scene.word_position] - st.shape[0] // 2
     left = min(max(IMAGE_SIZE // 2 + scene.word_shift - st.shape[1] // 2, 0), IMAGE_SIZE - st.shape[1])
+    m = _LABEL_MARGIN
+    img[max(top - m, 0) : top + st.shape[0] + m, max(left - m, 0) : left + st.shape[1] + m] = _LABEL_LEVEL
     img[_paste(img, st, top, left)] = COLOURS[scene.ink]
 
 
-def _draw_objects(rng: np.random.Generator, positions: list[str]) -> tuple[Obj, ...]:
-    """One object at each of `positions`, its colour, shape, size and jitter drawn in that order (the world's seed
-    stream depends on the order)."""
+def _draw_objects(rng: np.random.Generator, positions: list[str], jitter: int = 2) -> tuple[Obj, ...]:
+    """One object at each of `positions`, its colour, shape, size and jitter (up to `jitter` px; 0: none drawn)
+    drawn in that order (the world's seed stream depends on the order)."""
     return tuple(
         Obj(
             colour=str(rng.choice(list(COLOURS))),
             shape=str(rng.choice(SHAPES)),
             size=str(rng.choice(SIZES)),
             position=position,
-            jitter=(int(rng.integers(-2, 3)), int(rng.integers(-2, 3))),
+            jitter=(int(rng.integers(-jitter, jitter + 1)), int(rng.integers(-jitter, jitter + 1))) if jitter else (0, 0),
         )
         for position in positions
     )
@@ -223,18 +235,22 @@ def sample_scene_v2(rng: np.random.Generator, p_two: float = 0.25, p_word: float
         free.remove(word_pos)
     n_obj = 2 if rng.random() < p_two else 1
     order = rng.permutation(len(free))
-    objects = _draw_objects(rng, [free[k] for k in order[:n_obj]])
+    objects = _draw_objects(rng, [free[k] for k in order[:n_obj]], jitter=0)
     if word is not None:
         ink = objects[0].colour if rng.random() < p_ink_on_object else str(rng.choice(list(COLOURS)))
     tint = tuple(int(t) for t in rng.integers(-12, 13, size=3))
-    return Scene(objects, str(rng.choice(BACKGROUNDS)), word, ink, word_pos, int(rng.integers(2**31)), tint,
-                 world=2, word_shift=int(rng.integers(-2, 3)))
+    return Scene(objects, str(rng.choice(BACKGROUNDS)), word, ink, word_pos, int(rng.integers(2**31)), tint, world=2)
+
+
+def check_world(world: int) -> None:
+    """ValueError for a world version that does not exist."""
+    if world not in WORLDS:
+        raise ValueError(f"unknown toy world {world!r}; worlds: {WORLDS}")
 
 
 def scene_at(seed: int, index: int, world: int = 1) -> Scene:
     """The `index`-th scene of the world with this seed (and version)."""
-    if world not in WORLDS:
-        raise ValueError(f"unknown toy world {world!r}; worlds: {WORLDS}")
+    check_world(world)
     rng = np.random.default_rng([seed, index])
     return sample_scene(rng) if world == 1 else sample_scene_v2(rng)
 
