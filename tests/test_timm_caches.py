@@ -146,6 +146,21 @@ def test_what_cannot_apply_to_a_map_head_says_so_in_one_line(cli, siglip, monkey
     assert len([line for line in result.err.splitlines() if line.startswith("error:")]) == 1
 
 
+@pytest.mark.parametrize("stored", ["--neurons", "--tokens=L8"])
+def test_a_refused_stored_option_writes_nothing_so_the_plain_build_then_runs(cli, siglip, tmp_path, stored):
+    """What a timm tower cannot store is refused before the build writes its cache (it used to leave a started
+    cache that the same build without the option then refused as "started with another stored")."""
+    from pathlib import Path
+
+    folder = Path(siglip[1].info.weights_path).parent
+    args = ("cache", "build", "--images", "toy:4", "--model", f"local-dir:{folder}", "--name", "s2",
+            "--cache-dir", str(tmp_path), "--device", "cpu", "--workers", "0")
+    refused = cli(*args, stored)
+    assert refused.code == ExitCode.UNSUPPORTED and "build without" in refused.err
+    assert not (tmp_path / "s2").exists()
+    assert cli(*args).code == 0
+
+
 def test_a_cache_of_one_family_refuses_a_model_of_another(siglip, toy):
     from clipterm.cache.reader import check_model
 

@@ -60,15 +60,15 @@ def colour_heads(loaded, reader, root, n_texts: int = 3, draws: int = 200) -> di
             "heads": {h: {"colour_drop": round(drops[h], 4), "colour_texts": hits[h]} for h in heads}}
 
 
-def multimodal_channels(reader, top: int = 20, least: int = 2) -> dict:
-    """Channels multimodal in the article's sense: among the `top` images of highest mean activation, at least
-    `least` show objects of colour X and at least `least` show the written word X in another ink."""
-    from clipterm.inputs.images import TOY_ID
-    from clipterm.toyworld.world import scene_at
+def multimodal_channels(reader, top: int = 20, least: int = 2, layer: str = "L3") -> dict:
+    """Channels (or a ViT layer's neurons) multimodal in the article's sense: among the `top` images of highest
+    mean activation, at least `least` show objects of colour X and at least `least` show the written word X in
+    another ink."""
+    from clipterm.inputs.images import toy_scene_of
 
     items = [reader.images()[int(i)] for i in reader.index()]
-    scenes = [scene_at(*map(int, TOY_ID.match(item["id"]).groups())) for item in items]
-    activations = reader.neurons("L3").float()  # (N, C)
+    scenes = [toy_scene_of(item["id"]) for item in items]
+    activations = reader.neurons(layer).float()  # (N, C)
 
     def both(chosen: list) -> dict | None:
         for colour in COLOURS:

@@ -142,6 +142,16 @@ def toy_id(seed: int, index: int, world: int = 1) -> str:
     return f"toy{'' if world == 1 else world}:{seed}/{index}"
 
 
+def toy_scene_of(synthetic_id: str) -> Any:
+    """The world Scene behind a toy id (`toy:SEED/INDEX` or `toy2:SEED/INDEX`): its objects, word and labels."""
+    from clipterm.toyworld.world import scene_at
+
+    match = TOY_ID.match(synthetic_id)
+    if match is None:
+        raise ValueError(f"not a toy scene id: {synthetic_id!r}")
+    return scene_at(int(match.group(2)), int(match.group(3)), 2 if match.group(1) else 1)
+
+
 def toy_spec(n: int, seed: int = 0, world: int = 1) -> str:
     """The image spec of the first n scenes of a world with this seed, as a manifest records it."""
     return f"toy{'' if world == 1 else world}:{n}" + (f"@{seed}" if seed else "")

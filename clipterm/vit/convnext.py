@@ -112,15 +112,20 @@ def _recording(visual) -> Iterator[dict[str, Any]]:
             hook.remove()
 
 
+def check_stored(neurons: bool, token_layers=()) -> None:
+    """Refuse what a ConvNeXt cache cannot store (a build checks this before it writes anything)."""
+    if neurons or token_layers:
+        raise ClipTermError(f"--{'neurons' if neurons else 'tokens'} is not stored for ConvNeXt towers",
+                            hint="build without it; the last stage's blocks decompose exactly", code=ExitCode.UNSUPPORTED)
+
+
 def decompose(model, images: Tensor, neurons: bool = False, token_layers=()) -> Decomposition:
     """Split the embeddings of a batch (B, 3, S, S): the real tower runs once under hooks."""
     visual = vision_tower(model)
     check_supported(model)
     if visual.training:
         raise ValueError("decompose() needs model.eval(): BatchNorm, dropout and drop path would change the split")
-    if neurons or token_layers:
-        raise ClipTermError(f"--{'neurons' if neurons else 'tokens'} is not stored for ConvNeXt towers",
-                            hint="build without it; the last stage's blocks decompose exactly", code=ExitCode.UNSUPPORTED)
+    check_stored(neurons, token_layers)
     weight = next(visual.trunk.parameters())
     with torch.no_grad(), _recording(visual) as seen:
         image_embeds = visual(images.to(device=weight.device, dtype=weight.dtype))  # (B, D)

@@ -279,18 +279,23 @@ def _pool_attention(pool: nn.Module, q: Tensor, k: Tensor) -> Tensor:
         return scores.softmax(-1)[:, :, 0]  # (B, G, N)
 
 
-def decompose(model, images: Tensor, neurons: bool = False, token_layers=()) -> Decomposition:
-    """Split the embeddings of a batch (B, 3, S, S): the real tower runs once under hooks."""
-    visual = vision_tower(model)
-    check_supported(model)
-    if visual.training:
-        raise ValueError("decompose() needs model.eval(): dropout and drop path would change the split")
+def check_stored(neurons: bool, token_layers=()) -> None:
+    """Refuse what a timm-tower cache cannot store yet (a build checks this before it writes anything)."""
     if neurons:
         raise ClipTermError("per-neuron values are not stored for timm towers yet",
                             hint="build without --neurons; heads and whole MLPs decompose exactly", code=ExitCode.UNSUPPORTED)
     if token_layers:
         raise ClipTermError("per-token head maps (--tokens) are stored for open_clip class-token ViTs and ResNets only",
                             hint="build without --tokens; `clipterm spatial` needs them", code=ExitCode.UNSUPPORTED)
+
+
+def decompose(model, images: Tensor, neurons: bool = False, token_layers=()) -> Decomposition:
+    """Split the embeddings of a batch (B, 3, S, S): the real tower runs once under hooks."""
+    visual = vision_tower(model)
+    check_supported(model)
+    if visual.training:
+        raise ValueError("decompose() needs model.eval(): dropout and drop path would change the split")
+    check_stored(neurons, token_layers)
     trunk = visual.trunk
     fixed = plan(model)
     weight = next(trunk.parameters())
