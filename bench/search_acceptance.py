@@ -28,7 +28,7 @@ from _common import write_result
 
 from clipterm.analyses import targets
 from clipterm.analyses.search import search_model
-from clipterm.toyworld.evaluate import HELDOUT_SEED
+from clipterm.toyworld.evaluate import HELDOUT_SEED, model_world
 from clipterm.toyworld.world import COLOURS, render, scene_at
 
 # Colour words: the world's own, and other common colour names a head might also like.
@@ -43,10 +43,10 @@ def best_text(loaded, target: str, reader=None) -> tuple[str, float]:
     return last.best[0].text, last.best[0].cosine
 
 
-def single_object_scenes(n: int) -> list:
+def single_object_scenes(n: int, world: int = 1) -> list:
     scenes, index = [], 0
     while len(scenes) < n:
-        scene = scene_at(HELDOUT_SEED, index)
+        scene = scene_at(HELDOUT_SEED, index, world)
         if len(scene.objects) == 1 and scene.word is None:
             scenes.append(scene)
         index += 1
@@ -57,7 +57,7 @@ def image_check(loaded, n: int, folder: Path) -> dict:
     from PIL import Image
 
     rows = []
-    for i, scene in enumerate(single_object_scenes(n)):
+    for i, scene in enumerate(single_object_scenes(n, model_world(loaded.info.spec))):
         path = folder / f"scene{i}.png"
         Image.fromarray(render(scene)[0]).save(path)
         text, cosine = best_text(loaded, f"image:{path}")

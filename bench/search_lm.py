@@ -35,14 +35,15 @@ from clipterm.analyses.lm import load_lm
 from clipterm.analyses.search import SearchConfig, search_model
 from clipterm.inputs.vocab import default_vocabulary
 from clipterm.toyworld.captions import parses_as_caption
+from clipterm.toyworld.evaluate import model_world
 from clipterm.toyworld.world import render
 
 
-def image_targets(n: int, folder: Path) -> list[dict]:
+def image_targets(n: int, folder: Path, world: int = 1) -> list[dict]:
     from PIL import Image
 
     out = []
-    for i, scene in enumerate(single_object_scenes(n)):
+    for i, scene in enumerate(single_object_scenes(n, world)):
         path = folder / f"scene{i}.png"
         Image.fromarray(render(scene)[0]).save(path)
         obj = scene.objects[0]
@@ -102,7 +103,7 @@ def main() -> None:
     weights = [float(w) for w in args.weights.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         lm = load_lm("ngram", vocab, "toy", cache_dir=tmp)
-        images = image_targets(args.images, Path(tmp))
+        images = image_targets(args.images, Path(tmp), model_world("toy"))
         heads, reader = head_targets(loaded, args.cache_images, args.heads, Path(tmp)) if args.heads else ([], None)
         settings = [("unguided", None, 0.0)] + [(f"guided {w:g}", lm, w) for w in weights]
         rows: dict[str, list[dict]] = {name: [] for name, _, _ in settings}

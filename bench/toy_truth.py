@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -25,82 +24,11 @@ from _common import write_result
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_neurons import ground_truth_rates  # noqa: E402  (one measure, shared with the tests)
+from test_neurons import ground_truth_rates  # noqa: E402  (the same measures as the tests)
+from test_toy_truth import head_study, multimodal, truth_reader  # noqa: E402
 
-from clipterm import names  # noqa: E402
-from clipterm.analyses import ablation, textspan  # noqa: E402
-from clipterm.cache.build import BuildOptions, build_cache  # noqa: E402
-from clipterm.cache.neurons import NeuronFile, build_neurons, decompose_neurons  # noqa: E402
-from clipterm.cache.reader import open_cache  # noqa: E402
-from clipterm.inputs.images import toy_scene_of  # noqa: E402
-from clipterm.inputs.texts import embed_pool, load_pool  # noqa: E402
 from clipterm.toyworld.evaluate import HELDOUT_SEED, evaluate_model, model_world  # noqa: E402
-from clipterm.toyworld.world import COLOURS  # noqa: E402
 from clipterm.vit.models import load_model  # noqa: E402
-from clipterm.vit.textencode import encode_texts  # noqa: E402
-
-TASK_HEADS = ("colour", "position", "word")
-
-
-def head_study(loaded, reader, root, draws: int = 200, n_texts: int = 5) -> dict:
-    """Per task: every head's accuracy drop under mean-ablation, the top-3 heads with their TextSpan texts, and
-    their texts' share of the task's topic against all heads' (the expectation for random heads)."""
-    heads = [str(h) for h in names.heads(reader.shape)]
-    pool = load_pool("toy")
-    spans = textspan.describe(reader, heads, embed_pool(loaded, pool, cache_dir=str(root)), n_texts=n_texts,
-                              baseline_draws=0)
-    top_texts = {h: [int(i) for i in spans[h].indices[:n_texts]] for h in heads}
-    encode = lambda texts: encode_texts(loaded.model, loaded.tokenizer, texts)  # noqa: E731
-    out = {}
-    for task in TASK_HEADS:
-        scorings = ablation.scorings(reader, encode, task=task)
-        drops = {row.component: row.drop for row in ablation.ablate(scorings, ablation.shifts(reader, heads), draws)[task]}
-        on_topic = {h: sum(task in pool.topics[i].split("+") for i in top_texts[h]) / n_texts for h in heads}
-        top = sorted(heads, key=lambda h: -drops[h])[:3]
-        out[task] = {"top_heads": [{"component": h, "drop": round(drops[h], 4), "on_topic": on_topic[h],
-                                    "texts": [pool.texts[i] for i in top_texts[h]]} for h in top],
-                     "top_drop": round(drops[top[0]], 4), "top3_on_topic": sum(on_topic[h] for h in top) / 3,
-                     "random_on_topic": sum(on_topic.values()) / len(heads)}
-    return out
-
-
-def multimodal(reader, loaded, root, layer: int, top: int = 20, least: int = 5) -> dict:
-    """Neurons of `layer` whose top images show both objects of colour X and the word X in another ink."""
-    scenes = [toy_scene_of(reader.images()[int(i)]["id"]) for i in reader.index()]
-
-    def both(rows: list[int]) -> dict | None:
-        chosen = [scenes[i] for i in rows]
-        for colour in COLOURS:
-            objects = sum(any(o.colour == colour for o in s.objects) and s.word != colour for s in chosen)
-            words = sum(s.word == colour and s.ink != colour for s in chosen)
-            if objects >= least and words >= least:
-                return {"colour": colour, "objects": objects, "words": words}
-        return None
-
-    neuron_file = NeuronFile(reader, layer)
-    pool = load_pool("toy")
-    embeds = embed_pool(loaded, pool, cache_dir=str(root))
-    activations = reader.neurons(layer).float()  # (N, M)
-    found = {}
-    for by in ("activation", "norm"):
-        hits = []
-        for n in range(activations.shape[1]):
-            column = activations[:, n] if by == "activation" else neuron_file.column("norms", n).float()
-            hit = both(column.topk(top).indices.tolist())
-            if hit is not None:
-                hits.append({"neuron": f"L{layer}.N{n}", "index": n, **hit})
-        if hits:
-            code = decompose_neurons(neuron_file, [h["index"] for h in hits], embeds, k=32)
-            for k, h in enumerate(hits):
-                lead = code.leading(k)
-                h["text"] = pool.texts[lead] if lead is not None else ""
-                h["named"] = re.search(rf"\b{h['colour']}\b", h["text"]) is not None
-        found[by] = hits
-    generator = torch.Generator().manual_seed(0)
-    drawn = [torch.randperm(len(scenes), generator=generator)[:top].tolist() for _ in range(500)]
-    chance = sum(both(rows) is not None for rows in drawn) / len(drawn)
-    return {"layer": layer, "neurons": activations.shape[1], "random_rate": chance, **found}
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -117,12 +45,8 @@ def main() -> None:
     accuracy = evaluate_model(loaded.model, loaded.tokenizer, n=args.eval, seed=HELDOUT_SEED, world=world)
     print(f"zero-shot accuracy ({args.eval} held-out scenes of world {world}):", accuracy, flush=True)
     with tempfile.TemporaryDirectory(prefix="toy-truth-") as tmp:
-        build_cache(BuildOptions(images=f"toy:{args.images}", model=spec, name="truth", cache_dir=tmp, neurons=True,
-                                 workers=0), loaded=loaded)
-        reader = open_cache(Path(tmp) / "truth")
+        reader = truth_reader(loaded, tmp, args.images)
         layer = loaded.info.layers - 2
-        build_neurons(reader, layer, device="cpu", loaded=loaded)
-        reader = open_cache(Path(tmp) / "truth")
         rates = ground_truth_rates(loaded, tmp, n_images=args.images)
         print(f"neurons: {len(rates['attribute_neurons'])} attribute neurons, named {rates['rate']:.0%} vs "
               f"{rates['random_rate']:.0%} random (goal >= 5, >= 60%, >= 2x)", flush=True)
