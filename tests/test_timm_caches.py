@@ -252,7 +252,7 @@ def test_the_tui_browses_a_convnext_cache_by_its_last_stage_blocks(convnext):
             assert app.hints["bias"] == "the same for every image"
             assert all(app.hints.get(b) in set(load_pool("toy").texts) for b in blocks)  # top TextSpan texts
 
-            app.jump("S3.B1")
+            await pilot.press("j", "j", "j", "j")  # embed, S3, S3.B0, S3.B1: the keys walk the tree
             await settle(app, pilot)
             assert app.selected == "S3.B1"
             described = text(app, DescriptionPane).splitlines()
