@@ -179,6 +179,9 @@ def test_a_convnext_cache_names_its_last_stage_blocks(convnext, cli, monkeypatch
     assert names[:2] == ["embed", "bias"] and names[2:] == [f"S3.B{k}" for k in range(reader.shape.layers)]
     assert rel(sum(reader.effects(n) for n in names), reader.image_embeds()) < 1e-5
     assert rel(reader.effects("S3"), sum(reader.effects(n) for n in names[2:])) < 1e-6
+    from clipterm.analyses.direct_ablation import terms
+
+    assert [(t.tensor, t.index) for t in terms(reader, "S3")] == [("mlps", (k,)) for k in range(reader.shape.layers)]
     monkeypatch.setenv("CLIPTERM_CACHE", str(reader.path.parent))
     result = cli("ablate", "cnx", "--by", "mlp", "--task", "colour", "--pool", "toy", "--json")
     assert result.code == 0, result.err
@@ -187,8 +190,92 @@ def test_a_convnext_cache_names_its_last_stage_blocks(convnext, cli, monkeypatch
     assert result.code == 0, result.err
     result = cli("images", "cnx", "--component", "L0.H0")
     assert result.code != 0 and "not a ConvNeXt name" in result.err and "S3.B0" in result.err
-    result = cli("tui", "cnx")
-    assert result.code != 0 and "ConvNeXt" in result.err and "Traceback" not in result.err
+
+
+def test_clipterm_tui_accepts_a_convnext_cache(convnext, cli, monkeypatch):
+    """`clipterm tui` used to refuse a ConvNeXt cache; its checks now pass and it starts the app (stubbed here:
+    the real one waits for keys, which is how this test once hung when the refusal was lost)."""
+    from clipterm.tui.app import ClipTermApp
+
+    reader, _ = convnext
+    started = []
+    monkeypatch.setattr(ClipTermApp, "run", lambda app: started.append(app.reader.shape.tower))
+    monkeypatch.setenv("CLIPTERM_CACHE", str(reader.path.parent))
+    result = cli("tui", "cnx", "--images", "off")
+    assert result.code == 0, result.err
+    assert started == ["convnext"]
+
+
+def test_the_tui_still_refuses_a_tower_its_tree_cannot_lay_out():
+    from types import SimpleNamespace
+
+    from clipterm.tui.command import check_browsable
+
+    for tower in ("vit", "resnet", "convnext"):
+        check_browsable(SimpleNamespace(shape=SimpleNamespace(tower=tower), name="c"))
+    with pytest.raises(ClipTermError) as error:
+        check_browsable(SimpleNamespace(shape=SimpleNamespace(tower="swin"), name="c"))
+    assert error.value.code == ExitCode.UNSUPPORTED and "swin" in error.value.message and error.value.hint
+
+
+def test_the_tui_browses_a_convnext_cache_by_its_last_stage_blocks(convnext):
+    """The tree is embed, S3 (its blocks S3.B*) and bias; a block fills Descriptions, Ablation, Images and Info,
+    and the panes that cannot apply to a ConvNeXt (spatial maps, visualisation, search by a component) say so in
+    one line naming it. Every wait has a timeout, so a hang fails the test instead of blocking the run."""
+    import asyncio
+
+    from textual.widgets import Static
+
+    from clipterm.inputs.texts import load_pool
+    from clipterm.tui.app import ClipTermApp
+    from clipterm.tui.widgets import AblationPane, DescriptionPane, InfoPane
+
+    reader, loaded = convnext
+    blocks = [f"S3.B{k}" for k in range(reader.shape.layers)]
+
+    def text(app, pane) -> str:
+        return str(app.query_one(pane).content)
+
+    async def settle(app, pilot) -> None:
+        await pilot.pause()
+        await asyncio.wait_for(app.workers.wait_for_complete(), timeout=60)
+        await pilot.pause()
+
+    async def run() -> None:
+        app = ClipTermApp(reader, cache_dir=str(reader.path.parent), loaded=loaded, pool="toy")
+        async with app.run_test(size=(100, 30)) as pilot:
+            await settle(app, pilot)
+            assert [child.data for child in app.nodes["model"].children] == ["embed", "S3", "bias"]
+            assert [child.data for child in app.nodes["S3"].children] == blocks
+            assert sorted(["embed", "bias", *blocks]) == sorted(reader.components())
+            assert app.hints["embed"].startswith("−") and app.hints["S3"].startswith("−")  # ablation drops
+            assert app.hints["bias"] == "the same for every image"
+            assert all(app.hints.get(b) in set(load_pool("toy").texts) for b in blocks)  # top TextSpan texts
+
+            await pilot.press("j", "j", "j", "j")  # embed, S3, S3.B0, S3.B1: the keys walk the tree
+            await settle(app, pilot)
+            assert app.selected == "S3.B1"
+            described = text(app, DescriptionPane).splitlines()
+            rows = [line for line in described[1:] if not line.startswith("together")]
+            assert "TextSpan" in described[0] and len(rows) == 10 and all("%" in line for line in rows)
+            ablated = text(app, AblationPane)
+            assert "S3 blocks" in ablated and all(b in ablated for b in blocks)
+            assert "the whole stage S3" in ablated and "embed" in ablated and "MLP" not in ablated
+            assert "block 1 of stage 3" in text(app, InfoPane)
+            assert len(app.analyses.cached("images", "S3.B1").tiles) == reader.n  # 10 images, 12 asked for
+            for status in ("#spatial-status", "#visualise-status"):
+                line = str(app.query_one(status, Static).content)
+                assert "cannot be computed for a ConvNeXt" in line and "\n" not in line
+            assert "ConvNeXt" in str(app.query_one("#search-status", Static).content)
+
+            for name, why in (("embed", "input of the last stage"), ("bias", "same for every image"),
+                              ("S3", "whole stage")):
+                app.jump(name)
+                await settle(app, pilot)
+                assert why in text(app, DescriptionPane) and "S3.B0" in text(app, DescriptionPane)
+                assert "S3 blocks" in text(app, AblationPane)
+
+    asyncio.run(asyncio.wait_for(run(), timeout=240))
 
 
 def test_the_tui_browses_a_siglip_cache_with_its_pool(siglip):

@@ -55,6 +55,8 @@ def terms(reader: Any, name: str) -> list[Term]:
     if comp.kind == "head":
         return [Term("head_out", (comp.layer, comp.index), reader.readout[comp.layer, comp.index],
                      reader.stats(str(comp))["mean"])]
+    if comp.kind == "layer" and comp.site == "stage":  # a ConvNeXt's stage: all its blocks
+        return [term for k in range(reader.shape.layers) for term in terms(reader, names.block(comp.stage, k))]
     if comp.kind == "layer" and not (comp.site == "block" and reader.shape.tower == "resnet"):
         heads = [str(names.Component("head", comp.layer, h, site=comp.site)) for h in range(reader.shape.heads)]
         readout = reader.readout[comp.layer]  # (H, dh, D)

@@ -282,17 +282,28 @@ class Analyses:
     def layer_ablation(self, layer: int) -> dict[str, TaskAblation]:
         """Per task: the drop when each head (and the MLP) of a layer is mean-ablated on its own.
 
-        A ResNet's one stored layer is its pool (`layer` is its slot): its heads, and its positional part."""
+        A ResNet's one stored layer is its pool (`layer` is its slot): its heads, and its positional part. A
+        ConvNeXt's is its last stage (`layer` is the stage's number): its blocks."""
         shape = self.reader.shape
-        if shape.tower == "resnet":
+        if shape.tower == "convnext":
+            components = names.mlps(shape)
+        elif shape.tower == "resnet":
             components = [str(h) for h in names.heads(shape)] + [names.pool_pos()]
         else:
             components = [names.head(layer, h) for h in range(shape.heads)] + [names.mlp(layer)]
         return self._memoised("ablation", layer, lambda: self._ablate(components))
 
     def model_ablation(self) -> dict[str, TaskAblation]:
-        """Per task: the drop when each whole layer (its heads and MLP; a ResNet's pool) is mean-ablated."""
-        return self._memoised("ablation", "layers", lambda: self._ablate(names.layers(self.reader.shape)))
+        """Per task: the drop when each whole layer (its heads and MLP; a ResNet's pool) is mean-ablated; for a
+        ConvNeXt, its last stage's input (`embed`) and the whole stage (`S3`)."""
+        return self._memoised("ablation", "layers", lambda: self._ablate(self.top_level()))
+
+    def top_level(self) -> list[str]:
+        """What the model-level ablation compares: every layer, or a ConvNeXt's stage input and last stage."""
+        shape = self.reader.shape
+        if shape.tower == "convnext":
+            return ["embed", names.stage(shape.stage)]
+        return names.layers(shape)
 
     def _ablate(self, components: list[str]) -> dict[str, TaskAblation]:
         from clipterm.analyses import ablation, direct_ablation  # (ablation first, as the tree's timing expects)
@@ -435,6 +446,12 @@ class Analyses:
                 "neuron": f"second-order effect ({embed_dim}) through the later layers' heads",
                 "layer": f"{shape.heads} heads + MLP"}
         overview = f"{shape.layers} layers × {shape.heads} heads"
+        if shape.tower == "convnext":
+            dims = {"mlp": f"(N, {embed_dim}) in joint space, averaged over the grid",
+                    "layer": f"{shape.layers} blocks, (N, {embed_dim}) in joint space",
+                    "embed": f"(N, {embed_dim}) in joint space", "bias": f"(1, {embed_dim}): the same for every image"}
+            overview = (f"a ConvNeXt: embed (the input of stage {shape.stage}), the {shape.layers} blocks of stage "
+                        f"{shape.stage} and bias; no heads")
         if shape.tower == "resnet":
             dims |= {"neuron": f"direct effect ({embed_dim}) through the pool's {shape.heads} heads",
                      "layer": f"{shape.heads} heads" if comp and comp.site == "pool" else f"{shape.neurons} channels",
@@ -442,6 +459,8 @@ class Analyses:
             overview = (f"a ResNet: an attention pool of {shape.heads} heads over {names.layer(shape.neuron_layer)}'s "
                         f"{shape.neurons} channels")
         built = self.neuron_layers()
+        no_neurons = "none (second-order neurons need attention heads; a ConvNeXt has none)" \
+            if shape.tower == "convnext" else "none (clipterm neurons build CACHE --layer L…)"
         return {
             "component": component,
             "what": names.describe(comp, shape) if comp else overview,
@@ -450,10 +469,16 @@ class Analyses:
             "model": " ".join(str(v) for v in (model.get("arch"), model.get("pretrained")) if v) or model.get("spec", ""),
             "source": manifest["dataset"].get("source"),
             "tasks": ", ".join(self.reader.tasks) or "none",
-            "neurons": ", ".join(names.layer(l) for l in built) or "none (clipterm neurons build CACHE --layer L…)",
+            "neurons": ", ".join(names.layer(l) for l in built) or no_neurons,
             "tokens": ", ".join(names.layers(shape)[l] for l in self.token_layers()) or "none",
             "pool": self.pool_spec,
         }
+
+    def refusal(self, analysis: str) -> str | None:
+        """Why `analysis` cannot run on this cache's tower, in one line naming the model part (None: it can)."""
+        from clipterm.vit.towers import analysis_refusal
+
+        return analysis_refusal(self.reader.manifest["model"], analysis)
 
     def token_layers(self) -> list[int]:
         """Layers whose per-token head outputs the cache stores (`tokens.L{l}`)."""

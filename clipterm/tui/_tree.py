@@ -28,8 +28,8 @@ class TreeMixin:
         tree.clear()
         self.nodes = {"model": tree.root}
         shape, built = self.reader.shape, set(self.analyses.neuron_layers())
-        if shape.tower == "resnet":
-            self._populate_resnet(tree, built)
+        if shape.tower in ("resnet", "convnext"):
+            (self._populate_resnet if shape.tower == "resnet" else self._populate_convnext)(tree, built)
             tree.root.expand()
             return
         for layer in range(shape.layers):
@@ -97,6 +97,25 @@ class TreeMixin:
             stage_node = tree.root.add_leaf(self._label(stage), data=stage)
         self.nodes[stage] = stage_node
 
+    def _populate_convnext(self, tree: Tree, built: set[int]) -> None:
+        """A ConvNeXt's components in the order they add up: `embed` (the last stage's input), the last stage
+        (`S3`, its blocks `S3.B*` below it), `bias`. It has no heads and no neurons to list."""
+        shape = self.reader.shape
+        stage = names.stage(shape.stage)
+        self.hints.setdefault("embed", f"the stem and stages 0–{shape.stage - 1}" if shape.stage > 1 else "the stem")
+        self.hints.setdefault("bias", "the same for every image")
+        blocks = names.mlps(shape)
+        if self._matches("embed"):
+            self.nodes["embed"] = tree.root.add_leaf(self._label("embed"), data="embed")
+        if self._matches(stage) or any(self._matches(b) for b in blocks):
+            stage_node = tree.root.add(self._label(stage), data=stage, expand=True)
+            self.nodes[stage] = stage_node
+            for name in blocks:
+                if self._matches(name) or self._matches(stage):
+                    self.nodes[name] = stage_node.add_leaf(self._label(name), data=name)
+        if self._matches("bias"):
+            self.nodes["bias"] = tree.root.add_leaf(self._label("bias"), data="bias")
+
     def _neuron_parent(self, layer: int) -> str:
         """The node a layer's neurons hang under: its MLP, or a ResNet's stage itself."""
         return names.layer(layer) if self.reader.shape.tower == "resnet" else names.mlp(layer)
@@ -121,9 +140,9 @@ class TreeMixin:
         from textual.worker import get_current_worker
 
         worker = get_current_worker()
-        model = self.analyses.model_ablation()  # task -> one bar per layer (a ResNet's: its pool)
+        model = self.analyses.model_ablation()  # task -> one bar per layer (ResNet: its pool; ConvNeXt: embed, S3)
         shape = self.reader.shape
-        for index, layer in enumerate(names.layers(shape)):
+        for index, layer in enumerate(self.analyses.top_level()):
             drop, task = max((result.bars[index].drop, task) for task, result in model.items())
             self.call_from_thread(self._set_hint, layer, f"−{100 * drop:.1f}% {task}")
         for component in [str(h) for h in names.heads(shape)] + names.mlps(shape):
@@ -138,8 +157,9 @@ class TreeMixin:
 
     def on_tree_node_expanded(self, event: Tree.NodeExpanded) -> None:
         name = event.node.data
-        if name and name != "model" and names.parse(name).kind in ("layer", "mlp"):  # a layer prefetches its neurons
-            layer = names.parse(name).layer
+        parsed = names.parse(name) if name and name != "model" else None
+        if parsed is not None and parsed.kind in ("layer", "mlp") and parsed.site == "block":  # a layer prefetches its neurons
+            layer = parsed.layer
             if layer in self.analyses.neuron_layers() and layer not in self.neuron_rows:
                 self._compute("neurons", layer, lambda: self.analyses.neurons(layer))
 

@@ -183,10 +183,16 @@ class ClipTermApp(TreeMixin, App[None]):
     def _resnet(self) -> bool:
         return self.reader.shape.tower == "resnet"
 
+    def _convnext(self) -> bool:
+        return self.reader.shape.tower == "convnext"
+
     def _ablation_layer(self) -> int | None:
-        """Whose heads the Ablation pane lists: the selection's layer; for a ResNet, always its pool's."""
+        """Whose heads the Ablation pane lists: the selection's layer; for a ResNet, always its pool's; for a
+        ConvNeXt, always its last stage's blocks (keyed by the stage's number)."""
         if self.selected == "model":
             return None
+        if self._convnext():
+            return self.reader.shape.stage
         return self.reader.shape.pool_layer if self._resnet() else self._layer()
 
     def _compute(self, group: str, key: Any, compute: Callable[[], Any]) -> None:
@@ -237,6 +243,12 @@ class ClipTermApp(TreeMixin, App[None]):
 
     def _no_words(self, kind: str) -> str:
         """One line: why the selection has no Descriptions, and what has."""
+        if self._convnext():
+            block = names.block(self.reader.shape.stage, 0)
+            why = {"embed": f"{self.selected} is the input of the last stage, with no TextSpan statistics of its own; ",
+                   "bias": f"{self.selected} is the same for every image: nothing to put in words; ",
+                   "layer": f"{self.selected} is the whole stage; TextSpan describes one block at a time; "}.get(kind, "")
+            return why + f"select a block ({block}) to see what it says in words"
         if not self._resnet():
             return "select a head (L0.H0), an MLP (L0.MLP) or a neuron to see what it says in words"
         stage = names.neuron(self.reader.shape.neuron_layer, 0)
@@ -277,12 +289,20 @@ class ClipTermApp(TreeMixin, App[None]):
             self.task_index = max(range(len(tasks)), key=lambda i: max(b.drop for b in layers[tasks[i]].bars))
         task = tasks[self.task_index % len(tasks)]
         pane.show(task, layer, result[task] if result else None, layers[task], self.selected, tasks,
-                  titles=(self._ablation_title(layer), "the whole pool" if self._resnet() else "whole layers"))
+                  titles=(self._ablation_title(layer), self._ablation_whole()))
 
     def _ablation_title(self, layer: int | None) -> str:
         if self._resnet():
             return "the pool's heads and positional part"
+        if self._convnext():
+            return f"{names.stage(layer)} blocks"
         return f"{names.layer(layer)} heads and MLP"
+
+    def _ablation_whole(self) -> str:
+        """The title of the Ablation pane's model-level section."""
+        if self._convnext():
+            return f"the stage's input and the whole stage {names.stage(self.reader.shape.stage)}"
+        return "the whole pool" if self._resnet() else "whole layers"
 
     def _refresh_images(self) -> None:
         pane, component, kind = self.query_one(ImagesPane), self.selected, self._kind()
@@ -290,7 +310,8 @@ class ClipTermApp(TreeMixin, App[None]):
             pane.show_message("images are off (--images off); start with --images auto or half to see them")
             return
         if kind not in ("head", "mlp", "neuron"):
-            what = "a pool head or a channel" if self._resnet() else "a head, an MLP or a neuron"
+            what = "a pool head or a channel" if self._resnet() else \
+                f"a block ({names.block(self.reader.shape.stage, 0)})" if self._convnext() else "a head, an MLP or a neuron"
             pane.show_message(f"select {what} to see the images it responds to most")
             return
         self._show_or_compute(pane, "images", "images", lambda: self.analyses.top_images(component),
@@ -317,7 +338,12 @@ class ClipTermApp(TreeMixin, App[None]):
         return self._resnet() and self.selected == names.layer(self.reader.shape.neuron_layer)
 
     def _refresh_spatial(self) -> None:
-        pane, key = self.query_one(SpatialPane), self._spatial_key()
+        pane = self.query_one(SpatialPane)
+        refusal = self.analyses.refusal("a per-patch map") if self._convnext() else None
+        if refusal:  # nothing the pane could map: the cache's components are pooled over the grid
+            pane.show_message(refusal)
+            return
+        key = self._spatial_key()
         if key is None:
             what = "the pool, a pool head or a channel" if self._resnet() else "a layer, head, MLP or neuron"
             pane.show_message(f"select {what}, or type a text query and press enter")
@@ -351,6 +377,9 @@ class ClipTermApp(TreeMixin, App[None]):
         elif target:
             pane.show_message(f"s: search for the strings {target} likes best · or type a target and press enter · "
                               f"g: guidance {'by ' + self.search_lm if self.search_lm else 'off'}")
+        elif self._convnext():
+            pane.show_message("a ConvNeXt has no head or neuron directions to search for; type a target "
+                              "(text:a red circle, class:red) and press enter")
         else:
             pane.show_message("this node has no direction to search for: select a head or a neuron, or type a target "
                               "(text:a red circle, class:red) and press enter")
@@ -410,11 +439,17 @@ class ClipTermApp(TreeMixin, App[None]):
 
     # ----------------------------------------------------------------- visualise
 
+    def _visual_refusal(self) -> str | None:
+        """Why this cache's tower has no feature visualisation, in one line naming the model part; None: it has."""
+        if self._resnet():
+            return "feature visualisation climbs a ViT's blocks; it has no objective for a ResNet's pool or channels yet"
+        return self.analyses.refusal("feature visualisation") if self._convnext() else None
+
     def _refresh_visualise(self) -> None:
         pane = self.query_one(VisualisePane)
-        if self._resnet():
-            pane.show_message("feature visualisation climbs a ViT's blocks; it has no objective for a ResNet's pool or "
-                              "channels yet")
+        refusal = self._visual_refusal()
+        if refusal:
+            pane.show_message(refusal)
             return
         target = self.analyses.visual_target(self.selected)
         pane.suggest(target)
@@ -441,8 +476,9 @@ class ClipTermApp(TreeMixin, App[None]):
 
     def start_visualise(self, target: str) -> None:
         """Paint `target`'s image in a worker; frames stream into the Visualise pane. Finished runs are memoised."""
-        if self._resnet():
-            self.notify("feature visualisation runs on ViT towers only", severity="warning")
+        refusal = self._visual_refusal()
+        if refusal:
+            self.notify(refusal, severity="warning")
             return
         memo = self.analyses.cached("visualise", target)
         if memo is not None:

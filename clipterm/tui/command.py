@@ -36,7 +36,7 @@ def tui(
                              "only; another address shows the cache to the network)."),
 ) -> None:
     """Browse a cache with the keyboard: the model tree (layer, head, MLP, neuron; a ResNet's pool heads and
-    channels) and panes for TextSpan texts,
+    channels; a ConvNeXt's last-stage blocks) and panes for TextSpan texts,
     ablation, live text search, top images and info. Press ? for keys, ctrl+p to jump anywhere."""
     if serve:
         serve_tui(cache, host, port, cache_dir=cache_dir, model=model, pretrained=pretrained, pool=pool, theme=theme)
@@ -74,13 +74,16 @@ def serve_tui(cache: str, host: str, port: int, cache_dir: str | None = None, mo
     Server(shlex.join(argv), host=host, port=port, title=f"clipterm {reader.name}").serve()
 
 
+BROWSABLE = ("vit", "resnet", "convnext")  # the towers whose components the tree knows how to lay out
+
+
 def check_browsable(reader: Any) -> None:
     """Refuse, in one line, a cache whose tower the TUI's tree cannot show."""
-    if reader.shape.tower == "convnext":
+    if reader.shape.tower not in BROWSABLE:
         from clipterm.errors import ClipTermError, ExitCode
 
-        raise ClipTermError(f"the TUI does not show ConvNeXt caches yet ({reader.name}: its components are the last "
-                            "stage's blocks, with no layers or heads to browse)",
+        raise ClipTermError(f"the TUI does not show {reader.shape.tower} caches ({reader.name}): its tree lays out "
+                            f"{', '.join(BROWSABLE)} towers only",
                             hint="use the CLI on it: textspan, ablate, attribute, images, search", code=ExitCode.UNSUPPORTED)
 
 

@@ -26,6 +26,8 @@ class ComponentCommands(Provider):
         found = names.layers(shape) + [str(h) for h in names.heads(shape)] + names.mlps(shape)
         if shape.tower == "resnet":
             found += [names.pool_pos(), names.pool_bias(), names.layer(shape.neuron_layer)]
+        if shape.tower == "convnext":  # its layers are its blocks, which are also its MLPs
+            found = ["embed", names.stage(shape.stage), *names.mlps(shape), "bias"]
         return found + [n for n in app.nodes if n not in found and n != "model"]
 
     async def discover(self) -> Hits:
@@ -58,5 +60,6 @@ class ComponentCommands(Provider):
             return None
         if component.kind == "neuron" and component.layer not in app.analyses.neuron_layers():
             return None
-        wanted = component.kind in ("head", "mlp", "neuron", "layer") or component.site == "pool"  # pool.pos, pool.bias
+        wanted = component.kind in ("head", "mlp", "neuron", "layer") or component.site == "pool" \
+            or app.reader.shape.tower == "convnext"  # pool.pos, pool.bias; a ConvNeXt's embed and bias are nodes
         return str(component.base) if wanted else None

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from clipterm.vit.decompose import vision_tower
-
 
 def tower_module(model: Any) -> Any:
     """The decomposition module for a model's vision tower."""
@@ -20,7 +18,7 @@ def tower_module(model: Any) -> Any:
         return resnet
     if timm_vit.is_timm_transformer(model):
         return timm_vit
-    if hasattr(vision_tower(model), "trunk") and convnext.is_convnext(model):
+    if hasattr(decompose.vision_tower(model), "trunk") and convnext.is_convnext(model):
         return convnext
     return decompose
 
@@ -29,7 +27,7 @@ def family(model: Any) -> str:
     """A short name of the tower's family and pooling, e.g. `timm VisionTransformer (map)`; caches record it."""
     from clipterm.vit import decompose, resnet
 
-    visual = vision_tower(model)
+    visual = decompose.vision_tower(model)
     if resnet.is_resnet(model):
         return "open_clip ModifiedResNet (attention pool)"
     trunk = getattr(visual, "trunk", None)
@@ -84,7 +82,7 @@ def model_analysis_info(model: Any) -> dict:
 
     if resnet.is_resnet(model):
         return {"tower": "resnet", "pool": "tok", "family": family(model)}
-    visual = vision_tower(model)
+    visual = decompose.vision_tower(model)
     trunk = getattr(visual, "trunk", None)
     if trunk is not None:
         if convnext.is_convnext(model):
