@@ -307,6 +307,28 @@ def test_prompt_loss_scores_each_task_against_its_class_prompts_and_skips_undefi
     assert prompt_loss(right, scale, classes, truth) < 0.1  # nothing but the right prompt is near
 
 
+def test_probes_reach_the_image_tower_where_collapsed_class_prompts_cannot():
+    """The saddle the probe loss breaks: when every class prompt of a task embeds at one point, the prompt loss sends
+    the image embeddings no gradient at all; the linear probes do, and they skip undefined labels."""
+    import torch
+
+    from clipterm.toyworld.train import probe_loss, prompt_loss
+    from clipterm.toyworld.world import TASKS
+
+    torch.manual_seed(0)
+    collapsed = {t: torch.nn.functional.normalize(torch.ones(len(c), 16), dim=-1) for t, c in TASKS.items()}
+    probes = torch.nn.ModuleDict({t: torch.nn.Linear(16, len(c)) for t, c in TASKS.items()})
+    truth = torch.full((4, len(TASKS)), -1)
+    truth[:, list(TASKS).index("shape")] = torch.tensor([0, 1, 2, 3])
+    img_f = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1).requires_grad_()
+    prompt_loss(img_f, torch.tensor(50.0), collapsed, truth).backward()
+    assert img_f.grad.abs().max() < 1e-6
+    img_f.grad = None
+    probe_loss(img_f, probes, truth).backward()
+    assert img_f.grad.abs().max() > 1e-3
+    assert probes["colour"].weight.grad is None and probes["shape"].weight.grad.abs().max() > 0  # colour is all -1
+
+
 def test_world_two_batches_depend_only_on_seed_and_step_whatever_the_workers():
     from clipterm.toyworld.batches import batch_stream, world_batch
     from clipterm.toyworld.recipe import RECIPES

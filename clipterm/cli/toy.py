@@ -40,7 +40,7 @@ def render(
 def train(
     out_dir: Path = typer.Argument(..., help="Folder for the trained model (open_clip local-dir layout)."),
     world: int = typer.Option(None, "--world", help=WORLD_HELP + " Default: the --from checkpoint's world, else 1."),
-    steps: int = typer.Option(None, "--steps", min=1, help="Optimiser steps (default: the world's recipe, 1800 or 3000)."),
+    steps: int = typer.Option(None, "--steps", min=1, help="Optimiser steps (default: the world's recipe, 1800 or 2400)."),
     batch_size: int = typer.Option(None, "--batch-size", min=8, help="Images per step, in groups of 4 near-duplicates "
                                                                      "(default: the recipe's, 256 or 128)."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate (AdamW, warmup then cosine; default 1e-3)."),

@@ -35,6 +35,10 @@ class Recipe:
     # Weight of the prompt loss: each image also classified, per task, among that task's zero-shot prompts
     # (every class at once: the densest hard negatives there are). 0: captions only.
     prompt_loss: float = 0.0
+    # Weight of linear probes: one linear head per task on the image embedding, trained with the model and dropped
+    # when it is saved. Without them, the text tower can map every class of a task to one point, and then neither
+    # loss sends the image tower any gradient to tell those classes apart (shape, size and the word stuck at chance).
+    probe_loss: float = 0.0
     defaults: dict = field(default_factory=dict)  # training defaults for the CLI: steps, batch_size, lr, warmup
 
 
@@ -50,7 +54,8 @@ RECIPES: dict[int, Recipe] = {
         single_object_steps=300,
         sincos_positions=True,
         prompt_loss=1.0,
-        defaults={"steps": 3000, "batch_size": 128, "lr": 1e-3, "warmup": 100},
+        probe_loss=1.0,
+        defaults={"steps": 2400, "batch_size": 128, "lr": 1e-3, "warmup": 100},
     ),
 }
 

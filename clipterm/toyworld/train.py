@@ -4,8 +4,9 @@ Symmetric contrastive (InfoNCE) loss over batches of hard-negative groups (see
 batches.py). World 2 treats captions that are the same string as positives of
 each other, instead of as negatives; with the recipe's `prompt_loss`, each image
 is also classified per task among that task's zero-shot prompts (all classes at
-once). Everything is drawn from one seed, so the recipe is reproducible; a run
-resumes as a new stage with `init`.
+once), and with its `probe_loss`, by a linear head per task on its embedding.
+Everything is drawn from one seed, so the recipe is reproducible; a run resumes
+as a new stage with `init`.
 """
 
 from __future__ import annotations
@@ -75,10 +76,14 @@ def train(
         stages = notes.get("stages") or [{key: notes[key] for key in ("steps", "seed", "batch_size", "lr") if key in notes}]
     model.to(device)
     stage = {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "warmup": warmup, "world": world,
-             "prompt_loss": recipe.prompt_loss, "device": "cuda" if cuda else "cpu"}
+             "prompt_loss": recipe.prompt_loss, "probe_loss": recipe.probe_loss, "device": "cuda" if cuda else "cpu"}
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    probes = None
+    if recipe.probe_loss and world >= 2:  # linear heads per task on the image embedding; not part of the saved model
+        probes = torch.nn.ModuleDict({t: torch.nn.Linear(model_cfg["embed_dim"], len(c)) for t, c in TASKS.items()}).to(device)
+        no_decay += list(probes.parameters())
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
     schedule = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
@@ -100,6 +105,8 @@ def train(
             loss = contrastive_loss(logits, captions if world >= 2 else None)
             if prompt_tokens is not None and truth is not None:
                 loss = loss + recipe.prompt_loss * prompt_loss(img_f, scale, class_embeddings(model, prompt_tokens), truth)
+            if probes is not None and truth is not None:
+                loss = loss + recipe.probe_loss * probe_loss(img_f, probes, truth)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -150,6 +157,21 @@ def prompt_loss(img_f, scale, classes: dict, truth):
         keep = truth[:, k] >= 0  # (B,)
         if keep.any():
             losses.append(F.cross_entropy(scale * img_f[keep] @ classes[task].T, truth[keep, k]))
+    return torch.stack(losses).mean()
+
+
+def probe_loss(img_f, probes, truth):
+    """Mean over tasks of the cross-entropy of each task's linear probe on the image embeddings: img_f (B, D),
+    probes {task: Linear(D, C)}, truth (B, n_tasks) labels, -1 where undefined, tasks in `TASKS` order."""
+    import torch
+    import torch.nn.functional as F
+
+    features = img_f * img_f.shape[-1] ** 0.5  # unit vectors to unit-scale coordinates, so the heads learn fast
+    losses = []
+    for k, task in enumerate(TASKS):
+        keep = truth[:, k] >= 0  # (B,)
+        if keep.any():
+            losses.append(F.cross_entropy(probes[task](features[keep]), truth[keep, k]))
     return torch.stack(losses).mean()
 
 
