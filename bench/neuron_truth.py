@@ -37,6 +37,8 @@ def reference_labels(neuron_file, ids: list[int], embeds: torch.Tensor, texts: l
     """The reference's dictionary and OMP (scikit-learn), labelled by the largest |coefficient|."""
     from sklearn.decomposition import SparseCoder
 
+    if not ids:  # no attribute neurons at this layer: nothing to label
+        return []
     centred = (embeds.float() - embeds.float().mean(0)).numpy()  # (P, D)
     dictionary = 100.0 * centred / np.linalg.norm(centred, axis=0, keepdims=True)  # each dimension to norm 100
     coder = SparseCoder(dictionary=dictionary, transform_algorithm="omp", transform_alpha=1e-4,

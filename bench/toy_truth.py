@@ -9,7 +9,7 @@
 - multimodal: neurons whose top-20 images (by CLS activation, and by second-order effect norm) hold >= 5 objects
   of colour X and >= 5 scenes with the word X in another ink, and whether their first OMP text names X.
 
-    python bench/toy_truth.py [--model toy|PATH] [--images 1000] [--threads 1]
+    python bench/toy_truth.py [--model toy-v2|toy|PATH] [--images 1000] [--threads 1]
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ from clipterm.vit.models import load_model  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="toy")
+    parser.add_argument("--model", default="toy-v2")
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--eval", type=int, default=2000, help="held-out scenes for the accuracy table")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = args.model if args.model in ("toy", "toy-rn") else f"local-dir:{Path(args.model).resolve()}"
+    spec = args.model if args.model.startswith("toy") and "/" not in args.model else f"local-dir:{Path(args.model).resolve()}"
     loaded = load_model(spec)
     world = model_world(spec)
     accuracy = evaluate_model(loaded.model, loaded.tokenizer, n=args.eval, seed=HELDOUT_SEED, world=world)

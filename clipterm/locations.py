@@ -9,7 +9,8 @@ APP = "clipterm"
 PACKAGE_DIR = Path(__file__).resolve().parent
 TOY_MODEL_DIR = PACKAGE_DIR / "toyworld" / "model"
 TOY_RN_MODEL_DIR = PACKAGE_DIR / "toyworld" / "model_rn"  # toy-rn: the toy recipe with a small ModifiedResNet
-TOY_MODEL_DIRS = {"toy": TOY_MODEL_DIR, "toy-rn": TOY_RN_MODEL_DIR}  # the built-in model specs
+TOY_V2_MODEL_DIR = PACKAGE_DIR / "toyworld" / "model_v2"  # toy-v2: the toy ViT trained on world 2 (every task)
+TOY_MODEL_DIRS = {"toy": TOY_MODEL_DIR, "toy-rn": TOY_RN_MODEL_DIR, "toy-v2": TOY_V2_MODEL_DIR}  # the built-in model specs
 # Themes are data files in the repo's top-level themes/; the wheel maps them to clipterm/themes.
 BUNDLED_THEMES_DIR = PACKAGE_DIR / "themes" if (PACKAGE_DIR / "themes").is_dir() else PACKAGE_DIR.parent / "themes"
 
