@@ -123,8 +123,16 @@ def heads(toy_v2, truth):
     return head_study(toy_v2, reader, root)
 
 
-def test_toy_v2_draws_its_world():
+def test_toy_v2_draws_its_world_in_a_cache_and_again_for_its_neurons(toy_v2, tmp_path):
+    """`toy:N` built with toy-v2 stores world-2 scenes (ids `toy2:...`), and the neuron build that re-reads them
+    draws the same scenes: no image "changed" (it used to re-draw world 1)."""
     assert model_world("toy-v2") == 2 and model_world("toy") == 1
+    build_cache(BuildOptions(images="toy:6", model="toy-v2", name="w2", cache_dir=str(tmp_path), neurons=True, workers=0),
+                loaded=toy_v2)
+    reader = open_cache(tmp_path / "w2")
+    assert reader.manifest["dataset"]["source"] == "toy2:6" and reader.images()[3]["id"] == "toy2:0/3"
+    result = build_neurons(reader, 4, device="cpu", loaded=toy_v2)
+    assert result.changed == 0 and result.missing == 0
 
 
 @pytest.mark.slow

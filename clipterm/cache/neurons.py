@@ -83,7 +83,8 @@ def cache_source(reader: Any) -> Any:
     if [item.index for item in items] != list(range(len(items))):
         raise ClipTermError(f"images.jsonl of {reader.name} does not list inputs 0..n-1",
                             hint=f"run `clipterm cache verify {reader.name}`", code=ExitCode.INVALID_DATA)
-    return ImageSource(dataset["source"], dataset["kind"], dataset.get("root"), items, dataset["tasks"], dataset.get("seed"))
+    return ImageSource(dataset["source"], dataset["kind"], dataset.get("root"), items, dataset["tasks"], dataset.get("seed"),
+                       dataset.get("world", 1))
 
 
 # --------------------------------------------------------------------------- the build

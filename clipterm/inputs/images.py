@@ -129,8 +129,8 @@ class ImageSource:
         """The RGB PIL image of input `index` (with `fast`, reduced to about 2x `min_side` when huge); raises SkipImage."""
         item = self.items[index]
         if item.path is None:
-            return toy_scene(self.seed or 0, index, self.world) if item.id is None or TOY_ID.match(item.id) \
-                else synthetic_image(item.id, min_side)
+            # a recorded id names its own world (`toy2:SEED/INDEX`), whatever source re-reads it
+            return toy_scene(self.seed or 0, index, self.world) if item.id is None else synthetic_image(item.id, min_side)
         return decode(item.path, min_side, fast)
 
 
