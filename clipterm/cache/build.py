@@ -90,7 +90,8 @@ def _build(options: BuildOptions, ranks: Ranks, progress: ProgressFactory | None
 
     started = time.perf_counter()
     _check_options(options)
-    source = open_source(options.images, toy_world=model_world(loaded.info.spec if loaded is not None else options.model), label_key=options.label_key,
+    toy_world = model_world(loaded.info.spec if loaded is not None else options.model)  # what `toy:N` draws
+    source = open_source(options.images, toy_world=toy_world, label_key=options.label_key,
                          image_column=options.image_column, label_column=options.label_column)
     device = pick_device(options.device, ranks.local_rank)
     if loaded is None:
