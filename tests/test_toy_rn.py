@@ -60,33 +60,39 @@ def colour_heads(loaded, reader, root, n_texts: int = 3, draws: int = 200) -> di
             "heads": {h: {"colour_drop": round(drops[h], 4), "colour_texts": hits[h]} for h in heads}}
 
 
-def multimodal_channels(reader, top: int = 20, least: int = 2, layer: str = "L3") -> dict:
-    """Channels (or a ViT layer's neurons) multimodal in the article's sense: among the `top` images of highest
-    mean activation, at least `least` show objects of colour X and at least `least` show the written word X in
-    another ink."""
+def multimodal_hit(chosen: list, least: int) -> dict | None:
+    """The colour X of which these scenes hold >= `least` objects (with no word X) and >= `least` words X in
+    another ink, with both counts; None if no colour does."""
+    for colour in COLOURS:
+        objects = sum(any(o.colour == colour for o in s.objects) and s.word != colour for s in chosen)
+        words = sum(s.word == colour and s.ink != colour for s in chosen)
+        if objects >= least and words >= least:
+            return {"colour": colour, "objects": objects, "words": words}
+    return None
+
+
+def random_hit_rate(scenes: list, top: int, least: int, draws: int = 500) -> float:
+    """How often `top` scenes drawn at random (seeded) are a multimodal hit: the criterion's chance level."""
+    generator = torch.Generator().manual_seed(0)
+    drawn = [torch.randperm(len(scenes), generator=generator)[:top].tolist() for _ in range(draws)]
+    return sum(multimodal_hit([scenes[i] for i in rows], least) is not None for rows in drawn) / draws
+
+
+def multimodal_channels(reader, top: int = 20, least: int = 2) -> dict:
+    """Channels multimodal in the article's sense: among the `top` images of highest mean activation, at least
+    `least` show objects of colour X and at least `least` show the written word X in another ink."""
     from clipterm.inputs.images import toy_scene_of
 
     items = [reader.images()[int(i)] for i in reader.index()]
     scenes = [toy_scene_of(item["id"]) for item in items]
-    activations = reader.neurons(layer).float()  # (N, C)
-
-    def both(chosen: list) -> dict | None:
-        for colour in COLOURS:
-            objects = sum(any(o.colour == colour for o in s.objects) and s.word != colour for s in chosen)
-            words = sum(s.word == colour and s.ink != colour for s in chosen)
-            if objects >= least and words >= least:
-                return {"colour": colour, "objects": objects, "words": words}
-        return None
-
+    activations = reader.neurons("L3").float()  # (N, C)
     found = []
     for channel in range(activations.shape[1]):
-        hit = both([scenes[i] for i in activations[:, channel].topk(top).indices.tolist()])
+        hit = multimodal_hit([scenes[i] for i in activations[:, channel].topk(top).indices.tolist()], least)
         if hit is not None:
             found.append({"channel": channel, **hit})
-    generator = torch.Generator().manual_seed(0)
-    drawn = [torch.randperm(len(scenes), generator=generator)[:top].tolist() for _ in range(500)]
-    chance = sum(both([scenes[i] for i in rows]) is not None for rows in drawn) / len(drawn)
-    return {"channels": activations.shape[1], "multimodal": len(found), "random_rate": chance, "examples": found[:10]}
+    return {"channels": activations.shape[1], "multimodal": len(found), "random_rate": random_hit_rate(scenes, top, least),
+            "examples": found[:10]}
 
 
 def test_shipped_toy_rn_meets_the_accuracy_floor_and_10_mb():

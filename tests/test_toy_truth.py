@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_toy_rn import multimodal_hit, random_hit_rate  # tests/ is on sys.path (rootdir conftest)
 
 from clipterm import names
 from clipterm.analyses import ablation, textspan
@@ -19,7 +20,6 @@ from clipterm.cache.reader import open_cache
 from clipterm.inputs.images import toy_scene_of
 from clipterm.inputs.texts import embed_pool, load_pool
 from clipterm.toyworld.evaluate import model_world
-from clipterm.toyworld.world import COLOURS
 from clipterm.vit.textencode import encode_texts
 
 TASK_HEADS = ("colour", "position", "word")
@@ -51,15 +51,6 @@ def multimodal(reader, loaded, root, layer: int, top: int = 20, least: int = 5) 
     """Neurons of `layer` whose top images show both objects of colour X and the word X in another ink."""
     scenes = [toy_scene_of(reader.images()[int(i)]["id"]) for i in reader.index()]
 
-    def both(rows: list[int]) -> dict | None:
-        chosen = [scenes[i] for i in rows]
-        for colour in COLOURS:
-            objects = sum(any(o.colour == colour for o in s.objects) and s.word != colour for s in chosen)
-            words = sum(s.word == colour and s.ink != colour for s in chosen)
-            if objects >= least and words >= least:
-                return {"colour": colour, "objects": objects, "words": words}
-        return None
-
     neuron_file = NeuronFile(reader, layer)
     pool = load_pool("toy")
     embeds = embed_pool(loaded, pool, cache_dir=str(root))
@@ -69,7 +60,7 @@ def multimodal(reader, loaded, root, layer: int, top: int = 20, least: int = 5) 
         hits = []
         for n in range(activations.shape[1]):
             column = activations[:, n] if by == "activation" else neuron_file.column("norms", n).float()
-            hit = both(column.topk(top).indices.tolist())
+            hit = multimodal_hit([scenes[i] for i in column.topk(top).indices.tolist()], least)
             if hit is not None:
                 hits.append({"neuron": f"L{layer}.N{n}", "index": n, **hit})
         if hits:
@@ -82,10 +73,7 @@ def multimodal(reader, loaded, root, layer: int, top: int = 20, least: int = 5) 
                 # the rank (1-5) of the first of its leading texts that names X; None: none of 5 does
                 h["named_at"] = next((i + 1 for i, t in enumerate(texts) if re.search(rf"\b{h['colour']}\b", t)), None)
         found[by] = hits
-    generator = torch.Generator().manual_seed(0)
-    drawn = [torch.randperm(len(scenes), generator=generator)[:top].tolist() for _ in range(500)]
-    chance = sum(both(rows) is not None for rows in drawn) / len(drawn)
-    return {"layer": layer, "neurons": activations.shape[1], "random_rate": chance, **found}
+    return {"layer": layer, "neurons": activations.shape[1], "random_rate": random_hit_rate(scenes, top, least), **found}
 
 
 

@@ -137,24 +137,34 @@ class ImageSource:
 TOY_ID = re.compile(r"^toy(2)?:(\d+)/(\d+)$")  # the synthetic id of a toy scene, as images.jsonl records it
 
 
+def _toy_prefix(world: int) -> str:
+    return "toy" if world == 1 else f"toy{world}"  # world 1 keeps the prefix caches have always recorded
+
+
 def toy_id(seed: int, index: int, world: int = 1) -> str:
-    """`toy:SEED/INDEX` for world 1 (as caches have always recorded it), `toy2:SEED/INDEX` for world 2."""
-    return f"toy{'' if world == 1 else world}:{seed}/{index}"
+    """`toy:SEED/INDEX` for world 1, `toy2:SEED/INDEX` for world 2."""
+    return f"{_toy_prefix(world)}:{seed}/{index}"
+
+
+def toy_spec(n: int, seed: int = 0, world: int = 1) -> str:
+    """The image spec of the first n scenes of a world with this seed, as a manifest records it."""
+    return f"{_toy_prefix(world)}:{n}" + (f"@{seed}" if seed else "")
+
+
+def _parse_toy_id(synthetic_id: str) -> tuple[int, int, int] | None:
+    """(seed, index, world) of a toy id; None for anything else."""
+    match = TOY_ID.match(synthetic_id)
+    return None if match is None else (int(match.group(2)), int(match.group(3)), 2 if match.group(1) else 1)
 
 
 def toy_scene_of(synthetic_id: str) -> Any:
     """The world Scene behind a toy id (`toy:SEED/INDEX` or `toy2:SEED/INDEX`): its objects, word and labels."""
     from clipterm.toyworld.world import scene_at
 
-    match = TOY_ID.match(synthetic_id)
-    if match is None:
+    parts = _parse_toy_id(synthetic_id)
+    if parts is None:
         raise ValueError(f"not a toy scene id: {synthetic_id!r}")
-    return scene_at(int(match.group(2)), int(match.group(3)), 2 if match.group(1) else 1)
-
-
-def toy_spec(n: int, seed: int = 0, world: int = 1) -> str:
-    """The image spec of the first n scenes of a world with this seed, as a manifest records it."""
-    return f"toy{'' if world == 1 else world}:{n}" + (f"@{seed}" if seed else "")
+    return scene_at(*parts)
 
 
 def toy_scene(seed: int, index: int, world: int = 1) -> Any:
@@ -168,16 +178,16 @@ def toy_scene(seed: int, index: int, world: int = 1) -> Any:
 
 
 def synthetic_image(synthetic_id: str, min_side: int = 224) -> Any:
-    """The image of an input id: a toy scene (`toy:SEED/INDEX`), a tar member or a dataset row
+    """The image of an input id: a toy scene (`toy:SEED/INDEX`, `toy2:...`), a tar member or a dataset row
     (`tar:...`, `hf:...`: clipterm.inputs.shards); ValueError for anything else."""
-    match = TOY_ID.match(synthetic_id)
-    if match is None and synthetic_id.startswith(("tar:", "hf:")):
+    parts = _parse_toy_id(synthetic_id)
+    if parts is None and synthetic_id.startswith(("tar:", "hf:")):
         from clipterm.inputs.shards import load_by_id
 
         return load_by_id(synthetic_id, min_side)
-    if match is None:
+    if parts is None:
         raise ValueError(f"not a synthetic image id: {synthetic_id!r}")
-    return toy_scene(int(match.group(2)), int(match.group(3)), 2 if match.group(1) else 1)
+    return toy_scene(*parts)
 
 
 def open_source(spec: str, toy_world: int = 1, **shard_options: Any) -> ImageSource:

@@ -149,29 +149,26 @@ def prompt_loss(img_f, scale, classes: dict, truth):
     """Mean over tasks of the cross-entropy of classifying each image among its task's class prompts, as
     zero-shot evaluation does: img_f (B, D) unit, classes {task: (C, D)}, truth (B, n_tasks) labels, -1 where
     undefined, tasks in `TASKS` order."""
-    import torch
-    import torch.nn.functional as F
-
-    losses = []
-    for k, task in enumerate(TASKS):
-        keep = truth[:, k] >= 0  # (B,)
-        if keep.any():
-            losses.append(F.cross_entropy(scale * img_f[keep] @ classes[task].T, truth[keep, k]))
-    return torch.stack(losses).mean()
+    return _mean_task_loss(truth, lambda task, keep: scale * img_f[keep] @ classes[task].T)
 
 
 def probe_loss(img_f, probes, truth):
     """Mean over tasks of the cross-entropy of each task's linear probe on the image embeddings: img_f (B, D),
     probes {task: Linear(D, C)}, truth (B, n_tasks) labels, -1 where undefined, tasks in `TASKS` order."""
+    features = img_f * img_f.shape[-1] ** 0.5  # unit vectors to unit-scale coordinates, so the heads learn fast
+    return _mean_task_loss(truth, lambda task, keep: probes[task](features[keep]))
+
+
+def _mean_task_loss(truth, logits_of):
+    """Mean over the tasks with a defined label in the batch of CE(logits_of(task, keep) (k, C), labels (k,))."""
     import torch
     import torch.nn.functional as F
 
-    features = img_f * img_f.shape[-1] ** 0.5  # unit vectors to unit-scale coordinates, so the heads learn fast
     losses = []
     for k, task in enumerate(TASKS):
         keep = truth[:, k] >= 0  # (B,)
         if keep.any():
-            losses.append(F.cross_entropy(probes[task](features[keep]), truth[keep, k]))
+            losses.append(F.cross_entropy(logits_of(task, keep), truth[keep, k]))
     return torch.stack(losses).mean()
 
 

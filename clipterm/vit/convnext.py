@@ -65,11 +65,7 @@ def unsupported_reason(model) -> str | None:
 
 
 def check_supported(model, name: str = "model") -> None:
-    if not is_convnext(model):
-        raise pooling.unsupported(name, f"{type(vision_tower(model)).__name__} is not a timm ConvNeXt tower")
-    reason = unsupported_reason(model)
-    if reason:
-        raise pooling.unsupported(name, reason)
+    pooling.check_tower(model, name, is_convnext, "a timm ConvNeXt tower", unsupported_reason)
 
 
 def stage_index(model) -> int:

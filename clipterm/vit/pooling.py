@@ -50,6 +50,15 @@ def unsupported(name: str, reason: str) -> ClipTermError:
                          code=ExitCode.UNSUPPORTED)
 
 
+def check_tower(model, name: str, is_kind, kind: str, reason_of) -> None:
+    """Refuse `model` unless `is_kind(model)` and `reason_of(model)` finds nothing unsupported in it."""
+    if not is_kind(model):
+        raise unsupported(name, f"{type(getattr(model, 'visual', model)).__name__} is not {kind}")
+    reason = reason_of(model)
+    if reason:
+        raise unsupported(name, reason)
+
+
 # --------------------------------------------------------------------------- linearised norms
 
 

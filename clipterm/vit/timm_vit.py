@@ -104,11 +104,7 @@ def unsupported_reason(model) -> str | None:
 
 
 def check_supported(model, name: str = "model") -> None:
-    if not is_timm_transformer(model):
-        raise pooling.unsupported(name, f"{type(vision_tower(model)).__name__} is not a timm transformer tower")
-    reason = unsupported_reason(model)
-    if reason:
-        raise pooling.unsupported(name, reason)
+    pooling.check_tower(model, name, is_timm_transformer, "a timm transformer tower", unsupported_reason)
 
 
 def _is_identity(module) -> bool:
