@@ -13,7 +13,7 @@ def report() -> dict[str, Any]:
     import open_clip
     import torch
 
-    from clipterm.vit.models import catalogue
+    from clipterm.vit.catalogue import catalogue
 
     cuda = "not available"
     if torch.cuda.is_available():

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from clipterm.errors import ClipTermError, ExitCode
-from clipterm.vit.models import load_model, model_shape, resolved_model_cfg
+from clipterm.vit.models import load_model, model_shape
+from clipterm.vit.support import resolved_model_cfg
 
 
 def test_toy_loads_offline_with_its_shape(toy):

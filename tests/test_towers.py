@@ -35,7 +35,7 @@ def all_archs() -> list[str]:
 def reason(arch: str) -> str | None:
     import open_clip
 
-    from clipterm.vit.models import unsupported_reason
+    from clipterm.vit.support import unsupported_reason
 
     return unsupported_reason(open_clip.get_model_config(arch))
 
@@ -69,7 +69,7 @@ def test_every_arch_is_supported_or_refused_with_its_reason():
 
 
 def test_at_least_200_arch_tag_pairs_and_every_siglip_eva_and_avg_pool_vit_are_supported():
-    from clipterm.vit.models import catalogue
+    from clipterm.vit.catalogue import catalogue
 
     rows = catalogue()
     assert sum(row["supported"] for row in rows) >= 200

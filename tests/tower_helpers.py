@@ -45,7 +45,7 @@ def vision_key(arch: str) -> str:
 
 
 def image_size(vision: dict) -> int:
-    from clipterm.vit.models import timm_module
+    from clipterm.vit.support import timm_module
 
     name = vision.get("timm_model_name")
     if name:
@@ -89,7 +89,7 @@ def tiny_tower(key: str, seed: int = 0):
     """The image tower of `key` (vision_key), shrunk, in eval mode, with its 1-D parameters off their init."""
     from open_clip.model import _build_vision_tower
 
-    from clipterm.vit.models import timm_module
+    from clipterm.vit.support import timm_module
 
     spec = json.loads(key)
     vision = dict(spec["vision"])

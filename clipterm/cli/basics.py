@@ -41,7 +41,7 @@ def models(
     supported: bool = typer.Option(False, "--supported", help="Only models the exact decomposition supports."),
 ) -> None:
     """List models: the built-in toy and every open_clip arch and pretrained tag, with weights and support status."""
-    from clipterm.vit.models import catalogue
+    from clipterm.vit.catalogue import catalogue
 
     rows = [r for r in catalogue() if (not present or r["weights"] == "present") and (not supported or r["supported"])]
     if json_out:

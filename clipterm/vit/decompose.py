@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from clipterm import names
 from clipterm.errors import ClipTermError, ExitCode
-from clipterm.vit.models import refuse_unsupported
+from clipterm.vit.support import refuse_unsupported
 
 CONVENTION = (
     "ln_post linearised per image: each component centred by its own mean, divided by the image's sigma, "
