@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -55,6 +56,9 @@ def train(
     device: Device = DeviceOpt,
     workers: int = typer.Option(0, "--workers", min=0, help="Processes that draw world-2 batches (0: the training "
                                                             "process). The data is the same for any number."),
+    sparsity: float = typer.Option(None, "--sparsity", min=0.0, help="Weight of the effective number of heads and MLPs "
+                                   "whose direct effects carry each task, which makes few heads carry each attribute "
+                                   "(clipterm/toyworld/sparsity.py; default: the recipe's). ViT towers only."),
 ) -> None:
     """Train the toy CLIP on freshly generated world data: from scratch (about an hour on 2 CPU cores), or on
     from a checkpoint with --from (each stage is recorded in training.json). The recipes are in the README."""
@@ -77,11 +81,15 @@ def train(
                             hint="write to a new folder")
     world = world if world is not None else trained_world(start) if start is not None else 1
     check_world(world)
+    tower = json.loads((start / "open_clip_config.json").read_text())["model_cfg"] if start else ARCHS[arch]
+    if sparsity and isinstance(tower["vision_cfg"]["layers"], (list, tuple)):
+        raise ClipTermError("--sparsity is for ViT towers: a ResNet's direct effects are not split by head",
+                            hint="leave --sparsity out, or train a ViT (--arch vit)")
     defaults = RECIPES[world].defaults
     final = run(out_dir, steps=steps or defaults["steps"], batch_size=batch_size or defaults["batch_size"],
                 lr=lr or defaults["lr"], warmup=warmup or defaults["warmup"], seed=seed, threads=threads or None,
                 eval_every=eval_every, init=start, world=world, model_cfg=ARCHS[arch] if start is None else None,
-                device=pick_device(device.value), workers=workers,
+                device=pick_device(device.value), workers=workers, sparsity=sparsity,
                 log=lambda line: stderr.print(line, highlight=False))
     stdout.print(f"saved {out_dir} (world {world}): " + ", ".join(f"{k} {v}" for k, v in final.items()))
 

@@ -39,6 +39,8 @@ class Recipe:
     # when it is saved. Without them, the text tower can map every class of a task to one point, and then neither
     # loss sends the image tower any gradient to tell those classes apart (shape, size and the word stuck at chance).
     probe_loss: float = 0.0
+    # Weight of the effective number of direct-effect components (sparsity.py): few heads carry each attribute. 0: none.
+    sparsity: float = 0.0
     defaults: dict = field(default_factory=dict)  # training defaults for the CLI: steps, batch_size, lr, warmup
 
 

@@ -40,21 +40,27 @@ def train(
     world: int = 1,
     device: str = "cpu",
     workers: int = 0,
+    sparsity: float | None = None,
 ) -> dict:
     """Train the toy CLIP on `world` with that world's recipe and save it as a `local-dir:` model folder:
     from scratch, or on from the toy checkpoint in `init` (a folder this wrote), whose steps and history
     the new notes carry on. Every `eval_every` steps it evaluates on held-out scenes of `world` and saves.
 
+    `sparsity` (default: the recipe's) weighs the effective number of direct-effect components (`sparsity.py`).
     World 2's batch k comes from the seed and k alone (`batches.world_batch`), drawn by `workers` processes,
     so a run gives the same data on any number of workers; on CUDA the forward runs under bf16 autocast."""
     import open_clip
     import torch
+    import torch.nn.functional as F
+
+    from clipterm.toyworld.sparsity import direct_effects, sparsity_loss
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     recipe = RECIPES[world]
+    sparsity = recipe.sparsity if sparsity is None else sparsity
     if model_cfg is None and init is not None:  # training on: the checkpoint's own tower
         model_cfg = json.loads((Path(init) / "open_clip_config.json").read_text())["model_cfg"]
     model_cfg = model_cfg or MODEL_CFG  # the toy ViT; toyworld/rn.py holds toy-rn's
@@ -76,7 +82,8 @@ def train(
         stages = notes.get("stages") or [{key: notes[key] for key in ("steps", "seed", "batch_size", "lr") if key in notes}]
     model.to(device)
     stage = {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "warmup": warmup, "world": world,
-             "prompt_loss": recipe.prompt_loss, "probe_loss": recipe.probe_loss, "device": "cuda" if cuda else "cpu"}
+             "prompt_loss": recipe.prompt_loss, "probe_loss": recipe.probe_loss, "sparsity": sparsity,
+             "device": "cuda" if cuda else "cpu"}
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
@@ -99,14 +106,24 @@ def train(
             images, captions, truth = next(stream)
             truth = torch.as_tensor(truth).to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            img_f, txt_f, scale = model(to_tensor(np.asarray(images)).to(device), tokenizer(captions).to(device))
+            pixels, tokens = to_tensor(np.asarray(images)).to(device), tokenizer(captions).to(device)
+            if sparsity:  # the same forward, with every head's and MLP's direct effect on the side
+                embeds, components = direct_effects(model.visual, pixels)
+                img_f, scale = F.normalize(embeds, dim=-1), model.logit_scale.exp()
+                txt_f = model.encode_text(tokens, normalize=True)
+            else:
+                img_f, txt_f, scale = model(pixels, tokens)
             img_f, txt_f = img_f.float(), txt_f.float()
             logits = scale * img_f @ txt_f.T  # (B, B)
             loss = contrastive_loss(logits, captions if world >= 2 else None)
-            if prompt_tokens is not None and truth is not None:
-                loss = loss + recipe.prompt_loss * prompt_loss(img_f, scale, class_embeddings(model, prompt_tokens), truth)
+            classes = class_embeddings(model, prompt_tokens) if prompt_tokens is not None else None
+            if classes is not None and truth is not None:
+                loss = loss + recipe.prompt_loss * prompt_loss(img_f, scale, classes, truth)
             if probes is not None and truth is not None:
                 loss = loss + recipe.probe_loss * probe_loss(img_f, probes, truth)
+            spread = sparsity_loss(components.float(), classes) if sparsity else None
+            if spread is not None:
+                loss = loss + sparsity * spread
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -117,7 +134,8 @@ def train(
         if step % 25 == 0:
             seconds = time.time() - start
             log(f"step {step}/{steps} loss {loss.item():.3f} scale {scale.item():.1f} {seconds:.0f}s "
-                f"({step * batch_size / max(seconds, 1e-9):.0f} images/s)")
+                f"({step * batch_size / max(seconds, 1e-9):.0f} images/s)"
+                + (f" components {spread.item():.1f}" if spread is not None else ""))
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             model.eval()
             acc = evaluate_model(model, tokenizer, n=512, seed=seed + 1, world=world)
