@@ -84,7 +84,9 @@ def test_file_agrees_with_forming_every_effect(toy, cache):
         centred = effects[top.indices, n] - effects[:, n].mean(0)  # (k, D)
         right = torch.linalg.svd(centred, full_matrices=False).Vh[0]
         pc1 = neuron_file.tensor("pc1")[n]
-        assert abs(abs(float(pc1 @ right)) - 1) < 1e-4 and int((centred @ pc1 > 0).sum()) > 4
+        assert abs(abs(float(pc1 @ right)) - 1) < 1e-4
+        positive = int((centred @ pc1 > 0).sum())  # signed so that most of the 8 project positively; a tie by the sum
+        assert positive > 4 or (positive == 4 and float((centred @ pc1).sum()) >= 0), (n, positive)
     assert torch.allclose(neuron_file.tensor("effect_sum"), effects.sum(1), rtol=1e-4, atol=1e-5)
     significant = centred_norms >= centred_norms.topk(8, dim=0).values[-1]  # (N, M): each neuron's top 8 images
     expected = ((effects - effects.mean(0)) * significant[..., None]).sum(1)  # (N, D)

@@ -339,9 +339,10 @@ def principal_directions(top_scalars: Tensor, mean_scalars: Tensor, vectors: Ten
 
 
 def _majority_sign(projections: Tensor) -> Tensor:
-    """+1 where most of the k projections (M, k, 1) are positive, else -1: (M,)."""
-    positive = (projections[..., 0] > 0).sum(1)  # (M,)
-    return torch.where(positive > projections.shape[1] // 2, 1.0, -1.0).to(projections)  # (M,)
+    """+1 where most of the k projections (M, k, 1) are positive, else -1: (M,). A tie (k even) goes by their sum."""
+    positive = 2 * (projections[..., 0] > 0).sum(1) - projections.shape[1]  # (M,) positives minus the rest
+    tie = torch.where(projections[..., 0].sum(1) >= 0, 1, -1)  # (M,)
+    return torch.where(positive != 0, positive.sign(), tie).to(projections)  # (M,)
 
 
 def _share(singular: Tensor) -> Tensor:
