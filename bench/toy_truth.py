@@ -4,12 +4,13 @@
 - neurons: issue 5's ground truth (tests/test_neurons.py, `ground_truth_rates`): goal >= 5 attribute neurons,
   >= 60% named by their first OMP text, >= 2x random;
 - heads: per task (colour, position, word), the heads whose mean-ablation costs the most accuracy, and how many of
-  the top-5 TextSpan texts (pool `toy`) of the top-3 heads carry that task's topic, against 3 random heads
+  the top-5 TextSpan texts (pool `toy`) of the heads that matter (drop >= 2 points, at most 3) carry that task's
+  topic, against all heads
   (goal: the top head costs >= 2 points, and its texts name the task more often than random heads' do);
 - multimodal: neurons whose top-20 images (by CLS activation, and by second-order effect norm) hold >= 5 objects
   of colour X and >= 5 scenes with the word X in another ink, and whether their first OMP text names X.
 
-    python bench/toy_truth.py [--model toy-v2|toy|PATH] [--images 1000] [--threads 1]
+    python bench/toy_truth.py [--model toy|toy-v1|PATH] [--images 1000] [--threads 1]
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from clipterm.vit.models import load_model  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="toy-v2")
+    parser.add_argument("--model", default="toy")
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--eval", type=int, default=2000, help="held-out scenes for the accuracy table")
     parser.add_argument("--threads", type=int, default=0)
@@ -52,7 +53,7 @@ def main() -> None:
               f"{rates['random_rate']:.0%} random (goal >= 5, >= 60%, >= 2x)", flush=True)
         heads = head_study(loaded, reader, tmp)
         for task, row in heads.items():
-            print(f"heads/{task}: top drop {row['top_drop']:+.3f}; top-3 on topic {row['top3_on_topic']:.0%} vs "
+            print(f"heads/{task}: top drop {row['top_drop']:+.3f}; heads that matter on topic {row['top_on_topic']:.0%} vs "
                   f"random {row['random_on_topic']:.0%};", [(h["component"], h["drop"], h["texts"][:2]) for h in row["top_heads"]],
                   flush=True)
         modal = multimodal(reader, loaded, tmp, layer)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 APP = "clipterm"
 PACKAGE_DIR = Path(__file__).resolve().parent
-TOY_MODEL_DIR = PACKAGE_DIR / "toyworld" / "model"
-TOY_RN_MODEL_DIR = PACKAGE_DIR / "toyworld" / "model_rn"  # toy-rn: the toy recipe with a small ModifiedResNet
-TOY_V2_MODEL_DIR = PACKAGE_DIR / "toyworld" / "model_v2"  # toy-v2: the toy ViT trained on world 2 (every task)
-TOY_MODEL_DIRS = {"toy": TOY_MODEL_DIR, "toy-rn": TOY_RN_MODEL_DIR, "toy-v2": TOY_V2_MODEL_DIR}  # the built-in model specs
+TOY_MODEL_DIR = PACKAGE_DIR / "toyworld" / "model"  # toy: the toy ViT trained on world 2, every task learned
+TOY_V1_MODEL_DIR = PACKAGE_DIR / "toyworld" / "model_v1"  # toy-v1: the first toy ViT, world 1 (half its tasks)
+TOY_RN_MODEL_DIR = PACKAGE_DIR / "toyworld" / "model_rn"  # toy-rn: the world-1 recipe with a small ModifiedResNet
+TOY_MODEL_DIRS = {"toy": TOY_MODEL_DIR, "toy-v1": TOY_V1_MODEL_DIR, "toy-rn": TOY_RN_MODEL_DIR}  # the built-in specs
 # Themes are data files in the repo's top-level themes/; the wheel maps them to clipterm/themes.
 BUNDLED_THEMES_DIR = PACKAGE_DIR / "themes" if (PACKAGE_DIR / "themes").is_dir() else PACKAGE_DIR.parent / "themes"
 

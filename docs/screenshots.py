@@ -15,13 +15,13 @@ from rich.console import Console
 
 HERE = Path(__file__).resolve().parent
 SHOTS = [  # (file, component, presses, run a search or a visualisation first)
-    ("tui-descriptions.svg", "L5.H2", [], False),
+    ("tui-descriptions.svg", "L2.H1", [], False),
     ("tui-neuron.svg", "L4.MLP", [], False),
-    ("tui-ablation.svg", "L5.H2", ["tab"], False),
-    ("tui-search.svg", "L5.H2", ["tab", "tab"], True),
-    ("tui-images.svg", "L5.H2", ["tab", "tab", "tab"], False),
-    ("tui-spatial.svg", "L5.H2", ["tab", "tab", "tab", "tab"], False),
-    ("tui-visualise.svg", "L5.H2", ["tab"] * 5, "visualise"),
+    ("tui-ablation.svg", "L2.H1", ["tab"], False),
+    ("tui-search.svg", "L2.H1", ["tab", "tab"], True),
+    ("tui-images.svg", "L2.H1", ["tab", "tab", "tab"], False),
+    ("tui-spatial.svg", "L3.H2", ["tab", "tab", "tab", "tab"], False),
+    ("tui-visualise.svg", "L2.H1", ["tab"] * 5, "visualise"),
 ]
 
 

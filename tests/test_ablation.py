@@ -216,7 +216,7 @@ def test_textspan_reconstruction_with_a_full_span_changes_nothing(toy_cache, toy
 def test_contributions_of_one_image_sum_to_its_embedding(toy_cache):
     parts = ablation.image_contributions(toy_cache, 7)
     torch.testing.assert_close(sum(parts.values()), toy_cache.image_embeds([7])[0], atol=1e-4, rtol=1e-4)
-    assert ablation.find_row(toy_cache, "toy:0/7") == 7
+    assert ablation.find_row(toy_cache, "toy2:0/7") == 7  # the toy's scenes are world 2's
 
 
 def test_forward_ablation_agrees_with_direct_ablation_for_the_last_layers_heads(toy_cache, toy_scorings):
@@ -445,10 +445,9 @@ def _toy_is_trained() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _toy_is_trained(), reason="the shipped toy model is still the random-init placeholder")
 def test_the_most_colour_critical_head_is_described_by_colour_phrases(tmp_path):
-    """Issue 4's ground truth: ablating the most colour-critical head drops colour accuracy by at least
-    3x the median head's drop, and its top-5 TextSpan texts (pool toy) hold at least twice the pool's
-    share of colour phrases."""
-    import statistics
+    """Issue 4's ground truth: ablating the most colour-critical head drops colour accuracy by at least 2 points
+    (issue 16's criterion; the median head's drop is 0), and its top-5 TextSpan texts (pool toy) hold at least
+    twice the pool's share of colour phrases."""
 
     from clipterm.analyses.textspan import describe
     from clipterm.cache.build import BuildOptions, build_cache
@@ -462,8 +461,7 @@ def test_the_most_colour_critical_head_is_described_by_colour_phrases(tmp_path):
     scorings = ablation.scorings(reader, lambda texts: encode_texts(loaded.model, loaded.tokenizer, texts), "colour")
     rows = ablation.ablate(scorings, ablation.shifts(reader, ablation.group(reader, "head")), draws=200)["colour"]
     worst = max(rows, key=lambda r: r.drop)
-    median = statistics.median(r.drop for r in rows)
-    assert worst.drop > 0 and worst.drop >= 3 * median, f"{worst.component} drops {worst.drop:.4f}, median {median:.4f}"
+    assert worst.drop >= 0.02, f"{worst.component} drops {worst.drop:.4f}"
 
     pool = load_pool("toy")
     is_colour = ["colour" in topic.split("+") for topic in pool.topics]

@@ -71,7 +71,7 @@ def test_objectives_equal_the_exact_decomposition(toy, cache):
     from clipterm.vit.decompose import decompose, readout
 
     reader = open_cache(cache)
-    pixels = torch.cat([model_pixels(toy, open_image(f"toy:0/{i}")) for i in range(3)])  # (3, 3, 64, 64)
+    pixels = torch.cat([model_pixels(toy, open_image(f"toy2:0/{i}")) for i in range(3)])  # (3, 3, 64, 64)
     out = decompose(toy.model, pixels, neurons=True)
     head = featvis.objective_for("L5.H2:pc2", toy, reader)
     direct = out.head_out[:, 5, 2] @ readout(toy.model)[5, 2] @ head.terms[0].direction  # (3,)
@@ -173,7 +173,9 @@ def test_colour_words_paint_their_colour(toy):
 
 def test_diversity_term_spreads_the_images(toy):
     target = "text:a shape"
-    together = run(toy, target, images=3, diversity=1.0, steps=24)[-1].pixels
+    # The weight is relative to the objective's scale: on the toy, 1.0 barely moves them in 24 steps (0.90 against
+    # 0.80 for separate seeds); 4.0 spreads them (0.61).
+    together = run(toy, target, images=3, diversity=4.0, steps=24)[-1].pixels
     seeds = np.concatenate([run(toy, target, seed=s, steps=24)[-1].pixels for s in range(3)])
     assert palette.mean_correlation(together) < palette.mean_correlation(seeds)
 

@@ -117,7 +117,7 @@ EVAL_MAX = 200_000
 
 @toy_app.command("eval")
 def evaluate(
-    model: str = typer.Option("toy", "--model", help="`toy`, `toy-rn`, `toy-v2`, or a local-dir model folder trained by `clipterm toy train`."),
+    model: str = typer.Option("toy", "--model", help="`toy`, `toy-v1`, `toy-rn`, or a local-dir model folder trained by `clipterm toy train`."),
     n: int = typer.Option(1000, "--n", min=10, help="Held-out images to evaluate on."),
     seed: int = typer.Option(None, "--seed", help="Seed of the held-out scenes (default: the fixed held-out seed)."),
     world: int = typer.Option(None, "--world", help=WORLD_HELP + " Default: the world the model was trained on."),
