@@ -2,11 +2,13 @@
 
 Trained plainly, the toy writes colour and position into its class token through many heads of every layer,
 so that mean-ablating any one head, or even a whole layer, costs no accuracy: nothing is wrong, but no head
-can be named by what it does. The penalty is the participation
-ratio of the direct-effect decomposition (vit/decompose.py) of the embedding: how many components (heads and
-MLPs) share its image-dependent part. A plain group lasso (a sum of the components' norms) would not do: ten
-heads writing the same direction cost no more than one. Since every write into the class token is some
-component's direct effect, an attribute becomes cheapest to write once, by the head that reads it.
+can be named by what it does. The penalty is, per task, the participation ratio of the direct effects
+(vit/decompose.py) within the span of that task's class embeddings: how many components (heads and MLPs)
+share that task's image-dependent part. A plain group lasso (a sum of the components' norms) would not do:
+ten heads writing the same direction cost no more than one. Nor does one ratio over the whole embedding: it
+lets one head carry most of it while small copies elsewhere still decide colour and position. Since every
+write into the class token is some component's direct effect, a task becomes cheapest to write once, by the
+head that reads it.
 """
 
 from __future__ import annotations
