@@ -87,8 +87,11 @@ def test_a_vocabulary_that_shares_no_words_is_refused(toy, tmp_path):
         load_lm("ngram", file_vocabulary(toy.tokenizer, words), "toy", cache_dir=tmp_path)
 
 
-def test_the_caption_grammar_recogniser():
-    assert all(parses_as_caption(text) for text in sample_captions(300, seed=5))
+@pytest.mark.parametrize("world", [1, 2])
+def test_the_caption_grammar_recogniser(world):
+    captions = sample_captions(300, seed=5, world=world)
+    assert all(parses_as_caption(text) for text in captions)
+    assert world == 1 or any(" in " in text.split('"')[-1] for text in captions)  # world 2 names the ink
     for text in ("a small red star", "small red star", "a large blue ring at the top and a shape, dark background",
                  "something green", "the word cat", "a picture of a heart"):
         assert parses_as_caption(text), text
@@ -229,3 +232,11 @@ def test_ngram_trains_on_a_user_corpus(vocab, tmp_path):
     assert count_trigrams(["a red star"])[("a", "red", "star")] == 1
     top = model.next_logprobs([_rows(vocab, "a")])[0].topk(2).indices.tolist()
     assert [vocab.words[i] for i in top] == ["red", "blue"]
+
+
+def test_a_toy_s_corpus_is_the_captions_of_its_own_world():
+    """The n-gram for the toy learns world 2's captions (the word's ink named), toy-v1's those of world 1."""
+    def names_ink(spec: str) -> bool:
+        return any('" in ' in text for text in lm_module.builtin_corpus(spec)[1])
+
+    assert names_ink("toy") and not names_ink("toy-v1")

@@ -154,15 +154,16 @@ def count_trigrams(texts: Sequence[str]) -> dict[tuple[str, str, str], int]:
 
 @lru_cache(maxsize=2)
 def builtin_corpus(model_spec: str) -> tuple[str, tuple[str, ...]]:
-    """(name, texts): the `toy` pool and toy captions for the toy model, else the `general` pool."""
+    """(name, texts): the `toy` pool and captions of the world a toy model was trained on, else the `general` pool."""
     from clipterm.inputs.texts import load_pool
 
     from clipterm.vit.models import is_toy
 
     if is_toy(model_spec):
         from clipterm.toyworld.captions import sample_captions
+        from clipterm.toyworld.evaluate import model_world
 
-        return "toy", (*load_pool("toy").texts, *sample_captions(TOY_CAPTIONS))
+        return "toy", (*load_pool("toy").texts, *sample_captions(TOY_CAPTIONS, world=model_world(model_spec)))
     return "general", load_pool("general").texts
 
 

@@ -77,17 +77,27 @@ def _single_label(scene: Scene, task: str) -> str | None:
     return values.pop() if len(values) == 1 else None
 
 
-def sample_captions(n: int, seed: int = 0) -> list[str]:
-    """`n` training-style captions of the first `n` scenes of a seed: the toy world's text, for a language model."""
+def sample_captions(n: int, seed: int = 0, world: int = 1) -> list[str]:
+    """`n` training-style captions of the first `n` scenes of a seed of `world`: the text a toy of that world was
+    trained on, for a language model (world 2's name the attribute recipe 2 would vary, drawn with its weights)."""
+    from clipterm.toyworld.recipe import RECIPES
     from clipterm.toyworld.world import scene_at
 
     rng = np.random.default_rng(seed)
-    return [caption(scene_at(seed, i), rng) for i in range(n)]
+    if world == 1:
+        return [caption(scene_at(seed, i), rng) for i in range(n)]
+    recipe = RECIPES[world]
+    attributes = list(recipe.attribute_weights)
+    weights = np.array([recipe.attribute_weights[a] for a in attributes])
+    varied = rng.choice(attributes, size=n, p=weights / weights.sum())
+    return [focused_caption(scene_at(seed, i, world), rng, str(v), recipe.dropout, recipe.p_single, recipe.p_ink)
+            for i, v in enumerate(varied)]
 
 
 @lru_cache(maxsize=1)
 def _caption_grammar() -> re.Pattern[str]:
-    """The captions `caption` writes, as one regular expression over words (punctuation dropped)."""
+    """The captions `caption` and `focused_caption` write, as one regular expression over words (punctuation
+    dropped)."""
     def one_of(words) -> str:
         return "(?:" + "|".join(words) + ")"
 
@@ -99,7 +109,7 @@ def _caption_grammar() -> re.Pattern[str]:
         f"(?:on )?a {background} background", f"the word {word}", f"text that says {word}",
     ])
     thing = f"a(?: {size})?(?: {colour})? (?:{shape}|shape)(?: {position})?"
-    compound = f"{thing}(?: and {thing})*(?: {background} background)?(?: the word {word})?"
+    compound = f"{thing}(?: and {thing})*(?: {background} background)?(?: the word {word}(?: in {colour})?)?"
     return re.compile(f"(?:{single}|{compound})")
 
 
