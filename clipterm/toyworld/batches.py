@@ -85,12 +85,11 @@ def make_focused_batch(rng: np.random.Generator, batch_size: int, recipe: Recipe
 
 def focused_scenes(rng: np.random.Generator, batch_size: int, recipe: Recipe, step: int) -> tuple[list[Scene], list[str]]:
     """The scenes of a world-2 batch and their captions (`make_focused_batch` without the drawing)."""
-    attrs = list(recipe.attribute_weights)
-    weights = np.array([recipe.attribute_weights[a] for a in attrs])
+    attrs, odds = recipe.attribute_odds()
     p_two = 0.0 if step < recipe.single_object_steps else 0.25
     scenes, captions = [], []
     while len(scenes) < batch_size:
-        attr = attrs[int(rng.choice(len(attrs), p=weights / weights.sum()))]
+        attr = attrs[int(rng.choice(len(attrs), p=odds))]
         base = sample_scene_v2(rng, p_two=p_two, p_word=1.0 if attr in ("word", "ink") else 0.5)
         options = alternatives(base, attr)
         picked = rng.choice(options, size=min(recipe.group - 1, len(options)), replace=False) if options else []

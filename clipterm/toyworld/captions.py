@@ -87,9 +87,8 @@ def sample_captions(n: int, seed: int = 0, world: int = 1) -> list[str]:
     if world == 1:
         return [caption(scene_at(seed, i), rng) for i in range(n)]
     recipe = RECIPES[world]
-    attributes = list(recipe.attribute_weights)
-    weights = np.array([recipe.attribute_weights[a] for a in attributes])
-    varied = rng.choice(attributes, size=n, p=weights / weights.sum())
+    attributes, odds = recipe.attribute_odds()
+    varied = rng.choice(attributes, size=n, p=odds)
     return [focused_caption(scene_at(seed, i, world), rng, str(v), recipe.dropout, recipe.p_single, recipe.p_ink)
             for i, v in enumerate(varied)]
 

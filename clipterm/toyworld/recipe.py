@@ -7,6 +7,10 @@ One place for the constants that training, evaluation and the tests share, so th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -42,6 +46,14 @@ class Recipe:
     # Weight of the effective number of direct-effect components (sparsity.py): few heads carry each attribute. 0: none.
     sparsity: float = 0.0
     defaults: dict = field(default_factory=dict)  # training defaults for the CLI: steps, batch_size, lr, warmup
+
+    def attribute_odds(self) -> tuple[list[str], np.ndarray]:
+        """World 2: the attributes a group may vary, and the chance of each (from `attribute_weights`)."""
+        import numpy as np
+
+        names = list(self.attribute_weights or {})
+        weights = np.array([self.attribute_weights[a] for a in names], dtype=float)
+        return names, weights / weights.sum()
 
 
 RECIPES: dict[int, Recipe] = {
