@@ -29,7 +29,10 @@ class TreeMixin:
         self.nodes = {"model": tree.root}
         shape, built = self.reader.shape, set(self.analyses.neuron_layers())
         if shape.tower in ("resnet", "convnext"):
-            (self._populate_resnet if shape.tower == "resnet" else self._populate_convnext)(tree, built)
+            if shape.tower == "resnet":
+                self._populate_resnet(tree, built)
+            else:
+                self._populate_convnext(tree)
             tree.root.expand()
             return
         for layer in range(shape.layers):
@@ -97,7 +100,7 @@ class TreeMixin:
             stage_node = tree.root.add_leaf(self._label(stage), data=stage)
         self.nodes[stage] = stage_node
 
-    def _populate_convnext(self, tree: Tree, built: set[int]) -> None:
+    def _populate_convnext(self, tree: Tree) -> None:
         """A ConvNeXt's components in the order they add up: `embed` (the last stage's input), the last stage
         (`S3`, its blocks `S3.B*` below it), `bias`. It has no heads and no neurons to list."""
         shape = self.reader.shape

@@ -23,11 +23,12 @@ class ComponentCommands(Provider):
     def _components(self) -> list[str]:
         app = self.app
         shape = app.reader.shape
-        found = names.layers(shape) + [str(h) for h in names.heads(shape)] + names.mlps(shape)
-        if shape.tower == "resnet":
-            found += [names.pool_pos(), names.pool_bias(), names.layer(shape.neuron_layer)]
         if shape.tower == "convnext":  # its layers are its blocks, which are also its MLPs
             found = ["embed", names.stage(shape.stage), *names.mlps(shape), "bias"]
+        else:
+            found = names.layers(shape) + [str(h) for h in names.heads(shape)] + names.mlps(shape)
+        if shape.tower == "resnet":
+            found += [names.pool_pos(), names.pool_bias(), names.layer(shape.neuron_layer)]
         return found + [n for n in app.nodes if n not in found and n != "model"]
 
     async def discover(self) -> Hits:
