@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clipterm.vit.decompose import _to_joint, attention_qkv, ln_post_affine
+from clipterm.vit.decompose import attention_qkv, ln_post_affine, to_joint
 
 
 def direct_effects(visual, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -40,7 +40,7 @@ def direct_effects(visual, images: Tensor) -> tuple[Tensor, Tensor]:
     embeds = visual.ln_post(residual) @ visual.proj  # (B, D)
     sigma = (residual.var(-1, unbiased=False) + visual.ln_post.eps).sqrt()  # (B,)
     gamma, _, proj = ln_post_affine(visual)
-    components = _to_joint(torch.cat([*heads_cls, *mlps_cls], 1), sigma, gamma, proj)  # (B, C, D)
+    components = to_joint(torch.cat([*heads_cls, *mlps_cls], 1), sigma, gamma, proj)  # (B, C, D)
     return embeds, components
 
 

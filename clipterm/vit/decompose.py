@@ -149,7 +149,7 @@ def ln_post_affine(visual) -> tuple[Tensor, Tensor, Tensor]:
     return gamma, beta, proj
 
 
-def _to_joint(component: Tensor, sigma: Tensor, gamma: Tensor, proj: Tensor) -> Tensor:
+def to_joint(component: Tensor, sigma: Tensor, gamma: Tensor, proj: Tensor) -> Tensor:
     """One residual component (B, *, W) through the linearised ln_post and proj: (B, *, D)."""
     centred = (component - component.mean(-1, keepdim=True)) * gamma  # (B, *, W)
     return centred @ proj / sigma.view(-1, *[1] * (component.dim() - 1))  # (B, *, D)
@@ -379,9 +379,9 @@ def decompose(model, images: Tensor, neurons: bool = False, token_layers: Sequen
             batch = residual.shape[0]
             return Decomposition(
                 head_out=torch.stack(head_cls, 1) / sigma.view(-1, 1, 1, 1),  # (B, L, H, dh)
-                embed=_to_joint(embed_cls, sigma, gamma, proj),  # (B, D)
-                bias=beta @ proj + _to_joint(out_bias.expand(batch, width), sigma, gamma, proj),  # (B, D)
-                mlps=_to_joint(torch.stack(mlp_cls, 1), sigma, gamma, proj),  # (B, L, D)
+                embed=to_joint(embed_cls, sigma, gamma, proj),  # (B, D)
+                bias=beta @ proj + to_joint(out_bias.expand(batch, width), sigma, gamma, proj),  # (B, D)
+                mlps=to_joint(torch.stack(mlp_cls, 1), sigma, gamma, proj),  # (B, L, D)
                 ln_scale=sigma,  # (B,)
                 image_embeds=image_embeds.float(),  # (B, D)
                 neurons=torch.stack(acts, 1) if neurons else None,  # (B, L, M)
