@@ -29,6 +29,13 @@ def toy():
     return load_model("toy")
 
 
+@pytest.fixture(scope="session")
+def toy_truth_root(tmp_path_factory):
+    """One root for the toy's 1000-scene ground-truth cache with its L4 neurons: test_neurons and test_toy_truth
+    both measure on it, and whichever runs first builds it."""
+    return tmp_path_factory.mktemp("toy-truth")
+
+
 class CliResult:
     def __init__(self, code: int, out: str, err: str):
         self.code, self.out, self.err = code, out, err

@@ -309,11 +309,13 @@ def attribute_neurons(reader, neuron_file, n_top: int = 40, top_images: int = 20
 
 
 def truth_cache(loaded, root, n_images: int = 1000, layer: int | None = None):
-    """A cache of n_images toy scenes with the neurons of `layer` (default: the second-to-last) built."""
+    """A cache of n_images toy scenes, their neuron activations stored (as `test_toy_truth.truth_reader` builds it,
+    so the two share one), with the neurons of `layer` (default: the second-to-last) built."""
     from clipterm.cache.neurons import NeuronFile, build_neurons, neurons_file
 
     if not (Path(root) / "truth" / "manifest.json").is_file():
-        build_cache(BuildOptions(images=f"toy:{n_images}", name="truth", cache_dir=str(root)), loaded=loaded)
+        build_cache(BuildOptions(images=f"toy:{n_images}", model=loaded.info.spec, name="truth", cache_dir=str(root),
+                                 neurons=True, workers=0), loaded=loaded)
     reader = open_cache(Path(root) / "truth")
     layer = loaded.info.layers - 2 if layer is None else layer
     if not neurons_file(reader.path, layer).is_file():
@@ -355,10 +357,10 @@ def ground_truth_rates(loaded, root, n_images: int = 1000, n_top: int = 40, n_ra
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _toy_is_trained(), reason="needs the trained toy model (the shipped weights are a placeholder)")
-def test_colour_and_background_neurons_are_named_by_their_top_text(toy, tmp_path):
+def test_colour_and_background_neurons_are_named_by_their_top_text(toy, toy_truth_root):
     """The neurons issue's ground truth: >= 5 of the 40 L4 neurons with the largest effects have top-20 images that
     share a colour or background, >= 60% of them are named by their first OMP text, and >= 2x random."""
-    rates = ground_truth_rates(toy, tmp_path)
+    rates = ground_truth_rates(toy, toy_truth_root)
     print({key: value for key, value in rates.items() if key != "attribute_neurons"}, rates["attribute_neurons"])
     assert len(rates["attribute_neurons"]) >= 5
     assert rates["rate"] >= 0.6 and rates["rate"] >= 2 * rates["random_rate"], rates["attribute_neurons"]

@@ -95,9 +95,8 @@ def truth_reader(loaded, root, n_images: int = 1000):
 
 
 @pytest.fixture(scope="module")
-def truth(toy, tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy-truth")
-    return truth_reader(toy, root), root
+def truth(toy, toy_truth_root):
+    return truth_reader(toy, toy_truth_root), toy_truth_root
 
 
 @pytest.fixture(scope="module")
