@@ -154,7 +154,8 @@ def child(job: str, cache: str, pool: str | None, layer: int, head: int, heads: 
     """Set up (untimed), then time one job; returns its seconds and peak RSS."""
     import torch
 
-    from clipterm.cache.reader import CacheReader, model_for_cache, verify
+    from clipterm.cache.inventory import verify
+    from clipterm.cache.reader import CacheReader, model_for_cache
 
     torch.set_num_threads(int(os.environ.get("SCALE_THREADS", "1")))  # 1: a shared machine's cores are busy (see --threads)
     reader = CacheReader(cache)

@@ -209,7 +209,7 @@ def test_killed_build_resumes_to_the_same_cache(toy, reference, tmp_path):
     resumed = CacheReader(directory)
     assert not list(directory.glob("*.tmp")) and resumed.manifest["shard_rows"] == 32  # the cache keeps its own shard size
     assert_same_cache(resumed, reference)
-    from clipterm.cache.reader import verify
+    from clipterm.cache.inventory import verify
 
     assert verify(directory) == []
 

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from clipterm.cache import store
 from clipterm.cache.build import BuildOptions, build_cache
 from clipterm.cache.neurons import NeuronFile, build_neurons
-from clipterm.cache.reader import CacheReader, verify
+from clipterm.cache.inventory import verify
+from clipterm.cache.reader import CacheReader
 from clipterm.errors import ClipTermError
 
 FILES = ["manifest.json", "images.jsonl", "readout.safetensors", "stats.safetensors", "shard-00000.safetensors",

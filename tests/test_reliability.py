@@ -107,7 +107,7 @@ def test_a_resumed_build_redoes_a_damaged_finished_shard(toy, root):
     store.write_manifest(root / "pets", manifest)
     flip(root / "pets" / "shard-00001.safetensors", at=0.9)
     build_cache(BuildOptions(images="toy:12", name="pets", shard_rows=4), loaded=toy)
-    from clipterm.cache.reader import verify
+    from clipterm.cache.inventory import verify
 
     assert verify(root / "pets") == []
 

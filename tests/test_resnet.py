@@ -206,7 +206,7 @@ def test_resnet_cache_components_add_up_to_image_embeds(rn_cache):
     assert rel(reader.effects("pool"), sum(reader.effects(f"pool.H{h}") for h in range(8))) < 1e-6
     assert reader.head_out("pool.H3").shape == (10, 64) and reader.stats("pool.H3")["cov"].shape == (64, 64)
     assert reader.neurons("L3").shape == (10, 512)
-    from clipterm.cache.reader import verify
+    from clipterm.cache.inventory import verify
 
     assert verify(reader.path) == []
 

@@ -15,7 +15,8 @@ from PIL import Image
 from test_build import ENV, TORCHRUN, assert_same_cache  # tests/ is on sys.path (rootdir conftest)
 
 from clipterm.cache.build import BuildOptions, build_cache
-from clipterm.cache.reader import CacheReader, verify
+from clipterm.cache.inventory import verify
+from clipterm.cache.reader import CacheReader
 from clipterm.errors import ClipTermError, ExitCode
 from clipterm.inputs.images import open_source
 from clipterm.inputs.shards import expand_braces

@@ -10,7 +10,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from synth_cache import synth_cache  # noqa: E402
 
-from clipterm.cache.reader import CacheReader, verify  # noqa: E402
+from clipterm.cache.inventory import verify  # noqa: E402
+from clipterm.cache.reader import CacheReader  # noqa: E402
 
 
 def test_a_synthetic_cache_is_valid_and_keeps_the_contract(tmp_path):

@@ -1,4 +1,4 @@
-"""The cache on disk, read side: `open_cache`, the mmap reader, model checks, `verify` and listing.
+"""The cache on disk, read side: `open_cache`, the mmap reader and model checks (`inventory.py` lists and verifies).
 
 Shards are opened with `safetensors.safe_open` (mmap) and read one component block at a time,
 so nothing ever loads a whole cache. Rows come back in `index` order (the order of images.jsonl,
@@ -16,11 +16,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from clipterm import locations, names
-from clipterm.cache.integrity import (Layout, Verifier, header_problem, neurons_layout, neurons_required, readout_layout,
-                                      shard_layout, stats_layout)
+from clipterm.cache.integrity import (
+    Layout,
+    Verifier,
+    readout_layout,
+    shard_layout,
+    stats_layout,
+)
 from clipterm.cache.store import IMAGES, MANIFEST, READOUT, STATS, CacheLock, read_manifest
 from clipterm.errors import ClipTermError, ExitCode
-from clipterm.files import file_sha256
 
 
 def resolve(path_or_name: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -32,6 +36,8 @@ def resolve(path_or_name: str | os.PathLike, cache_dir: str | os.PathLike | None
     plain = str(path_or_name) not in ("", ".", "..") and given.name == str(path_or_name)  # a name, never `..`
     if plain and (root / given.name / MANIFEST).is_file():
         return root / given.name
+    from clipterm.cache.inventory import list_caches  # it reads caches with CacheReader: imported when needed
+
     known = ", ".join(c["name"] for c in list_caches(root)[:8]) or "none yet"
     raise ClipTermError(
         f"no cache {str(path_or_name)!r} (not a cache folder, and not a name under {root}, the {why})",
@@ -511,76 +517,3 @@ def _open(path: Path) -> Any:
     from safetensors import safe_open
 
     return safe_open(str(path), framework="pt")
-
-
-# --------------------------------------------------------------------------- listing and verifying
-
-
-def list_caches(root: Path) -> list[dict[str, Any]]:
-    """Every cache under `root`, by name, with a short summary (damaged manifests reported, not raised)."""
-    found = []
-    for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []:
-        if not (folder / MANIFEST).is_file():
-            continue
-        try:
-            found.append(CacheReader(folder, allow_incomplete=True).info)
-        except ClipTermError as exc:
-            found.append({"name": folder.name, "path": str(folder), "error": exc.message})
-        except (KeyError, TypeError, ValueError, AttributeError, OSError) as exc:  # one bad cache never hides the others
-            found.append({"name": folder.name, "path": str(folder), "error": f"damaged ({type(exc).__name__}: {exc})"})
-    return found
-
-
-def verify(directory: Path) -> list[dict[str, str]]:
-    """Re-hash every file and check every shard's tensors against the manifest. Returns problems (empty: all good)."""
-    from safetensors import safe_open
-
-    reader = CacheReader(directory, allow_incomplete=True)
-    m, problems = reader.manifest, []
-
-    def problem(file: str, what: str) -> None:
-        problems.append({"file": file, "problem": what})
-
-    if not m["complete"]:
-        running = CacheLock.held(directory)
-        problem(MANIFEST, "a build is running (its lock is held): wait for it" if running else
-                "the build is incomplete (resume it with the same `clipterm cache build` command)")
-    layouts = {READOUT: readout_layout(m), STATS: stats_layout(m)}
-    for name, sha in m.get("files", {}).items():
-        path = directory / name
-        if not path.is_file():
-            problem(name, "missing")
-        elif file_sha256(path) != sha:
-            problem(name, "sha256 differs from the manifest (the file is damaged)")
-        elif name in layouts or name.startswith("neurons.L"):
-            required = neurons_required(path) if name.startswith("neurons.L") else None
-            layout_problem = header_problem(path, layouts.get(name) or neurons_layout(m, reader.n), required)
-            if layout_problem:
-                problem(name, layout_problem)
-    indices: list[int] = []
-    for record in m["shards"]:
-        path = directory / record["file"]
-        if not path.is_file():
-            problem(record["file"], "missing")
-            continue
-        if path.stat().st_size != record["bytes"] or file_sha256(path) != record["sha256"]:
-            problem(record["file"], "sha256 differs from the manifest (the shard is damaged)")
-            continue
-        layout_problem = header_problem(path, shard_layout(m, record["rows"]))
-        if layout_problem:
-            problem(record["file"], layout_problem)
-            continue
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                index = f.get_tensor("index").tolist()
-        except Exception as exc:
-            problem(record["file"], f"unreadable: {str(exc)[:120]}")
-            continue
-        if index and not (record["start"] <= index[0] and index[-1] < record["stop"] and index == sorted(index)):
-            problem(record["file"], "index rows fall outside the shard's range or are out of order")
-        indices += index
-    if m["complete"] and not problems:  # a damaged shard already explains missing rows
-        skipped = {s_["index"] for s_ in m.get("skipped", [])}
-        if sorted(indices + sorted(skipped)) != list(range(m["dataset"]["n"])):
-            problem(MANIFEST, "shard rows plus skipped inputs do not cover every input exactly once")
-    return problems

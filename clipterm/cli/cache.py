@@ -71,7 +71,7 @@ def build(
 def list_(cache_dir: str = CacheDirOpt, json_out: bool = JsonOpt) -> None:
     """List the caches under the cache root."""
     from clipterm import locations
-    from clipterm.cache.reader import list_caches
+    from clipterm.cache.inventory import list_caches
 
     root, why = locations.cache_root(cache_dir)
     caches = list_caches(root)
@@ -154,7 +154,7 @@ def _shape_line(s: dict) -> str:
 def verify(cache: str = CacheArg, cache_dir: str = CacheDirOpt, json_out: bool = JsonOpt) -> None:
     """Re-hash every file and check shard shapes against the manifest; exit non-zero naming any damaged file."""
     from clipterm.cache.reader import resolve
-    from clipterm.cache.reader import verify as check
+    from clipterm.cache.inventory import verify as check
 
     path = resolve(cache, cache_dir)
     problems = check(path)
