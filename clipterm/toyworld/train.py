@@ -68,8 +68,10 @@ def train(
     cuda = device.startswith("cuda")
     done, history, stages = 0, [], []
     if init is None and recipe.sincos_positions:
+        # A ViT's positions live on the tower; a ModifiedResNet's on its attention pool (one row per grid cell).
+        table = getattr(model.visual, "attnpool", model.visual).positional_embedding  # (1 + G*G, width)
         with torch.no_grad():
-            model.visual.positional_embedding[1:] = sincos_positions(model.visual.grid_size[0], model.visual.positional_embedding.shape[1])
+            table[1:] = sincos_positions(math.isqrt(table.shape[0] - 1), table.shape[1])
     if init is not None:
         from clipterm.files import load_tensors
 
