@@ -179,5 +179,19 @@ def remember_written(directory: Path, hashes: dict[str, str]) -> None:
     save_records(directory, records)
 
 
+def revoke(directory: Path, damaged: list[str]) -> None:
+    """Drop the records of files found damaged, so that the next read hashes them again (and refuses them)."""
+    records = load_records(directory)
+    if any(name in records for name in damaged):
+        try:
+            write_json(Path(directory) / VERIFIED, {"format": FORMAT, "files": {k: v for k, v in records.items()
+                                                                               if k not in damaged}}, durable=True)
+        except OSError:  # cannot rewrite them: then none may stay
+            try:
+                forget(directory)
+            except OSError:  # a read-only cache: nothing was remembered in it since it became read-only
+                pass
+
+
 def forget(directory: Path) -> None:
     (Path(directory) / VERIFIED).unlink(missing_ok=True)

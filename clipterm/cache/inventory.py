@@ -10,6 +10,7 @@ from clipterm.cache.integrity import (
     neurons_layout,
     neurons_required,
     readout_layout,
+    revoke,
     shard_layout,
     stats_layout,
 )
@@ -82,6 +83,7 @@ def verify(directory: Path) -> list[dict[str, str]]:
         if index and not (record["start"] <= index[0] and index[-1] < record["stop"] and index == sorted(index)):
             problem(record["file"], "index rows fall outside the shard's range or are out of order")
         indices += index
+    revoke(directory, [p["file"] for p in problems])
     if m["complete"] and not problems:  # a damaged shard already explains missing rows
         skipped = {s_["index"] for s_ in m.get("skipped", [])}
         if sorted(indices + sorted(skipped)) != list(range(m["dataset"]["n"])):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from clipterm import locations, names
+from clipterm.cache.blocks import CheckedHandle, ShardBlocks, row_axis
 from clipterm.cache.integrity import (
     Layout,
     Verifier,
@@ -25,6 +26,7 @@ from clipterm.cache.integrity import (
 )
 from clipterm.cache.store import IMAGES, MANIFEST, READOUT, STATS, CacheLock, read_manifest
 from clipterm.errors import ClipTermError, ExitCode
+from clipterm.files import safetensors_header
 
 
 def resolve(path_or_name: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -378,13 +380,14 @@ class CacheReader:
         import torch
 
         rows = torch.as_tensor(rows, dtype=torch.long)
-        axis = _ROW_AXIS.get(tensor.split(".")[0], 0) - len(index)
+        axis = row_axis(tensor) - len(index)
         shards = self.manifest["shards"]
         bounds = torch.searchsorted(rows, torch.tensor(self._starts)).tolist()  # (shards + 1,) into `rows`
         wanted = [k for k in range(len(shards)) if bounds[k + 1] > bounds[k]] or [len(shards) - 1]  # [] : one empty part
         parts = []
         for k in wanted:
             values = self._memmap(shards[k], tensor)
+            self._handle(shards[k]).blocks.check(tensor, index)
             values = values[index] if index else values
             local = (rows[bounds[k]:bounds[k + 1]] - self._starts[k]).numpy()
             parts.append(torch.from_numpy(np.take(values, local, axis=axis)))
@@ -455,13 +458,15 @@ class CacheReader:
             try:
                 handle = _open(path)
                 rows = handle.get_slice("index").get_shape()[0]
+                header = safetensors_header(path)
             except Exception as exc:
                 raise ClipTermError(f"cannot read shard {record['file']} of {self.name}: {str(exc)[:160]}",
                                     hint=f"run `clipterm cache verify {self.name}`", code=ExitCode.INVALID_DATA) from None
             if rows != record["rows"]:
                 raise ClipTermError(f"shard {record['file']} holds {rows} rows, the manifest says {record['rows']}",
                                     hint=f"run `clipterm cache verify {self.name}`", code=ExitCode.INVALID_DATA)
-            self._handles[record["file"]] = handle
+            damaged = lambda what, name=record["file"]: self._verifier.damaged(name, what)  # noqa: E731
+            self._handles[record["file"]] = CheckedHandle(handle, ShardBlocks(path, header, damaged))
         return self._handles[record["file"]]
 
     def _per_shard(self, read: Any, rows: Sequence[int] | None, span: Any = None) -> list[Any]:
@@ -509,8 +514,6 @@ def _release(mapped: Any, index: tuple[int, ...]) -> None:
     except (AttributeError, OSError, ValueError):  # no madvise here: the pages stay mapped, and reclaimable
         pass
 
-
-_ROW_AXIS = {"head_out": 2, "mlps": 1, "neurons": 1, "tokens": 1}  # where the rows are in a shard's tensor
 
 
 def _open(path: Path) -> Any:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from clipterm import __version__
+from clipterm.cache import blocks
 from clipterm.cache.integrity import VERIFIED, remember_written
 from clipterm.errors import ClipTermError, ExitCode
 from clipterm.files import atomic_write, file_sha256, save_tensors, write_json
@@ -197,7 +198,8 @@ def write_shard(directory: Path, chunk: int, tensors: dict[str, Any], start: int
     from safetensors.torch import save
 
     rows = int(tensors["index"].shape[0])
-    meta = {"format": SCHEMA, "chunk": str(chunk), "start": str(start), "stop": str(stop), "rows": str(rows)}
+    meta = {"format": SCHEMA, "chunk": str(chunk), "start": str(start), "stop": str(stop), "rows": str(rows),
+            blocks.KEY: blocks.block_sums(tensors)}
     data = save(tensors, metadata=meta)
     name = shard_name(chunk)
     sha = atomic_write(directory / name, data)
