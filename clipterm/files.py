@@ -6,7 +6,9 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+
+from clipterm.errors import ClipTermError
 
 
 def atomic_write(path: Path, data: bytes, durable: bool = True) -> str:
@@ -15,7 +17,8 @@ def atomic_write(path: Path, data: bytes, durable: bool = True) -> str:
     `durable=False` skips the fsyncs: for files that only save work (a crash may leave the old file, or an empty one)."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        tmp.unlink(missing_ok=True)  # a stale one, or a link planted there: never written through
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666), "wb") as f:
             f.write(data)
             f.flush()
             if durable:
@@ -95,3 +98,42 @@ def safetensors_header(path: Path) -> dict[str, Any]:
     if 8 + length + end != size:
         raise ValueError(f"tensors end at byte {8 + length + end}, the file has {size}")
     return header
+
+
+def output_folder(folder: Path, what: str) -> Path:
+    """Create `folder` (and its parents) for output, or say in one line why it cannot be."""
+    if folder.exists() and not folder.is_dir():
+        raise ClipTermError(f"{what} {folder} is a file, not a folder", hint="give a folder (it is created when missing)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a parent that is a file, a read-only place, a name too long
+        raise ClipTermError(f"cannot create {what} {folder}: {exc.strerror or exc}",
+                            hint="choose a folder you can write to") from None
+    return folder
+
+
+def check_replacing(folder: Path, names: Iterable[str], force: bool, what: str, ours: Iterable[str] = ()) -> None:
+    """Refuse to write `names` into `folder` where that would replace something: a file that is not among `ours`
+    (the files this command wrote there before), or any symlink, which is never written through. With `force`,
+    files are replaced, and a link is replaced by the new file (its target is left alone)."""
+    names, mine = list(names), set(ours)
+    for name in names:
+        parts = Path(name).parts
+        for depth in range(1, len(parts)):  # a linked sub-folder would be written through, --force or not
+            if folder.joinpath(*parts[:depth]).is_symlink():
+                raise ClipTermError(f"{what} {folder}: {Path(*parts[:depth])} is a symlink, and clipterm never writes "
+                                    "through one", hint="remove it, or choose another folder")
+    if force:
+        return
+    taken = [name for name in names if (folder / name).is_symlink()
+             or ((folder / name).exists() and not (name in mine and (folder / name).is_file()))]
+    if not taken:
+        return
+    links = [name for name in taken if (folder / name).is_symlink()]
+    shown = ", ".join(taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
+    if links:
+        raise ClipTermError(f"{what} {folder}: {links[0]} is a symlink, and clipterm never writes through one",
+                            hint="remove it, choose another folder, or pass --force to replace the link itself "
+                                 "(its target is left alone)")
+    raise ClipTermError(f"{what} {folder} already holds {shown}, which this would replace",
+                        hint="pass --force to replace them, or choose another folder")

@@ -11,6 +11,7 @@ from clipterm.cli.common import Device, DeviceOpt, JsonOpt, accuracy_table
 from clipterm.cli.output import emit_json, progress, stderr, stdout
 from clipterm.errors import ClipTermError
 
+ForceOpt = typer.Option(False, "--force", help="Replace files that OUT already holds (a model, labels.jsonl, images).")
 WORLD_HELP = "World version: 1 (what the shipped toy was trained on) or 2 (legible words; see the README)."
 
 toy_app = typer.Typer(help="The synthetic world and the built-in toy CLIPs: render images, train, evaluate, ship.", no_args_is_help=True)
@@ -23,6 +24,7 @@ def render(
     task: str = typer.Option("colour", "--task", help="Task whose class names the sub-folders get."),
     seed: int = typer.Option(0, "--seed", help="World seed; image i depends only on (seed, i)."),
     world: int = typer.Option(1, "--world", help=WORLD_HELP),
+    force: bool = ForceOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Write N synthetic scenes as PNG files in class sub-folders, plus labels.jsonl with every task's label."""
@@ -30,7 +32,7 @@ def render(
 
     check_world(world)
     with progress("rendering", total=n) as advance:
-        summary = render_folder(out_dir, n=n, task=task, seed=seed, on_image=advance, world=world)
+        summary = render_folder(out_dir, n=n, task=task, seed=seed, on_image=advance, world=world, force=force)
     if json_out:
         emit_json(summary, schema="clipterm.toy.render/2")
     else:
@@ -59,6 +61,7 @@ def train(
     sparsity: float = typer.Option(None, "--sparsity", min=0.0, help="Weight of the effective number of heads and MLPs "
                                    "whose direct effects carry each task, which makes few heads carry each attribute "
                                    "(clipterm/toyworld/sparsity.py; default: the recipe's). ViT towers only."),
+    force: bool = ForceOpt,
 ) -> None:
     """Train the toy CLIP on freshly generated world data: from scratch (about an hour on 2 CPU cores), or on
     from a checkpoint with --from (each stage is recorded in training.json). The recipes are in the README."""
@@ -79,6 +82,7 @@ def train(
     if start is not None and start.resolve() == out_dir.resolve():
         raise ClipTermError(f"--from {init} is the output folder: it would be overwritten while training",
                             hint="write to a new folder")
+    check_model_folder(out_dir, force)
     world = world if world is not None else trained_world(start) if start is not None else 1
     check_world(world)
     tower = json.loads((start / "open_clip_config.json").read_text())["model_cfg"] if start else ARCHS[arch]
@@ -98,6 +102,7 @@ def train(
 def ship(
     source: Path = typer.Argument(..., help="A model folder written by `clipterm toy train`."),
     out_dir: Path = typer.Argument(..., help="Where to write the shipped copy (e.g. clipterm/toyworld/model_rn)."),
+    force: bool = ForceOpt,
 ) -> None:
     """Copy a trained toy with its token embedding pruned to the rows the toy's texts use (docs: vit/pruned.py):
     its captions, prompts and the built-in pools encode exactly as before, in a fraction of the bytes."""
@@ -108,6 +113,7 @@ def ship(
                             hint="train one with `clipterm toy train OUT`")
     if source.resolve() == out_dir.resolve():
         raise ClipTermError(f"{out_dir} is the source folder", hint="write to a new folder")
+    check_model_folder(out_dir, force)
     summary = run(source, out_dir)
     stdout.print(f"shipped {out_dir}: {summary['kept_tokens']} tokens kept, {summary['bytes'] / 2**20:.1f} MB")
 
@@ -139,6 +145,17 @@ def evaluate(
         emit_json({"model": model, "images": n, "world": world, "accuracy": acc}, schema="clipterm.toy.eval/2")
         return
     stdout.print(accuracy_table(acc, title=f"zero-shot accuracy of {model} on {n} held-out images of world {world}"))
+
+
+def check_model_folder(out_dir: Path, force: bool) -> None:
+    """OUT must be a folder (or not yet exist), and holding no model unless --force: a trained model is hours of work."""
+    from clipterm.files import check_replacing, output_folder
+    from clipterm.toyworld.train import MODEL_FILES
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ClipTermError(f"{out_dir} is a file, not a folder", hint="give a folder for the model (it is created when missing)")
+    check_replacing(out_dir, MODEL_FILES, force, "model folder")
+    output_folder(out_dir, "model folder")
 
 
 def check_world(world: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from enum import Enum
@@ -14,6 +15,7 @@ from clipterm.cli.common import CacheDirOpt, Device, DeviceOpt, JsonOpt, Pretrai
 from clipterm.cli.common import load_model_and_cache as _load
 from clipterm.cli.output import emit_json, progress, stdout
 from clipterm.errors import ClipTermError
+from clipterm.files import check_replacing, output_folder
 
 SCHEMA = "clipterm.visualise/1"
 SHOW_SIZE = 32  # pixels per tile with --show (16 character rows)
@@ -56,7 +58,9 @@ def visualise(
                                 "pixel (plain pixels through a sigmoid, for comparison)."),
     lr: float = typer.Option(0.05, "--lr", help="Adam's learning rate."),
     seed: int = typer.Option(0, "--seed", help="The same seed repeats the same images (on the CPU)."),
-    out: Path = typer.Option(Path("visualise"), "--out", help="Folder for the PNGs and the JSON record."),
+    out: Path = typer.Option(Path("visualise"), "--out", help="Folder for the PNGs and the JSON record. Files of an "
+                             "earlier run of the same target are replaced; anything else there needs --force."),
+    force: bool = typer.Option(False, "--force", help="Replace files in --out that an earlier visualise did not write."),
     show: bool = typer.Option(False, "--show", help="Draw the images in the terminal (half-block cells)."),
     device: Device = DeviceOpt,
     json_out: bool = JsonOpt,
@@ -71,6 +75,7 @@ def visualise(
         raise ClipTermError(f"--steps must be at least 1 (got {steps})", hint="e.g. --steps 128")
     if out.exists() and not out.is_dir():
         raise ClipTermError(f"--out {out} is a file, not a folder", hint="give a folder (it is created when missing)")
+    check_replacing(out, _file_names(target, diverse), force, "--out", ours=_written_before(out, target))
     terms = targets.parse(target)
     targets.require_cache(terms, cache is not None)
     config = featvis.Config(steps=steps, size=size, images=diverse, diversity=diversity if diverse > 1 else 0.0,
@@ -122,24 +127,51 @@ def _record(target: str, terms: list, goal: Any, config: Any, side: int, loaded:
 
 
 def slug(target: str) -> str:
-    """A file-name stem for a target: `text:a red shape` -> `text-a-red-shape`."""
-    return re.sub(r"[^A-Za-z0-9.]+", "-", target).strip("-")[:80] or "target"
+    """A file-name stem for a target: `text:a red shape` -> `text-a-red-shape`. A long one keeps 71 characters and a
+    hash of the whole target, so that two targets never share files."""
+    stem = re.sub(r"[^A-Za-z0-9.]+", "-", target).strip("-") or "target"
+    if len(stem) <= 80 and stem != "target":
+        return stem
+    return f"{stem[:71].rstrip('-')}-{hashlib.sha256(target.encode()).hexdigest()[:8]}"
+
+
+def _file_names(target: str, images: int) -> list[str]:
+    stem = slug(target)
+    return [f"{stem}-{k + 1}.png" for k in range(images)] + [f"{stem}.json"]
+
+
+def _written_before(out: Path, target: str) -> list[str]:
+    """The files that an earlier visualise of `target` recorded in OUT/<slug>.json (a regular file of ours)."""
+    record = out / f"{slug(target)}.json"
+    try:
+        if record.is_symlink() or not record.is_file():
+            return []
+        payload = json.loads(record.read_text(encoding="utf-8"))
+        if payload.get("schema") != SCHEMA or payload.get("target") != target:
+            return []
+        return [record.name, *(Path(str(f)).name for f in payload.get("files", []))]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
 
 
 def _write(out: Path, target: str, pixels: Any, record: dict[str, Any]) -> list[str]:
-    """OUT/<slug>-<k>.png per image and OUT/<slug>.json; returns the PNG paths."""
+    """OUT/<slug>-<k>.png per image and OUT/<slug>.json, each written atomically and never through a symlink;
+    returns the PNG paths."""
+    import io
+
     from PIL import Image
 
     from clipterm.files import atomic_write
 
-    out.mkdir(parents=True, exist_ok=True)
-    stem = slug(target)
+    output_folder(out, "--out")
+    names = _file_names(target, len(pixels))
     files = []
-    for k, image in enumerate(pixels):
-        path = out / f"{stem}-{k + 1}.png"
-        Image.fromarray(image).save(path)
-        files.append(str(path))
-    atomic_write(out / f"{stem}.json", (json.dumps({"schema": SCHEMA, **record, "files": files}, indent=2) + "\n").encode())
+    for name, image in zip(names, pixels):
+        png = io.BytesIO()
+        Image.fromarray(image).save(png, format="PNG")
+        atomic_write(out / name, png.getvalue(), durable=False)
+        files.append(str(out / name))
+    atomic_write(out / names[-1], (json.dumps({"schema": SCHEMA, **record, "files": files}, indent=2) + "\n").encode())
     return files
 
 

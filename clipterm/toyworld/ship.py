@@ -8,7 +8,6 @@ of the world, every task's zero-shot prompts, each class name alone, and the bui
 from __future__ import annotations
 
 import json
-import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -34,7 +33,7 @@ def ship(source: Path, out_dir: Path, texts: tuple[str, ...] | None = None) -> d
     """Copy the model folder `source` (written by `clipterm toy train`) to `out_dir` with a pruned token embedding."""
     import open_clip
 
-    from clipterm.files import load_tensors, save_tensors
+    from clipterm.files import atomic_write, load_tensors, save_tensors
     from clipterm.vit import pruned
 
     config = json.loads((source / "open_clip_config.json").read_text())
@@ -45,5 +44,5 @@ def ship(source: Path, out_dir: Path, texts: tuple[str, ...] | None = None) -> d
     save_tensors(out_dir / "open_clip_model.safetensors", pruned.prune(state, keep))
     for name in ("open_clip_config.json", "training.json"):
         if (source / name).is_file():
-            shutil.copyfile(source / name, out_dir / name)
+            atomic_write(out_dir / name, (source / name).read_bytes())  # never through a link at the destination
     return {"kept_tokens": len(keep), "bytes": (out_dir / "open_clip_model.safetensors").stat().st_size}

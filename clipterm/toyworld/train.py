@@ -208,14 +208,17 @@ def contrastive_loss(logits, captions: list[str] | None = None):
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
+MODEL_FILES = ("open_clip_model.safetensors", "open_clip_config.json", "training.json")  # what a model folder holds
+
+
 def save_model_dir(model, out_dir: Path, meta: dict, model_cfg: dict | None = None) -> None:
-    """Write an open_clip `local-dir:` folder: config JSON + fp16 safetensors (+ training notes)."""
+    """Write an open_clip `local-dir:` folder: config JSON + fp16 safetensors (+ training notes), atomically."""
     import torch
 
-    from clipterm.files import save_tensors
+    from clipterm.files import atomic_write, save_tensors
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_tensors(out_dir / "open_clip_model.safetensors", {k: v.detach().to("cpu", torch.float16) for k, v in model.state_dict().items()})
+    save_tensors(out_dir / MODEL_FILES[0], {k: v.detach().to("cpu", torch.float16) for k, v in model.state_dict().items()})
     config = {"model_cfg": model_cfg or MODEL_CFG, "preprocess_cfg": PREPROCESS_CFG}
-    (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out_dir / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write(out_dir / MODEL_FILES[1], (json.dumps(config, indent=2) + "\n").encode())
+    atomic_write(out_dir / MODEL_FILES[2], (json.dumps(meta, indent=2) + "\n").encode())
