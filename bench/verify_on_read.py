@@ -8,7 +8,9 @@ reader:
 - first frame: wall time of a headless TUI process from spawn until its first frame (the probe of
   tests/test_tui.py), median of 3; the goal is <= 1 s.
 - read, unverified: `effects("L1.H0")` (every shard) with the checks switched off: the baseline.
-- read, warm: the same with every file remembered in `.verified.json`: size, mtime and header checks.
+- read, warm without block checks: every file remembered in `.verified.json`: size, mtime and header checks.
+- read, warm: the same, plus the crc32 of each block read (`clipterm.cache.blocks`), which catches bit-rot
+  after verification; `block_checks_ratio` is its cost against the line above.
 - read, cold: the same after `.verified.json` was deleted: every shard is hashed once.
 
     python bench/verify_on_read.py [--rows 10000 200000] [--dir /tmp/clipterm-verify-bench]
@@ -17,6 +19,7 @@ reader:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import subprocess
@@ -88,6 +91,19 @@ def first_frame(directory: Path, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def no_block_checks():
+    """Reads without the per-block crc32 checks (`clipterm.cache.blocks`): the baseline of their cost."""
+    from clipterm.cache.blocks import ShardBlocks
+
+    check = ShardBlocks.check
+    ShardBlocks.check = lambda self, tensor, index=(): None
+    try:
+        yield
+    finally:
+        ShardBlocks.check = check
+
+
 def timed(fn, repeats: int = 3) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -107,7 +123,12 @@ def measure(directory: Path) -> dict:
     def unverified() -> None:
         reader = open_cache(directory)
         reader.checked = lambda name, *a, **k: reader.path / name  # the checks off
-        read(reader)
+        with no_block_checks():
+            read(reader)
+
+    def warm_without_blocks() -> None:
+        with no_block_checks():
+            read(open_cache(directory))
 
     def cold() -> None:
         integrity.forget(directory)
@@ -119,11 +140,14 @@ def measure(directory: Path) -> dict:
         "rows": CacheReader(directory).n, "bytes": size, "shards": len(CacheReader(directory).manifest["shards"]),
         "open_s": round(timed(lambda: open_cache(directory), 5), 4),
         "read_unverified_s": round(timed(unverified), 4),
+        "read_warm_no_blocks_s": round(timed(warm_without_blocks), 4),
         "read_warm_s": round(timed(warm_reader), 4),
         "read_cold_s": round(timed(cold, 1), 4),
     }
     warm_reader()
     result["warm_overhead_s"] = round(result["read_warm_s"] - result["read_unverified_s"], 4)
+    result["block_checks_s"] = round(result["read_warm_s"] - result["read_warm_no_blocks_s"], 4)
+    result["block_checks_ratio"] = round(result["read_warm_s"] / max(result["read_warm_no_blocks_s"], 1e-9), 2)
     result["hash_gb_per_s"] = round(size / 1e9 / max(result["read_cold_s"] - result["read_unverified_s"], 1e-9), 2)
     result["first_frame_s"] = round(first_frame(directory), 3)
     return result

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from clipterm.analyses import facets, featvis
+from clipterm.analyses.featvis import facet_term
 from clipterm.cache.build import BuildOptions, build_cache
 from clipterm.cache.reader import open_cache
 from clipterm.errors import ClipTermError, ExitCode
@@ -183,16 +184,65 @@ def test_diversity_term_spreads_the_images(toy):
 # --------------------------------------------------------------------------- facets
 
 
-def test_facet_probe_beats_chance_on_held_out_rows(toy, cache):
+@pytest.mark.parametrize("objective", facets.OBJECTIVES)
+def test_facet_probe_beats_chance_on_held_out_rows(toy, cache, objective):
     reader = open_cache(cache)
-    facet = facets.train_facet(toy, reader, "colour/red")
+    facet = facets.train_facet(toy, reader, "colour/red", layer=3, objective=objective)
     assert facet.accuracy > facet.chance + 0.2 and facet.rows == int((reader.labels("colour") >= 0).sum())
-    assert facet.to_json()["class"] == "red" and facet.to_json()["layer"] == "L4"
+    assert facet.to_json()["class"] == "red" and facet.to_json()["layer"] == "L3"
+    assert facet.to_json()["objective"] == objective
     plain = run(toy, "L4.N12", reader, steps=16, size=64)[-1].pixels
     faceted = run(toy, "L4.N12", reader, facet, steps=16, size=64, facet_weight=1.0)[-1].pixels
     assert not np.array_equal(plain, faceted)
     with pytest.raises(ClipTermError, match="no labels for task 'texture'"):
         facets.train_facet(toy, reader, "texture")
+
+
+def test_the_articles_facet_objective_equals_a_direct_autograd_computation(toy, cache):
+    """f(g(x)) + wᵀ(g(x) ⊙ ∇f(g(x))), with g the output of block 2 cut out of the graph as a leaf, and f the
+    objective computed from it by the rest of the tower: the climb's objective, value for value."""
+    import torch
+
+    reader = open_cache(cache)
+    facet = facets.train_facet(toy, reader, "colour/red", layer=2, steps=50)
+    goal = featvis.objective_for("L4.N12", toy, reader)
+    visual = toy.model.visual
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+    recorder = featvis.Recorder(visual, *featvis.hooks_for(goal, 6), blocks={2})
+    try:
+        with featvis.twice_differentiable(True):
+            embeds = visual(pixels)
+        value = featvis.score(goal, recorder, visual, embeds, None)  # (B,)
+        ours = value + facet_term(facet, recorder, value)  # (B,)
+    finally:
+        recorder.close()
+
+    leaf = {}
+
+    def cut(_module, _inputs, output):
+        leaf["g"] = output.detach().requires_grad_(True)
+        return leaf["g"]
+
+    handle = visual.transformer.resblocks[2].register_forward_hook(cut)
+    recorder = featvis.Recorder(visual, *featvis.hooks_for(goal, 6))
+    try:
+        f = featvis.score(goal, recorder, visual, visual(pixels), None)  # (B,): f(g(x))
+    finally:
+        recorder.close()
+        handle.remove()
+    (grad,) = torch.autograd.grad(f.sum(), leaf["g"])  # (B, T, W): ∇f(g(x)), image by image
+    w = facet.weight[facet.target] / facet.std  # (W,): the probe's weights on raw activations
+    direct = f + (leaf["g"] * grad).sum(1) @ w  # (B,)
+    assert float((direct - ours).detach().abs().max()) < 1e-4 * float(direct.detach().abs().max())
+    assert float(((leaf["g"] * grad).sum(1) @ w).detach().abs().min()) > 0  # the facet term is there, not zero
+
+
+def test_the_facet_layer_must_be_below_the_unit(toy, cache):
+    reader = open_cache(cache)
+    facet = facets.train_facet(toy, reader, "colour", layer=4, steps=10)
+    with pytest.raises(ClipTermError, match="not below the unit"):
+        run(toy, "L4.N12", reader, facet, steps=1, size=16)
 
 
 # --------------------------------------------------------------------------- the command

@@ -4,7 +4,8 @@ Olah, Mordvintsev & Schubert, "Feature Visualization" (Distill, 2017), with luci
 Fourier-space parameter whose frequencies are scaled by 1/f, its colours decorrelated by the square root of
 ImageNet's colour covariance, then a sigmoid; every step sees it randomly padded, jittered, scaled and rotated,
 so only features that survive those transforms grow. Diversity (lucid): K images at once, minus the cosine
-similarity of their Gram matrices at a middle layer. Facets (`facets.py`): a probe's log-probability is added.
+similarity of their Gram matrices at a middle layer. Facets (`facets.py`): a probe of a lower layer weighs the
+objective's attribution to that layer (Goh et al., 2021).
 
 Objectives (`objective` picks where a target allows several):
 - a head `L5.H2[:pcK]`, `effect` (default): its direct effect, CLS output / σ_post @ R_h, along its principal
@@ -267,6 +268,40 @@ def score(objective: Objective, recorder: Recorder, visual: Any, embeds: Tensor,
     return total  # (B,)
 
 
+def facet_term(facet: Any, recorder: Recorder, value: Tensor) -> Tensor:
+    """The facet's part of the objective (`facets.py`), (B,): wᵀ(g ⊙ ∇f) for the article's form, through the graph
+    of ∂f/∂g so that the climb follows it; log p(class) for `logprob`."""
+    acts = recorder.saved[("block", facet.layer)]  # (B, T, W)
+    if facet.objective == "logprob":
+        return facet.log_prob(acts)
+    (grad,) = torch.autograd.grad(value.sum(), acts, create_graph=True)  # (B, T, W)
+    return facet.attribution(acts, grad)
+
+
+def twice_differentiable(needed: bool) -> Any:
+    """A context where attention runs on the math kernel, the one with a double backward (∇f is differentiated)."""
+    import contextlib
+
+    if not needed:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def check_facet(facet: Any, objective: Objective) -> None:
+    """The article's facet reads the objective's attribution to a layer below every unit of the objective."""
+    units = [t for t in objective.terms if t.kind != "direction"]
+    if facet is None or facet.objective == "logprob" or not units:
+        return
+    lowest = min(units, key=lambda t: t.layer)
+    if facet.layer >= lowest.layer:
+        raise ClipTermError(f"--facet-layer {names.layer(facet.layer)} is not below the unit in "
+                            f"{names.layer(lowest.layer)}: the objective's attribution to it is zero",
+                            hint=f"use --facet-layer {names.layer(max(lowest.layer - 1, 0))} or lower, or "
+                                 "--facet-objective logprob")
+
+
 def gram_similarity(tokens: Tensor) -> Tensor:
     """lucid's diversity term: the mean pairwise cosine similarity of the images' Gram matrices of tokens (B, T, W)."""
     patches = tokens[:, 1:].float()  # (B, P, W)
@@ -304,6 +339,7 @@ def visualise(loaded: Any, objective: Objective, config: Config, facet: Any = No
 
     refuse_model_analysis(loaded.model, "feature visualisation")
     size = check(config, loaded)
+    check_facet(facet, objective)
     visual = vision_tower(loaded.model)
     device = visual.conv1.weight.device
     torch.manual_seed(config.seed)
@@ -326,13 +362,14 @@ def visualise(loaded: Any, objective: Objective, config: Config, facet: Any = No
     try:
         for step in range(1, config.steps + 1):
             pixels = robust(image(), loaded.info.image_size, generator)  # (K, 3, S', S')
-            embeds = visual((pixels - mean) / std)  # (K, D)
+            with twice_differentiable(facet is not None and facet.objective == "attribution"):
+                embeds = visual((pixels - mean) / std)  # (K, D)
             value = score(objective, recorder, visual, embeds, readout)  # (K,)
             loss = -value.mean()
             if blocks and config.diversity and config.images > 1:
                 loss = loss + config.diversity * gram_similarity(recorder.saved[("block", n_layers // 2)])
             if facet is not None:
-                loss = loss - config.facet_weight * facet.log_prob(recorder.saved[("block", facet.layer)][:, 0]).mean()
+                loss = loss - config.facet_weight * facet_term(facet, recorder, value).mean()
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

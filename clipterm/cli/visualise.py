@@ -11,6 +11,7 @@ from typing import Any
 
 import typer
 
+from clipterm import names
 from clipterm.cli.common import CacheDirOpt, Device, DeviceOpt, JsonOpt, PretrainedOpt
 from clipterm.cli.common import load_model_and_cache as _load
 from clipterm.cli.output import emit_json, progress, stdout
@@ -26,6 +27,11 @@ class Objective(str, Enum):
     activation = "activation"
     effect = "effect"
     direction = "direction"
+
+
+class FacetObjective(str, Enum):
+    attribution = "attribution"
+    logprob = "logprob"
 
 
 class Param(str, Enum):
@@ -51,9 +57,15 @@ def visualise(
                              "size; it is resized to that size for the model)."),
     diverse: int = typer.Option(1, "--diverse", help="Optimise K images together, pushed apart by lucid's diversity term."),
     diversity: float = typer.Option(1.0, "--diversity", help="Weight of the diversity term with --diverse K > 1."),
-    facet: str = typer.Option(None, "--facet", help="TASK or TASK/CLASS: add a linear probe of the cache's labels for "
-                              "that task (faceted visualisation); TASK alone favours whichever class the probe is surest of."),
-    facet_weight: float = typer.Option(0.1, "--facet-weight", help="Weight of the facet's log-probability."),
+    facet: str = typer.Option(None, "--facet", help="TASK or TASK/CLASS: faceted visualisation (Goh et al., 2021) with a "
+                              "linear probe of the cache's labels for that task; TASK alone favours whichever class "
+                              "scores highest."),
+    facet_layer: str = typer.Option(None, "--facet-layer", help="Block whose output the facet's probe reads (default: "
+                                    "the one below the unit; two thirds deep for texts and images)."),
+    facet_objective: FacetObjective = typer.Option("attribution", "--facet-objective", help="attribution (the "
+                                                   "article's: the probe weighs the objective's attribution to that "
+                                                   "layer, wᵀ(g ⊙ ∇f)) or logprob (log p(class) of a class-token probe)."),
+    facet_weight: float = typer.Option(0.1, "--facet-weight", help="Weight of the facet's term."),
     param: Param = typer.Option(Param.fourier, "--param", help="fourier (decorrelated, 1/f scaled; lucid's default) or "
                                 "pixel (plain pixels through a sigmoid, for comparison)."),
     lr: float = typer.Option(0.05, "--lr", help="Adam's learning rate."),
@@ -83,7 +95,12 @@ def visualise(
     loaded, reader = _load(model, pretrained, cache, cache_dir, device.value)
     side = featvis.check(config, loaded)
     goal = featvis.objective_for(target, loaded, reader, config.objective)
-    probe = facets.train_facet(loaded, reader, facet) if facet is not None else None
+    probe = None
+    if facet is not None:
+        units = [t.layer for t in goal.terms if t.kind != "direction"]
+        layer = _one_layer(facet_layer, loaded.info.layers) if facet_layer else \
+            facets.default_layer(loaded.info.layers, min(units, default=None))
+        probe = facets.train_facet(loaded, reader, facet, layer=layer, objective=facet_objective.value)
     curve: list[float] = []
     with progress(f"visualising {target}", total=steps, unit="steps") as advance:
         for frame in featvis.visualise(loaded, goal, config, probe):
@@ -94,13 +111,21 @@ def visualise(
     if json_out:
         emit_json(record, schema=SCHEMA)
         return
-    facet_note = f"; facet {probe.task} probe {probe.accuracy:.0%} held out (chance {probe.chance:.0%})" if probe else ""
+    facet_note = (f"; facet {probe.task} ({probe.objective}, {names.layer(probe.layer)}) probe {probe.accuracy:.0%} "
+                  f"held out (chance {probe.chance:.0%})") if probe else ""
     stdout.print(f"[bold]{target}[/]: {goal.kind} {curve[0]:+.4f} → {curve[-1]:+.4f} in {steps} steps "
                  f"({steps / max(frame.elapsed, 1e-9):.1f}/s){facet_note}", highlight=False)
     if show:
         stdout.print(tiles(frame.pixels, [f"#{k + 1}" for k in range(len(frame.pixels))]))
     for file in record["files"]:
         stdout.print(file, highlight=False)
+
+
+def _one_layer(spec: str, n_layers: int) -> int:
+    layers = names.parse_layers(spec, n_layers)
+    if len(layers) != 1:
+        raise ClipTermError(f"--facet-layer {spec} names {len(layers)} layers", hint="name one block, e.g. --facet-layer L3")
+    return layers[0]
 
 
 def tiles(pixels: Any, captions: list[str], size: int = SHOW_SIZE) -> Any:
