@@ -1,4 +1,9 @@
-"""Shared by the benchmarks: where results go and how they are written."""
+"""Shared by the benchmarks: where results go and how they are written.
+
+Benchmarks are modules of the `bench` package, run from the checkout's root: `python -m bench.speed.search`.
+So `bench._common`, another benchmark (`bench.speed.cache_build`) and the measures the tests share
+(`tests.test_neurons`) import as packages, with no path set by hand; `python -m bench` lists them all.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,8 @@ import platform
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout, where `python -m bench...` runs
+RESULTS = ROOT / "bench" / "results"
 
 
 def best_time(fn, repeats: int = 1) -> tuple[float, object]:

@@ -1,4 +1,4 @@
-"""Regenerate the README's TUI screenshots (SVG, from Textual) on the toy-demo cache.
+"""Regenerate the TUI screenshots of the README and docs/tui.md (SVG, from Textual) on the toy-demo cache.
 
     python docs/screenshots.py            # builds the toy-demo cache first if it is missing
     python docs/screenshots.py tui-visualise.svg   # only the shots named

@@ -1,7 +1,7 @@
 """`clipterm visualise`: feature visualisation of heads, neurons and directions on the toy model.
 
 Objectives are checked against the exact decomposition; pictures against the toy world's palette
-(bench/featvis_truth.py runs the full ground-truth check).
+(bench/truth/featvis_truth.py runs the full ground-truth check).
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def test_palette_statistics_on_rendered_scenes():
 
 
 def test_colour_words_paint_their_colour(toy):
-    """A small version of bench/featvis_truth.py's colour check: 3 colours, fewer steps."""
+    """A small version of bench/truth/featvis_truth.py's colour check: 3 colours, fewer steps."""
     found = [palette.dominant_colour(run(toy, f"text:a {c} shape", steps=64, size=64)[-1].pixels[0])
              for c in ("red", "green", "blue")]
     assert found == ["red", "green", "blue"]

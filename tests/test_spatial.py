@@ -1,6 +1,6 @@
 """`clipterm spatial`: per-patch maps and NMF factors, checked against the toy world's known object masks.
 
-The helpers at the top are the ground-truth evaluation that bench/spatial.py runs at full size.
+The helpers at the top are the ground-truth evaluation that bench/truth/spatial.py runs at full size.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ NMF_LAYERS = [0, 1]  # early MLPs see colour and shape where they are; picked on
 
 
 def test_ground_truth_goals(toy):
-    """Small-sample version of bench/spatial.py: the query map beats the baseline."""
+    """Small-sample version of bench/truth/spatial.py: the query map beats the baseline."""
     contrast, _ = spatial.pool_embeddings(toy, "toy")
     singles = scenes_with(40, 1)
     ours, baseline = np.mean(query_ious(toy, singles, contrast)), np.mean(baseline_ious(toy, singles))
@@ -106,7 +106,7 @@ def test_ground_truth_goals(toy):
 
 
 def test_nmf_separates_two_objects_on_toy_v1():
-    """Small-sample version of bench/spatial.py's NMF goal, on toy-v1 and world 1, where it was set and holds.
+    """Small-sample version of bench/truth/spatial.py's NMF goal, on toy-v1 and world 1, where it was set and holds.
     On the shipped toy it does not (0.11 to 0.24 at any layer, k=3 or 4): patch position explains 53-69% of its
     MLP activations' variance over two-object scenes (5-7% on toy-v1), so NMF's factors split the image by place."""
     from clipterm.vit.models import load_model

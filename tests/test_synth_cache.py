@@ -1,17 +1,13 @@
-"""bench/synth_cache.py writes caches that the reader, `cache verify` and the contract accept, at any model's shape."""
+"""bench/tools/synth_cache.py writes caches that the reader, `cache verify` and the contract accept, at any model's
+shape."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from synth_cache import synth_cache  # noqa: E402
-
-from clipterm.cache.inventory import verify  # noqa: E402
-from clipterm.cache.reader import CacheReader  # noqa: E402
+from bench.tools.synth_cache import synth_cache
+from clipterm.cache.inventory import verify
+from clipterm.cache.reader import CacheReader
 
 
 def test_a_synthetic_cache_is_valid_and_keeps_the_contract(tmp_path):

@@ -12,7 +12,7 @@ def reference_text_span(effects: torch.Tensor, texts: torch.Tensor, n_texts: int
     """Gandelsman et al.'s Algorithm 1 on per-image effects (N, D), written out directly.
 
     Returns the chosen rows, the reconstruction, and the variance left after each deflation.
-    `bench/textspan.py` times this (in float32, as the original runs) against clipterm's.
+    `bench/speed/textspan.py` times this (in float32, as the original runs) against clipterm's.
     """
     effects, texts = effects.to(dtype), torch.nn.functional.normalize(texts.to(dtype), dim=-1)
     _, _, vh = torch.linalg.svd(effects, full_matrices=False)

@@ -1,6 +1,6 @@
 """toy-rn's ground truth (issue 18): its pool heads and its last stage's channels, against what the world knows.
 
-The measures live here, shared with bench/toy_rn_truth.py, which prints them in full. The tests are slow (a
+The measures live here, shared with bench/truth/toy_rn_truth.py, which prints them in full. The tests are slow (a
 1000-image cache and its channels file) and run only where the trained toy-rn is shipped.
 """
 
@@ -137,7 +137,7 @@ def test_channels_whose_top_images_share_a_value_are_named_by_it(toy_rn):
     assert len(rates["attribute_neurons"]) >= 3
     if rates["rate"] < 0.5 or rates["rate"] < 2 * rates["random_rate"]:
         pytest.xfail(f"issue 18's goal (>= 50% and >= 2x random) is not met: {rates['rate']:.0%} vs "
-                     f"{rates['random_rate']:.0%} (bench/toy_rn_truth.py prints the channels)")
+                     f"{rates['random_rate']:.0%} (bench/truth/toy_rn_truth.py prints the channels)")
 
 
 def test_multimodal_channels_are_counted_from_the_scenes(tmp_path):

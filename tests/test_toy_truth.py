@@ -1,7 +1,7 @@
 """The shipped toy's ground truth in its world (issue 16): heads that carry colour, position and the written word, and a
 multimodal neuron (objects of colour X and the word X in another ink, named X by its sparse text decomposition).
 
-The measures are shared with `bench/toy_truth.py`, which prints them all for any toy model folder."""
+The measures are shared with `bench/truth/toy_truth.py`, which prints them all for any toy model folder."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_toy_rn import multimodal_hit, random_hit_rate  # tests/ is on sys.path (rootdir conftest)
 
 from clipterm import names
 from clipterm.analyses import ablation, textspan
@@ -21,6 +20,7 @@ from clipterm.inputs.images import toy_scene_of
 from clipterm.inputs.texts import embed_pool, load_pool
 from clipterm.toyworld.evaluate import model_world
 from clipterm.vit.textencode import encode_texts
+from tests.test_toy_rn import multimodal_hit, random_hit_rate  # the checkout is on sys.path (pyproject)
 
 TASK_HEADS = ("colour", "position", "word")
 MATTERS = 0.02  # issue 16: a head matters to a task when mean-ablating it costs >= 2 points of accuracy

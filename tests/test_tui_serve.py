@@ -2,7 +2,7 @@
 
 The browser test opens the served page in headless Chromium (driven over the DevTools protocol, `browser.py`): the
 page connects its terminal on load, so the test waits for the app's first bytes, checks that the terminal received
-the tree and the panes, and takes a screenshot. `CLIPTERM_SCREENSHOT=docs/tui-serve.png` keeps it for the README."""
+the tree and the panes, and takes a screenshot. `CLIPTERM_SCREENSHOT=docs/tui-serve.png` keeps it for docs/tui.md."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ from clipterm.inputs.vocab import Vocabulary
 
 Tokens = tuple[int, ...]  # a string, as rows of the vocabulary
 DISCOUNT = 0.75  # Kneser–Ney's absolute discount, one for every order
-DEFAULT_WEIGHT = 0.06  # λ_lm of `clipterm search` and the TUI: see bench/search_lm.py and the README
+DEFAULT_WEIGHT = 0.06  # λ_lm of `clipterm search` and the TUI: see bench/truth/search_lm.py and docs/methods.md
 TOY_CAPTIONS = 600  # training-style captions in the toy model's corpus, beside the `toy` pool
 _WORD = re.compile(r"[a-z]+")
 _START, _END = "<s>", "</s>"

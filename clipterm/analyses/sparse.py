@@ -4,7 +4,7 @@ Gandelsman et al. (2024) describe each neuron by a sparse combination of text em
 picks, k times, the text most correlated with what is left of the target, then refits every
 chosen coefficient by least squares. This is scikit-learn's `orthogonal_mp` (the same choices and
 coefficients, checked in the tests), run for all targets at once, so one matrix product per step
-serves every neuron (bench/sparse_omp.py measures the difference).
+serves every neuron (bench/speed/sparse_omp.py measures the difference).
 
 The dictionary is the pool's text embeddings centred by the pool's mean text, as in the reference,
 and scaled to unit norm per text, as OMP assumes.

@@ -83,7 +83,7 @@ def textspan(
     """Describe heads by texts: TextSpan (Gandelsman et al., ICLR 2024), from the cache's statistics.
 
     For each text: the share of the component's variance it explains, and the running total; the
-    baseline is the same share for as many random pool texts. JSON schema: clipterm.textspan/1.
+    baseline is the same share for as many random pool texts. JSON schema: clipterm.textspan/2.
     """
     from clipterm import names
     from clipterm.analyses.textspan import describe
@@ -180,7 +180,7 @@ def ablate(
     unablated top-1 prediction. With --forward, each row also gets the forward-pass drop, and each
     task the largest gap between the two. With --second-order L4, the rows are L4's neurons' second-order
     effects mean-ablated: all, significant only and insignificant only (Gandelsman et al., 2024).
-    JSON schema: clipterm.ablate/1.
+    JSON schema: clipterm.ablate/2.
     """
     from clipterm.analyses import ablation, conventions
     from clipterm.cache.reader import model_for_cache

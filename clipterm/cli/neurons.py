@@ -66,7 +66,7 @@ def build(
     """Run the cache's images through its model once and store every neuron's second-order effects.
 
     Writes neurons.L{l}.safetensors into the cache: per neuron its mean effect and principal direction,
-    and per image its effect norm and CLS activation. JSON schema: clipterm.neurons.build/1.
+    and per image its effect norm and CLS activation. JSON schema: clipterm.neurons.build/2.
     """
     from clipterm.cache.neurons import build_neurons
 
@@ -106,7 +106,7 @@ def list_(
 ) -> None:
     """List a layer's neurons by the size or sparsity of their second-order effects, optionally with texts.
 
-    JSON schema: clipterm.neurons.list/1.
+    JSON schema: clipterm.neurons.list/2.
     """
     from clipterm.cache.neurons import NeuronFile, decompose_neurons
 
@@ -163,7 +163,7 @@ def images(
     cache_dir: str = CacheDirOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    """The cache's images that excite a component most: dataset examples. JSON schema: clipterm.images/1."""
+    """The cache's images that excite a component most: dataset examples. JSON schema: clipterm.images/2."""
     from clipterm.analyses.examples import top_images
 
     reader = _open(cache, cache_dir)

@@ -12,7 +12,7 @@ from clipterm.cli.output import emit_json, progress, stderr, stdout
 from clipterm.errors import ClipTermError
 
 ForceOpt = typer.Option(False, "--force", help="Replace files that OUT already holds (a model, labels.jsonl, images).")
-WORLD_HELP = "World version: 1 (what the shipped toy was trained on) or 2 (legible words; see the README)."
+WORLD_HELP = "World version: 1 (toy-v1's and toy-rn's) or 2 (the toy's: legible words; see docs/toy.md)."
 
 toy_app = typer.Typer(help="The synthetic world and the built-in toy CLIPs: render images, train, evaluate, ship.", no_args_is_help=True)
 
@@ -64,7 +64,7 @@ def train(
     force: bool = ForceOpt,
 ) -> None:
     """Train the toy CLIP on freshly generated world data: from scratch (about an hour on 2 CPU cores), or on
-    from a checkpoint with --from (each stage is recorded in training.json). The recipes are in the README."""
+    from a checkpoint with --from (each stage is recorded in training.json). The recipes are in docs/toy.md."""
     from clipterm.locations import TOY_MODEL_DIRS
     from clipterm.toyworld.evaluate import trained_world
     from clipterm.toyworld.recipe import RECIPES

@@ -7,7 +7,7 @@
   fresh app (model not loaded, the other panes' workers running), until the pane shows its first frame; and once
   more after the other workers are done. Goal < 2 s.
 
-    python bench/featvis.py [--toy-steps 32] [--vit-steps 4] [--batch 1] [--threads 1] [--models toy ViT-B-32]
+    python -m bench.speed.featvis [--toy-steps 32] [--vit-steps 4] [--batch 1] [--threads 1] [--models toy ViT-B-32]
 
 Writes bench/results/featvis.json.
 """
@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 import torch
-from _common import write_result
-from cache_build import random_vit_b32
 
+from bench._common import write_result
+from bench.speed.cache_build import random_weights
 from clipterm.analyses import featvis
 
 
@@ -112,7 +112,7 @@ def main() -> None:
         if "toy" in args.models:
             results["toy"] = speed("toy", toy, "text:a red shape", args.batch, args.toy_steps)
         if "ViT-B-32" in args.models:
-            vit = random_vit_b32(work)
+            vit = random_weights("ViT-B-32", work)
             results["ViT-B-32"] = speed("ViT-B-32", vit, "text:a photo of a dog", args.batch, args.vit_steps)
             del vit
         build_cache(BuildOptions(images="toy:32", name="fv", cache_dir=str(work), workers=0), loaded=toy)

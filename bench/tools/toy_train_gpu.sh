@@ -3,13 +3,13 @@
 # sparse-direct-effects penalty, then an evaluation on 2,000 held-out scenes, writing both stages' weights, the
 # training logs and eval.json into OUT (OUT/model2 is the one to ship).
 #
-#   bench/toy_train_gpu.sh OUT [STEPS] [BATCH] [SPARSE_STEPS]    (defaults: 6000 steps of 512, then 600 of 128)
-#   DEVICE=cpu WORKERS=2 bench/toy_train_gpu.sh /tmp/t 4 16 2     (the tiny CPU rehearsal)
+#   bench/tools/toy_train_gpu.sh OUT [STEPS] [BATCH] [SPARSE_STEPS]    (defaults: 6000 steps of 512, then 600 of 128)
+#   DEVICE=cpu WORKERS=2 bench/tools/toy_train_gpu.sh /tmp/t 4 16 2     (the tiny CPU rehearsal)
 #
 # Batches are drawn by WORKERS processes (default: all cores but two); batch k depends only on the seed and k,
 # so the data is the same on any number of workers. Rendering (~1,000 images/s a core) bounds the speed.
 set -euo pipefail
-out=${1:?usage: bench/toy_train_gpu.sh OUT [STEPS] [BATCH]}
+out=${1:?usage: bench/tools/toy_train_gpu.sh OUT [STEPS] [BATCH]}
 steps=${2:-6000}
 batch=${3:-512}
 sparse_steps=${4:-600}

@@ -15,7 +15,7 @@ Goal: >= 100x faster than the naive baseline. The default is the issue's scale r
 layer 9 (random weights: the timing does not depend on them); on the toy model (`--model toy`) a
 plain forward pass is already 1/75 of the naive cost, so the ratio there stays below 100x.
 
-    python bench/second_order.py [--model ViT-B-32|toy] [--layer L] [--images 16] [--naive-images 1] [--threads 1]
+    python -m bench.speed.second_order [--model ViT-B-32|toy] [--layer L] [--images 16] [--naive-images 1] [--threads 1]
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import best_time, write_result
 
+from bench._common import best_time, write_result
 from clipterm.vit import second_order
 
 

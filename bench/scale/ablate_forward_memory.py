@@ -4,7 +4,7 @@ Goal: the peak resident set stays within 300 MB of `python -c "import torch, ope
 images. Each figure is the peak RSS (`ru_maxrss`) of a fresh process: the baseline imports torch and open_clip;
 the measured one runs the command through the CLI entry point on an N-image toy cache (built once, fp16).
 
-    python bench/ablate_forward_memory.py [--n 5000] [--dir /tmp/clipterm-ablate-bench]
+    python -m bench.scale.ablate_forward_memory [--n 5000] [--dir /tmp/clipterm-ablate-bench]
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from bench._common import write_result
 
 BASELINE = "import resource, torch, open_clip; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
 ABLATE = """

@@ -11,7 +11,7 @@ default: the LM's unigram counts word frequency). Per setting:
 - names colour: the share of image targets whose best string names the object's colour. Goal: >= 85%;
 - cosine: the mean ratio of the best string's cosine to the unguided best's, per target. Goal: >= 0.95.
 
-    python bench/search_lm.py [--images 20] [--heads 4] [--cache-images 512] [--weights 0.05,0.1]
+    python -m bench.truth.search_lm [--images 20] [--heads 4] [--cache-images 512] [--weights 0.05,0.1]
 
 Writes bench/results/search_lm.json.
 """
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import write_result
-from search_acceptance import ablate_heads, single_object_scenes
 
+from bench._common import write_result
+from bench.truth.search_acceptance import ablate_heads, single_object_scenes
 from clipterm.analyses import targets
 from clipterm.analyses.lm import load_lm
 from clipterm.analyses.search import SearchConfig, search_model

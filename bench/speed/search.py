@@ -10,7 +10,7 @@ empty string included) and to the first search step. Goal: < 1 s. And on the toy
 guided by the n-gram language model (its default weight) against as many unguided: steps per second
 (goal: guided >= 0.5x unguided), and the steps each takes to reach 95% of its own final best score.
 
-    python bench/search.py [--threads 1] [--seconds 20] [--naive 30] [--lm-steps 30] [--device cpu]
+    python -m bench.speed.search [--threads 1] [--seconds 20] [--naive 30] [--lm-steps 30] [--device cpu]
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import write_result
 
+from bench._common import write_result
 from clipterm.analyses import targets
 from clipterm.analyses.lm import DEFAULT_WEIGHT, load_lm
 from clipterm.analyses.search import SearchConfig, search_model

@@ -9,7 +9,8 @@
    for as many random other heads is reported beside it.
 4. diversity: `--diverse 4` on one target against 4 seeds without the term: mean pairwise pixel correlation.
 
-    python bench/featvis_truth.py [--steps 128] [--cache-images 512] [--heads 3] [--only colours|backgrounds|heads|diversity]
+    python -m bench.truth.featvis_truth [--steps 128] [--cache-images 512] [--heads 3]
+        [--only colours|backgrounds|heads|diversity]
 
 Writes bench/results/featvis_truth.json; exits 1 when a goal is missed.
 """
@@ -24,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import write_result
 
+from bench._common import write_result
 from clipterm.analyses import featvis
 from clipterm.toyworld import palette
 from clipterm.toyworld.world import BACKGROUNDS, COLOURS

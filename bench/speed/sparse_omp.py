@@ -5,7 +5,7 @@ reference implementation uses and which precomputes the pool's (P, P) Gram matri
 `orthogonal_mp(precompute=False)`, one target at a time. All three must choose the same texts.
 Goal: clearly faster than the faster scikit-learn call (>= 3x), or clipterm should use scikit-learn.
 
-    python bench/sparse_omp.py [--targets 512] [--texts 5000] [--dim 512] [--k 32] [--threads 1]
+    python -m bench.speed.sparse_omp [--targets 512] [--texts 5000] [--dim 512] [--k 32] [--threads 1]
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import argparse
 import time
 
 import torch
-from _common import write_result
 
+from bench._common import write_result
 from clipterm.analyses.sparse import omp, text_dictionary
 
 

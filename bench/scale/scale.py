@@ -1,4 +1,4 @@
-"""clipterm's read side at scale, on synthetic caches (bench/synth_cache.py) of ViT-B-16 and ViT-L-14 shapes.
+"""clipterm's read side at scale, on synthetic caches (bench/tools/synth_cache.py) of ViT-B-16 and ViT-L-14 shapes.
 
 For each cache, in one run: `cache info` and `cache verify`; TextSpan of one head and of a whole layer;
 mean-ablation `--by head` and `--by layer`; top images of a head and of a neuron; the TUI's first frame;
@@ -13,7 +13,7 @@ and each job is reported as a multiple of its floor. Floor and job run back to b
 page-cache state: the floor is read twice and the second read counts, so the job finds the bytes as warm as the
 floor did where they fit in RAM (nothing here drops the OS caches of a shared machine; the first read is reported too).
 
-    python bench/scale.py /work/scale/b16-10k /work/scale/b16-50k ... [--pool FILE] [--heads 8] [--no-tui]
+    python -m bench.scale.scale /work/scale/b16-10k /work/scale/b16-50k ... [--pool FILE] [--heads 8] [--no-tui]
 """
 
 from __future__ import annotations
@@ -30,10 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import write_result
+from bench._common import ROOT, write_result
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 TEMPLATE = "a photo of a {}."  # one prompt per class: prompt encoding is a constant cost, paid before timing
 DRAWS = 100  # bootstrap draws of the ablation intervals: their cost is compute (N x draws per component), not reading
 GOALS = {"whole_cache_x_floor": 2.0, "tui_first_frame_s": 1.0, "first_visit_p95_ms_at_200k": 300.0,
@@ -239,11 +237,11 @@ def child(job: str, cache: str, pool: str | None, layer: int, head: int, heads: 
 
 def run_child(job: str, cache: Path, args: argparse.Namespace) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        command = [sys.executable, __file__, "--child", job, "--out", out.name, "--layer", str(args.layer), "--head",
-                   str(args.head), "--heads", str(args.heads), str(cache)]
+        command = [sys.executable, "-m", __spec__.name, "--child", job, "--out", out.name, "--layer", str(args.layer),
+                   "--head", str(args.head), "--heads", str(args.heads), str(cache.resolve())]
         if args.pool:
-            command += ["--pool", args.pool]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=3600,
+            command += ["--pool", str(Path(args.pool).resolve()) if Path(args.pool).exists() else args.pool]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=3600, cwd=ROOT,
                               env={**os.environ, "SCALE_THREADS": str(args.threads)})
         if done.returncode != 0:
             return {"error": done.stderr.strip().splitlines()[-1][:300] if done.stderr.strip() else f"exit {done.returncode}"}
@@ -373,7 +371,7 @@ def table(paths: list[Path]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("caches", nargs="+", type=Path, help="synthetic caches (bench/synth_cache.py), smallest first")
+    parser.add_argument("caches", nargs="+", type=Path, help="synthetic caches, smallest first")
     parser.add_argument("--pool", default=None, help="text pool for TextSpan and top images (default: general)")
     parser.add_argument("--layer", type=int, default=9, help="the layer (and neuron L.N123) of the per-component jobs")
     parser.add_argument("--head", type=int, default=3)

@@ -9,26 +9,21 @@ and multimodal channels. The measures are tests/test_toy_rn.py's (and test_neuro
 - multimodal: channels whose top-20 images (by mean activation) hold >= 2 objects of colour X and >= 2 scenes
   with the word X written in another ink.
 
-    python bench/toy_rn_truth.py [--model toy-rn|PATH] [--images 1000] [--threads 1]
+    python -m bench.truth.toy_rn_truth [--model toy-rn|PATH] [--images 1000] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
-from _common import write_result
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_neurons import ground_truth_rates  # noqa: E402
-from test_toy_rn import colour_heads, multimodal_channels, rn_truth_cache  # noqa: E402
-
-from clipterm.toyworld.evaluate import HELDOUT_SEED, evaluate_model  # noqa: E402
-from clipterm.vit.models import load_model  # noqa: E402
+from bench._common import write_result
+from clipterm.toyworld.evaluate import HELDOUT_SEED, evaluate_model
+from clipterm.vit.models import load_model
+from tests.test_neurons import ground_truth_rates
+from tests.test_toy_rn import colour_heads, multimodal_channels, rn_truth_cache
 
 
 def main() -> None:

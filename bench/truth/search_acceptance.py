@@ -6,7 +6,7 @@
    best string for the most colour-critical head (its :pc1 direction) should contain a colour word.
    The rate over the top --heads heads is reported next to the rate over as many random other heads.
 
-    python bench/search_acceptance.py [--model toy] [--images 20] [--cache-images 512] [--heads 3]
+    python -m bench.truth.search_acceptance [--model toy] [--images 20] [--cache-images 512] [--heads 3]
 
 Exits 1 when a check fails. Writes bench/results/search_acceptance.json.
 """
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import write_result
 
+from bench._common import write_result
 from clipterm.analyses import targets
 from clipterm.analyses.search import search_model
 from clipterm.toyworld.evaluate import HELDOUT_SEED, model_world

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from _common import write_result
+from bench._common import write_result
 
 
 def timed(cmd: list[str], repeats: int) -> float:

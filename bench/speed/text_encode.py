@@ -4,7 +4,7 @@ Both encode the same pool (the built-in `toy` pool's short phrases, repeated up 
 batches of the same size; the fast encoder stops each batch after its longest end-of-text token.
 Goal: >= 3x, with outputs equal within 1e-5.
 
-    python bench/text_encode.py [--n 2048] [--batch-size 256] [--threads 1] [--device cpu]
+    python -m bench.speed.text_encode [--n 2048] [--batch-size 256] [--threads 1] [--device cpu]
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import best_time, write_result
 
+from bench._common import best_time, write_result
 from clipterm.inputs.texts import load_pool
 from clipterm.vit.textencode import encode_tokens
 

@@ -7,7 +7,7 @@ reference (Algorithm 1 on the per-image (N, D) effects, float32 as the original 
 on --reference-heads heads and extrapolated to all of them. The chosen texts must be identical.
 Goal: >= 100x.
 
-    python bench/textspan.py [--n 10000] [--texts 3498] [--reference-heads 2] [--threads 1]
+    python -m bench.speed.textspan [--n 10000] [--texts 3498] [--reference-heads 2] [--threads 1]
 """
 
 from __future__ import annotations
@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
-from _common import write_result
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_textspan import reference_text_span  # noqa: E402  (one reference implementation, shared with the test)
-
-from clipterm.analyses.textspan import text_span  # noqa: E402
+from bench._common import write_result
+from clipterm.analyses.textspan import text_span
+from tests.test_textspan import reference_text_span  # one reference implementation, shared with the test
 
 LAYERS, HEADS, HEAD_DIM, D = 12, 12, 64, 512
 

@@ -13,7 +13,7 @@ names that model and its readout, so every analysis that loads the model (TextSp
 class names, the TUI) runs on the cache; without, the model entry is a shape only. Rows carry the
 ids of toy-world scenes (`toy:SEED/INDEX`), so panes that show images have something to show.
 
-    python bench/synth_cache.py /work/scale/b16-10k --arch ViT-B-16 --n 10000 [--labels 1000] [--neurons]
+    python -m bench.tools.synth_cache /work/scale/b16-10k --arch ViT-B-16 --n 10000 [--labels 1000] [--neurons]
         [--tokens L11] [--weights /work/scale/weights/ViT-B-16.safetensors]
 """
 
@@ -26,12 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from clipterm import files, names  # noqa: E402
-from clipterm.cache import store  # noqa: E402
+from clipterm import files, names
+from clipterm.cache import store
 
 
 def arch_shape(arch: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ ordinary Linux driver, so terminal input parsing and writing each frame are part
   the model, the pool's text embeddings, ablation scorings and image rankings loaded), against
   VmHWM of `python -c "import torch, open_clip"`.
 
-    python bench/tui.py [--n 10000] [--repeats 5] [--passes 2] [--gap 0.15]
+    python -m bench.speed.tui [--n 10000] [--repeats 5] [--passes 2] [--gap 0.15]
 """
 
 from __future__ import annotations
@@ -44,12 +44,9 @@ import threading
 import time
 from pathlib import Path
 
-from _common import write_result
+from bench._common import ROOT, write_result
+from tests.tui_helpers import clipterm_command  # the same command the tmux test runs
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tui_helpers import clipterm_command  # noqa: E402  (the same command the tmux test runs)
-
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = (100, 30)  # columns, rows
 ANSI = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()][0-9A-Za-z]|\x1b[=>78]")
 
@@ -252,8 +249,8 @@ def first_frame(cache: str, cache_dir: str, env: dict[str, str], repeats: int) -
     term.close()
     with tempfile.TemporaryDirectory() as tmp:
         log = os.path.join(tmp, "first-frame.json")
-        term = Terminal([sys.executable, __file__, "--child", "first-frame", "--cache", cache, "--cache-dir", cache_dir,
-                         "--log", log], env)
+        term = Terminal([sys.executable, "-m", __spec__.name, "--child", "first-frame", "--cache", cache,
+                         "--cache-dir", cache_dir, "--log", log], env)
         shown = term.wait_for("L0", timeout=60)
         term.close()
         probe = json.loads(Path(log).read_text())
@@ -268,8 +265,8 @@ def session(cache: str, cache_dir: str, env: dict[str, str], passes: int, gap: f
     """Memoise every node, then time j/k presses down and up the whole tree; peak RSS after."""
     with tempfile.TemporaryDirectory() as tmp:
         log = os.path.join(tmp, "session")
-        term = Terminal([sys.executable, __file__, "--child", "session", "--cache", cache, "--cache-dir", cache_dir,
-                         "--log", log], env)
+        term = Terminal([sys.executable, "-m", __spec__.name, "--child", "session", "--cache", cache,
+                         "--cache-dir", cache_dir, "--log", log], env)
         start = time.monotonic()
         while not os.path.exists(log + ".ready"):
             if term.process.poll() is not None or time.monotonic() - start > 900:

@@ -19,11 +19,11 @@ the two builds' image_embeds. It also reports the bytes per image of the
 default fp16 cache (shard bytes per row; readout and stats are a fixed cost) against the baseline's
 `.npy` bytes per image: goal <= 1/8. Figures print as a table and go to bench/results/*.json.
 
-    python bench/cache_build.py --n 64 --n-baseline 8            # both models
-    python bench/cache_build.py --models toy --n 512
-    python bench/cache_build.py --models RN50 --n 16 --repeat 2 --batch-size 8
-    python bench/cache_build.py --models RN50 toy-rn --n 32 --batch-size 16     # the ResNet path
-    python bench/cache_build.py --models ViT-B-16-SigLIP --n 16 --repeat 2 --batch-size 8
+    python -m bench.speed.cache_build --n 64 --n-baseline 8            # both models
+    python -m bench.speed.cache_build --models toy --n 512
+    python -m bench.speed.cache_build --models RN50 --n 16 --repeat 2 --batch-size 8
+    python -m bench.speed.cache_build --models RN50 toy-rn --n 32 --batch-size 16     # the ResNet path
+    python -m bench.speed.cache_build --models ViT-B-16-SigLIP --n 16 --repeat 2 --batch-size 8
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench._common import RESULTS
 
 
 def images_per_s(step, batches: list[torch.Tensor], warmup: int = 1) -> float:

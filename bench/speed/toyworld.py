@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from _common import write_result
 
+from bench._common import write_result
 from clipterm.toyworld.batches import make_focused_batch
 from clipterm.toyworld.recipe import RECIPES
 from clipterm.toyworld.world import WORLDS, render, scene_at

@@ -5,21 +5,17 @@ open_clip: the baseline; then textual and the app), the model, the pool's text e
 ablation scorings, the layers' ablation, every layer's per-head ablation, every head's TextSpan
 description and every head's top images. Each line is VmRSS (now) and VmHWM (peak so far), in MB.
 
-    python bench/tui_memory.py CACHE [--pool FILE]
+    python -m bench.scale.tui_memory CACHE [--pool FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
-import sys
 import time
 from pathlib import Path
 
-from _common import write_result
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._common import write_result
 
 
 def memory() -> tuple[float, float]:

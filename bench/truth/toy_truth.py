@@ -10,26 +10,23 @@
 - multimodal: neurons whose top-20 images (by CLS activation, and by second-order effect norm) hold >= 5 objects
   of colour X and >= 5 scenes with the word X in another ink, and whether their first OMP text names X.
 
-    python bench/toy_truth.py [--model toy|toy-v1|PATH] [--images 1000] [--threads 1]
+    python -m bench.truth.toy_truth [--model toy|toy-v1|PATH] [--images 1000] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from _common import write_result
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_neurons import ground_truth_rates  # noqa: E402  (the same measures as the tests)
-from test_toy_truth import head_study, multimodal, truth_reader  # noqa: E402
+from bench._common import write_result
+from clipterm.toyworld.evaluate import HELDOUT_SEED, evaluate_model, model_world
+from clipterm.vit.models import load_model
+from tests.test_neurons import ground_truth_rates  # the same measures as the tests
+from tests.test_toy_truth import head_study, multimodal, truth_reader
 
-from clipterm.toyworld.evaluate import HELDOUT_SEED, evaluate_model, model_world  # noqa: E402
-from clipterm.vit.models import load_model  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -10,26 +10,25 @@
 
 Scenes come from seed HELDOUT_SEED + 1, which nothing was tuned on.
 
-    python bench/spatial.py [--singles 200] [--pairs 200] [--threads 1]
+    python -m bench.truth.spatial [--singles 200] [--pairs 200] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from _common import best_time, write_result
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_spatial import EVAL_SEED, NMF_LAYERS, baseline_ious, nmf_ious, query_ious, scenes_with  # noqa: E402  (one evaluation, shared with the test)
+from bench._common import best_time, write_result
+from clipterm.analyses import spatial
+from clipterm.names import format_layers
+from clipterm.vit.models import load_model
 
-from clipterm.analyses import spatial  # noqa: E402
-from clipterm.names import format_layers  # noqa: E402
-from clipterm.vit.models import load_model  # noqa: E402
+# one evaluation, shared with the test
+from tests.test_spatial import EVAL_SEED, NMF_LAYERS, baseline_ious, nmf_ious, query_ious, scenes_with
 
 
 def summary(values: list[float]) -> dict:

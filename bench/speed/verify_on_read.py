@@ -13,7 +13,7 @@ reader:
   after verification; `block_checks_ratio` is its cost against the line above.
 - read, cold: the same after `.verified.json` was deleted: every shard is hashed once.
 
-    python bench/verify_on_read.py [--rows 10000 200000] [--dir /tmp/clipterm-verify-bench]
+    python -m bench.speed.verify_on_read [--rows 10000 200000] [--dir /tmp/clipterm-verify-bench]
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from bench._common import write_result
 
 SHAPE = {"layers": 6, "heads": 8, "head_dim": 16, "width": 128, "embed_dim": 128, "mlp_width": 512, "tokens": 50}
 TASKS = {"colour": ["red", "green", "blue", "yellow"]}
@@ -71,6 +70,7 @@ FIRST_FRAME = """
 import os, sys, time
 from clipterm.cache.reader import open_cache
 from clipterm.tui.app import ClipTermApp
+
 
 class Probe(ClipTermApp):
     def on_ready(self):  # after the first frame

@@ -12,25 +12,22 @@ neurons. The issue's goal, at the second-to-last layer: >= 60% and >= 2x random.
   backgrounds, from the labels) to the neuron's pc1. It uses what no text labeller has, so it bounds what any
   labelling of pc1 can reach on this model.
 
-    python bench/neuron_truth.py [--model toy|PATH] [--layers 1,2,3,4] [--images 1000] [--threads 1]
+    python -m bench.truth.neuron_truth [--model toy|PATH] [--layers 1,2,3,4] [--images 1000] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import write_result
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_neurons import ground_truth_rates, truth_cache  # noqa: E402  (one measure, shared with the test)
-
-from clipterm.vit.models import load_model  # noqa: E402
+from bench._common import write_result
+from clipterm.vit.models import load_model
+from tests.test_neurons import ground_truth_rates, truth_cache  # one measure, shared with the test
 
 
 def reference_labels(neuron_file, ids: list[int], embeds: torch.Tensor, texts: list[str]) -> list[str]:

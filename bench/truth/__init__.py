@@ -1,0 +1,1 @@
+"""Ground truth: each method checked against what the toy world knows (its labels, masks and palette)."""
