@@ -111,24 +111,6 @@ class ModelShape:
     pool_mlp: bool = False  # that pool has an MLP on the pooled vector (a MAP head): `pool.MLP`
     stage: int | None = None  # a ConvNeXt's last stage, whose blocks are the components
 
-    @property
-    def vocabulary(self) -> str:
-        """The model's names, in one line (for hints)."""
-        if self.tower == "convnext":
-            return (f"this ConvNeXt's components are embed, bias and the blocks of its last stage "
-                    f"S{self.stage}.B0..S{self.stage}.B{self.layers - 1} (S{self.stage} for all of them); it has no heads")
-        if self.pool_heads:
-            extra = ", pool.MLP" if self.pool_mlp else ""
-            return (f"this ViT's components are embed, bias, L0..L{self.layers - 1} with .H0..H{self.heads - 1} and "
-                    f".MLP, read through its attention pool; the pool's own are pool.H0..pool.H{self.pool_heads - 1}, "
-                    f"pool.bias{extra} (and pool for all its heads)")
-        if self.tower == "resnet":
-            return (f"this ResNet's components are pool.H0..pool.H{self.heads - 1}, pool.pos, pool.bias (and pool for all "
-                    f"heads); its neurons are the last stage's channels {neuron(self.neuron_layer, 0)}.."
-                    f"{neuron(self.neuron_layer, self.neurons - 1)}")
-        return (f"this ViT's components are embed, bias, L0..L{self.layers - 1} with .H0..H{self.heads - 1} and .MLP; "
-                f"neurons .N0..N{self.neurons - 1}")
-
 
 def layer(layer: int) -> str:
     """`L9`: a layer's name."""
@@ -212,71 +194,6 @@ def _parse_pool(name: str, match: re.Match) -> Component:
     return Component({"": "layer", "bias": "bias", "pos": "embed", "mlp": "mlp"}[part], site="pool")  # type: ignore[arg-type]
 
 
-def validate(component: Component, shape: ModelShape) -> Component:
-    """Check a component against a model's shape; return it (a pool part gets its stored layer slot)."""
-    if shape.tower == "resnet":
-        return _validate_resnet(component, shape)
-    if shape.tower == "convnext":
-        return _validate_convnext(component, shape)
-    if component.site == "stage":
-        raise ClipTermError(f"{component} names a ConvNeXt block, and this model is a ViT", hint=shape.vocabulary)
-    if component.site == "pool" and shape.pool_heads:
-        return _validate_attention_pool(component, shape)
-    if component.site == "pool":
-        raise ClipTermError(f"{component} names an attention pool, and this model has none", hint=shape.vocabulary)
-    if component.layer is not None and not 0 <= component.layer < shape.layers:
-        raise ClipTermError(
-            f"no layer {component.layer} in this model: {component}",
-            hint=f"layers run L0..L{shape.layers - 1}",
-        )
-    if component.kind == "head" and not 0 <= component.index < shape.heads:  # type: ignore[operator]
-        raise ClipTermError(f"no head {component.index} in this model: {component}", hint=f"heads run H0..H{shape.heads - 1}")
-    if component.kind == "neuron" and not 0 <= component.index < shape.neurons:  # type: ignore[operator]
-        raise ClipTermError(
-            f"no neuron {component.index} in this model: {component}", hint=f"neurons run N0..N{shape.neurons - 1}"
-        )
-    return component
-
-
-def _validate_resnet(component: Component, shape: ModelShape) -> Component:
-    if component.kind == "neuron" or (component.kind == "layer" and component.site == "block"):
-        if component.layer != shape.neuron_layer:
-            raise ClipTermError(f"{component} is not a channel of this ResNet's last stage", hint=shape.vocabulary)
-        if component.kind == "neuron" and not 0 <= component.index < shape.neurons:  # type: ignore[operator]
-            raise ClipTermError(f"no channel {component.index} in this model: {component}", hint=shape.vocabulary)
-        return component
-    if component.site != "pool":
-        raise ClipTermError(f"{component} is a ViT name, and this model is a ResNet", hint=shape.vocabulary)
-    if component.kind == "mlp":
-        raise ClipTermError(f"{component}: this ResNet's pool has no MLP", hint=shape.vocabulary)
-    if component.kind == "head" and not 0 <= component.index < shape.heads:  # type: ignore[operator]
-        raise ClipTermError(f"no head {component.index} in this model's pool: {component}", hint=shape.vocabulary)
-    return Component(component.kind, shape.pool_layer, component.index, component.pc, site="pool")
-
-
-def _validate_attention_pool(component: Component, shape: ModelShape) -> Component:
-    if component.kind == "embed":
-        raise ClipTermError(f"{component}: this model's pool adds no positional embedding of its own", hint=shape.vocabulary)
-    if component.kind == "mlp" and not shape.pool_mlp:
-        raise ClipTermError(f"{component}: this model's attention pool has no MLP", hint=shape.vocabulary)
-    if component.kind == "head" and not 0 <= component.index < shape.pool_heads:  # type: ignore[operator]
-        raise ClipTermError(f"no head {component.index} in this model's pool: {component}", hint=shape.vocabulary)
-    slot = shape.layers if component.kind == "mlp" else None  # pool.MLP: the slot after the last block's MLP
-    return Component(component.kind, slot, component.index, component.pc, site="pool")
-
-
-def _validate_convnext(component: Component, shape: ModelShape) -> Component:
-    if component.kind in ("embed", "bias") and component.site == "block":
-        return component
-    if component.site != "stage":
-        raise ClipTermError(f"{component} is not a ConvNeXt name", hint=shape.vocabulary)
-    if component.stage != shape.stage:
-        raise ClipTermError(f"{component}: only the last stage's blocks are components", hint=shape.vocabulary)
-    if component.kind == "mlp" and not 0 <= component.layer < shape.layers:  # type: ignore[operator]
-        raise ClipTermError(f"no block {component.layer} in stage {shape.stage}: {component}", hint=shape.vocabulary)
-    return component
-
-
 def block(stage: int, index: int) -> str:
     """`S3.B2`: block 2 of a ConvNeXt's stage 3."""
     return str(Component("mlp", index, site="stage", stage=stage))
@@ -292,27 +209,13 @@ def pool_mlp() -> str:
     return str(Component("mlp", site="pool"))
 
 
-def describe(component: Component, shape: ModelShape | None = None) -> str:
-    """A short human description of what a component is (a ResNet's neurons are channels, given its shape)."""
+def describe(component: Component) -> str:
+    """A short human description of what a component is, from its name alone (a tower's `describe` knows more)."""
     pc = f", principal direction {component.pc}" if component.pc else ""
-    if shape is not None and shape.tower == "resnet" and component.site == "block":
-        if component.kind == "neuron":
-            return f"channel {component.index} of stage {layer(component.layer)}, read through the attention pool{pc}"
-        return f"stage {layer(component.layer)}: its channels are the neurons"
     if component.site == "stage":
         if component.kind == "layer":
             return f"stage {component.stage}: all its blocks"
         return f"block {component.layer} of stage {component.stage}: its whole residual branch, averaged over the grid"
-    if shape is not None and shape.tower == "convnext" and component.kind in ("embed", "bias"):
-        return {"embed": f"the input of stage {shape.stage}: the stem and every earlier stage",
-                "bias": "the pooled norm's β and the projection's bias"}[component.kind]
-    if component.site == "pool" and shape is not None and shape.pool_heads:
-        return {
-            "layer": "the attention pool: all its heads",
-            "head": f"head {component.index} of the attention pool{pc}: what it reads from the normed stream",
-            "bias": "the attention pool's value and output biases (and the norm β they read)",
-            "mlp": "the MAP head's MLP on the pooled vector",
-        }[component.kind]
     if component.site == "pool":
         return {
             "layer": "the attention pool: all its heads",
@@ -329,11 +232,6 @@ def describe(component: Component, shape: ModelShape | None = None) -> str:
         "mlp": f"the MLP of layer {component.layer}",
         "neuron": f"neuron {component.index} of layer {component.layer}'s MLP{pc}",
     }[component.kind]
-
-
-def parse_for(name: str, shape: ModelShape) -> Component:
-    """Parse and validate in one step."""
-    return validate(parse(name), shape)
 
 
 def parse_layers(spec: str, n_layers: int) -> list[int]:
@@ -370,82 +268,23 @@ def format_layers(layers: list[int]) -> str:
     return ",".join(parts)
 
 
-def heads(shape: ModelShape, layers: list[int] | None = None) -> list[Component]:
-    """Every head, layer-major (a ResNet's: the pool's, when `layers` is None or holds its slot; a ConvNeXt has none)."""
-    if shape.tower == "convnext":
-        return []
-    if shape.tower == "resnet":
-        wanted = layers is None or shape.pool_layer in layers
-        return [Component("head", shape.pool_layer, h, site="pool") for h in range(shape.heads)] if wanted else []
-    return [Component("head", l, h) for l in (layers if layers is not None else range(shape.layers)) for h in range(shape.heads)]
-
-
-def layers(shape: ModelShape) -> list[str]:
-    """Every stored attention layer's name: `L0`.. for a ViT, `pool` for a ResNet, the blocks for a ConvNeXt."""
-    if shape.tower == "resnet":
-        return [pool()]
-    if shape.tower == "convnext":
-        return [block(shape.stage, k) for k in range(shape.layers)]
-    return [layer(l) for l in range(shape.layers)]
-
-
-def mlps(shape: ModelShape) -> list[str]:
-    """Every MLP with a direct effect (a ResNet has none; a MAP head's is `pool.MLP`; a ConvNeXt's blocks count)."""
-    if shape.tower == "convnext":
-        return [block(shape.stage, k) for k in range(shape.layers)]
-    own = [pool_mlp()] if shape.pool_heads and shape.pool_mlp else []
-    return [] if shape.tower == "resnet" else [mlp(l) for l in range(shape.layers)] + own
-
-
-def direct_components(shape: ModelShape) -> list[Component]:
-    """Every top-level component with a stored direct effect; they add up to the image embedding.
-
-    ViT: embed, bias, all heads, all MLPs (and a MAP head's pool.MLP). ResNet: pool.pos, pool.bias, all pool heads.
-    ConvNeXt: embed, bias, every block of the last stage."""
-    if shape.tower == "convnext":
-        return [Component("embed"), Component("bias"),
-                *[Component("mlp", k, site="stage", stage=shape.stage) for k in range(shape.layers)]]
-    if shape.tower == "resnet":
-        return [Component("embed", shape.pool_layer, site="pool"), Component("bias", shape.pool_layer, site="pool"),
-                *heads(shape)]
-    mlp_parts = [Component("mlp", l) for l in range(shape.layers)]
-    if shape.pool_heads and shape.pool_mlp:
-        mlp_parts.append(Component("mlp", shape.layers, site="pool"))
-    return [Component("embed"), Component("bias"), *heads(shape), *mlp_parts]
-
-
-def pool_components(shape: ModelShape) -> list[Component]:
-    """The pool view of a ViT with an attention pool: pool.H*, pool.bias (and pool.MLP); they add up to the embedding."""
-    if not shape.pool_heads:
-        return []
-    own = [Component("mlp", shape.layers, site="pool")] if shape.pool_mlp else []
-    return [*[Component("head", index=g, site="pool") for g in range(shape.pool_heads)], Component("bias", site="pool"), *own]
-
-
 __all__ = [
     "Component",
     "ModelShape",
     "block",
     "describe",
-    "direct_components",
     "format_layers",
     "head",
-    "heads",
     "layer",
     "layer_range",
-    "layers",
     "mlp",
-    "mlps",
     "neuron",
     "parse",
-    "parse_for",
     "parse_layers",
     "pool",
     "pool_bias",
-    "pool_components",
     "pool_head",
     "pool_mlp",
     "pool_pos",
     "stage",
-    "validate",
 ]

@@ -5,7 +5,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from clipterm.errors import ClipTermError
-from clipterm.names import Component, ModelShape, format_layers, parse, parse_for, parse_layers
+from clipterm.names import Component, ModelShape, format_layers, parse, parse_layers
+from clipterm.towers import tower_for
 
 SHAPE = ModelShape(layers=12, heads=12, neurons=3072)
 
@@ -32,7 +33,7 @@ def test_parse_known_names(name, expected):
 def test_head_names_round_trip(layer, head, pc):
     component = Component("head", layer, head, pc)
     assert parse(str(component)) == component
-    assert parse_for(str(component), SHAPE) == component
+    assert tower_for(SHAPE).parse(str(component)) == component
 
 
 @pytest.mark.parametrize("bad", ["", "L", "H3", "L10.H", "L10.X3", "L10.MLP:pc1", "L1.H2:pc0", "embed.H1", "L-1.H0"])
@@ -45,7 +46,7 @@ def test_malformed_names_are_errors_with_hints(bad):
 @pytest.mark.parametrize("name, hint", [("L99.H0", "L0..L11"), ("L3.H12", "H0..H11"), ("L3.N3072", "N0..N3071")])
 def test_out_of_range_names_say_the_valid_range(name, hint):
     with pytest.raises(ClipTermError) as err:
-        parse_for(name, SHAPE)
+        tower_for(SHAPE).parse(name)
     assert hint in err.value.hint
 
 
@@ -90,24 +91,24 @@ def test_pool_names_parse_and_round_trip(name, expected):
 def test_resnet_names_validate_with_the_pool_slot():
     from clipterm import names
 
-    assert parse_for("pool.H31", RESNET) == Component("head", 0, 31, site="pool")
-    assert str(parse_for("L3.N2047:pc1", RESNET)) == "L3.N2047:pc1"
+    assert tower_for(RESNET).parse("pool.H31") == Component("head", 0, 31, site="pool")
+    assert str(tower_for(RESNET).parse("L3.N2047:pc1")) == "L3.N2047:pc1"
     assert names.pool_head(3) == "pool.H3" and names.pool_bias() == "pool.bias" and names.pool_pos() == "pool.pos"
-    assert [str(c) for c in names.direct_components(RESNET)][:3] == ["pool.pos", "pool.bias", "pool.H0"]
-    assert len(names.heads(RESNET)) == 32 and names.heads(RESNET, [0])[0].site == "pool"
+    assert [str(c) for c in tower_for(RESNET).direct_components()][:3] == ["pool.pos", "pool.bias", "pool.H0"]
+    assert len(tower_for(RESNET).heads()) == 32 and tower_for(RESNET).heads([0])[0].site == "pool"
 
 
 @pytest.mark.parametrize("name", ["L3.H0", "embed", "bias", "L0.MLP", "L2.N5", "L3.N2048", "pool.H32", "pool.MLP"])
 def test_vit_names_on_a_resnet_are_one_line_errors_naming_its_vocabulary(name):
     with pytest.raises(ClipTermError) as err:
-        parse_for(name, RESNET)
+        tower_for(RESNET).parse(name)
     assert "\n" not in err.value.message and "pool.H0..pool.H31" in err.value.hint and "L3.N0..L3.N2047" in err.value.hint
 
 
 @pytest.mark.parametrize("name", ["pool.H3", "pool.bias", "pool.pos", "pool"])
 def test_pool_names_on_a_vit_are_one_line_errors_naming_its_vocabulary(name):
     with pytest.raises(ClipTermError) as err:
-        parse_for(name, SHAPE)
+        tower_for(SHAPE).parse(name)
     assert "\n" not in err.value.message and "embed, bias, L0..L11" in err.value.hint
 
 

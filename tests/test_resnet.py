@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from clipterm.errors import ClipTermError
 from clipterm.vit import resnet
+from clipterm.towers import tower_for
 
 TEXT_CFG = dict(context_length=8, vocab_size=100, width=16, heads=2, layers=1)
 RN_ARCHS = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64"]
@@ -194,7 +195,7 @@ def rn_cache(tmp_path_factory):
 def test_a_resnet_model_loads_with_its_vocabulary(rn_cache):
     _, loaded = rn_cache
     assert loaded.info.tower == "resnet" and loaded.info.heads == 8 and loaded.info.mlp_width == 512
-    assert loaded.info.shape.vocabulary.startswith("this ResNet's components are pool.H0..pool.H7")
+    assert tower_for(loaded.info.shape).vocabulary.startswith("this ResNet's components are pool.H0..pool.H7")
 
 
 def test_resnet_cache_components_add_up_to_image_embeds(rn_cache):

@@ -6,6 +6,7 @@ import pytest
 
 from clipterm import names
 from clipterm.errors import ClipTermError
+from clipterm.towers import tower_for
 
 MAP = names.ModelShape(12, 12, 3072, pool_heads=12, pool_mlp=True)  # SigLIP ViT-B-16
 COCA = names.ModelShape(12, 12, 3072, pool_heads=8)  # CoCa's attentional pooler: no MLP
@@ -21,14 +22,14 @@ def test_new_names_round_trip(text, canonical):
 
 
 def test_a_map_head_speaks_the_vit_names_and_its_pools():
-    assert names.validate(names.parse("pool.MLP"), MAP) == names.Component("mlp", 12, site="pool")  # the slot after L11
-    assert names.validate(names.parse("pool.H11"), MAP).index == 11
-    assert str(names.validate(names.parse("L11.H11"), MAP)) == "L11.H11"
-    assert [str(c) for c in names.direct_components(MAP)][-2:] == ["L11.MLP", "pool.MLP"]
-    assert [str(c) for c in names.pool_components(MAP)][-2:] == ["pool.bias", "pool.MLP"]
-    assert names.mlps(MAP)[-1] == "pool.MLP" and len(names.heads(MAP)) == 144
-    assert "pool.H0..pool.H11" in MAP.vocabulary and "pool.MLP" in MAP.vocabulary
-    assert names.describe(names.parse("pool.MLP"), MAP) == "the MAP head's MLP on the pooled vector"
+    assert tower_for(MAP).validate(names.parse("pool.MLP")) == names.Component("mlp", 12, site="pool")  # the slot after L11
+    assert tower_for(MAP).validate(names.parse("pool.H11")).index == 11
+    assert str(tower_for(MAP).validate(names.parse("L11.H11"))) == "L11.H11"
+    assert [str(c) for c in tower_for(MAP).direct_components()][-2:] == ["L11.MLP", "pool.MLP"]
+    assert [str(c) for c in tower_for(MAP).pool_components()][-2:] == ["pool.bias", "pool.MLP"]
+    assert tower_for(MAP).mlps()[-1] == "pool.MLP" and len(tower_for(MAP).heads()) == 144
+    assert "pool.H0..pool.H11" in tower_for(MAP).vocabulary and "pool.MLP" in tower_for(MAP).vocabulary
+    assert tower_for(MAP).describe(names.parse("pool.MLP")) == "the MAP head's MLP on the pooled vector"
 
 
 @pytest.mark.parametrize("shape, name, words", [
@@ -44,14 +45,14 @@ def test_a_map_head_speaks_the_vit_names_and_its_pools():
 ])
 def test_names_of_another_tower_are_refused_with_the_models_vocabulary(shape, name, words):
     with pytest.raises(ClipTermError, match=words) as error:
-        names.validate(names.parse(name), shape)
-    assert error.value.hint == shape.vocabulary
+        tower_for(shape).validate(names.parse(name))
+    assert error.value.hint == tower_for(shape).vocabulary
 
 
 def test_a_convnext_is_named_by_its_last_stage_blocks():
-    assert [str(c) for c in names.direct_components(CONVNEXT)] == ["embed", "bias", "S3.B0", "S3.B1", "S3.B2"]
-    assert names.heads(CONVNEXT) == [] and names.mlps(CONVNEXT) == names.layers(CONVNEXT) == ["S3.B0", "S3.B1", "S3.B2"]
+    assert [str(c) for c in tower_for(CONVNEXT).direct_components()] == ["embed", "bias", "S3.B0", "S3.B1", "S3.B2"]
+    assert tower_for(CONVNEXT).heads() == [] and tower_for(CONVNEXT).mlps() == tower_for(CONVNEXT).layers() == ["S3.B0", "S3.B1", "S3.B2"]
     assert names.block(3, 2) == "S3.B2" and names.stage(3) == "S3"
     assert names.parse("S3.B2").base == names.parse("S3.B2")
-    assert "stage 3" in names.describe(names.parse("embed"), CONVNEXT)
-    assert "S3.B0..S3.B2" in CONVNEXT.vocabulary
+    assert "stage 3" in tower_for(CONVNEXT).describe(names.parse("embed"))
+    assert "S3.B0..S3.B2" in tower_for(CONVNEXT).vocabulary

@@ -41,12 +41,11 @@ def rn_truth_cache(loaded, root, n_images: int = 1000):
 def colour_heads(loaded, reader, root, n_texts: int = 3, draws: int = 200) -> dict:
     """The 3 pool heads whose mean-ablation hurts colour accuracy most, and how many of their top-3 TextSpan
     texts (pool `toy`) name a colour, against the same count for 3 heads drawn at random (its expectation)."""
-    from clipterm import names
     from clipterm.analyses import ablation, textspan
     from clipterm.inputs.texts import embed_pool, load_pool
     from clipterm.vit.textencode import encode_texts
 
-    heads = [str(h) for h in names.heads(reader.shape)]
+    heads = [str(h) for h in reader.tower.heads()]
     scorings = ablation.scorings(reader, lambda texts: encode_texts(loaded.model, loaded.tokenizer, texts), task="colour")
     drops = {row.component: row.drop for row in ablation.ablate(scorings, ablation.shifts(reader, heads), draws)["colour"]}
     pool = load_pool("toy")

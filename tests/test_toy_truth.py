@@ -9,9 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
-from clipterm import names
 from clipterm.analyses import ablation, textspan
 from clipterm.cache.build import BuildOptions, build_cache
 from clipterm.cache.neurons import NeuronFile, build_neurons, decompose_neurons, neurons_file
@@ -30,7 +28,7 @@ def head_study(loaded, reader, root, draws: int = 200, n_texts: int = 5) -> dict
     """Per task: every head's accuracy drop under mean-ablation; the heads that matter (drop >= MATTERS, at most 3,
     else the costliest one) with their TextSpan texts; and those texts' share of the task's topic against all
     heads' (the expectation for random heads)."""
-    heads = [str(h) for h in names.heads(reader.shape)]
+    heads = [str(h) for h in reader.tower.heads()]
     pool = load_pool("toy")
     spans = textspan.describe(reader, heads, embed_pool(loaded, pool, cache_dir=str(root)), n_texts=n_texts,
                               baseline_draws=0)

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipterm import names
 from clipterm.errors import ClipTermError
 from clipterm.inputs.images import item_path
+from clipterm.towers import tower_for
 
 
 @dataclass
@@ -131,14 +131,14 @@ def group(reader: Any, by: str, reference: bool = False) -> list[str]:
     ln_pre term does."""
     shape = reader.shape
     if by == "head":  # a tower with an attention pool: its pool heads too (another split of the same embedding)
-        pooled = [str(c) for c in names.pool_components(shape) if c.kind == "head"]
-        return [str(c) for c in names.heads(shape)] + pooled
-    if by == "mlp" and not names.mlps(shape):
-        raise ClipTermError("this model has no MLPs with a direct effect", hint=f"--by takes layer or head; {shape.vocabulary}")
+        pooled = [str(c) for c in tower_for(shape).pool_components() if c.kind == "head"]
+        return [str(c) for c in tower_for(shape).heads()] + pooled
+    if by == "mlp" and not tower_for(shape).mlps():
+        raise ClipTermError("this model has no MLPs with a direct effect", hint=f"--by takes layer or head; {tower_for(shape).vocabulary}")
     if by == "mlp":
-        return (["embed"] if reference else []) + names.mlps(shape)
+        return (["embed"] if reference else []) + tower_for(shape).mlps()
     if by == "layer":
-        return names.layers(shape)
+        return tower_for(shape).layers()
     raise ClipTermError(f"cannot ablate by {by!r}", hint="--by takes layer, head or mlp")
 
 
@@ -190,12 +190,12 @@ def cumulative_shifts(reader: Any, by: str, view: Any = None) -> Iterable[tuple[
     with_embed = view is not None and by == "mlp"
     total = shift(reader, "embed", view) if with_embed else None
     for layer in range(reader.shape.layers):
-        parts = {"head": [str(c) for c in names.heads(reader.shape, [layer])], "mlp": names.mlps(reader.shape)[layer:layer + 1],
-                 "layer": names.layers(reader.shape)[layer:layer + 1]}[by]
+        tower = reader.tower
+        parts = {"head": [str(c) for c in tower.heads([layer])], "mlp": tower.mlps()[layer:layer + 1],
+                 "layer": tower.layers()[layer:layer + 1]}[by]
         for name in parts:
             total = shift(reader, name, view) if total is None else total + shift(reader, name, view)
-        label = names.layers(reader.shape)[layer] if reader.shape.tower in ("resnet", "convnext") \
-            else names.format_layers(list(range(layer + 1)))
+        label = tower.cumulative_label(layer)
         yield ("embed+" + label if with_embed else label), total
 
 
@@ -299,13 +299,13 @@ def textspan_evaluation(reader: Any, scoring: Scoring, spans: dict[str, Any], la
     shape = reader.shape
     early = None
     for layer in range(shape.layers - last):
-        for head in names.heads(shape, [layer]):
+        for head in tower_for(shape).heads([layer]):
             part = shift(reader, str(head))
             early = part if early is None else early + part
     early = torch.zeros_like(reader.image_embeds()) if early is None else early
     replaced = early.clone()
     for layer in range(shape.layers - last, shape.layers):
-        for head in names.heads(shape, [layer]):
+        for head in tower_for(shape).heads([layer]):
             name = str(head)
             effects = reader.effects(name)  # (N, D)
             replaced += reconstruct(effects, spans[name]) - effects

@@ -102,7 +102,7 @@ class ReferenceView:
 
     def effects(self, name: str) -> torch.Tensor:
         """The reference's direct effect (N, D) of `embed`, a head, an MLP or a layer (its heads plus MLP)."""
-        comp = names.validate(names.parse(name), self.reader.shape).base
+        comp = self.reader.tower.validate(names.parse(name)).base
         if comp.kind == "embed":
             effect = self.reader.effects("embed") + self._shared(self.embed_mean, 1.0 / self.terms)
         elif comp.kind == "head":

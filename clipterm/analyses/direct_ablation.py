@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 
@@ -47,7 +47,7 @@ class Piece:
 def terms(reader: Any, name: str) -> list[Term]:
     """The stored blocks whose sum is a component's direct effect (as `reader.effects(name)` sums them); a layer's
     heads are one block, `head_out[l]`, read as (n, H·dh) with the heads' readouts stacked (H·dh, D)."""
-    comp = names.validate(names.parse(name), reader.shape).base
+    comp = reader.tower.validate(names.parse(name)).base
     if comp.kind in ("embed", "bias"):
         return [Term(comp.kind, (), None, reader.stats(str(comp))["mean"])]
     if comp.kind == "mlp":
@@ -83,9 +83,10 @@ def cumulative_pieces(reader: Any, by: str) -> list[Piece]:
     """Layers 0..l all mean-ablated (their heads, MLPs, or both), for each l: `ablation.cumulative_shifts`' rows."""
     out = []
     for layer in range(reader.shape.layers):
-        parts = {"head": [str(c) for c in names.heads(reader.shape, [layer])], "mlp": names.mlps(reader.shape)[layer:layer + 1],
-                 "layer": names.layers(reader.shape)[layer:layer + 1]}[by]
-        label = names.layers(reader.shape)[layer] if reader.shape.tower == "resnet" else names.format_layers(list(range(layer + 1)))
+        tower = reader.tower
+        parts = {"head": [str(c) for c in tower.heads([layer])], "mlp": tower.mlps()[layer:layer + 1],
+                 "layer": tower.layers()[layer:layer + 1]}[by]
+        label = tower.cumulative_label(layer)
         out.append(Piece(label, [t for name in parts for t in terms(reader, name)], extends=bool(out)))
     return out
 

@@ -61,7 +61,7 @@ def top_images(reader: Any, name: str, top: int = 16, by: str | None = None,
 
     `text_embeds()` returns (pool embeddings (P, D), pool texts); it is called only for `by="textspan"`.
     """
-    component = names.parse_for(name, reader.shape)
+    component = reader.tower.parse(name)
     if top < 1:
         raise ClipTermError(f"--top {top}: nothing to show", hint="ask for at least one image, e.g. --top 16")
     by = by or default_by(component)
@@ -122,7 +122,7 @@ def projected(reader: Any, component: names.Component, direction: Any) -> Any:
     if reader.joint_heads:  # an attention-pool tower's heads are stored in joint space: project their effects
         effects = reader.effects(str(component.base))  # (N, D)
         return effects.norm(dim=1) if direction is None else effects @ direction.float()
-    component = names.validate(component.base, reader.shape)  # a pool head's layer is its stored slot
+    component = reader.tower.validate(component.base)  # a pool head's layer is its stored slot
     if component.kind == "head":
         tensor, index = "head_out", (component.layer, component.index)
         readout = reader.readout[component.layer, component.index]  # (dh, D)

@@ -208,7 +208,7 @@ def objective_for(spec: str, loaded: Any, reader: Any = None, objective: str = "
         if term.kind in ("text", "image", "class"):
             terms.append(Term(term.sign, "direction", targets.resolve(str(term), loaded, reader).direction))
             continue
-        comp = names.validate(names.parse(term.value), reader.shape)
+        comp = reader.tower.validate(names.parse(term.value))
         if comp.kind == "head":
             if kind == "activation":
                 raise ClipTermError(f"{comp} is a head: it has an effect, not an activation",

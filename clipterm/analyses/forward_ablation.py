@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from clipterm import names
 from clipterm.errors import ClipTermError, ExitCode
+from clipterm.towers import tower_for
 
 # Preprocessed images, then residual streams, are kept between passes while they take at most this many bytes
 # together; beyond it every pass streams from the pixels again, so memory does not grow with the number of images.
@@ -28,7 +29,7 @@ def parts(component: str, shape: names.ModelShape) -> dict[int, tuple[list[int],
     """Layer -> (heads replaced, MLP replaced) for a head, an MLP, a layer, or a layer set like `L0-3`."""
     if "-" in component or "," in component:
         return {layer: (list(range(shape.heads)), True) for layer in names.parse_layers(component, shape.layers)}
-    comp = names.parse_for(component, shape)
+    comp = tower_for(shape).parse(component)
     if comp.kind == "head":
         return {comp.layer: ([comp.index], False)}
     if comp.kind == "mlp":

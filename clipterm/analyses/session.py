@@ -284,13 +284,7 @@ class Analyses:
 
         A ResNet's one stored layer is its pool (`layer` is its slot): its heads, and its positional part. A
         ConvNeXt's is its last stage (`layer` is the stage's number): its blocks."""
-        shape = self.reader.shape
-        if shape.tower == "convnext":
-            components = names.mlps(shape)
-        elif shape.tower == "resnet":
-            components = [str(h) for h in names.heads(shape)] + [names.pool_pos()]
-        else:
-            components = [names.head(layer, h) for h in range(shape.heads)] + [names.mlp(layer)]
+        components = self.reader.tower.layer_group(layer)
         return self._memoised("ablation", layer, lambda: self._ablate(components))
 
     def model_ablation(self) -> dict[str, TaskAblation]:
@@ -300,10 +294,7 @@ class Analyses:
 
     def top_level(self) -> list[str]:
         """What the model-level ablation compares: every layer, or a ConvNeXt's stage input and last stage."""
-        shape = self.reader.shape
-        if shape.tower == "convnext":
-            return ["embed", names.stage(shape.stage)]
-        return names.layers(shape)
+        return self.reader.tower.top_level()
 
     def _ablate(self, components: list[str]) -> dict[str, TaskAblation]:
         from clipterm.analyses import ablation, direct_ablation  # (ablation first, as the tree's timing expects)
@@ -436,41 +427,21 @@ class Analyses:
     def info(self, component: str) -> dict[str, Any]:
         """Shapes and provenance from the manifest: no tensors, so the UI thread may call it."""
         manifest = self.reader.manifest
-        model, dims_of, shape = manifest["model"], manifest["shape"], self.reader.shape
+        model, dims_of = manifest["model"], manifest["shape"]
         comp = names.parse(component) if component != "model" else None
-        embed_dim = dims_of.get("embed_dim")
-        head_dim = dims_of.get("pool_head_dim") if comp is not None and comp.site == "pool" and shape.pool_heads \
-            else dims_of.get("head_dim")
-        dims = {"head": f"head_out (N, {head_dim}) → joint space ({embed_dim})",
-                "mlp": f"(N, {embed_dim}) in joint space, {shape.neurons} neurons",
-                "neuron": f"second-order effect ({embed_dim}) through the later layers' heads",
-                "layer": f"{shape.heads} heads + MLP"}
-        overview = f"{shape.layers} layers × {shape.heads} heads"
-        if shape.tower == "convnext":
-            dims = {"mlp": f"(N, {embed_dim}) in joint space, averaged over the grid",
-                    "layer": f"{shape.layers} blocks, (N, {embed_dim}) in joint space",
-                    "embed": f"(N, {embed_dim}) in joint space", "bias": f"(1, {embed_dim}): the same for every image"}
-            overview = (f"a ConvNeXt: embed (the input of stage {shape.stage}), the {shape.layers} blocks of stage "
-                        f"{shape.stage} and bias; no heads")
-        if shape.tower == "resnet":
-            dims |= {"neuron": f"direct effect ({embed_dim}) through the pool's {shape.heads} heads",
-                     "layer": f"{shape.heads} heads" if comp and comp.site == "pool" else f"{shape.neurons} channels",
-                     "embed": f"(N, {embed_dim}) in joint space", "bias": f"(1, {embed_dim}): the same for every image"}
-            overview = (f"a ResNet: an attention pool of {shape.heads} heads over {names.layer(shape.neuron_layer)}'s "
-                        f"{shape.neurons} channels")
+        dims, overview = self.reader.tower.info_shapes(comp, dims_of)
         built = self.neuron_layers()
-        no_neurons = "none (second-order neurons need attention heads; a ConvNeXt has none)" \
-            if shape.tower == "convnext" else "none (clipterm neurons build CACHE --layer L…)"
+        no_neurons = self.reader.tower.no_neurons()
         return {
             "component": component,
-            "what": names.describe(comp, shape) if comp else overview,
-            "shape": dims.get(comp.kind, "") if comp else f"width {dims_of.get('width')}, embed {embed_dim}",
+            "what": self.reader.tower.describe(comp) if comp else overview,
+            "shape": dims.get(comp.kind, "") if comp else f"width {dims_of.get('width')}, embed {dims_of.get('embed_dim')}",
             "cache": self.reader.name, "n": self.reader.n,
             "model": " ".join(str(v) for v in (model.get("arch"), model.get("pretrained")) if v) or model.get("spec", ""),
             "source": manifest["dataset"].get("source"),
             "tasks": ", ".join(self.reader.tasks) or "none",
             "neurons": ", ".join(names.layer(l) for l in built) or no_neurons,
-            "tokens": ", ".join(names.layers(shape)[l] for l in self.token_layers()) or "none",
+            "tokens": ", ".join(self.reader.tower.layers()[l] for l in self.token_layers()) or "none",
             "pool": self.pool_spec,
         }
 

@@ -23,6 +23,7 @@ from torch import Tensor
 from clipterm import names
 from clipterm.errors import ClipTermError, ExitCode
 from clipterm.inputs.images import TOY_ID, item_path, synthetic_image
+from clipterm.towers import tower_for
 
 LAST_LAYERS = 4  # the paper's segmentation sums the heads of the last 4 layers
 IMAGE_HINT = "IMAGE is an image file, row:N of the --cache, or a toy scene toy:SEED/INDEX"
@@ -292,7 +293,7 @@ def component_map(image: str | SpatialImage, component: str, *, reader: Any = No
         raise ClipTermError("a component map needs a cache or a model", hint="pass --cache or --model")
     image = open_image(image, reader) if isinstance(image, str) else image
     shape = reader.shape if reader is not None else loaded.info.shape
-    comp = names.parse_for(component, shape)
+    comp = tower_for(shape).parse(component)
     if comp.kind in ("embed", "bias"):
         raise ClipTermError(f"{comp} has no position in the image", hint="map a head (L5.H2), a layer (L5), an MLP or a neuron")
     if comp.kind == "neuron" and shape.tower == "resnet":

@@ -108,7 +108,7 @@ def _direction(term: Term, loaded: Any, reader: Any | None) -> torch.Tensor:
         return image_direction(loaded, term.value)
     if term.kind == "class":
         return class_direction(loaded, term.value, reader)
-    component = names.validate(names.parse(term.value), reader.shape)
+    component = reader.tower.validate(names.parse(term.value))
     if component.kind == "head":
         return head_direction(reader, str(component.base), component.pc or 1)
     return neuron_direction(reader, component.layer, component.index)

@@ -166,7 +166,7 @@ def component_stats(reader, name: str) -> tuple[float, torch.Tensor, torch.Tenso
     """(count, sum, outer, readout) of a head (head space) or an MLP (joint space, identity readout) of a cache."""
     from clipterm import names
 
-    comp = names.validate(names.parse(name), reader.shape).base
+    comp = reader.tower.validate(names.parse(name)).base
     if comp.kind not in ("head", "mlp"):
         from clipterm.errors import ClipTermError
 

@@ -27,6 +27,7 @@ from clipterm.cache.integrity import (
 from clipterm.cache.store import IMAGES, MANIFEST, READOUT, STATS, CacheLock, read_manifest
 from clipterm.errors import ClipTermError, ExitCode
 from clipterm.files import safetensors_header
+from clipterm.towers import Tower, tower_for
 
 
 def resolve(path_or_name: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -144,6 +145,11 @@ class CacheReader:
                                 s.get("neuron_layer"), pool_heads=s.get("pool_heads", 0), pool_mlp=bool(s.get("pool_mlp")),
                                 stage=s.get("stage"))
 
+    @cached_property
+    def tower(self) -> Tower:
+        """The tower family's units and names (`clipterm.towers`), for this cache's shape."""
+        return tower_for(self.shape)
+
     @property
     def joint_heads(self) -> bool:
         """True when heads are stored as joint-space effects (a tower with an attention pool): readout is I."""
@@ -154,12 +160,12 @@ class CacheReader:
 
         ViT: embed, bias, every L{l}.H{h} and L{l}.MLP (and pool.MLP after a MAP head). ResNet: pool.pos, pool.bias
         and every pool.H{h}. ConvNeXt: embed, bias and every block S{s}.B{k} of the last stage."""
-        return [str(c) for c in names.direct_components(self.shape)]
+        return [str(c) for c in self.tower.direct_components()]
 
     def pool_components(self) -> list[str]:
         """A tower with an attention pool after its blocks: pool.H*, pool.bias (and pool.MLP), which also add up to
         `image_embeds` (the pool's own split; empty for other towers)."""
-        return [str(c) for c in names.pool_components(self.shape)]
+        return [str(c) for c in self.tower.pool_components()]
 
     @property
     def tasks(self) -> dict[str, list[str]]:
@@ -189,7 +195,7 @@ class CacheReader:
         """
         import torch
 
-        comp = names.validate(names.parse(name), self.shape).base
+        comp = self.tower.validate(names.parse(name)).base
         if comp.site == "pool" and self.shape.pool_heads:
             return self._pool_effects(comp, rows)
         if comp.site == "stage":  # a ConvNeXt block is stored as an MLP; the stage is all of them
@@ -206,7 +212,7 @@ class CacheReader:
             return self.head_out((comp.layer, comp.index), rows).float() @ self.readout[comp.layer, comp.index]  # (N, D)
         if comp.kind == "layer" and comp.site == "block" and self.shape.tower == "resnet":
             raise ClipTermError(f"{name} is a stage: its channels are neurons, with no stored direct effect",
-                                hint=f"{self.shape.vocabulary}; `pool` is all the pool's heads")
+                                hint=f"{self.tower.vocabulary}; `pool` is all the pool's heads")
         if comp.kind == "layer":
             head_out = self._gather(lambda f: f.get_slice("head_out")[comp.layer].transpose(0, 1), rows)  # (N, H, dh)
             if self.joint_heads:
@@ -238,7 +244,7 @@ class CacheReader:
         comp = names.parse(head) if isinstance(head, str) else names.Component("head", head[0], head[1], site=site)
         if comp.kind != "head":
             raise ClipTermError(f"{head} is not a head", hint="heads look like L10.H3 (pool.H3 for a ResNet)")
-        comp = names.validate(comp, self.shape)
+        comp = self.tower.validate(comp)
         if comp.site == "pool" and self.shape.pool_heads:
             return self._gather(lambda f: f.get_slice("pool_heads")[comp.index], rows)  # (N, dh')
         return self._gather(lambda f: f.get_slice("head_out")[comp.layer, comp.index], rows)
@@ -260,7 +266,7 @@ class CacheReader:
         from safetensors.torch import load_file
 
         if not self.shape.pool_heads:
-            raise ClipTermError(f"cache {self.name} has no attention pool after its blocks", hint=self.shape.vocabulary)
+            raise ClipTermError(f"cache {self.name} has no attention pool after its blocks", hint=self.tower.vocabulary)
         return load_file(str(self.checked(READOUT, readout_layout(self.manifest))))["pool"]
 
     def image_embeds(self, rows: Sequence[int] | None = None) -> Any:
@@ -312,7 +318,7 @@ class CacheReader:
         path = self.checked(STATS, stats_layout(self.manifest))
         if name is None:
             return load_file(str(path))
-        comp = names.validate(names.parse(name), self.shape).base
+        comp = self.tower.validate(names.parse(name)).base
         with _open(path) as f:
             count = f.get_tensor("count")
             if comp.kind == "head" and comp.site == "pool" and self.shape.pool_heads:
@@ -450,7 +456,7 @@ class CacheReader:
             if comp.kind != "layer":
                 raise ClipTermError(f"{layer} is not a layer", hint="layers look like L9")
             layer = comp.layer
-        return names.validate(names.Component("layer", layer), self.shape).layer
+        return self.tower.validate(names.Component("layer", layer)).layer
 
     def _handle(self, record: dict) -> Any:
         if record["file"] not in self._handles:

@@ -18,6 +18,7 @@ from clipterm.cli.common import (
 )
 from clipterm.cli.common import open_reader as _open
 from clipterm.cli.output import emit_json, progress, stdout
+from clipterm.towers import tower_for
 
 TaskOpt = typer.Option(None, "--task", help="Label task to score (default: every task of the cache).")
 ClassesOpt = typer.Option(None, "--classes", help="File of class names, one per line in label order (overrides the cache's).")
@@ -92,10 +93,10 @@ def textspan(
     reader = _open(cache, cache_dir)
     shape = reader.shape
     if component:
-        components = [str(names.parse_for(c, shape).base) for c in component]
+        components = [str(tower_for(shape).parse(c).base) for c in component]
     else:
         chosen = names.parse_layers(layers, shape.layers) if layers else list(range(max(shape.layers - 4, 0), shape.layers))
-        components = [str(c) for c in names.heads(shape, chosen)]
+        components = [str(c) for c in tower_for(shape).heads(chosen)]
     if evaluate is not None:
         if evaluate > shape.layers:
             from clipterm.errors import ClipTermError
@@ -103,7 +104,7 @@ def textspan(
             raise ClipTermError(f"--evaluate {evaluate}: the model has {shape.layers} layers", hint=f"use 1..{shape.layers}")
     requested = list(components)
     if evaluate is not None:
-        components += [str(c) for c in names.heads(shape, list(range(shape.layers - evaluate, shape.layers)))
+        components += [str(c) for c in tower_for(shape).heads(list(range(shape.layers - evaluate, shape.layers)))
                        if str(c) not in components]
     text_pool = load_pool_reporting(default_pool_for(reader, pool))
     loaded = model_for_cache(reader)

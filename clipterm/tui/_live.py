@@ -31,12 +31,8 @@ class LiveMixin:
         elif target:
             pane.show_message(f"s: search for the strings {target} likes best · or type a target and press enter · "
                               f"g: guidance {'by ' + self.search_lm if self.search_lm else 'off'}")
-        elif self._convnext():
-            pane.show_message("a ConvNeXt has no head or neuron directions to search for; type a target "
-                              "(text:a red circle, class:red) and press enter")
         else:
-            pane.show_message("this node has no direction to search for: select a head or a neuron, or type a target "
-                              "(text:a red circle, class:red) and press enter")
+            pane.show_message(self.reader.tower.search_hint())
 
     def action_search(self) -> None:
         """Stop the running search, or start one for the typed target (else the selection's)."""
@@ -84,9 +80,7 @@ class LiveMixin:
 
     def _visual_refusal(self) -> str | None:
         """Why this cache's tower has no feature visualisation, in one line naming the model part; None: it has."""
-        if self._resnet():
-            return "feature visualisation climbs a ViT's blocks; it has no objective for a ResNet's pool or channels yet"
-        return self.analyses.refusal("feature visualisation") if self._convnext() else None
+        return self.reader.tower.visual_refusal(self.analyses.refusal)
 
     def _refresh_visualise(self) -> None:
         pane = self.query_one(VisualisePane)

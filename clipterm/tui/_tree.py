@@ -62,9 +62,8 @@ class TreeMixin:
 
     def _populate_attention_pool(self, tree: Tree) -> None:
         """A MAP head's (or CoCa pooler's) own split, after the layers: `pool` with pool.H*, pool.bias, pool.MLP."""
-        shape = self.reader.shape
         self.hints.setdefault(names.pool(), "the attention pool after the blocks: its own split by head")
-        parts = [str(c) for c in names.pool_components(shape)]
+        parts = [str(c) for c in self.reader.tower.pool_components()]
         if not (self._matches(names.pool()) or any(self._matches(p) for p in parts)):
             return
         pool_node = tree.root.add(self._label(names.pool()), data=names.pool(), expand=bool(self.filter_text))
@@ -81,7 +80,7 @@ class TreeMixin:
         self.hints.setdefault(names.pool_bias(), "the same for every image")
         self.hints.setdefault(stage, f"{shape.neurons} channels" if shape.neuron_layer in built else
                               f"{shape.neurons} channels: clipterm neurons build {self.reader.name} --layer {stage}")
-        parts = [str(h) for h in names.heads(shape)] + [names.pool_pos(), names.pool_bias()]
+        parts = [str(h) for h in self.reader.tower.heads()] + [names.pool_pos(), names.pool_bias()]
         if self._matches(names.pool()) or any(self._matches(p) for p in parts):
             pool_node = tree.root.add(self._label(names.pool()), data=names.pool(), expand=bool(self.filter_text))
             self.nodes[names.pool()] = pool_node
@@ -107,7 +106,7 @@ class TreeMixin:
         stage = names.stage(shape.stage)
         self.hints.setdefault("embed", f"the stem and stages 0–{shape.stage - 1}" if shape.stage > 1 else "the stem")
         self.hints.setdefault("bias", "the same for every image")
-        blocks = names.mlps(shape)
+        blocks = self.reader.tower.mlps()
         if self._matches("embed"):
             self.nodes["embed"] = tree.root.add_leaf(self._label("embed"), data="embed")
         if self._matches(stage) or any(self._matches(b) for b in blocks):
@@ -121,7 +120,7 @@ class TreeMixin:
 
     def _neuron_parent(self, layer: int) -> str:
         """The node a layer's neurons hang under: its MLP, or a ResNet's stage itself."""
-        return names.layer(layer) if self.reader.shape.tower == "resnet" else names.mlp(layer)
+        return self.reader.tower.neuron_parent(layer)
 
     def _matches(self, name: str) -> bool:
         needle = self.filter_text.lower()
@@ -144,11 +143,10 @@ class TreeMixin:
 
         worker = get_current_worker()
         model = self.analyses.model_ablation()  # task -> one bar per layer (ResNet: its pool; ConvNeXt: embed, S3)
-        shape = self.reader.shape
         for index, layer in enumerate(self.analyses.top_level()):
             drop, task = max((result.bars[index].drop, task) for task, result in model.items())
             self.call_from_thread(self._set_hint, layer, f"−{100 * drop:.1f}% {task}")
-        for component in [str(h) for h in names.heads(shape)] + names.mlps(shape):
+        for component in [str(h) for h in self.reader.tower.heads()] + self.reader.tower.mlps():
             if worker.is_cancelled:
                 return
             rows = self.analyses.description(component).rows

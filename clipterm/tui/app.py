@@ -181,20 +181,9 @@ class ClipTermApp(TreeMixin, LiveMixin, App[None]):
     def _layer(self) -> int | None:
         return None if self.selected == "model" else names.parse(self.selected).layer
 
-    def _resnet(self) -> bool:
-        return self.reader.shape.tower == "resnet"
-
-    def _convnext(self) -> bool:
-        return self.reader.shape.tower == "convnext"
-
     def _ablation_layer(self) -> int | None:
-        """Whose heads the Ablation pane lists: the selection's layer; for a ResNet, always its pool's; for a
-        ConvNeXt, always its last stage's blocks (keyed by the stage's number)."""
-        if self.selected == "model":
-            return None
-        if self._convnext():
-            return self.reader.shape.stage
-        return self.reader.shape.pool_layer if self._resnet() else self._layer()
+        """Whose parts the Ablation pane lists: the selection's layer's (a ResNet's pool, a ConvNeXt's last stage)."""
+        return None if self.selected == "model" else self.reader.tower.ablation_layer(self._layer())
 
     def _compute(self, group: str, key: Any, compute: Callable[[], Any]) -> None:
         """Run `compute` in a thread worker, unless the user moved on before it started; then redraw `group`."""
@@ -244,18 +233,7 @@ class ClipTermApp(TreeMixin, LiveMixin, App[None]):
 
     def _no_words(self, kind: str) -> str:
         """One line: why the selection has no Descriptions, and what has."""
-        if self._convnext():
-            block = names.block(self.reader.shape.stage, 0)
-            why = {"embed": f"{self.selected} is the input of the last stage, with no TextSpan statistics of its own; ",
-                   "bias": f"{self.selected} is the same for every image: nothing to put in words; ",
-                   "layer": f"{self.selected} is the whole stage; TextSpan describes one block at a time; "}.get(kind, "")
-            return why + f"select a block ({block}) to see what it says in words"
-        if not self._resnet():
-            return "select a head (L0.H0), an MLP (L0.MLP) or a neuron to see what it says in words"
-        stage = names.neuron(self.reader.shape.neuron_layer, 0)
-        why = {"embed": f"{self.selected} carries position, not image content: nothing to put in words; ",
-               "bias": f"{self.selected} is the same for every image: nothing to put in words; "}.get(kind, "")
-        return why + f"select a pool head ({names.pool_head(0)}) or a channel ({stage}) to see what it says in words"
+        return self.reader.tower.no_words(self.selected, kind)
 
     def _show_or_compute(self, pane: Any, kind: str, group: str, compute: Callable[[], Any], waiting: str) -> None:
         """Show the selection's memoised result in a pane, or say why there is none, or compute it in a worker."""
@@ -292,18 +270,12 @@ class ClipTermApp(TreeMixin, LiveMixin, App[None]):
         pane.show(task, layer, result[task] if result else None, layers[task], self.selected, tasks,
                   titles=(self._ablation_title(layer), self._ablation_whole()))
 
-    def _ablation_title(self, layer: int | None) -> str:
-        if self._resnet():
-            return "the pool's heads and positional part"
-        if self._convnext():
-            return f"{names.stage(layer)} blocks"
-        return f"{names.layer(layer)} heads and MLP"
+    def _ablation_title(self, layer: int) -> str:
+        return self.reader.tower.ablation_title(layer)
 
     def _ablation_whole(self) -> str:
         """The title of the Ablation pane's model-level section."""
-        if self._convnext():
-            return f"the stage's input and the whole stage {names.stage(self.reader.shape.stage)}"
-        return "the whole pool" if self._resnet() else "whole layers"
+        return self.reader.tower.ablation_whole()
 
     def _refresh_images(self) -> None:
         pane, component, kind = self.query_one(ImagesPane), self.selected, self._kind()
@@ -311,9 +283,7 @@ class ClipTermApp(TreeMixin, LiveMixin, App[None]):
             pane.show_message("images are off (--images off); start with --images auto or half to see them")
             return
         if kind not in ("head", "mlp", "neuron"):
-            what = "a pool head or a channel" if self._resnet() else \
-                f"a block ({names.block(self.reader.shape.stage, 0)})" if self._convnext() else "a head, an MLP or a neuron"
-            pane.show_message(f"select {what} to see the images it responds to most")
+            pane.show_message(f"select {self.reader.tower.units} to see the images it responds to most")
             return
         self._show_or_compute(pane, "images", "images", lambda: self.analyses.top_images(component),
                               "ranking the cache's images…")
@@ -336,18 +306,17 @@ class ClipTermApp(TreeMixin, LiveMixin, App[None]):
 
     def _is_stage(self) -> bool:
         """A ResNet's last stage: a set of channels, with no one map."""
-        return self._resnet() and self.selected == names.layer(self.reader.shape.neuron_layer)
+        return self.reader.tower.is_unit_group(self.selected)
 
     def _refresh_spatial(self) -> None:
         pane = self.query_one(SpatialPane)
-        refusal = self.analyses.refusal("a per-patch map") if self._convnext() else None
+        refusal = self.analyses.refusal("a per-patch map") if not self.reader.tower.heads() else None
         if refusal:  # nothing the pane could map: the cache's components are pooled over the grid
             pane.show_message(refusal)
             return
         key = self._spatial_key()
         if key is None:
-            what = "the pool, a pool head or a channel" if self._resnet() else "a layer, head, MLP or neuron"
-            pane.show_message(f"select {what}, or type a text query and press enter")
+            pane.show_message(self.reader.tower.spatial_hint())
             return
         result = self.analyses.cached("spatial", key)
         if result is not None:

@@ -22,13 +22,7 @@ class ComponentCommands(Provider):
 
     def _components(self) -> list[str]:
         app = self.app
-        shape = app.reader.shape
-        if shape.tower == "convnext":  # its layers are its blocks, which are also its MLPs
-            found = ["embed", names.stage(shape.stage), *names.mlps(shape), "bias"]
-        else:
-            found = names.layers(shape) + [str(h) for h in names.heads(shape)] + names.mlps(shape)
-        if shape.tower == "resnet":
-            found += [names.pool_pos(), names.pool_bias(), names.layer(shape.neuron_layer)]
+        found = app.reader.tower.palette()
         return found + [n for n in app.nodes if n not in found and n != "model"]
 
     async def discover(self) -> Hits:
@@ -39,7 +33,7 @@ class ComponentCommands(Provider):
         app, matcher = self.app, self.matcher(query)
         exact = self._exact(query.strip())
         if exact is not None:
-            yield Hit(1.0, f"Go to {exact}", partial(app.jump, exact), help=names.describe(names.parse(exact), app.reader.shape))
+            yield Hit(1.0, f"Go to {exact}", partial(app.jump, exact), help=app.reader.tower.describe(names.parse(exact)))
         for name in self._components():
             if name == exact:
                 continue
@@ -56,7 +50,7 @@ class ComponentCommands(Provider):
         """A valid component typed in full, e.g. L4.N300 (a neuron not listed in the tree yet)."""
         app = self.app
         try:
-            component = names.parse_for(query, app.reader.shape)
+            component = app.reader.tower.parse(query)
         except Exception:
             return None
         if component.kind == "neuron" and component.layer not in app.analyses.neuron_layers():
