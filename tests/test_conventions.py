@@ -328,8 +328,8 @@ def test_textspan_convention_reference_gives_the_reference_texts_for_every_head(
     payload, chosen = texts_per_head("--convention", "reference")
     assert payload["convention"] == "reference" and payload["rank"] == rank
     assert list(chosen) == list(expected)  # every head
-    for name in expected:
-        assert chosen[name] == expected[name], name  # the same texts, in the same order
+    for name, rows in expected.items():
+        assert chosen[name] == rows, name  # the same texts, in the same order
     payload, own = texts_per_head()
     assert payload["convention"] == "clipterm" and payload["rank"] is None
     assert sum(own[name] != expected[name] for name in expected) > len(expected) // 2  # the default convention differs

@@ -89,7 +89,8 @@ def textspan(
     baseline is the same share for as many random pool texts. JSON schema: clipterm.textspan/2.
     """
     from clipterm import names
-    from clipterm.analyses import conventions, textspan as span
+    from clipterm.analyses import conventions
+    from clipterm.analyses import textspan as span
     from clipterm.cache.reader import model_for_cache
     from clipterm.errors import ClipTermError
 
@@ -108,9 +109,8 @@ def textspan(
     if reference:
         span.check_reference(components)
         conventions.require(reader)
-    if evaluate is not None:
-        if evaluate > shape.layers:
-            raise ClipTermError(f"--evaluate {evaluate}: the model has {shape.layers} layers", hint=f"use 1..{shape.layers}")
+    if evaluate is not None and evaluate > shape.layers:
+        raise ClipTermError(f"--evaluate {evaluate}: the model has {shape.layers} layers", hint=f"use 1..{shape.layers}")
     requested = list(components)
     if evaluate is not None:
         components += [str(c) for c in names.heads(shape, list(range(shape.layers - evaluate, shape.layers)))
