@@ -289,3 +289,66 @@ def test_ablate_convention_reference_command(cli, toy, tmp_path):
     build_neurons(CacheReader(tmp_path / "n"), 4, device="cpu", top_k=3, loaded=toy)
     mismatch = cli("ablate", path, "--second-order", "L4", "--task", "colour", "--convention", "reference")
     assert mismatch.code == 2 and "--convention reference" in mismatch.err
+
+
+# --------------------------------------------------------------------------- clip_text_span's TextSpan
+
+
+@pytest.mark.parametrize("n", [40, 12])  # more images than the toy's head dim (16), and fewer: the rank is min(N, dh)
+def test_textspan_convention_reference_gives_the_reference_texts_for_every_head(cli, toy, tmp_path, n):
+    """`compute_complete_text_set.py`'s texts per head: `replace_with_iterative_removal`, written out in
+    `test_textspan.reference_text_span`, run on each head's reference effects (`reference_direct_effects` above,
+    from the model's own forward) with the unit text embeddings, at the reference's rank min(N, head dim)."""
+    import json
+
+    import torch.nn.functional as F
+    from test_neurons import toy_images
+    from test_textspan import reference_text_span
+
+    from clipterm.cache.build import BuildOptions, build_cache
+    from clipterm.inputs.texts import load_pool
+
+    build_cache(BuildOptions(images=f"toy:{n}", name="c", cache_dir=str(tmp_path), dtype="float32", neurons=True), loaded=toy)
+    attns = reference_direct_effects(toy.model.eval(), toy_images(n))[0].detach()  # (N, L, H, D)
+    texts = load_pool("toy").texts
+    with torch.no_grad():
+        text_embeds = F.normalize(toy.model.encode_text(toy.tokenizer(texts)).float(), dim=-1)  # (M, D)
+    layers, heads = attns.shape[1:3]
+    rank = min(n, toy.model.visual.transformer.width // heads)
+    expected = {f"L{l}.H{h}": reference_text_span(attns[:, l, h], text_embeds, n_texts=10, rank=rank)[0]
+                for l in range(layers) for h in range(heads)}
+
+    def texts_per_head(*options: str) -> tuple[dict, dict[str, list[int]]]:
+        result = cli("textspan", str(tmp_path / "c"), "--layers", f"L0-{layers - 1}", "--baseline-draws", "0",
+                     "--cache-dir", str(tmp_path), "--json", *options)
+        assert result.code == 0, result
+        payload = json.loads(result.out)
+        return payload, {e["component"]: [t["row"] for t in e["texts"]] for e in payload["components"]}
+
+    payload, chosen = texts_per_head("--convention", "reference")
+    assert payload["convention"] == "reference" and payload["rank"] == rank
+    assert list(chosen) == list(expected)  # every head
+    for name, rows in expected.items():
+        assert chosen[name] == rows, name  # the same texts, in the same order
+    payload, own = texts_per_head()
+    assert payload["convention"] == "clipterm" and payload["rank"] is None
+    assert sum(own[name] != expected[name] for name in expected) > len(expected) // 2  # the default convention differs
+
+
+def test_textspan_convention_reference_refuses_what_it_cannot_do_in_one_line(cli, toy, tmp_path):
+    from test_reliability import one_line_error
+
+    from clipterm.cache.build import BuildOptions, build_cache
+
+    build_cache(BuildOptions(images="toy:8", name="n", cache_dir=str(tmp_path), neurons=True), loaded=toy)
+    build_cache(BuildOptions(images="toy:8", name="plain", cache_dir=str(tmp_path)), loaded=toy)
+    path = str(tmp_path / "n")
+    cases = {
+        "no convention 'bogus'": (path, "--convention", "bogus"),
+        "--neurons": (str(tmp_path / "plain"), "--convention", "reference"),
+        "heads only, not L3.MLP": (path, "-c", "L5.H0", "-c", "L3.MLP", "--convention", "reference"),
+        "does not combine with --evaluate": (path, "--evaluate", "2", "--convention", "reference"),
+    }
+    for words, args in cases.items():
+        result = cli("textspan", *args, "--cache-dir", str(tmp_path))
+        assert result.code == 2 and words in one_line_error(result), (words, result)

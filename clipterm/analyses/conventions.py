@@ -94,24 +94,38 @@ class ReferenceView:
         """(ȳ/σ − s·μ/σ)·(γ @ proj) + s·β @ proj, (N, D)."""
         return (own_mean - share * self.stream_mean)[:, None] * self.gamma_proj + share * self.beta_proj
 
-    def _head(self, layer: int, head: int) -> torch.Tensor:
+    def head_factors(self, layer: int, head: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A head's reference effect as `coords @ readout`: coords (N, dh+3) per image, readout (dh+3, D) fixed.
+
+        The rows of the readout are the head's own R_h, then its share of the out-proj bias, γ @ proj and
+        s·β @ proj; the coords are head_out, 1/(Hσ), ȳ/σ − s·μ/σ and 1, each divided by the image's ‖e‖. So
+        the effects' second moments, and TextSpan, need only dh+3 numbers per image.
+        """
         share = 1.0 / (self.terms * self.heads)
         own = self.head_means[:, layer, head] + self.bias_means[layer] / (self.heads * self.sigma)  # (N,)
-        effect = self.reader.effects(names.head(layer, head)) + self.bias_centred[layer] / (self.heads * self.sigma[:, None])
-        return effect + self._shared(own, share)  # (N, D)
+        coords = torch.cat([self.reader.head_out((layer, head)).float(),  # (N, dh)
+                            (1.0 / (self.heads * self.sigma))[:, None],  # (N, 1)
+                            (own - share * self.stream_mean)[:, None],  # (N, 1)
+                            torch.ones(len(own), 1)], dim=1) / self.norm  # (N, dh+3)
+        readout = torch.cat([self.reader.readout[layer, head], self.bias_centred[layer][None],
+                             self.gamma_proj[None], share * self.beta_proj[None]])  # (dh+3, D)
+        return coords, readout
+
+    def _head(self, layer: int, head: int) -> torch.Tensor:
+        coords, readout = self.head_factors(layer, head)  # (N, dh+3), (dh+3, D)
+        return coords @ readout  # (N, D)
 
     def effects(self, name: str) -> torch.Tensor:
         """The reference's direct effect (N, D) of `embed`, a head, an MLP or a layer (its heads plus MLP)."""
         comp = self.reader.tower.validate(names.parse(name)).base
+        if comp.kind == "head":
+            return self._head(comp.layer, comp.index)
+        if comp.kind == "layer":
+            return sum(self._head(comp.layer, head) for head in range(self.heads)) + self.effects(names.mlp(comp.layer))
         if comp.kind == "embed":
             effect = self.reader.effects("embed") + self._shared(self.embed_mean, 1.0 / self.terms)
-        elif comp.kind == "head":
-            effect = self._head(comp.layer, comp.index)
         elif comp.kind == "mlp":
             effect = self.reader.effects(name) + self._shared(self.mlp_means[:, comp.layer], 1.0 / self.terms)
-        elif comp.kind == "layer":
-            heads = sum(self._head(comp.layer, head) for head in range(self.heads))
-            return heads / self.norm + self.effects(names.mlp(comp.layer))
         else:
             raise ClipTermError(f"{name} has no direct effect in the reference convention",
                                 hint="the reference shares β and the out-proj biases out among embed, heads and MLPs")

@@ -11,6 +11,10 @@ head's sufficient statistics (count, sum, sum of outer products in head space) a
 R (dh, D), never from per-image rows: a head of ViT-B-32 takes milliseconds. Work happens in
 orthonormal coordinates of R's row space (rho <= dh dimensions), where joint-space inner
 products are preserved. The same code serves an MLP, with R = I and its joint-space stats.
+
+`--convention reference` runs the same algorithm on the reference's own head effects (ln_post's
+mean and β in equal shares, each image divided by its ‖e‖; see `conventions.py`), which factor as
+(dh+3) coordinates per image times a fixed readout, at the reference's rank min(N, dh).
 """
 
 from __future__ import annotations
@@ -180,8 +184,44 @@ def component_stats(reader, name: str) -> tuple[float, torch.Tensor, torch.Tenso
     return count, stats["sum"], stats["outer"], torch.eye(stats["sum"].shape[0])
 
 
+def check_reference(components: list[str]) -> None:
+    """Refuse, before any model loads, a component the reference's TextSpan does not describe."""
+    from clipterm import names
+    from clipterm.errors import ClipTermError, ExitCode
+
+    for name in components:
+        comp = names.parse(name).base
+        if comp.kind != "head" or comp.site == "pool":
+            raise ClipTermError(f"--convention reference describes attention heads only, not {name}",
+                                hint="clip_text_span runs TextSpan on heads; describe MLPs without --convention",
+                                code=ExitCode.USAGE)
+
+
+def reference_stats(view, name: str) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(count, sum, outer, readout) of a head's reference-convention effects (a `conventions.ReferenceView`)."""
+    from clipterm import names
+
+    check_reference([name])
+    comp = view.reader.tower.validate(names.parse(name)).base
+    coords, readout = view.head_factors(comp.layer, comp.index)  # (N, dh+3), (dh+3, D)
+    coords = coords.double()
+    return float(len(coords)), coords.sum(0), coords.T @ coords, readout  # (dh+3,), (dh+3, dh+3)
+
+
+def reference_rank(count: float, head_dim: int, rank: int | None = None) -> int:
+    """The reference's rank: its `w_ov_rank` (the head dim unless given), capped by the N rows its SVD sees."""
+    return int(min(count, rank or head_dim))
+
+
 def describe(reader, components: list[str], text_embeds: torch.Tensor, n_texts: int = 10, rank: int | None = None,
-             baseline_draws: int = 5) -> dict[str, SpanResult]:
-    """TextSpan, with its random-text baseline, for each component of a cache."""
-    return {name: text_span(*component_stats(reader, name), text_embeds, n_texts, rank, baseline_draws)
+             baseline_draws: int = 5, view=None) -> dict[str, SpanResult]:
+    """TextSpan, with its random-text baseline, for each component of a cache.
+
+    With `view` (a `conventions.ReferenceView`), on the reference's head effects at the reference's rank.
+    """
+    if view is None:
+        return {name: text_span(*component_stats(reader, name), text_embeds, n_texts, rank, baseline_draws)
+                for name in components}
+    rank = reference_rank(reader.n, reader.readout.shape[2], rank)
+    return {name: text_span(*reference_stats(view, name), text_embeds, n_texts, rank, baseline_draws)
             for name in components}

@@ -78,6 +78,9 @@ def textspan(
     evaluate: int = typer.Option(None, "--evaluate", min=1, help="Replace the heads of the last K layers by their TextSpan "
                                  "reconstructions, mean-ablate earlier heads, and report zero-shot accuracy."),
     task: str = TaskOpt,
+    convention: str = typer.Option("clipterm", "--convention", help="clipterm (each write centred by its own mean), or "
+                                   "reference: clip_text_span's head effects and rank min(images, head dim) (--rank "
+                                   "overrides the head dim); heads only, needs a --neurons cache. See docs/conventions.md."),
     cache_dir: str = CacheDirOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -87,9 +90,16 @@ def textspan(
     baseline is the same share for as many random pool texts. JSON schema: clipterm.textspan/2.
     """
     from clipterm import names
-    from clipterm.analyses.textspan import describe
+    from clipterm.analyses import conventions
+    from clipterm.analyses import textspan as span
     from clipterm.cache.reader import model_for_cache
+    from clipterm.errors import ClipTermError
 
+    conventions.check_convention(convention)
+    reference = convention == "reference"
+    if reference and evaluate is not None:
+        raise ClipTermError("--convention reference does not combine with --evaluate",
+                            hint="--evaluate scores clipterm's effects; run it without --convention")
     reader = _open(cache, cache_dir)
     shape = reader.shape
     if component:
@@ -97,11 +107,11 @@ def textspan(
     else:
         chosen = names.parse_layers(layers, shape.layers) if layers else list(range(max(shape.layers - 4, 0), shape.layers))
         components = [str(c) for c in tower_for(shape).heads(chosen)]
-    if evaluate is not None:
-        if evaluate > shape.layers:
-            from clipterm.errors import ClipTermError
-
-            raise ClipTermError(f"--evaluate {evaluate}: the model has {shape.layers} layers", hint=f"use 1..{shape.layers}")
+    if reference:
+        span.check_reference(components)
+        conventions.require(reader)
+    if evaluate is not None and evaluate > shape.layers:
+        raise ClipTermError(f"--evaluate {evaluate}: the model has {shape.layers} layers", hint=f"use 1..{shape.layers}")
     requested = list(components)
     if evaluate is not None:
         components += [str(c) for c in tower_for(shape).heads(list(range(shape.layers - evaluate, shape.layers)))
@@ -110,9 +120,13 @@ def textspan(
     loaded = model_for_cache(reader)
     embeds = embed_reporting(loaded, text_pool, cache_dir)
     with progress("textspan", total=None, unit="heads"):
-        results = describe(reader, components, embeds, n_texts=n_texts, rank=rank, baseline_draws=draws)
+        view = conventions.ReferenceView(reader, loaded.model) if reference else None
+        results = span.describe(reader, components, embeds, n_texts=n_texts, rank=rank, baseline_draws=draws, view=view)
+    if reference:
+        rank = span.reference_rank(reader.n, reader.readout.shape[2], rank)
     payload = {
-        "cache": reader.name, "pool": text_pool.summary(), "rank": rank, "texts_per_component": n_texts,
+        "cache": reader.name, "pool": text_pool.summary(), "convention": convention, "rank": rank,
+        "texts_per_component": n_texts,
         "components": [{
             "component": name, "total_variance": results[name].total_variance, "baseline": results[name].baseline,
             "explained": results[name].cumulative[-1] if results[name].cumulative else 0.0,
@@ -136,8 +150,10 @@ def textspan(
 def _print_textspan(payload: dict) -> None:
     from rich.table import Table
 
+    convention = " (clip_text_span's convention)" if payload["convention"] == "reference" else ""
     table = Table("component", "#", "text", "explained", "cumulative",
-                  title=f"TextSpan of {payload['cache']} over pool {payload['pool']['name']} ({payload['pool']['texts']:,} texts)")
+                  title=f"TextSpan of {payload['cache']}{convention} over pool {payload['pool']['name']} "
+                        f"({payload['pool']['texts']:,} texts)")
     for entry in payload["components"]:
         baseline = f"random texts: {_pct(entry['baseline'])}" if entry["baseline"] is not None else ""
         for k, text in enumerate(entry["texts"]):
