@@ -100,8 +100,8 @@ def _build(options: BuildOptions, ranks: Ranks, progress: ProgressFactory | None
     info = loaded.info
     decompose = tower(model)
     decompose.check_supported(model, info.spec)
-    getattr(decompose, "check_stored", lambda *_: None)(options.neurons, options.tokens)  # before anything is written
     token_layers = parse_layers(options.tokens, info.layers) if options.tokens else []
+    decompose.check_stored(model, options.neurons, token_layers)  # before anything is written
     name = options.name or default_name(info, source)
     directory = locations.cache_root(options.cache_dir)[0] / name
     fresh = store.new_manifest(
