@@ -8,6 +8,7 @@ import zipfile
 
 import pytest
 import torch
+from tower_helpers import save_model_folder, tiny_vit_config
 
 from clipterm.errors import ClipTermError, ExitCode
 from clipterm.vit.models import load_model, model_shape
@@ -289,3 +290,14 @@ def test_a_cache_records_the_activation_and_reloads_it(cli, vit_b32_files, tmp_p
         check_model(reader, {**built, "arch": "ViT-B-32", "quick_gelu": False})
     assert "QuickGELU" in err.value.message and err.value.code == ExitCode.INVALID_DATA
 
+
+# --------------------------------------------------------------------------- bad models (issue 28)
+
+
+def test_a_model_whose_image_and_text_embeddings_differ_in_width_is_refused_when_it_loads(tmp_path):
+    """With no text projection, a text tower 24 wide gives 24-wide text embeddings beside 16-wide image ones."""
+    folder = save_model_folder(tmp_path / "wide-text", tiny_vit_config(text={"proj_type": "none", "width": 24}))
+    with pytest.raises(ClipTermError) as err:
+        load_model(f"local-dir:{folder}")
+    assert "16" in err.value.message and "24" in err.value.message and err.value.hint
+    assert err.value.code == ExitCode.INVALID_DATA

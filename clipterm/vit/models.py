@@ -192,6 +192,7 @@ def load_model(
         raise unknown_quick_gelu(spec, weights.name)
     info = _info(model, spec=spec, arch=spec + ("-quickgelu" if choice and "quickgelu" not in spec else ""),
                  pretrained=pretrained, weights=weights, quick_gelu=choice, quick_gelu_source=source)
+    refuse_mismatched_widths(model, info)
     return LoadedModel(model.to(device).eval(), preprocess, tokenizer_for(spec), info)
 
 
@@ -210,6 +211,25 @@ def _load_checked(model, state: dict, spec: str, weights: Path) -> None:
             hint="check that --model names the architecture these weights were trained for",
             code=ExitCode.INVALID_DATA,
         ) from None
+
+
+def refuse_mismatched_widths(model, info: ModelInfo) -> None:
+    """CLIP compares image and text embeddings, so they must be equally wide; a model whose are not is refused here,
+    rather than crashing every analysis with a shape error."""
+    import torch
+
+    if not hasattr(model, "encode_text"):
+        return
+    with torch.no_grad():  # one token is enough: the width is the projection's, not the context's
+        tokens = torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device)
+        text_width = model.encode_text(tokens).shape[-1]
+    if text_width != info.embed_dim:
+        raise ClipTermError(
+            f"{info.spec} cannot be used: its image embeddings are {info.embed_dim} wide and its text embeddings "
+            f"{text_width}, so they cannot be compared",
+            hint="check the model config's embed_dim, the text tower's proj_type and the image tower's projection",
+            code=ExitCode.INVALID_DATA,
+        )
 
 
 class _MissingTokenizer:
@@ -306,6 +326,7 @@ def _load_local_dir(folder: Path, spec: str, device: str, said: list[tuple[bool,
     refuse_unsupported(spec, cfg)
     info = _info(model, spec=spec, arch=spec if is_toy(spec) else f"local-dir:{folder}", pretrained=None,
                  weights=weights, quick_gelu=bool(quick_gelu), quick_gelu_source=source)
+    refuse_mismatched_widths(model, info)
     return LoadedModel(model.to(device).eval(), preprocess, tokenizer_for(f"local-dir:{folder}"), info, kept)
 
 
