@@ -220,9 +220,12 @@ def refuse_mismatched_widths(model, info: ModelInfo) -> None:
 
     if not hasattr(model, "encode_text"):
         return
+    device = next(model.parameters()).device
     with torch.no_grad():  # one token is enough: the width is the projection's, not the context's
-        tokens = torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device)
-        text_width = model.encode_text(tokens).shape[-1]
+        try:
+            text_width = model.encode_text(torch.zeros(1, 1, dtype=torch.long, device=device)).shape[-1]
+        except RuntimeError:  # a text tower that wants its whole context
+            text_width = model.encode_text(torch.zeros(1, info.context_length, dtype=torch.long, device=device)).shape[-1]
     if text_width != info.embed_dim:
         raise ClipTermError(
             f"{info.spec} cannot be used: its image embeddings are {info.embed_dim} wide and its text embeddings "
