@@ -7,10 +7,9 @@ is a tiny open_clip one with SigLIP's logit bias."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
+from tower_helpers import save_model_folder
 
 CONFIG = {
     "model_cfg": {
@@ -27,16 +26,4 @@ CONFIG = {
 
 def save_tiny_siglip(folder: Path, seed: int = 0) -> Path:
     """Write open_clip_config.json and open_clip_model.safetensors of a random tiny SigLIP into `folder`."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "open_clip_config.json").write_text(json.dumps(CONFIG))
-    torch.manual_seed(seed)
-    model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
-    with torch.no_grad():  # move LayerScale, norms and biases off their init so nothing is trivially 0 or 1
-        for name, param in model.visual.named_parameters():
-            if param.dim() == 1 or name.endswith("gamma"):
-                param.mul_(torch.empty_like(param).uniform_(0.5, 1.5)).add_(0.1 * torch.randn_like(param))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    return folder
+    return save_model_folder(folder, CONFIG, seed=seed)

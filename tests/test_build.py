@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_images import write_bad_images, write_odd_images  # tests/ is on sys.path (rootdir conftest)
+from tower_helpers import save_model_folder, tiny_vit_config
 
 from clipterm.cache.build import BuildOptions, build_cache
 from clipterm.cache.reader import CacheReader, check_model
@@ -318,3 +319,18 @@ def _recording_progress(steps: list[int]):
         yield steps.append
 
     return progress
+
+
+@pytest.mark.parametrize("stored", ["--neurons", "--tokens=L1"])
+def test_a_refused_stored_option_of_an_average_pooled_vit_writes_nothing(cli, tmp_path, stored):
+    """An average-pooled open_clip ViT stores no class-token neurons or tokens. The build refuses them before it
+    writes anything (it used to start the cache first, so that the plain build then asked for --force)."""
+    folder = save_model_folder(tmp_path / "avg-vit", tiny_vit_config(pool_type="avg"))
+    root = tmp_path / "caches"
+    args = ("cache", "build", "--images", "toy:4", "--model", f"local-dir:{folder}", "--name", "avg",
+            "--cache-dir", str(root), "--device", "cpu", "--workers", "0")
+    refused = cli(*args, stored)
+    assert refused.code == ExitCode.UNSUPPORTED and "average pool" in refused.err and "build without" in refused.err
+    assert not (root / "avg").exists()
+    assert cli(*args).code == 0
+    assert CacheReader(root / "avg").manifest["model"]["pool"] == "avg"

@@ -25,7 +25,7 @@ convention cosine created cuda cumulative dataset decomposition dir done drop dr
 elapsed embed_dim evals evals_per_s examples explained fingerprint folder_removed forward green grid grid_size head_dim
 heads high id image images images_per_s index inputs kept kind labels layer layers low matching mean_effect_norm
 measure metric missing mlp_width mode model models name neurons norm_mean ok open_clip orange path paths pc pc1_share
-platform pool pool_sha256 position pretrained problems python quick_gelu rank reason red removed rest root row score
+platform pool pool_sha256 position pretrained problems python quick_gelu quick_gelu_source rank reason red removed rest root row score
 scores second_order seconds seed set texts_per_component sha256 shape shards size skipped skipped_inputs sort source spec step stored
 supported targets task tasks text texts themes_dirs title tokens top1_share top_images top_text topic torch
 schema total_variance toy_model weights weights_path weights_present weights_sha256 what width word world_size yellow

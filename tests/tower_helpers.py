@@ -128,3 +128,34 @@ def encode(visual, batch: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         out = visual(batch)
     return out[0] if isinstance(out, tuple) else out
+
+
+def save_model_folder(folder, config: dict, seed: int = 0):
+    """Write an open_clip model folder of random weights for `config` ({"model_cfg", "preprocess_cfg"}): its
+    open_clip_config.json and open_clip_model.safetensors, 1-D parameters off their init. It loads as
+    `local-dir:FOLDER`."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    torch.manual_seed(seed)
+    model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
+    with torch.no_grad():  # move LayerScale, norms and biases off their init so nothing is trivially 0 or 1
+        for name, param in model.visual.named_parameters():
+            if param.dim() == 1 or name.endswith("gamma"):
+                param.mul_(torch.empty_like(param).uniform_(0.5, 1.5)).add_(0.1 * torch.randn_like(param))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def tiny_vit_config(text: dict | None = None, **vision) -> dict:
+    """The config of a 2-layer open_clip ViT (width 32, 2 heads, 16 px in 8 px patches, embeddings 16 wide) with a
+    one-layer text tower; `vision` and `text` override their configs."""
+    return {
+        "model_cfg": {"embed_dim": 16,
+                      "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "head_width": 16, "layers": 2, **vision},
+                      "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
+                                   **(text or {})}},
+        "preprocess_cfg": {"size": 16, "mean": [0.5] * 3, "std": [0.5] * 3},
+    }

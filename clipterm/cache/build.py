@@ -35,6 +35,7 @@ class BuildOptions:
     images: str  # DIR | LIST | toy[1|2]:N[@SEED] | tar shards (data/{000000..000099}.tar, a folder of .tar) | hf:PATH[:split]
     model: str = "toy"  # toy | open_clip arch | local-dir:PATH
     pretrained: str | None = None  # tag or weights file
+    quick_gelu: bool | None = None  # the activation of a weights file that does not say its own (None: refuse to guess)
     name: str | None = None  # cache name under the root; derived from model and images when None
     cache_dir: str | None = None  # cache root instead of the default rule
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -95,13 +96,13 @@ def _build(options: BuildOptions, ranks: Ranks, progress: ProgressFactory | None
                          image_column=options.image_column, label_column=options.label_column)
     device = pick_device(options.device, ranks.local_rank)
     if loaded is None:
-        loaded = load_model(options.model, options.pretrained, device=device)
+        loaded = load_model(options.model, options.pretrained, device=device, quick_gelu=options.quick_gelu)
     model = loaded.model.to(device).eval()
     info = loaded.info
     decompose = tower(model)
     decompose.check_supported(model, info.spec)
-    getattr(decompose, "check_stored", lambda *_: None)(options.neurons, options.tokens)  # before anything is written
     token_layers = parse_layers(options.tokens, info.layers) if options.tokens else []
+    decompose.check_stored(model, options.neurons, token_layers)  # before anything is written
     name = options.name or default_name(info, source)
     directory = locations.cache_root(options.cache_dir)[0] / name
     fresh = store.new_manifest(

@@ -76,6 +76,14 @@ def check_model(reader: CacheReader, model_info: Any) -> None:
             hint=hint,
             code=ExitCode.INVALID_DATA,
         )
+    if built.get("quick_gelu") is not None and bool(built["quick_gelu"]) != bool(have.get("quick_gelu")):
+        built_act, have_act = ("QuickGELU", "GELU") if built["quick_gelu"] else ("GELU", "QuickGELU")
+        raise ClipTermError(
+            f"cache {reader.name} was built with the {built_act} model of these weights, and {have.get('arch')} is "
+            f"the {have_act} one: every effect would differ",
+            hint=f"pass --{'' if built['quick_gelu'] else 'no-'}quick-gelu, or leave --model out to use the cache's own",
+            code=ExitCode.INVALID_DATA,
+        )
 
 
 def _family(model: dict) -> str:
@@ -86,14 +94,18 @@ def _family(model: dict) -> str:
     return "open_clip ModifiedResNet (attention pool)" if model.get("tower") == "resnet" else "open_clip VisionTransformer (class token)"
 
 
-def model_for_cache(reader: Any, device: str = "cpu", model: str | None = None, pretrained: str | None = None) -> Any:
-    """Load the model a cache was built with, or `model` (+ `pretrained`); the weights are checked against the
-    manifest, so another model is refused with a hint."""
+def model_for_cache(reader: Any, device: str = "cpu", model: str | None = None, pretrained: str | None = None,
+                    quick_gelu: bool | None = None) -> Any:
+    """Load the model a cache was built with (its activation too), or `model` (+ `pretrained`, `quick_gelu`); the
+    weights are checked against the manifest, so another model is refused with a hint."""
     from clipterm.vit.models import load_model
 
     built = reader.manifest["model"]
-    spec, tag = (model, pretrained) if model is not None else (built["spec"], built.get("pretrained"))
-    loaded = load_model(spec, tag, device=device)
+    if model is None:
+        loaded = load_model(built["spec"], built.get("pretrained"), device=device, quick_gelu=built.get("quick_gelu"),
+                            quick_gelu_source=f"cache {reader.name}'s manifest")
+    else:
+        loaded = load_model(model, pretrained, device=device, quick_gelu=quick_gelu)
     check_model(reader, loaded.info)
     return loaded
 

@@ -7,7 +7,7 @@ from enum import Enum
 
 import typer
 
-from clipterm.cli.common import CacheArg, CacheDirOpt, Device, DeviceOpt, JsonOpt, PretrainedOpt
+from clipterm.cli.common import CacheArg, CacheDirOpt, Device, DeviceOpt, JsonOpt, PretrainedOpt, QuickGeluOpt
 from clipterm.cli.output import emit_json, progress, stderr, stdout
 from clipterm.errors import ClipTermError, ExitCode
 
@@ -28,6 +28,7 @@ def build(
                                "or hf:PATH[:split] (a local Hugging Face dataset)."),
     model: str = typer.Option("toy", "--model", help="toy, an open_clip architecture, or local-dir:PATH."),
     pretrained: str = PretrainedOpt,
+    quick_gelu: bool = QuickGeluOpt,
     name: str = typer.Option(None, "--name", help="Cache name under the cache root (default: model and images)."),
     cache_dir: str = CacheDirOpt,
     device: Device = DeviceOpt,
@@ -48,7 +49,7 @@ def build(
     """Run images through the model and store each component's exact direct effect. Works under torchrun."""
     from clipterm.cache.build import BuildOptions, build_cache
 
-    options = BuildOptions(images=images, model=model, pretrained=pretrained, name=name, cache_dir=cache_dir,
+    options = BuildOptions(images=images, model=model, pretrained=pretrained, quick_gelu=quick_gelu, name=name, cache_dir=cache_dir,
                            device=device.value, batch_size=batch_size, workers=workers, dtype=dtype.value, neurons=neurons,
                            tokens=tokens, force=not resume, shard_rows=shard_rows, fast_decode=fast_decode,
                            label_key=label_key, image_column=image_column, label_column=label_column)

@@ -15,6 +15,9 @@ JsonOpt = typer.Option(False, "--json", help=JSON_HELP)
 JsonLinesOpt = typer.Option(False, "--json", help=JSON_HELP + " One event per line, as it happens.")
 CacheDirOpt = typer.Option(None, "--cache-dir", help="Cache root to use instead of the default rule (`clipterm locate cache`).")
 PretrainedOpt = typer.Option(None, "--pretrained", help="Pretrained tag or weights file (open_clip archs).")
+QuickGeluOpt = typer.Option(None, "--quick-gelu/--no-quick-gelu", "--force-quick-gelu",
+                            help="The activation a --pretrained weights file was trained with, where neither the file "
+                                 "nor an open_clip_config.json beside it says (OpenAI's weights: QuickGELU; LAION's: GELU).")
 CacheArg = typer.Argument(..., help="A cache name under the cache root, or a path to a cache folder.")
 
 
@@ -88,17 +91,17 @@ def open_reader(cache: str, cache_dir: str | None) -> Any:
 
 
 def load_model_and_cache(model: str | None, pretrained: str | None, cache: str | None, cache_dir: str | None,
-                         device: str) -> tuple[Any, Any]:
+                         device: str, quick_gelu: bool | None = None) -> tuple[Any, Any]:
     """`--model` (the cache's by default, else toy) and the `--cache` reader when one is given, checked to match."""
     from clipterm.vit.models import load_model, pick_device
 
     device = pick_device(device)
     if cache is None:
-        return load_model(model or "toy", pretrained, device=device), None
+        return load_model(model or "toy", pretrained, device=device, quick_gelu=quick_gelu), None
     from clipterm.cache.reader import model_for_cache
 
     reader = open_reader(cache, cache_dir)
-    return model_for_cache(reader, device, model, pretrained), reader
+    return model_for_cache(reader, device, model, pretrained, quick_gelu), reader
 
 
 def default_pool_for(reader: Any, pool: str | None) -> str:

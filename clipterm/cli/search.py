@@ -9,7 +9,7 @@ from typing import Any, Iterator
 
 import typer
 
-from clipterm.cli.common import CacheDirOpt, Device, DeviceOpt, JsonLinesOpt, PretrainedOpt
+from clipterm.cli.common import CacheDirOpt, Device, DeviceOpt, JsonLinesOpt, PretrainedOpt, QuickGeluOpt
 from clipterm.cli.common import load_model_and_cache as _load
 from clipterm.cli.output import emit_json_line, stderr, stdout
 
@@ -23,6 +23,7 @@ def search(
     model: str = typer.Option(None, "--model", help="`toy`, an open_clip arch, or a local-dir model folder "
                               "(default: the cache's model, else toy)."),
     pretrained: str = PretrainedOpt,
+    quick_gelu: bool = QuickGeluOpt,
     cache: str = typer.Option(None, "--cache", help="Cache (path or name) for head and neuron targets and its classes."),
     cache_dir: str = CacheDirOpt,
     beam: int = typer.Option(5, "--beam", help="Strings kept from step to step."),
@@ -62,7 +63,7 @@ def search(
                           lm_weight=lm_weight)
     config.check()
     targets.require_cache(targets.parse(target), cache is not None)
-    loaded, reader = _load(model, pretrained, cache, cache_dir, device.value)
+    loaded, reader = _load(model, pretrained, cache, cache_dir, device.value, quick_gelu)
     words = _vocabulary(loaded, vocab)
     direction = targets.resolve(target, loaded, reader).direction
     language = load_lm(lm, words, loaded.info.spec, lm_corpus, cache_dir, next(loaded.model.parameters()).device)

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from clipterm.cli.common import CacheDirOpt, Device, DeviceOpt, JsonOpt, PretrainedOpt
+from clipterm.cli.common import CacheDirOpt, Device, DeviceOpt, JsonOpt, PretrainedOpt, QuickGeluOpt
 from clipterm.cli.output import emit_json, stdout
 from clipterm.errors import ClipTermError
 
@@ -32,6 +32,7 @@ def spatial(
     model: str = typer.Option(None, "--model", help="`toy`, an open_clip arch, or a local-dir folder. Default: toy "
                               "without --cache; with --cache, none: maps come from the cache's stored tokens."),
     pretrained: str = PretrainedOpt,
+    quick_gelu: bool = QuickGeluOpt,
     cache: str = typer.Option(None, "--cache", help="Cache (path or name) for row:N images and stored tokens."),
     cache_dir: str = CacheDirOpt,
     contrast: str = typer.Option("auto", "--contrast", help="Pool whose mean text is subtracted from the query "
@@ -56,7 +57,7 @@ def spatial(
                             hint="e.g. --query 'a red star', --component L5.H2, or --nmf 3")
     if layers is not None and component is not None:
         raise ClipTermError("--layers goes with --query or --nmf: a component names its own layer", hint="drop --layers")
-    loaded, reader = _load(model, pretrained, cache, cache_dir, device.value)
+    loaded, reader = _load(model, pretrained, cache, cache_dir, device.value, quick_gelu)
     picture = core.open_image(image, reader)
     n_layers = reader.shape.layers if reader is not None else loaded.info.layers
     chosen = names.parse_layers(layers, n_layers) if layers is not None else None
@@ -77,8 +78,8 @@ def spatial(
     _print(result, picture, show, size + size % 2)
 
 
-def _load(model: str | None, pretrained: str | None, cache: str | None, cache_dir: str | None, device: str
-          ) -> tuple[Any, Any]:
+def _load(model: str | None, pretrained: str | None, cache: str | None, cache_dir: str | None, device: str,
+          quick_gelu: bool | None = None) -> tuple[Any, Any]:
     """The model (None with a cache and no --model) and the cache reader, checked to match."""
     from clipterm.vit.models import load_model, pick_device
 
@@ -88,12 +89,12 @@ def _load(model: str | None, pretrained: str | None, cache: str | None, cache_di
 
         reader = open_cache(cache, cache_dir)
     if reader is None:
-        return load_model(model or "toy", pretrained, device=pick_device(device)), None
+        return load_model(model or "toy", pretrained, device=pick_device(device), quick_gelu=quick_gelu), None
     if model is None:
         return None, reader
     from clipterm.cache.reader import model_for_cache
 
-    return model_for_cache(reader, pick_device(device), model, pretrained), reader
+    return model_for_cache(reader, pick_device(device), model, pretrained, quick_gelu), reader
 
 
 def _print(result: Any, picture: Any, show: bool, size: int) -> None:

@@ -10,6 +10,7 @@ from clipterm.cli.common import (
     DeviceOpt,
     JsonOpt,
     PretrainedOpt,
+    QuickGeluOpt,
     embed_reporting,
     load_pool_reporting,
 )
@@ -74,6 +75,7 @@ def show(
 def build(
     model: str = typer.Option("toy", "--model", help="`toy`, an open_clip arch, or a local-dir model folder."),
     pretrained: str = PretrainedOpt,
+    quick_gelu: bool = QuickGeluOpt,
     pool: str = PoolOpt,
     cache_dir: str = CacheDirOpt,
     device: Device = DeviceOpt,
@@ -87,7 +89,7 @@ def build(
     from clipterm.vit.models import load_model, pick_device
 
     text_pool = load_pool_reporting(pool)
-    loaded = load_model(model, pretrained, device=pick_device(device.value))
+    loaded = load_model(model, pretrained, device=pick_device(device.value), quick_gelu=quick_gelu)
     started = time.perf_counter()
     embeds = embed_reporting(loaded, text_pool, cache_dir=cache_dir, refresh=refresh)
     seconds = time.perf_counter() - started

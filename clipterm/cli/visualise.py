@@ -12,7 +12,7 @@ from typing import Any
 import typer
 
 from clipterm import names
-from clipterm.cli.common import CacheDirOpt, Device, DeviceOpt, JsonOpt, PretrainedOpt
+from clipterm.cli.common import CacheDirOpt, Device, DeviceOpt, JsonOpt, PretrainedOpt, QuickGeluOpt
 from clipterm.cli.common import load_model_and_cache as _load
 from clipterm.cli.output import emit_json, progress, stdout
 from clipterm.errors import ClipTermError
@@ -45,6 +45,7 @@ def visualise(
     model: str = typer.Option(None, "--model", help="`toy`, an open_clip arch, or a local-dir model folder "
                               "(default: the cache's model, else toy)."),
     pretrained: str = PretrainedOpt,
+    quick_gelu: bool = QuickGeluOpt,
     cache: str = typer.Option(None, "--cache", help="Cache (path or name): head and neuron directions, classes, --facet labels."),
     cache_dir: str = CacheDirOpt,
     objective: Objective = typer.Option(Objective.auto, "--objective", help="Heads: effect (default: direct effect along "
@@ -92,7 +93,7 @@ def visualise(
     targets.require_cache(terms, cache is not None)
     config = featvis.Config(steps=steps, size=size, images=diverse, diversity=diversity if diverse > 1 else 0.0,
                             objective=objective.value, param=param.value, lr=lr, seed=seed, facet_weight=facet_weight)
-    loaded, reader = _load(model, pretrained, cache, cache_dir, device.value)
+    loaded, reader = _load(model, pretrained, cache, cache_dir, device.value, quick_gelu)
     side = featvis.check(config, loaded)
     goal = featvis.objective_for(target, loaded, reader, config.objective)
     probe = None

@@ -108,7 +108,7 @@ def _recording(visual) -> Iterator[dict[str, Any]]:
             hook.remove()
 
 
-def check_stored(neurons: bool, token_layers=()) -> None:
+def check_stored(model, neurons: bool, token_layers=()) -> None:
     """Refuse what a ConvNeXt cache cannot store (a build checks this before it writes anything)."""
     if neurons or token_layers:
         raise ClipTermError(f"--{'neurons' if neurons else 'tokens'} is not stored for ConvNeXt towers",
@@ -121,7 +121,7 @@ def decompose(model, images: Tensor, neurons: bool = False, token_layers=()) -> 
     check_supported(model)
     if visual.training:
         raise ValueError("decompose() needs model.eval(): BatchNorm, dropout and drop path would change the split")
-    check_stored(neurons, token_layers)
+    check_stored(model, neurons, token_layers)
     weight = next(visual.trunk.parameters())
     with torch.no_grad(), _recording(visual) as seen:
         image_embeds = visual(images.to(device=weight.device, dtype=weight.dtype))  # (B, D)

@@ -127,6 +127,19 @@ def refuse_neuron_split(visual) -> None:
         )
 
 
+def check_stored(model, neurons: bool, token_layers=()) -> None:
+    """Refuse what this tower's cache cannot store (a build checks this before it writes anything): per-neuron and
+    per-token values follow the class token, so a pooled tower has none, and scale_fc breaks the neuron split."""
+    kind = pooling_of(model)
+    if kind != "tok" and (neurons or token_layers):
+        what = "attentional pool" if kind == "attn" else "average pool"
+        raise ClipTermError(f"--{'neurons' if neurons else 'tokens'} is stored for class-token ViTs; this tower ends in an "
+                            f"{what}", hint="build without it; heads and whole MLPs decompose exactly",
+                            code=ExitCode.UNSUPPORTED)
+    if neurons:
+        refuse_neuron_split(vision_tower(model))
+
+
 def _is_identity(module) -> bool:
     return module is None or isinstance(module, nn.Identity)
 
@@ -315,8 +328,7 @@ def decompose(model, images: Tensor, neurons: bool = False, token_layers: Sequen
     check_supported(model)
     if visual.training:
         raise ValueError("decompose() needs model.eval(): dropout and patch dropout would change the split")
-    if neurons:
-        refuse_neuron_split(visual)
+    check_stored(model, neurons, token_layers)
     blocks = visual.transformer.resblocks
     layers, width = len(blocks), visual.transformer.width
     bad = [layer for layer in token_layers if not 0 <= layer < layers]
@@ -327,11 +339,6 @@ def decompose(model, images: Tensor, neurons: bool = False, token_layers: Sequen
     weight = visual.conv1.weight
     device = weight.device
     pooled = pooling_of(model) != "tok"
-    if pooled and (neurons or token_layers):
-        what = "attentional pool" if pooling_of(model) == "attn" else "average pool"
-        raise ClipTermError(f"--{'neurons' if neurons else 'tokens'} is stored for class-token ViTs; this tower ends in an "
-                            f"{what}", hint="build without it; heads and whole MLPs decompose exactly",
-                            code=ExitCode.UNSUPPORTED)
     keep_heads, keep_mlps = [], []
     with torch.no_grad():
         stream = visual._embeds(images.to(device=device, dtype=weight.dtype))  # (B, N, W)

@@ -19,10 +19,13 @@ from clipterm.errors import ClipTermError, ExitCode
 from clipterm.names import ModelShape
 from clipterm.vit.support import (
     arch_config,
+    choose_quick_gelu,
     needs_quick_gelu,
     refuse_unsupported,
     unknown_model,
+    unknown_quick_gelu,
 )
+from clipterm.vit.weights import OPEN_CLIP_CONFIG, read_weights
 
 TOY = "toy"
 
@@ -60,6 +63,7 @@ class ModelInfo:
     pool_mlp: bool = False
     stage: int | None = None  # convnext: the last stage's number
     family: str = ""  # e.g. "timm VisionTransformer (map)" (clipterm.vit.towers.family)
+    quick_gelu_source: str = ""  # what decided quick_gelu: "the openai tag", "open_clip_config.json beside w.pt", ...
 
     @property
     def shape(self) -> ModelShape:
@@ -133,42 +137,6 @@ def weights_sha256(path: Path) -> str:
     return memo[key]
 
 
-def read_state_dict(path: Path) -> dict:
-    """Tensors from a weights file. Pickles are loaded with weights_only=True: code in them is refused."""
-    import pickle
-
-    import torch
-
-    if not path.is_file():
-        raise ClipTermError(f"weights file not found: {path}", hint="check the path given to --pretrained", code=ExitCode.NOT_FOUND)
-    if path.stat().st_size == 0:
-        raise ClipTermError(f"weights file is empty: {path}", hint="re-download or re-save the weights", code=ExitCode.INVALID_DATA)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ClipTermError(
-            f"refused to load {path.name}: it holds Python objects, not just tensors ({str(exc).splitlines()[0][:120]})",
-            hint="only plain tensor files load safely; convert it to .safetensors in a trusted environment",
-            code=ExitCode.INVALID_DATA,
-        ) from None
-    except Exception as exc:  # safetensors and zip errors have many types
-        raise ClipTermError(
-            f"cannot read weights file {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}",
-            hint="the file looks corrupt or truncated; re-download or re-save it",
-            code=ExitCode.INVALID_DATA,
-        ) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ClipTermError(f"{path.name} is not a state dict of tensors", hint="save it with model.state_dict()", code=ExitCode.INVALID_DATA)
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -177,16 +145,21 @@ def load_model(
     pretrained: str | None = None,
     device: str = "cpu",
     allow_download: bool = False,
+    quick_gelu: bool | None = None,
+    quick_gelu_source: str | None = None,
 ) -> LoadedModel:
     """Load a model from a spec: `toy`, `local-dir:PATH` (or a folder), or an open_clip arch + `pretrained`.
 
     `pretrained` is a tag found in the local caches, or a path to `.safetensors`/`.bin`/`.pt` weights.
+    `quick_gelu` is the user's word on the activation (`--quick-gelu`; `quick_gelu_source` says who gave it): a
+    weights file whose arch has a QuickGELU twin and which does not say its own activation needs it.
     """
     import open_clip
 
+    said = [] if quick_gelu is None else [(quick_gelu, quick_gelu_source or ("--quick-gelu" if quick_gelu else "--no-quick-gelu"))]
     if is_toy(spec) or spec.startswith("local-dir:") or Path(spec).is_dir():
         folder = locations.TOY_MODEL_DIRS[spec] if is_toy(spec) else Path(spec.removeprefix("local-dir:"))
-        return _load_local_dir(folder, spec, device)
+        return _load_local_dir(folder, spec, device, said)
     if arch_config(spec) is None:
         raise unknown_model(spec)
     refuse_unsupported(spec, arch_config(spec))
@@ -198,21 +171,36 @@ def load_model(
     is_path = Path(pretrained).suffix in WEIGHT_SUFFIXES or os.sep in pretrained or Path(pretrained).exists()
     if is_path:
         weights = Path(pretrained).expanduser()
-        quick_gelu = needs_quick_gelu(spec, None)
+        read = read_weights(weights)
+        if needs_quick_gelu(spec, None):
+            said.append((True, f"the arch name {spec}"))
+        said += read.says
     else:
         if pretrained not in open_clip.list_pretrained_tags_by_model(spec):
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(spec)) or "none"
             raise ClipTermError(f"unknown pretrained tag {pretrained!r} for {spec}", hint=f"known tags: {tags}; or give a weights file path")
-        quick_gelu = needs_quick_gelu(spec, pretrained)
+        said.append((needs_quick_gelu(spec, pretrained), f"the {pretrained} tag"))  # open_clip's own word, not a file's
         weights = _weights_for_tag(spec, pretrained, allow_download)
-    state = read_state_dict(weights)
+        read = read_weights(weights)
+    choice, source = choose_quick_gelu(spec, said)
     with _quiet_open_clip():
         model, _, preprocess = open_clip.create_model_and_transforms(
-            spec, pretrained=None, force_quick_gelu=quick_gelu, **_preprocess_overrides(spec, None if is_path else pretrained)
+            spec, pretrained=None, force_quick_gelu=bool(choice), **_preprocess_overrides(spec, None if is_path else pretrained)
         )
-    try:
-        from open_clip.model import CustomTextCLIP, convert_to_custom_text_state_dict, resize_pos_embed
+    _load_checked(model, read.state, spec, weights)
+    if choice is None:  # refused only now, so that weights of another arch are told so first
+        raise unknown_quick_gelu(spec, weights.name)
+    info = _info(model, spec=spec, arch=spec + ("-quickgelu" if choice and "quickgelu" not in spec else ""),
+                 pretrained=pretrained, weights=weights, quick_gelu=choice, quick_gelu_source=source)
+    refuse_mismatched_widths(model, info)
+    return LoadedModel(model.to(device).eval(), preprocess, tokenizer_for(spec), info)
 
+
+def _load_checked(model, state: dict, spec: str, weights: Path) -> None:
+    """Load a state dict strictly into an open_clip model built for `spec`; a file of another arch is one line."""
+    from open_clip.model import CustomTextCLIP, convert_to_custom_text_state_dict, resize_pos_embed
+
+    try:
         if isinstance(model, CustomTextCLIP):
             state = convert_to_custom_text_state_dict(state)
         resize_pos_embed(state, model)
@@ -223,9 +211,28 @@ def load_model(
             hint="check that --model names the architecture these weights were trained for",
             code=ExitCode.INVALID_DATA,
         ) from None
-    info = _info(model, spec=spec, arch=spec + ("-quickgelu" if quick_gelu and "quickgelu" not in spec else ""),
-                 pretrained=pretrained, weights=weights, quick_gelu=quick_gelu)
-    return LoadedModel(model.to(device).eval(), preprocess, tokenizer_for(spec), info)
+
+
+def refuse_mismatched_widths(model, info: ModelInfo) -> None:
+    """CLIP compares image and text embeddings, so they must be equally wide; a model whose are not is refused here,
+    rather than crashing every analysis with a shape error."""
+    import torch
+
+    if not hasattr(model, "encode_text"):
+        return
+    device = next(model.parameters()).device
+    with torch.no_grad():  # one token is enough: the width is the projection's, not the context's
+        try:
+            text_width = model.encode_text(torch.zeros(1, 1, dtype=torch.long, device=device)).shape[-1]
+        except RuntimeError:  # a text tower that wants its whole context
+            text_width = model.encode_text(torch.zeros(1, info.context_length, dtype=torch.long, device=device)).shape[-1]
+    if text_width != info.embed_dim:
+        raise ClipTermError(
+            f"{info.spec} cannot be used: its image embeddings are {info.embed_dim} wide and its text embeddings "
+            f"{text_width}, so they cannot be compared",
+            hint="check the model config's embed_dim, the text tower's proj_type and the image tower's projection",
+            code=ExitCode.INVALID_DATA,
+        )
 
 
 class _MissingTokenizer:
@@ -298,10 +305,10 @@ def _preprocess_overrides(arch: str, tag: str | None) -> dict:
     return {arg: tag_cfg[key] for key, arg in keys.items() if tag_cfg and key in tag_cfg}
 
 
-def _load_local_dir(folder: Path, spec: str, device: str) -> LoadedModel:
+def _load_local_dir(folder: Path, spec: str, device: str, said: list[tuple[bool, str]]) -> LoadedModel:
     import open_clip
 
-    config = folder / "open_clip_config.json"
+    config = folder / OPEN_CLIP_CONFIG
     weights = folder / "open_clip_model.safetensors"
     if not config.is_file() or not weights.is_file():
         where = f"the installed package is missing the {spec} model" if is_toy(spec) else f"{folder} is not an open_clip model folder"
@@ -313,13 +320,16 @@ def _load_local_dir(folder: Path, spec: str, device: str) -> LoadedModel:
     from clipterm.vit.pruned import unprune
 
     cfg = json.loads(config.read_text())["model_cfg"]
-    state, kept = unprune(read_state_dict(weights), cfg.get("text_cfg", {}).get("vocab_size", 49408))
+    read = read_weights(weights)
+    quick_gelu, source = choose_quick_gelu(spec, said + read.says)  # the folder's config decides; an option may only agree
+    state, kept = unprune(read.state, cfg.get("text_cfg", {}).get("vocab_size", 49408))
     with _quiet_open_clip():
         model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", load_weights=False)
     model.load_state_dict(state, strict=True)
     refuse_unsupported(spec, cfg)
     info = _info(model, spec=spec, arch=spec if is_toy(spec) else f"local-dir:{folder}", pretrained=None,
-                 weights=weights, quick_gelu=bool(cfg.get("quick_gelu")))
+                 weights=weights, quick_gelu=bool(quick_gelu), quick_gelu_source=source)
+    refuse_mismatched_widths(model, info)
     return LoadedModel(model.to(device).eval(), preprocess, tokenizer_for(f"local-dir:{folder}"), info, kept)
 
 
@@ -339,15 +349,16 @@ def _resnet_info(model, **common) -> ModelInfo:
                      context_length=int(model.context_length), tower="resnet", **common)
 
 
-def _info(model, spec: str, arch: str, pretrained: str | None, weights: Path | None, quick_gelu: bool) -> ModelInfo:
+def _info(model, spec: str, arch: str, pretrained: str | None, weights: Path | None, quick_gelu: bool,
+          quick_gelu_source: str) -> ModelInfo:
     from open_clip.modified_resnet import ModifiedResNet
 
     from clipterm.vit.towers import family
 
     visual = model.visual
     common = {"spec": spec, "arch": arch, "pretrained": str(pretrained) if pretrained is not None else None,
-              "quick_gelu": quick_gelu, "weights_path": str(weights) if weights else None,
-              "weights_sha256": weights_sha256(weights) if weights else None}
+              "quick_gelu": quick_gelu, "quick_gelu_source": quick_gelu_source,
+              "weights_path": str(weights) if weights else None, "weights_sha256": weights_sha256(weights) if weights else None}
     if isinstance(visual, ModifiedResNet):
         return _resnet_info(model, **common, family=family(model))
     if hasattr(visual, "trunk"):
@@ -358,9 +369,6 @@ def _info(model, spec: str, arch: str, pretrained: str | None, weights: Path | N
     image_size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
     patch = visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else visual.patch_size
     return ModelInfo(
-        spec=spec,
-        arch=arch,
-        pretrained=str(pretrained) if pretrained is not None else None,
         layers=len(visual.transformer.resblocks),
         heads=heads,
         width=width,
@@ -370,10 +378,7 @@ def _info(model, spec: str, arch: str, pretrained: str | None, weights: Path | N
         image_size=int(image_size),
         patch_size=int(patch),
         context_length=int(model.context_length),
-        quick_gelu=quick_gelu,
-        weights_path=str(weights) if weights else None,
-        weights_sha256=weights_sha256(weights) if weights else None,
-        **_native_pool(visual), family=family(model),
+        **common, **_native_pool(visual), family=family(model),
     )
 
 

@@ -115,15 +115,20 @@ def last_stage(model, images: Tensor) -> Tensor:
     return seen["grid"]  # (B, C, h, w)
 
 
+def check_stored(model, neurons: bool, token_layers=()) -> None:
+    """Refuse what a ResNet cache cannot store (a build checks this before it writes anything)."""
+    if any(layer != 0 for layer in token_layers):  # the pool is the one stored attention layer
+        raise ClipTermError("a ResNet stores per-token maps for its pool only", hint="use --tokens all",
+                            code=ExitCode.USAGE)
+
+
 def decompose(model, images: Tensor, neurons: bool = False, token_layers=()) -> PoolDecomposition:
     """Split the embeddings of a batch (B, 3, S, S): the real trunk and pool run once, the pool's input is hooked."""
     visual = vision_tower(model)
     check_supported(model)
     if visual.training:
         raise ValueError("decompose() needs model.eval(): BatchNorm in training mode would change the split")
-    if any(layer != 0 for layer in token_layers):  # the pool is the one stored attention layer
-        raise ClipTermError("a ResNet stores per-token maps for its pool only", hint="use --tokens all",
-                            code=ExitCode.USAGE)
+    check_stored(model, neurons, token_layers)
     pool, seen = visual.attnpool, {}
 
     def keep_input(_module, args, _output) -> None:  # returning None leaves the output alone

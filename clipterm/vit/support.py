@@ -147,6 +147,53 @@ def needs_quick_gelu(arch: str, pretrained: str | None) -> bool:
     return bool(cfg.get("quick_gelu") or (tag_cfg or {}).get("quick_gelu"))
 
 
+def has_quick_gelu_twin(arch: str) -> bool:
+    """Whether open_clip knows QuickGELU weights for this GELU arch (a `-quickgelu` twin, or a tag that needs it):
+    then a weights file alone cannot say which activation it was trained with."""
+    import open_clip
+
+    if (arch_config(arch) or {}).get("quick_gelu"):
+        return False
+    return f"{arch}-quickgelu" in open_clip.list_models() or any(
+        needs_quick_gelu(arch, tag) for tag in open_clip.list_pretrained_tags_by_model(arch))
+
+
+def choose_quick_gelu(arch: str, said: list[tuple[bool, str]]) -> tuple[bool | None, str]:
+    """The activation to build `arch` with, from what the option, tag, arch name and weights file say (in that
+    order), and where it came from. Statements that disagree are refused; with none, an arch that has a QuickGELU
+    twin gives (None, "") (the caller refuses, `unknown_quick_gelu`), any other arch is GELU."""
+    for value, where in said[1:]:
+        if value != said[0][0]:
+            first = said[0][1]
+            raise ClipTermError(
+                f"{first} says {_activation(said[0][0])} but {where} says {_activation(value)}",
+                hint="drop the option that disagrees, or pass the arch whose activation the weights were trained with",
+            )
+    if said:
+        return said[0]
+    if has_quick_gelu_twin(arch):
+        return None, ""
+    return False, f"{arch} (open_clip has no QuickGELU variant of it)"
+
+
+def unknown_quick_gelu(arch: str, weights_name: str) -> ClipTermError:
+    """The refusal for a weights file that does not say its activation, where guessing wrong is silently wrong."""
+    import open_clip
+
+    twin = f"{arch}-quickgelu"
+    quick = f"--model {twin} (or --force-quick-gelu)" if twin in open_clip.list_models() else "--force-quick-gelu"
+    return ClipTermError(
+        f"{weights_name} does not say whether {arch} was trained with QuickGELU or GELU, and the wrong one gives "
+        "silently wrong results",
+        hint=f"for OpenAI's weights (and others trained with QuickGELU) pass {quick}; for GELU ones (LAION, DataComp) "
+             "pass --no-quick-gelu; or put open_clip's open_clip_config.json beside the file",
+    )
+
+
+def _activation(quick_gelu: bool) -> str:
+    return "QuickGELU" if quick_gelu else "GELU"
+
+
 def resolved_model_cfg(arch: str, pretrained: str | None) -> dict:
     """The open_clip model config clipterm builds for (arch, tag), QuickGELU included."""
     cfg = arch_config(arch)

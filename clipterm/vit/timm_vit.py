@@ -275,7 +275,7 @@ def _pool_attention(pool: nn.Module, q: Tensor, k: Tensor) -> Tensor:
         return scores.softmax(-1)[:, :, 0]  # (B, G, N)
 
 
-def check_stored(neurons: bool, token_layers=()) -> None:
+def check_stored(model, neurons: bool, token_layers=()) -> None:
     """Refuse what a timm-tower cache cannot store yet (a build checks this before it writes anything)."""
     if neurons:
         raise ClipTermError("per-neuron values are not stored for timm towers yet",
@@ -291,7 +291,7 @@ def decompose(model, images: Tensor, neurons: bool = False, token_layers=()) -> 
     check_supported(model)
     if visual.training:
         raise ValueError("decompose() needs model.eval(): dropout and drop path would change the split")
-    check_stored(neurons, token_layers)
+    check_stored(model, neurons, token_layers)
     trunk = visual.trunk
     fixed = plan(model)
     weight = next(trunk.parameters())

@@ -1,7 +1,8 @@
 """Which decomposition a vision tower gets, and what family it belongs to.
 
 Every tower module (`vit.decompose` for open_clip's ViT, `vit.resnet`, `vit.timm_vit`, `vit.convnext`) gives
-`check_supported(model, name)`, `readout(model)`, `decompose(model, images, neurons, token_layers)` and `CONVENTION`,
+`check_supported(model, name)`, `check_stored(model, neurons, token_layers)`, `readout(model)`,
+`decompose(model, images, neurons, token_layers)` and `CONVENTION`,
 with the same cache layout: `embed + bias + Σ head_out @ readout + Σ mlps == image_embeds`.
 """
 
