@@ -88,14 +88,16 @@ def names(
     json_out: bool = JsonOpt,
 ) -> None:
     """Check component names against a model and print them in canonical form."""
-    from clipterm.names import describe, layer, parse_for
+    from clipterm.names import layer
+    from clipterm.towers import tower_for
     from clipterm.vit.models import model_shape
 
     shape = model_shape(model)
-    parsed = [parse_for(name, shape) for name in components]
+    tower = tower_for(shape)
+    parsed = [tower.parse(name) for name in components]
     rows = [{"component": str(c), "kind": c.kind, "site": c.site,
              "layer": None if c.layer is None or c.site == "pool" else layer(c.layer), "index": c.index,
-             "pc": c.pc, "about": describe(c, shape)} for c in parsed]
+             "pc": c.pc, "about": tower.describe(c)} for c in parsed]
     if json_out:
         emit_json({"model": model, "shape": shape.__dict__, "components": rows}, schema="clipterm.names/2")
         return
