@@ -82,13 +82,13 @@ def train(
     if start is not None and start.resolve() == out_dir.resolve():
         raise ClipTermError(f"--from {init} is the output folder: it would be overwritten while training",
                             hint="write to a new folder")
-    check_model_folder(out_dir, force)
     world = world if world is not None else trained_world(start) if start is not None else 1
     check_world(world)
     tower = json.loads((start / "open_clip_config.json").read_text())["model_cfg"] if start else ARCHS[arch]
     if sparsity and isinstance(tower["vision_cfg"]["layers"], (list, tuple)):
         raise ClipTermError("--sparsity is for ViT towers: a ResNet's direct effects are not split by head",
                             hint="leave --sparsity out, or train a ViT (--arch vit)")
+    check_model_folder(out_dir, force)  # last: a refused command writes nothing
     defaults = RECIPES[world].defaults
     final = run(out_dir, steps=steps or defaults["steps"], batch_size=batch_size or defaults["batch_size"],
                 lr=lr or defaults["lr"], warmup=warmup or defaults["warmup"], seed=seed, threads=threads or None,
