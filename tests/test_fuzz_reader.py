@@ -63,6 +63,14 @@ def answers(directory: Path) -> dict:
     return out
 
 
+def same_json(a: bytes, b: bytes) -> bool:
+    """Whether two manifests say the same: a truncation that drops only the final newline changes nothing."""
+    try:
+        return json.loads(a) == json.loads(b)
+    except ValueError:
+        return False
+
+
 def same(a, b) -> bool:
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
@@ -198,7 +206,7 @@ def test_a_corrupted_cache_answers_rightly_or_refuses_in_one_line(pristine, data
             delete_key(path, data, resign)
         else:
             retype(path, data, resign)
-        changed = path.read_bytes() != before
+        changed = path.read_bytes() != before and not (file == store.MANIFEST and same_json(path.read_bytes(), before))
 
         # A manifest re-signed after a deleted key stands for a buggy writer: it must not crash anything, but the
         # manifest is the root of trust, so what it then says (fewer tasks, say) is not a silent change.
