@@ -363,11 +363,12 @@ class Analyses:
     # ----------------------------------------------------------------- search
 
     def search_target(self, component: str) -> str | None:
-        """The search target for a tree node, if it has a direction: a head, or a neuron of a built layer."""
+        """The search target for a tree node, if it has a direction: a head, an MLP or a ConvNeXt block (their
+        principal direction), or a neuron of a built layer."""
         if component == "model":
             return None
         parsed = names.parse(component)
-        if parsed.kind == "head" or (parsed.kind == "neuron" and parsed.layer in self.neuron_layers()):
+        if parsed.kind in ("head", "mlp") or (parsed.kind == "neuron" and parsed.layer in self.neuron_layers()):
             return str(parsed)
         return None
 

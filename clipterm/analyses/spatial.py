@@ -23,7 +23,7 @@ from torch import Tensor
 from clipterm import names
 from clipterm.errors import ClipTermError, ExitCode
 from clipterm.inputs.images import TOY_ID, item_path, synthetic_image
-from clipterm.towers import tower_for
+from clipterm.towers import Tower, tower_for
 
 LAST_LAYERS = 4  # the paper's segmentation sums the heads of the last 4 layers
 IMAGE_HINT = "IMAGE is an image file, row:N of the --cache, or a toy scene toy:SEED/INDEX"
@@ -296,11 +296,14 @@ def component_map(image: str | SpatialImage, component: str, *, reader: Any = No
     comp = tower_for(shape).parse(component)
     if comp.kind in ("embed", "bias"):
         raise ClipTermError(f"{comp} has no position in the image", hint="map a head (L5.H2), a layer (L5), an MLP or a neuron")
-    if comp.kind == "neuron" and shape.tower == "resnet":
-        return _channel_map(image, comp, loaded, reader)
+    tower = tower_for(shape)
+    if comp.site == "stage":
+        return _position_map(image, comp, loaded, reader, tower)
+    if comp.kind == "neuron" and tower.channel_units:
+        return _channel_map(image, comp, loaded, reader, tower)
     if comp.kind in ("mlp", "neuron"):
         return _mlp_map(image, comp, loaded, reader)
-    if comp.kind == "layer" and shape.tower == "resnet" and comp.site == "block":
+    if comp.kind == "layer" and tower.is_unit_group(str(comp)):
         raise ClipTermError(f"{comp} is a stage of channels: map one of them ({names.neuron(comp.layer, 0)}) or the pool",
                             hint="e.g. pool, pool.H3 or " + names.neuron(comp.layer, 0))
     layer = comp.layer
@@ -334,16 +337,30 @@ def _mlp_map(image: SpatialImage, comp: names.Component, loaded: Any, reader: An
     return SpatialMap(_patch_grid(scores), str(comp.base), measure, [comp.layer], "forward", float(scores[0]))
 
 
-def _channel_map(image: SpatialImage, comp: names.Component, loaded: Any, reader: Any) -> SpatialMap:
-    """A ResNet channel's activation at each cell of the last stage's grid (its mean is the pool's mean token)."""
+def _channel_map(image: SpatialImage, comp: names.Component, loaded: Any, reader: Any, tower: Tower) -> SpatialMap:
+    """A CNN channel's activation at each cell of the last stage's grid (its mean is what the pool reads)."""
     if loaded is None:
         raise ClipTermError(f"{comp.base}'s per-cell values need a forward pass (the cache keeps their mean only)",
                             hint=model_hint(reader))
-    from clipterm.vit.resnet import last_stage
-
-    grid = last_stage(loaded.model, model_pixels(loaded, image))[0, comp.index].float().cpu()  # (h, w)
+    grid = tower.channel_grid(loaded.model, model_pixels(loaded, image))[0, comp.index].float().cpu()  # (h, w)
     return SpatialMap(grid, str(comp.base), "activation", [comp.layer], "forward", float(grid.mean()),
                       where=names.layer(comp.layer), first_token="mean over the grid")
+
+
+def _position_map(image: SpatialImage, comp: names.Component, loaded: Any, reader: Any, tower: Tower) -> SpatialMap:
+    """A ConvNeXt block's (or stage's) direct effect at each cell of the grid, along its own total effect: the pool
+    is a mean over the grid, so the cells sum to the length of that effect over |image|."""
+    if loaded is None:
+        raise ClipTermError(f"{comp}'s per-cell effects need a forward pass (the cache keeps their mean only)",
+                            hint=model_hint(reader))
+    effects, embeds = tower.position_effects(loaded.model, model_pixels(loaded, image), comp)  # (1, P, D), (1, D)
+    effects = effects[0].float().cpu()  # (P, D)
+    direction = F.normalize(effects.sum(0), dim=0)  # (D,)
+    scores = effects @ direction / embeds[0].float().cpu().norm()  # (P,)
+    side = int(round(scores.numel() ** 0.5))
+    return SpatialMap(scores.reshape(side, -1), str(comp), "direct effect along its own total effect, over |image|",
+                      [comp.layer if comp.layer is not None else 0], "forward", 0.0, where=str(comp),
+                      first_token="nothing (a ConvNeXt pools the grid's mean)")
 
 
 def mlp_activations(model: Any, pixels: Tensor, layers: list[int], outputs: bool = False) -> tuple[dict, dict]:

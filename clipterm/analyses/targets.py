@@ -4,6 +4,7 @@
 |-------------------|----------------------------------------------------------------------------|
 | `L5.H2`           | the head's first principal direction (`:pc1`, as TextSpan sees it); needs a cache |
 | `L5.H2:pc2`       | the head's second principal direction of its centred joint-space effects     |
+| `L5.MLP`, `S3.B1` | an MLP's (or ConvNeXt block's) first principal direction, as for a head; needs a cache |
 | `L9.N123`         | the neuron's second-order principal direction (`neurons.L9.safetensors`); needs a cache |
 | `text:a red circle` | the text's embedding                                                     |
 | `image:PATH`      | the image's embedding                                                      |
@@ -31,17 +32,18 @@ from clipterm.vit.models import is_toy
 _KINDS = ("text", "image", "class")
 # Terms split at " + " / " - " only where a new target starts, so that texts may hold dashes.
 _SPLIT = re.compile(r"\s+([+-])\s+(?=(?:text|image|class):|L\d)")
+COMPONENT_KINDS = ("head", "neuron", "mlp")  # targets whose direction comes from a cache's statistics
 HINT = "targets look like L5.H2, L5.H2:pc2, L9.N123, text:a red circle, image:PATH, class:NAME, or text:red - text:blue"
 
 
 @dataclass(frozen=True)
 class Term:
     sign: int  # +1 or -1
-    kind: str  # text, image, class, head or neuron
+    kind: str  # text, image, class, head, mlp or neuron
     value: str  # the text, path or class; the component name for heads and neurons
 
     def __str__(self) -> str:
-        return self.value if self.kind in ("head", "neuron") else f"{self.kind}:{self.value}"
+        return self.value if self.kind in COMPONENT_KINDS else f"{self.kind}:{self.value}"
 
 
 @dataclass
@@ -52,7 +54,7 @@ class Target:
 
     @property
     def needs_cache(self) -> bool:
-        return any(t.kind in ("head", "neuron") for t in self.terms)
+        return any(t.kind in COMPONENT_KINDS for t in self.terms)
 
 
 def parse(spec: str) -> list[Term]:
@@ -72,8 +74,9 @@ def parse(spec: str) -> list[Term]:
             component = names.parse(piece)
         except ClipTermError:
             raise ClipTermError(f"unknown target {piece!r}", hint=HINT) from None
-        if component.kind not in ("head", "neuron"):
-            raise ClipTermError(f"{piece} has no direction to search towards", hint="use a head (L5.H2) or a neuron (L9.N123)")
+        if component.kind not in COMPONENT_KINDS:
+            raise ClipTermError(f"{piece} has no direction to search towards",
+                                hint="use a head (L5.H2), an MLP or block (L5.MLP, S3.B1) or a neuron (L9.N123)")
         if component.kind == "neuron" and (component.pc or 1) != 1:
             raise ClipTermError(f"neurons have one second-order direction: {piece}", hint=f"use {component.base}")
         terms.append(Term(sign, component.kind, str(component)))
@@ -82,7 +85,7 @@ def parse(spec: str) -> list[Term]:
 
 def require_cache(terms: list[Term], have_cache: bool) -> None:
     """Refuse head and neuron targets when no cache is given: their directions come from its statistics."""
-    needing = [str(t) for t in terms if t.kind in ("head", "neuron")]
+    needing = [str(t) for t in terms if t.kind in COMPONENT_KINDS]
     if needing and not have_cache:
         raise ClipTermError(f"target {needing[0]} needs a cache (its direction comes from the cache's statistics)",
                             hint="pass --cache NAME, built with this model (`clipterm cache build`)")
@@ -109,7 +112,7 @@ def _direction(term: Term, loaded: Any, reader: Any | None) -> torch.Tensor:
     if term.kind == "class":
         return class_direction(loaded, term.value, reader)
     component = reader.tower.validate(names.parse(term.value))
-    if component.kind == "head":
+    if component.kind in ("head", "mlp"):  # an MLP or a ConvNeXt block: the principal direction of its effects
         return head_direction(reader, str(component.base), component.pc or 1)
     return neuron_direction(reader, component.layer, component.index)
 

@@ -321,7 +321,7 @@ def _shape(info: Any) -> dict[str, Any]:
         s = info.shape
         shape.update(tower="resnet", pool_layer=s.pool_layer, neuron_layer=s.neuron_layer, mlp_layers=0)
     if getattr(info, "tower", "vit") == "convnext":  # the last stage's blocks stored as MLPs, no heads
-        shape.update(tower="convnext", stage=info.stage, heads=0, head_dim=0)
+        shape.update(tower="convnext", stage=info.stage, heads=0, head_dim=0, neuron_layer=info.stage)
     if getattr(info, "pool", "tok") == "attn":  # block heads in joint space; the pool's heads and MLP stored too
         shape.update(head_space="joint", head_dim=info.embed_dim, pool_heads=info.pool_heads,
                      pool_head_dim=info.pool_head_dim, pool_mlp=int(bool(info.pool_mlp)),

@@ -91,16 +91,18 @@ def cache_source(reader: Any) -> Any:
 
 
 def neuron_paths(shape: Any) -> Any:
-    """Where a tower's neurons get their paths: a ViT's MLP neurons through later heads (`vit.second_order`),
-    a ResNet's last-stage channels through the pool's heads (`vit.resnet`). Same functions, same file."""
-    from clipterm.vit import resnet, second_order
+    """Where a tower's neurons get their paths (the tower's `neuron_paths`): a ViT's MLP neurons through later
+    heads, a ResNet's or ConvNeXt's last-stage channels through the pool. Same functions, same file."""
+    from clipterm.towers import tower_for
 
-    return resnet if shape.tower == "resnet" else second_order
+    return tower_for(shape).neuron_paths()
 
 
 def check_neuron_layer(shape: Any, layer: int) -> None:
-    """Refuse a layer whose neurons have no stored paths (a ViT's last layer; any ResNet stage but the last)."""
-    neuron_paths(shape).check_layer(shape.layers, layer)
+    """Refuse a layer whose neurons have no stored paths (a ViT's last layer; any stage but a CNN's last)."""
+    from clipterm.towers import tower_for
+
+    tower_for(shape).check_neuron_layer(layer)
 
 
 @dataclass
@@ -140,7 +142,7 @@ def build_neurons(reader: Any, layer: int, device: str = "auto", top_k: int = 10
     refuse_analysis(reader.manifest["model"], "second-order neuron effects")
     shape = reader.shape
     second_order = neuron_paths(shape)
-    second_order.check_layer(shape.layers, layer)
+    check_neuron_layer(shape, layer)
     second_order.check_convention(convention)
     if top_k < 1:
         raise ClipTermError(f"--top-k {top_k}: the principal direction needs at least one image", hint="the default is 100")

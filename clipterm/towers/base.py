@@ -22,6 +22,7 @@ class Tower:
 
     family: ClassVar[str]
     units: ClassVar[str] = "a head, an MLP or a neuron"  # what the Images pane asks the user to select
+    channel_units: ClassVar[bool] = False  # its neurons are channels of a grid (`channel_grid`), not MLP neurons
 
     def __init__(self, shape: ModelShape):
         self.shape = shape
@@ -85,6 +86,34 @@ class Tower:
     def palette(self) -> list[str]:
         """The components the command palette lists, before the tree's own nodes."""
         return self.layers() + [str(h) for h in self.heads()] + self.mlps()
+
+    # ----------------------------------------------------------------- neurons (the neurons file)
+
+    def neuron_paths(self):
+        """The module that builds this tower's neuron effects (`check_layer`, `paths`, `path_vectors`, `trace`):
+        a ViT's MLP neurons through later heads (`vit.second_order`); a ResNet's or ConvNeXt's last-stage channels
+        through the pool."""
+        from clipterm.vit import second_order
+
+        return second_order
+
+    def neuron_layers(self) -> list[int]:
+        """The layers whose neurons can be built (every MLP layer but the last, which has no later heads)."""
+        return list(range(self.shape.layers - 1)) if self.shape.neurons else []
+
+    def channel_grid(self, model, pixels):
+        """A CNN's units are channels: their activations over the last stage's grid, (B, C, h, w); None for a ViT,
+        whose neurons have a value per token instead."""
+        return None
+
+    def position_effects(self, model, pixels, component: Component):
+        """(B, P, D) a component's direct effect split over the grid's positions, and (B, D) the embeddings, where
+        the tower splits it by position rather than by attention (a ConvNeXt block); None where it does not."""
+        return None
+
+    def check_neuron_layer(self, layer: int) -> None:
+        """Refuse a layer whose neurons have no stored paths (a ViT's last layer; any stage but a CNN's last)."""
+        self.neuron_paths().check_layer(self.shape.layers, layer)
 
     # ----------------------------------------------------------------- how the TUI groups and titles them
 

@@ -2,6 +2,8 @@
 
 Components: `embed` (the last stage's input: the stem and every earlier stage), the last stage's blocks
 `S{s}.B{b}` (`S{s}` for all of them) and `bias` (the pooled norm's β and the projection's bias). It has no heads.
+Its units are the channels of the last stage's output, `L{s}.N{c}` as a ResNet's: each one's grid mean reaches the
+embedding directly through the pooled norm and the projection (`vit.convnext.trace`).
 """
 
 from __future__ import annotations
@@ -14,21 +16,33 @@ from clipterm.towers.base import Tower
 
 
 class ConvNextTower(Tower):
+    channel_units = True
     family = "convnext"
 
     @property
     def units(self) -> str:  # type: ignore[override]
-        return f"a block ({names.block(self.shape.stage, 0)})"
+        return f"a block ({names.block(self.shape.stage, 0)}) or a channel"
 
     @property
     def vocabulary(self) -> str:
         s = self.shape
         return (f"this ConvNeXt's components are embed, bias and the blocks of its last stage "
-                f"S{s.stage}.B0..S{s.stage}.B{s.layers - 1} (S{s.stage} for all of them); it has no heads")
+                f"S{s.stage}.B0..S{s.stage}.B{s.layers - 1} (S{s.stage} for all of them); it has no heads"
+                + (f"; its units are the last stage's channels {names.neuron(s.stage, 0)}.."
+                   f"{names.neuron(s.stage, s.neurons - 1)}" if s.neuron_layer is not None else ""))
 
     def validate(self, component: Component) -> Component:
         s = self.shape
         if component.kind in ("embed", "bias") and component.site == "block":
+            return component
+        if component.kind == "neuron" and component.site == "block":
+            if s.neuron_layer is None:
+                raise self.refuse(f"{component}: this cache was built before a ConvNeXt's channels were units "
+                                  "(rebuild it with --force)")
+            if component.layer != s.neuron_layer:
+                raise self.refuse(f"{component} is not a channel of this ConvNeXt's last stage")
+            if not 0 <= component.index < s.neurons:  # type: ignore[operator]
+                raise self.refuse(f"no channel {component.index} in this model: {component}")
             return component
         if component.site != "stage":
             raise self.refuse(f"{component} is not a ConvNeXt name")
@@ -39,6 +53,9 @@ class ConvNextTower(Tower):
         return component
 
     def describe(self, component: Component) -> str:
+        if component.kind == "neuron":
+            pc = f", principal direction {component.pc}" if component.pc else ""
+            return f"channel {component.index} of stage {component.layer}'s output, read through the pool{pc}"
         if component.kind in ("embed", "bias") and component.site == "block":
             return {"embed": f"the input of stage {self.shape.stage}: the stem and every earlier stage",
                     "bias": "the pooled norm's β and the projection's bias"}[component.kind]
@@ -79,19 +96,50 @@ class ConvNextTower(Tower):
                "layer": f"{component} is the whole stage; TextSpan describes one block at a time; "}.get(kind, "")
         return why + f"select a block ({names.block(self.shape.stage, 0)}) to see what it says in words"
 
+    def neuron_parent(self, layer: int) -> str:
+        return names.stage(layer)
+
+    def neuron_layers(self) -> list[int]:
+        return [] if self.shape.neuron_layer is None else [self.shape.neuron_layer]
+
+    def channel_grid(self, model, pixels):
+        from clipterm.vit.convnext import channel_grid
+
+        return channel_grid(model, pixels)  # (B, C, h, w)
+
+    def position_effects(self, model, pixels, component: Component):
+        from clipterm.vit.convnext import block_positions
+
+        if component.kind == "layer":  # the whole stage: its blocks' per-position effects summed
+            parts = [block_positions(model, pixels, k) for k in range(self.shape.layers)]
+            return sum(p[0] for p in parts), parts[0][1]
+        return block_positions(model, pixels, component.layer)  # (B, P, D), (B, D)
+
+    def is_unit_group(self, component: str) -> bool:
+        return False
+
+    def neuron_paths(self):
+        from clipterm.vit import convnext
+
+        return convnext
+
+    def check_neuron_layer(self, layer: int) -> None:
+        self.neuron_paths().check_layer(self.shape.layers, layer, self.shape.neuron_layer)
+
     def search_hint(self) -> str:
-        return ("a ConvNeXt has no head or neuron directions to search for; type a target "
+        return ("this node has no direction to search for: select a block or a channel, or type a target "
                 "(text:a red circle, class:red) and press enter")
 
     def visual_refusal(self, refusal: Callable[[str], str | None]) -> str | None:
         return refusal("feature visualisation")
 
     def no_neurons(self) -> str:
-        return "none (second-order neurons need attention heads; a ConvNeXt has none)"
+        return f"none (clipterm neurons build CACHE --layer {names.layer(self.shape.stage)}: the last stage's channels)"
 
     def info_shapes(self, component: Component | None, dims: dict) -> tuple[dict[str, str], str]:
         s, embed = self.shape, dims.get("embed_dim")
         return ({"mlp": f"(N, {embed}) in joint space, averaged over the grid",
+                 "neuron": f"direct effect ({embed}) through the pool",
                  "layer": f"{s.layers} blocks, (N, {embed}) in joint space",
                  "embed": f"(N, {embed}) in joint space", "bias": f"(1, {embed}): the same for every image"},
                 f"a ConvNeXt: embed (the input of stage {s.stage}), the {s.layers} blocks of stage {s.stage} and bias; "

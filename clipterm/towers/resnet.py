@@ -15,6 +15,7 @@ from clipterm.towers.base import Tower
 
 
 class ResNetTower(Tower):
+    channel_units = True
     family = "resnet"
     units = "a pool head or a channel"
 
@@ -77,6 +78,19 @@ class ResNetTower(Tower):
 
     def neuron_parent(self, layer: int) -> str:
         return names.layer(layer)
+
+    def neuron_layers(self) -> list[int]:
+        return [] if self.shape.neuron_layer is None else [self.shape.neuron_layer]
+
+    def channel_grid(self, model, pixels):
+        from clipterm.vit.resnet import last_stage
+
+        return last_stage(model, pixels)  # (B, C, h, w)
+
+    def neuron_paths(self):
+        from clipterm.vit import resnet
+
+        return resnet
 
     def is_unit_group(self, component: str) -> bool:
         return component == names.layer(self.shape.neuron_layer)

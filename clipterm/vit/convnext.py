@@ -145,3 +145,97 @@ def decompose(model, images: Tensor, neurons: bool = False, token_layers=()) -> 
                       fp32=weight.dtype == torch.float32 and not torch.is_autocast_enabled(weight.device.type))
     return Decomposition(head_out=parts.head_out, embed=parts.embed, bias=parts.bias, mlps=parts.mlps,
                          ln_scale=parts.ln_scale, image_embeds=parts.image_embeds)
+
+
+# --------------------------------------------------------------------------- channels as neurons (the neurons file)
+# A ConvNeXt's units are the channels of its last stage's output, `L{s}.N{c}` (s: the last stage, as a ResNet's
+# `L3.N{c}`). The grid mean p_c of channel c reaches the embedding only through the pooled norm (linear once σ is
+# fixed) and the projection, so its effect is direct and exact: p_c / scale · P[c], with P = γ ⊙ C then the head,
+# (C, D). The neurons file (cache/neurons.py) wants effect_c = Σ_k scalars[c, k] · vectors[c, k]: one path, the pool.
+
+
+def check_layer(n_layers: int, layer: int, stage: int | None = None) -> None:
+    """Only the last stage's channels reach the pool (`n_layers`, the stored blocks, is unused)."""
+    if stage is None:
+        raise ClipTermError("this ConvNeXt cache was built before its channels were units",
+                            hint="rebuild it (clipterm cache build ... --force) to browse its channels",
+                            code=ExitCode.INVALID_DATA)
+    if layer != stage:
+        from clipterm import names
+
+        raise ClipTermError(f"{names.layer(layer)} is not this ConvNeXt's last stage: only its channels reach the pool",
+                            hint=f"use {names.layer(stage)}", code=ExitCode.USAGE)
+
+
+def paths(n_layers: int, n_heads: int, layer: int) -> list[str]:
+    """The one path of a channel: the pool (the grid mean, the pooled norm and the projection)."""
+    from clipterm import names
+
+    return [names.pool()]
+
+
+def check_convention(convention: str) -> None:
+    if convention != "clipterm":
+        raise ClipTermError(f"--convention {convention} is for ViT neurons (second_order_lens); a ConvNeXt's channels "
+                            "reach the embedding directly through the pool", hint="drop --convention", code=ExitCode.USAGE)
+
+
+def path_vectors(model, layer: int, convention: str = "clipterm") -> Tensor:
+    """(C, 1, D) fp32: P[c], the pooled norm's γ ⊙ C and the head, per channel."""
+    check_layer(0, layer, stage_index(model))
+    check_convention(convention)
+    with torch.no_grad():
+        return _post(vision_tower(model)).matrix.float()[:, None, :]  # (C, 1, D)
+
+
+def trace(model, images: Tensor, layer: int, convention: str = "clipterm"):
+    """One pass: scalars (B, C, 1) = p_c / scale, activations (B, C) = p_c, each channel's mean over the grid."""
+    from clipterm.vit.second_order import NeuronPass
+
+    check_layer(0, layer, stage_index(model))
+    check_convention(convention)
+    visual = vision_tower(model)
+    weight = next(visual.trunk.parameters())
+    with torch.no_grad(), _recording(visual) as seen:
+        image_embeds = visual(images.to(device=weight.device, dtype=weight.dtype))  # (B, D)
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+        post = _post(visual)
+        pooled = seen["pooled"].float().flatten(1)  # (B, C)
+        norm = Norm.of(visual.trunk.head.norm, post.width, weight.device, "head.norm")
+        sigmas = [norm.sigma(pooled)] if norm is not None else []  # (B,)
+        scale = post.scale(sigmas, pooled.shape[0], weight.device)  # (B,)
+    return NeuronPass(scalars=(pooled / scale[:, None])[..., None], activations=pooled,  # (B, C, 1), (B, C)
+                      image_embeds=image_embeds.float(), ln_scale=scale)
+
+
+def channel_grid(model, images: Tensor) -> Tensor:
+    """The last stage's output (B, C, h, w): what the pool averages, from the model's own forward."""
+    visual = vision_tower(model)
+    weight = next(visual.trunk.parameters())
+    blocks = visual.trunk.stages[-1].blocks
+    seen: dict[str, Tensor] = {}
+    hook = blocks[-1].register_forward_hook(lambda _m, _args, out: seen.__setitem__("grid", out))
+    try:
+        with torch.no_grad():
+            visual(images.to(device=weight.device, dtype=weight.dtype))
+    finally:
+        hook.remove()
+    return seen["grid"]  # (B, C, h, w)
+
+
+def block_positions(model, images: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """Block `block`'s direct effect split over the grid's positions, (B, h·w, D), and the image embeddings (B, D):
+    the effects sum over positions to the block's stored effect (the pool is a mean)."""
+    visual = vision_tower(model)
+    weight = next(visual.trunk.parameters())
+    with torch.no_grad(), _recording(visual) as seen:
+        image_embeds = visual(images.to(device=weight.device, dtype=weight.dtype))  # (B, D)
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+        post = _post(visual)
+        norm = Norm.of(visual.trunk.head.norm, post.width, weight.device, "head.norm")
+        pooled = seen["pooled"].float().flatten(1)  # (B, C)
+        sigmas = [norm.sigma(pooled)] if norm is not None else []
+        scale = post.scale(sigmas, pooled.shape[0], weight.device)  # (B,)
+        delta = seen["deltas"][block].float().flatten(2).transpose(1, 2)  # (B, h·w, C)
+        per_position = delta @ post.matrix / (delta.shape[1] * scale[:, None, None])  # (B, h·w, D)
+    return per_position, image_embeds.float()

@@ -56,7 +56,7 @@ class ModelInfo:
     weights_path: str | None
     weights_sha256: str | None
     tower: str = "vit"  # "resnet": layers=1 (the attention pool), mlp_width = channels of the last stage;
-    # "convnext": layers = blocks of the last stage (`stage`), no heads
+    # "convnext": layers = blocks of the last stage (`stage`), no heads, mlp_width = channels of the last stage
     pool: str = "tok"  # how the tower pools its last tokens: tok (class token), avg, attn (MAP head / CoCa's pooler)
     pool_heads: int = 0  # attn: the pool's heads, their width, and whether an MLP follows (a MAP head)
     pool_head_dim: int = 0
@@ -70,7 +70,7 @@ class ModelInfo:
         if self.tower == "resnet":
             return resnet_shape(self.heads, self.mlp_width)
         if self.tower == "convnext":
-            return ModelShape(self.layers, 0, 0, tower="convnext", stage=self.stage)
+            return ModelShape(self.layers, 0, self.mlp_width, tower="convnext", stage=self.stage, neuron_layer=self.stage)
         return ModelShape(self.layers, self.heads, self.mlp_width, pool_heads=self.pool_heads, pool_mlp=self.pool_mlp)
 
     def to_json(self) -> dict[str, Any]:
@@ -401,7 +401,7 @@ def tower_info(model, **common) -> ModelInfo:
     if convnext.is_convnext(model):
         blocks = trunk.stages[-1].blocks
         return ModelInfo(layers=len(blocks), heads=0, width=trunk.num_features, head_dim=0,
-                         mlp_width=_last_linear(blocks[0].mlp).in_features, embed_dim=_embed_dim(visual, trunk.num_features),
+                         mlp_width=trunk.num_features, embed_dim=_embed_dim(visual, trunk.num_features),
                          image_size=int(size), patch_size=32, context_length=context, tower="convnext",
                          stage=len(trunk.stages) - 1, pool="avg", family=family(model), **common)
     attn = trunk.blocks[0].attn

@@ -45,6 +45,9 @@ def pool_readout(model: Any) -> Any:
     return getattr(module, "pool_readout", lambda _m: None)(model)
 
 
+CONVNEXT_ANALYSES = ("second-order neuron effects", "a per-patch map", "a per-patch MLP map")  # its channels, blocks
+
+
 def analysis_refusal(model_info: dict, analysis: str) -> str | None:
     """Why an analysis that follows open_clip's class-token ViT (second-order neurons, per-token maps, feature
     visualisation) cannot run on a tower, in one line naming the model part; None when it can.
@@ -53,8 +56,9 @@ def analysis_refusal(model_info: dict, analysis: str) -> str | None:
     read as class-token ViTs or ResNets."""
     tower, pool, fam = model_info.get("tower", "vit"), model_info.get("pool", "tok"), model_info.get("family", "")
     if tower == "convnext":
-        return f"{analysis} cannot be computed for a ConvNeXt: it has no attention heads or tokens (its components " \
-               "are the last stage's blocks)"
+        return None if analysis in CONVNEXT_ANALYSES else \
+            f"{analysis} cannot be computed for a ConvNeXt: it has no attention heads or tokens (its components " \
+            "are the last stage's blocks)"
     if pool == "attn":
         return f"{analysis} cannot be computed through an attention-pool head ({fam or 'MAP / attentional pool'}): " \
                "the pool reads every token with its own attention (pool.H*), so no class-token path reaches the embedding"
@@ -97,3 +101,33 @@ def model_analysis_info(model: Any) -> dict:
 def refuse_model_analysis(model: Any, analysis: str) -> None:
     """`refuse_analysis` for a model in hand."""
     refuse_analysis(model_analysis_info(model), analysis)
+
+
+# --------------------------------------------------------------------------- the capability table (docs/models.md)
+
+FAMILY_EXAMPLES = {  # one ModelInfo JSON per family, as a cache manifest records it
+    "open_clip ViT, class token (toy)": {"tower": "vit", "pool": "tok", "family": "open_clip VisionTransformer (class token)"},
+    "open_clip ModifiedResNet (toy-rn)": {"tower": "resnet", "pool": "tok", "family": "open_clip ModifiedResNet (attention pool)"},
+    "timm ViT, MAP head (SigLIP)": {"tower": "vit", "pool": "attn", "family": "timm VisionTransformer (map)"},
+    "open_clip ViT, average pool": {"tower": "vit", "pool": "avg", "family": "open_clip VisionTransformer (average pool)"},
+    "timm ConvNeXt": {"tower": "convnext", "pool": "avg", "family": "timm ConvNeXt (avg)"},
+    "timm ViT, class token": {"tower": "vit", "pool": "tok", "family": "timm VisionTransformer (token)"},
+}
+GATED = {"neurons build": "second-order neuron effects", "spatial": "a per-patch map",
+         "visualise": "feature visualisation"}  # the analyses `analysis_refusal` decides; the rest run everywhere
+ANALYSES = ("textspan", "ablate", "attribute", "images", "search", "neurons build", "spatial", "visualise")
+
+
+def capability(family_info: dict, analysis: str) -> str | None:
+    """None where `analysis` runs on the family, else the one-line reason it is refused."""
+    gated = GATED.get(analysis)
+    return analysis_refusal(family_info, gated) if gated else None
+
+
+def capability_table() -> str:
+    """The Markdown table of docs/models.md: family by analysis, ✓ or ✗ (the refusal follows the table)."""
+    rows = ["| family | " + " | ".join(ANALYSES) + " |", "|---|" + "---|" * len(ANALYSES)]
+    for family_name, info in FAMILY_EXAMPLES.items():
+        cells = ["✓" if capability(info, a) is None else "✗" for a in ANALYSES]
+        rows.append(f"| {family_name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
