@@ -26,7 +26,12 @@ class ConvNextTower(Tower):
         return (f"this ConvNeXt's components are embed, bias and the blocks of its last stage "
                 f"S{s.stage}.B0..S{s.stage}.B{s.layers - 1} (S{s.stage} for all of them); it has no heads")
 
+    def site_layers(self) -> int:
+        return self.shape.stage + 1
+
     def validate(self, component: Component) -> Component:
+        if component.kind == "feature":
+            return self.validate_feature(component)
         s = self.shape
         if component.kind in ("embed", "bias") and component.site == "block":
             return component
