@@ -170,6 +170,7 @@ def train(reader: Any, loaded: Any, site: Any, options: Options,
     last_fired = torch.zeros(config.features, dtype=torch.long, device=options.device)
     seen, figures, threshold_sum, threshold_n = 0, Figures(), 0.0, 0
     batch = first
+    capture_seconds = time.perf_counter() - started
     for step in range(options.steps):
         x = batch.to(options.device) * sae.norm_scale
         recent = (seen - last_fired) < DEAD_AFTER if seen >= DEAD_AFTER else None
@@ -197,9 +198,12 @@ def train(reader: Any, loaded: Any, site: Any, options: Options,
         sae.threshold.fill_(threshold_sum / threshold_n)
     sae.eval()
     seconds = time.perf_counter() - started
+    step_seconds = seconds - capture_seconds
     training = {"steps": options.steps, "batch_size": options.batch_size, "lr": options.lr, "seed": options.seed,
                 "activations": seen, "epochs": stream.epochs, "seconds": round(seconds, 3),
                 "activations_per_s": round(seen / seconds, 1) if seconds > 0 else 0.0,
+                "capture_seconds": round(capture_seconds, 3),  # up to the first batch: all of it when kept in memory
+                "step_activations_per_s": round(seen / step_seconds, 1) if step_seconds > 0 else 0.0,
                 "buffer_rows": stream.peak_rows, "in_memory": stream.kept is not None,
                 "last": asdict(figures)}
     return sae, training
