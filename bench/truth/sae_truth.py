@@ -9,7 +9,9 @@ names say them?
   signs, maximum over tokens). Goal: >= 35 of 43, more than neurons and PCA. Also the classes a feature covers
   and no neuron does (the toy's "San Francisco").
 - **Names:** of the features that cover a class, the share whose first direct-effect text names that class,
-  against the same share for features drawn at random (their first texts, asked to name the same classes).
+  against the same share for features drawn at random (their first texts, asked to name the same classes). Also
+  for the second-order effect (attention spread evenly) and the frozen-attention effect over the feature's top
+  20 images (`features.image_effects`; its chance level is drawn from the covering features' own texts).
 
     python -m bench.truth.sae_truth [--images 3000] [--features 1024] [--k 16] [--steps 1500] [--threads 1]
 
@@ -85,7 +87,7 @@ def measure(reader, loaded, layer: int = 4, draws: int = 1000) -> dict:
     from clipterm.analyses import ablation
     from clipterm.inputs.texts import embed_pool, load_pool
     from clipterm.sae import SaeFile
-    from clipterm.sae.features import accuracy_drops, effects, embeds_with, nearest
+    from clipterm.sae.features import accuracy_drops, effects, embeds_with, image_effects, nearest
     from clipterm.vit.textencode import encode_texts
 
     sae_file = SaeFile(reader, layer)
@@ -106,11 +108,17 @@ def measure(reader, loaded, layer: int = 4, draws: int = 1000) -> dict:
     out_names = {}
     alive = (sae_file.image_max > 0).any(0).nonzero().squeeze(1)
     generator = torch.Generator().manual_seed(0)
-    for label, effect in (("direct", direct), ("second order", second)):
+    covering = sorted(set(covered["SAE features"].values()))
+    frozen = torch.zeros_like(direct)
+    if covering:
+        frozen[covering] = image_effects(sae_file, loaded, covering)
+    for label, effect in (("direct", direct), ("second order", second), ("frozen attention", frozen)):
         first = nearest(effect, embeds, 1)[:, 0]  # (F,)
         pairs = [(cls, f) for cls, f in covered["SAE features"].items()]
         named = [names_class(pool.texts[int(first[f])], cls.split(":", 1)[1]) for cls, f in pairs]
         randoms = alive[torch.randint(len(alive), (200,), generator=generator)]
+        if label == "frozen attention":  # computed for the covering features only: chance from their own texts
+            randoms = torch.tensor(covering)[torch.randint(len(covering), (200,), generator=generator)] if covering else randoms
         chance = [names_class(pool.texts[int(first[r])], cls.split(":", 1)[1]) for cls, _ in pairs for r in randoms[:50]]
         out_names[label] = {"features": len(pairs), "named": round(sum(named) / max(len(named), 1), 3),
                             "random": round(sum(chance) / max(len(chance), 1), 3),

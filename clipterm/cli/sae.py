@@ -147,7 +147,7 @@ def list_(
     rows = feature_table(sae_file, loaded, embeds, list(text_pool.texts), _positive(texts, "--texts", "3"),
                          _positive(top, "--top", "20"))
     payload = {"cache": reader.name, "layer": names.layer(sae_file.layer), "features": sae_file.features,
-               "tokens": sae_file.tokens, "images": reader.n, "rows": [r.to_json() for r in rows]}
+               "tokens": sae_file.tokens, "images": reader.n, "components": [r.to_json() for r in rows]}
     if json_out:
         emit_json(payload, schema="clipterm.sae.list/1")
         return
@@ -157,7 +157,7 @@ def list_(
                   title=f"{payload['layer']} SAE features of {reader.name} ({sae_file.features} features, "
                         f"{sae_file.tokens} tokens, {reader.n:,} images)")
     for r in rows:
-        table.add_row(r.feature, f"{r.frequency:.3f}", f"{r.mean_activation:.3g}", " · ".join(r.texts))
+        table.add_row(r.component, f"{r.frequency:.3f}", f"{r.mean_activation:.3g}", " · ".join(r.texts))
     stdout.print(table)
 
 

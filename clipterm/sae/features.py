@@ -28,7 +28,7 @@ from clipterm.sae.train import site_for
 
 @dataclass
 class FeatureRow:
-    feature: str
+    component: str
     index: int
     frequency: float  # share of images on which it fires (on any token)
     mean_activation: float  # mean per-image maximum, over the images it fires on
@@ -45,6 +45,30 @@ def effects(sae_file: SaeFile, loaded: Any) -> tuple[Tensor, Tensor]:
 
     w = sae_file.sae.W_dec.detach()
     return direction_effects(loaded.model, sae_file.layer, F.normalize(w, dim=-1))
+
+
+@torch.no_grad()
+def image_effects(sae_file: SaeFile, loaded: Any, features: list[int], top: int = 20) -> Tensor:
+    """(m, D) each feature's mean effect on the embedding over its `top` images, through the exact linear path with
+    each image's attention and norms frozen: the class token's direct path plus every later head's value path,
+    weighted by how much the class token attends to the tokens the feature fires on (as for neurons)."""
+    from clipterm.vit.sites import frozen_terms, path_vectors
+
+    from clipterm.vit.towers import refuse_model_analysis
+
+    refuse_model_analysis(loaded.model, "frozen-attention feature effects")
+    sae = sae_file.sae
+    direct, paths = path_vectors(loaded.model, sae_file.layer, sae.W_dec.detach()[features])  # (m, D), (m, K, D)
+    out = []
+    for j, f in enumerate(features):
+        rows, _ = top_images(sae_file, f, top)
+        pixels = torch.cat([p for _, p in image_batches(sae_file.reader, loaded, rows.tolist(), top, "cpu")])
+        attn_rows, sigma, tokens = frozen_terms(loaded.model, sae_file.layer, pixels)
+        a = sae.encode(tokens.float())[..., f]  # (B, T)
+        scalars = (attn_rows * a[:, None, :]).sum(-1)  # (B, K)
+        effect = (a[:, :1] * direct[j] + scalars @ paths[j]) / (sigma[:, None] * sae.norm_scale)  # (B, D)
+        out.append(effect.mean(0))
+    return torch.stack(out)
 
 
 def nearest(effect: Tensor, text_embeds: Tensor, n: int) -> Tensor:

@@ -151,6 +151,43 @@ def step_loss(sae: SAE, x: Tensor, fired_recently: Tensor | None) -> tuple[Tenso
     return loss, f, x_hat
 
 
+def fit(sae: SAE, first: Tensor, batches: Iterator[Tensor], options: Options,
+        progress: Callable[[int, Figures], None] | None = None) -> tuple[int, Figures]:
+    """The optimisation loop over raw activation batches (`first`, then `batches`); returns (activations seen, the
+    last figures). BatchTopK's inference threshold is set at the end."""
+    config = sae.config
+    optimiser = torch.optim.Adam(sae.parameters(), lr=options.lr)
+    last_fired = torch.zeros(config.features, dtype=torch.long, device=options.device)
+    seen, figures, threshold_sum, threshold_n = 0, Figures(), 0.0, 0
+    batch = first
+    for step in range(options.steps):
+        x = batch.to(options.device) * sae.norm_scale
+        recent = (seen - last_fired) < DEAD_AFTER if seen >= DEAD_AFTER else None
+        loss, f, x_hat = step_loss(sae, x, recent)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        sae.normalise_decoder()
+        with torch.no_grad():
+            seen += len(x)
+            last_fired[(f > 0).any(0)] = seen
+            if config.arch == "batchtopk":
+                positive = f[f > 0]
+                if positive.numel():
+                    threshold_sum, threshold_n = threshold_sum + float(positive.min()), threshold_n + 1
+            if progress is not None and (step % 20 == 0 or step == options.steps - 1):
+                centred = (x - x.mean(0)).pow(2).sum()
+                figures = Figures(float(loss), float(1 - (x - x_hat).pow(2).sum() / centred.clamp(min=1e-12)),
+                                  float((f > 0).sum(-1).float().mean()),
+                                  int(((seen - last_fired) >= min(DEAD_AFTER, seen)).sum()))
+                progress(step + 1, figures)
+        if step < options.steps - 1:
+            batch = next(batches)
+    if config.arch == "batchtopk" and threshold_n:
+        sae.threshold.fill_(threshold_sum / threshold_n)
+    return seen, figures
+
+
 def train(reader: Any, loaded: Any, site: Any, options: Options,
           progress: Callable[[int, Figures], None] | None = None) -> tuple[SAE, dict]:
     """Train an SAE at `site`; returns it and its training figures (the file is written by the caller)."""
@@ -166,36 +203,8 @@ def train(reader: Any, loaded: Any, site: Any, options: Options,
     with torch.no_grad():
         sae.norm_scale.fill_(float(scale))
         sae.b_dec.copy_((first * scale).mean(0))
-    optimiser = torch.optim.Adam(sae.parameters(), lr=options.lr)
-    last_fired = torch.zeros(config.features, dtype=torch.long, device=options.device)
-    seen, figures, threshold_sum, threshold_n = 0, Figures(), 0.0, 0
-    batch = first
     capture_seconds = time.perf_counter() - started
-    for step in range(options.steps):
-        x = batch.to(options.device) * sae.norm_scale
-        recent = (seen - last_fired) < DEAD_AFTER if seen >= DEAD_AFTER else None
-        loss, f, x_hat = step_loss(sae, x, recent)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        sae.normalise_decoder()
-        with torch.no_grad():
-            seen += len(x)
-            fired = (f > 0).any(0)
-            last_fired[fired] = seen
-            if config.arch == "batchtopk":
-                positive = f[f > 0]
-                if positive.numel():
-                    threshold_sum, threshold_n = threshold_sum + float(positive.min()), threshold_n + 1
-            if progress is not None and (step % 20 == 0 or step == options.steps - 1):
-                centred = (x - x.mean(0)).pow(2).sum()
-                figures = Figures(float(loss), float(1 - (x - x_hat).pow(2).sum() / centred.clamp(min=1e-12)),
-                                  float((f > 0).sum(-1).float().mean()),
-                                  int(((seen - last_fired) >= min(DEAD_AFTER, seen)).sum()))
-                progress(step + 1, figures)
-        batch = next(batches)
-    if config.arch == "batchtopk" and threshold_n:
-        sae.threshold.fill_(threshold_sum / threshold_n)
+    seen, figures = fit(sae, first, batches, options, progress)
     sae.eval()
     seconds = time.perf_counter() - started
     step_seconds = seconds - capture_seconds

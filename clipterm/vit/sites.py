@@ -139,3 +139,66 @@ def tail_from(model: Any, layer: int) -> Any:
         return pooled @ visual.proj if visual.proj is not None else pooled
 
     return run
+
+
+def path_vectors(model: Any, layer: int, directions: Tensor) -> tuple[Tensor, Tensor]:
+    """(direct (F, D), per-path (F, K, D)) for residual directions (F, W) written after block `layer`: the class
+    token's path through ln_post and proj, and each later head's value path (K = later layers × heads, layer-major),
+    both before the per-image scalars (attention, σ) of `frozen_terms`."""
+    from clipterm.vit.decompose import ln_post_affine, readout, vision_tower
+
+    visual = vision_tower(model)
+    blocks, width = visual.transformer.resblocks, visual.transformer.width
+    with torch.no_grad():
+        d = directions.float().to(visual.conv1.weight.device)
+        centred = d - d.mean(-1, keepdim=True)
+        gamma, _beta, proj = ln_post_affine(visual)
+        heads_readout = readout(model)
+        parts = []
+        for later in range(layer + 1, len(blocks)):
+            attn, ln_1 = blocks[later].attn, blocks[later].ln_1
+            g1 = ln_1.weight.float() if ln_1.weight is not None else torch.ones(width, device=d.device)
+            w_value = attn.in_proj_weight[2 * width:].float().view(attn.num_heads, width // attn.num_heads, width)
+            values = torch.einsum("fw,hdw->fhd", centred * g1, w_value)
+            parts.append(torch.einsum("fhd,hde->fhe", values, heads_readout[later]))
+        return (centred * gamma) @ proj, torch.cat(parts, 1)
+
+
+def frozen_terms(model: Any, layer: int, pixels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One forward: (class-token attention rows / σ of ln_1, (B, K, T); σ of ln_post at the class token, (B,);
+    the residual after block `layer`, (B, T, W)), so that a write `a_t · d` at the tokens reaches the embedding as
+    `a_0 · direct / σ_post + Σ_k (Σ_t rows[k, t] a_t) · path_k / σ_post` with attention and norms frozen."""
+    from clipterm.vit.decompose import attention_qkv, vision_tower
+
+    visual = vision_tower(model)
+    blocks = visual.transformer.resblocks
+    s = site(model, layer)
+    rows, kept = [], {}
+
+    def ln_hook(module, inputs, output):
+        x = inputs[0] if visual.transformer.batch_first else inputs[0].transpose(0, 1)
+        normed = output if visual.transformer.batch_first else output.transpose(0, 1)
+        sigma = (x.float().var(-1, unbiased=False) + module.eps).sqrt()  # (B, T)
+        q, k, _v, scale = attention_qkv(module._attn, normed.float())
+        attn_rows = torch.softmax((q[:, :, :1] @ k.transpose(-1, -2)) * scale, -1)[:, :, 0]  # (B, H, T)
+        rows.append(attn_rows / sigma[:, None, :])
+
+    def post_hook(module, inputs, output):
+        x = inputs[0]
+        kept["sigma"] = (x[:, 0].float().var(-1, unbiased=False) + module.eps).sqrt() if x.dim() == 3 else \
+            (x.float().var(-1, unbiased=False) + module.eps).sqrt()
+
+    handles = [s.module.register_forward_hook(lambda _m, _i, out: kept.__setitem__("tokens", s.tokens(out)))]
+    for later in range(layer + 1, len(blocks)):
+        blocks[later].ln_1._attn = blocks[later].attn
+        handles.append(blocks[later].ln_1.register_forward_hook(ln_hook))
+    handles.append(visual.ln_post.register_forward_hook(post_hook))
+    try:
+        with torch.no_grad():
+            model.encode_image(pixels)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for later in range(layer + 1, len(blocks)):
+            del blocks[later].ln_1._attn
+    return torch.cat(rows, 1), kept["sigma"], kept["tokens"]
