@@ -88,9 +88,7 @@ class Stream:
             self.peak_rows = len(self.kept)
             while True:
                 self.epochs += 1
-                order = torch.randperm(len(self.kept), generator=self.g)
-                for lo in range(0, len(order) - self.o.batch_size + 1, self.o.batch_size):
-                    yield self.kept[order[lo:lo + self.o.batch_size]]
+                yield from self._shuffled(self.kept)
         capacity = max(self.o.buffer_rows, self.o.batch_size)
         while True:
             buffer: list[Tensor] = []
@@ -107,9 +105,17 @@ class Stream:
     def _serve(self, buffer: list[Tensor]) -> Iterator[Tensor]:
         rows = torch.cat(buffer)
         self.peak_rows = max(self.peak_rows, len(rows))
+        yield from self._shuffled(rows)
+
+    def _shuffled(self, rows: Tensor) -> Iterator[Tensor]:
+        """Batches of a shuffle of `rows`; fewer rows than a batch: one batch drawn with replacement."""
+        size = self.o.batch_size
+        if len(rows) < size:
+            yield rows[torch.randint(len(rows), (size,), generator=self.g)]
+            return
         order = torch.randperm(len(rows), generator=self.g)
-        for lo in range(0, len(order) - self.o.batch_size + 1, self.o.batch_size):
-            yield rows[order[lo:lo + self.o.batch_size]]
+        for lo in range(0, len(order) - size + 1, size):
+            yield rows[order[lo:lo + size]]
 
 
 def default_features(width: int) -> int:
