@@ -234,8 +234,11 @@ def read_foreign(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - an UnpicklingError names the code it refused to run
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ClipTermError(f"{path.name} was refused: it is not plain weights ({first})",
+        import re
+
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        why = f"it would run {found[1]}" if found else "it is not a torch.save file of tensors"
+        raise ClipTermError(f"{path.name} was refused: {why}",
                             hint="clipterm reads .pt files with weights_only=True and runs no code from them; "
                                  "save the SAE's tensors with torch.save({'W_enc': ..., ...}) or as safetensors",
                             code=ExitCode.INVALID_DATA) from None
