@@ -8,6 +8,7 @@
 | `L10.H3`        | head 3 of layer 10 (`:pc2` picks a principal direction) |
 | `L10.MLP`       | the MLP of layer 10                                  |
 | `L9.N1234`      | neuron 1234 of layer 9's MLP (`:pc1`)                |
+| `L4.F123`       | feature 123 of the sparse autoencoder on the residual after block 4 (a stage's output for a ResNet or ConvNeXt) |
 
 Layers and heads count from 0. Layer sets: `L9`, `L8-11`, `L8-L11`, `L1,L3,L5`, `all`.
 
@@ -50,18 +51,18 @@ from typing import Literal
 
 from clipterm.errors import ClipTermError
 
-Kind = Literal["embed", "bias", "layer", "head", "mlp", "neuron"]
+Kind = Literal["embed", "bias", "layer", "head", "mlp", "neuron", "feature"]
 Site = Literal["block", "pool", "stage"]
 Tower = Literal["vit", "resnet", "convnext"]
 
 _PATTERN = re.compile(
     r"^(?:(?P<special>embed|bias)"
-    r"|L(?P<layer>\d+)(?:\.(?:H(?P<head>\d+)|(?P<mlp>MLP)|N(?P<neuron>\d+)))?(?::pc(?P<pc>\d+))?"
+    r"|L(?P<layer>\d+)(?:\.(?:H(?P<head>\d+)|(?P<mlp>MLP)|N(?P<neuron>\d+)|F(?P<feature>\d+)))?(?::pc(?P<pc>\d+))?"
     r"|pool(?:\.(?:H(?P<pool_head>\d+)|(?P<pool_part>bias|pos|MLP)))?(?::pc(?P<pool_pc>\d+))?"
     r"|S(?P<stage>\d+)(?:\.B(?P<block>\d+))?)$",
     re.IGNORECASE,
 )
-_HINT = ("names look like embed, bias, L10, L10.H3, L10.H3:pc2, L10.MLP or L9.N1234; pool.H3, pool.pos, pool.bias "
+_HINT = ("names look like embed, bias, L10, L10.H3, L10.H3:pc2, L10.MLP, L9.N1234 or L4.F123 (an SAE feature); pool.H3, pool.pos, pool.bias "
          "for a ResNet; pool.H3, pool.bias, pool.MLP for a MAP head; S3.B2 for a ConvNeXt block (all count from 0)")
 _POOL_SUFFIX = {"layer": "", "head": ".H{index}", "mlp": ".MLP", "bias": ".bias", "embed": ".pos"}
 
@@ -85,7 +86,8 @@ class Component:
             return base if self.pc is None else f"{base}:pc{self.pc}"
         if self.kind in ("embed", "bias"):
             return self.kind
-        base = f"L{self.layer}" + {"layer": "", "head": f".H{self.index}", "mlp": ".MLP", "neuron": f".N{self.index}"}[self.kind]
+        base = f"L{self.layer}" + {"layer": "", "head": f".H{self.index}", "mlp": ".MLP", "neuron": f".N{self.index}",
+                                 "feature": f".F{self.index}"}[self.kind]
         return base if self.pc is None else f"{base}:pc{self.pc}"
 
     @property
@@ -130,6 +132,11 @@ def mlp(layer: int) -> str:
 def neuron(layer: int, index: int, pc: int | None = None) -> str:
     """`L9.N1234` (or `L9.N1234:pc1`): a neuron's name."""
     return str(Component("neuron", layer, index, pc))
+
+
+def feature(layer: int, index: int) -> str:
+    """`L4.F123`: feature 123 of the sparse autoencoder at the residual after block 4."""
+    return str(Component("feature", layer, index))
 
 
 def pool_head(index: int, pc: int | None = None) -> str:
@@ -177,6 +184,10 @@ def parse(name: str) -> Component:
         return Component("head", layer, int(match["head"]), pc)
     if match["neuron"] is not None:
         return Component("neuron", layer, int(match["neuron"]), pc)
+    if match["feature"] is not None:
+        if pc is not None:
+            raise ClipTermError(f"SAE features have no principal directions: {name!r}", hint="a feature is one direction: L4.F12")
+        return Component("feature", layer, int(match["feature"]))
     if pc is not None:
         raise ClipTermError(f"only heads and neurons have principal directions: {name!r}", hint="try L10.H3:pc2")
     return Component("mlp" if match["mlp"] else "layer", layer)
@@ -231,6 +242,7 @@ def describe(component: Component) -> str:
         "head": f"attention head {component.index} of layer {component.layer}{pc}",
         "mlp": f"the MLP of layer {component.layer}",
         "neuron": f"neuron {component.index} of layer {component.layer}'s MLP{pc}",
+        "feature": f"feature {component.index} of the sparse autoencoder on the residual after {layer(component.layer)}",
     }[component.kind]
 
 
@@ -273,6 +285,7 @@ __all__ = [
     "ModelShape",
     "block",
     "describe",
+    "feature",
     "format_layers",
     "head",
     "layer",

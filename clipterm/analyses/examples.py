@@ -65,12 +65,19 @@ def top_images(reader: Any, name: str, top: int = 16, by: str | None = None,
     if top < 1:
         raise ClipTermError(f"--top {top}: nothing to show", hint="ask for at least one image, e.g. --top 16")
     by = by or default_by(component)
-    if component.kind == "neuron":
+    if component.kind == "feature":
+        from clipterm.sae.store import SaeFile
+
+        sae_file = SaeFile(reader, component.layer)
+        sae_file.check_feature(component.index)
+        scores = sae_file.image_max[:, component.index]
+        about = "SAE activation" + (" (maximum over tokens)" if sae_file.tokens == "all" else "")
+    elif component.kind == "neuron":
         scores, about = _neuron_scores(reader, component, by)
     elif component.kind in ("head", "mlp"):
         scores, about = _direct_scores(reader, component, by, text_embeds)
     else:
-        raise ClipTermError(f"{name} has no top images", hint="give a head (L5.H2), an MLP (L5.MLP) or a neuron (L9.N123)")
+        raise ClipTermError(f"{name} has no top images", hint="give a head (L5.H2), an MLP (L5.MLP), a neuron (L9.N123) or an SAE feature (L4.F12)")
     return Ranking(str(component), by, about, _examples(reader, scores, top))
 
 

@@ -205,7 +205,7 @@ def objective_for(spec: str, loaded: Any, reader: Any = None, objective: str = "
     kind = objective if objective != "auto" else ("effect" if components[0].kind == "head" else "activation")
     terms = []
     for term in parsed:
-        if term.kind in ("text", "image", "class"):
+        if term.kind in ("text", "image", "class", "feature"):  # a feature: its direct effect, as a direction
             terms.append(Term(term.sign, "direction", targets.resolve(str(term), loaded, reader).direction))
             continue
         comp = reader.tower.validate(names.parse(term.value))

@@ -297,6 +297,8 @@ def component_map(image: str | SpatialImage, component: str, *, reader: Any = No
     if comp.kind in ("embed", "bias"):
         raise ClipTermError(f"{comp} has no position in the image", hint="map a head (L5.H2), a layer (L5), an MLP or a neuron")
     tower = tower_for(shape)
+    if comp.kind == "feature":
+        return _feature_map(image, comp, loaded, reader)
     if comp.site == "stage":
         return _position_map(image, comp, loaded, reader, tower)
     if comp.kind == "neuron" and tower.channel_units:
@@ -335,6 +337,24 @@ def _mlp_map(image: SpatialImage, comp: names.Component, loaded: Any, reader: An
     else:
         scores, measure = outputs[comp.layer][0].norm(dim=-1), "output norm"  # (T,)
     return SpatialMap(_patch_grid(scores), str(comp.base), measure, [comp.layer], "forward", float(scores[0]))
+
+
+def _feature_map(image: SpatialImage, comp: names.Component, loaded: Any, reader: Any) -> SpatialMap:
+    """An SAE feature's activation at each token of the site it reads (a grid's cells for a conv tower)."""
+    if loaded is None or reader is None:
+        raise ClipTermError(f"{comp}'s per-patch values need the cache (its SAE) and a forward pass", hint=model_hint(reader))
+    from clipterm.sae.store import SaeFile
+    from clipterm.sae.train import site_for
+
+    sae_file = SaeFile(reader, comp.layer)
+    sae_file.check_feature(comp.index)
+    site = site_for(loaded, comp.layer)
+    scores = sae_file.patch_map(loaded, model_pixels(loaded, image), comp.index)[0].float().cpu()  # (T,)
+    patches = scores[site.prefix:]
+    side = int(round(patches.numel() ** 0.5))
+    first = float(scores[0]) if site.prefix else float(patches.mean())
+    return SpatialMap(patches.reshape(side, -1), str(comp), "SAE activation", [comp.layer], "forward", first,
+                      first_token="class token" if site.prefix else "mean over the grid")
 
 
 def _channel_map(image: SpatialImage, comp: names.Component, loaded: Any, reader: Any, tower: Tower) -> SpatialMap:

@@ -6,6 +6,7 @@
 | `L5.H2:pc2`       | the head's second principal direction of its centred joint-space effects     |
 | `L5.MLP`, `S3.B1` | an MLP's (or ConvNeXt block's) first principal direction, as for a head; needs a cache |
 | `L9.N123`         | the neuron's second-order principal direction (`neurons.L9.safetensors`); needs a cache |
+| `L4.F12`          | the SAE feature's direct effect: its decoder direction through the exact path (`sae.L4.safetensors`); needs a cache |
 | `text:a red circle` | the text's embedding                                                     |
 | `image:PATH`      | the image's embedding                                                      |
 | `class:NAME`      | a class of the cache's labels (or a toy class, or an ImageNet class): its prompts' mean embedding |
@@ -30,20 +31,20 @@ from clipterm.errors import ClipTermError, ExitCode
 from clipterm.vit.models import is_toy
 
 _KINDS = ("text", "image", "class")
+UNITS = ("head", "neuron", "mlp", "feature")  # component targets: their directions come from a cache
 # Terms split at " + " / " - " only where a new target starts, so that texts may hold dashes.
 _SPLIT = re.compile(r"\s+([+-])\s+(?=(?:text|image|class):|L\d)")
-COMPONENT_KINDS = ("head", "neuron", "mlp")  # targets whose direction comes from a cache's statistics
-HINT = "targets look like L5.H2, L5.H2:pc2, L9.N123, text:a red circle, image:PATH, class:NAME, or text:red - text:blue"
+HINT = "targets look like L5.H2, L5.H2:pc2, L9.N123, L4.F12, text:a red circle, image:PATH, class:NAME, or text:red - text:blue"
 
 
 @dataclass(frozen=True)
 class Term:
     sign: int  # +1 or -1
-    kind: str  # text, image, class, head, mlp or neuron
+    kind: str  # text, image, class, head, mlp, neuron or feature
     value: str  # the text, path or class; the component name for heads and neurons
 
     def __str__(self) -> str:
-        return self.value if self.kind in COMPONENT_KINDS else f"{self.kind}:{self.value}"
+        return self.value if self.kind in UNITS else f"{self.kind}:{self.value}"
 
 
 @dataclass
@@ -54,7 +55,7 @@ class Target:
 
     @property
     def needs_cache(self) -> bool:
-        return any(t.kind in COMPONENT_KINDS for t in self.terms)
+        return any(t.kind in UNITS for t in self.terms)
 
 
 def parse(spec: str) -> list[Term]:
@@ -74,9 +75,9 @@ def parse(spec: str) -> list[Term]:
             component = names.parse(piece)
         except ClipTermError:
             raise ClipTermError(f"unknown target {piece!r}", hint=HINT) from None
-        if component.kind not in COMPONENT_KINDS:
+        if component.kind not in UNITS:
             raise ClipTermError(f"{piece} has no direction to search towards",
-                                hint="use a head (L5.H2), an MLP or block (L5.MLP, S3.B1) or a neuron (L9.N123)")
+                                hint="use a head (L5.H2), an MLP or block (L5.MLP, S3.B1), a neuron (L9.N123) or an SAE feature (L4.F12)")
         if component.kind == "neuron" and (component.pc or 1) != 1:
             raise ClipTermError(f"neurons have one second-order direction: {piece}", hint=f"use {component.base}")
         terms.append(Term(sign, component.kind, str(component)))
@@ -85,7 +86,7 @@ def parse(spec: str) -> list[Term]:
 
 def require_cache(terms: list[Term], have_cache: bool) -> None:
     """Refuse head and neuron targets when no cache is given: their directions come from its statistics."""
-    needing = [str(t) for t in terms if t.kind in COMPONENT_KINDS]
+    needing = [str(t) for t in terms if t.kind in UNITS]
     if needing and not have_cache:
         raise ClipTermError(f"target {needing[0]} needs a cache (its direction comes from the cache's statistics)",
                             hint="pass --cache NAME, built with this model (`clipterm cache build`)")
@@ -114,6 +115,8 @@ def _direction(term: Term, loaded: Any, reader: Any | None) -> torch.Tensor:
     component = reader.tower.validate(names.parse(term.value))
     if component.kind in ("head", "mlp"):  # an MLP or a ConvNeXt block: the principal direction of its effects
         return head_direction(reader, str(component.base), component.pc or 1)
+    if component.kind == "feature":
+        return feature_direction(reader, loaded, component.layer, component.index)
     return neuron_direction(reader, component.layer, component.index)
 
 
@@ -183,6 +186,16 @@ def head_direction(reader: Any, head: str, pc: int = 1) -> torch.Tensor:
     if float(direction @ moments.mean) < 0:
         direction = -direction
     return direction.float()
+
+
+def feature_direction(reader: Any, loaded: Any, layer: int, index: int) -> torch.Tensor:
+    """An SAE feature's direct effect (D,): its decoder direction through the tower's exact path to the embedding."""
+    from clipterm.sae.features import effects
+    from clipterm.sae.store import SaeFile
+
+    sae_file = SaeFile(reader, layer)
+    sae_file.check_feature(index)
+    return effects(sae_file, loaded)[0][index]
 
 
 def neuron_direction(reader: Any, layer: int, index: int) -> torch.Tensor:

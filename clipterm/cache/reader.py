@@ -307,6 +307,13 @@ class CacheReader:
         slot = 0 if self.shape.tower == "resnet" else layer  # a ResNet stores its last stage's channel means only
         return self._gather(lambda f: f.get_slice("neurons")[slot], rows)
 
+    def sae_activations(self, layer: int | str) -> Any:
+        """(N, F) fp32: per image, each SAE feature's maximum over its tokens (`sae.L4.safetensors`)."""
+        from clipterm.sae.store import SaeFile
+        from clipterm.sae.train import layer_of
+
+        return SaeFile(self, layer if isinstance(layer, int) else layer_of(layer)).image_max
+
     def tokens(self, layer: int | str, rows: Sequence[int] | None = None) -> Any:
         """(H, N, T, dh) per-source-token head outputs of one layer, in head space, when built with `--tokens`."""
         import torch

@@ -38,6 +38,18 @@ class Tower:
         """Check a parsed name against this tower; returns it (a pool part gets its stored layer slot)."""
         raise NotImplementedError
 
+    def site_layers(self) -> int:
+        """How many residual sites an SAE can read (`L0..`): blocks of a ViT, stages of a ResNet or ConvNeXt."""
+        return self.shape.layers
+
+    def validate_feature(self, component: Component) -> Component:
+        """An SAE feature `L4.F12`: its layer must be a site of this tower (its index is checked by the SAE file)."""
+        count = self.site_layers()
+        if not 0 <= (component.layer or 0) < count:
+            raise ClipTermError(f"no layer {component.layer} for SAE features in this model: {component}",
+                                hint=f"SAE sites run {names.layer(0)}..{names.layer(count - 1)}")
+        return component
+
     def parse(self, name: str) -> Component:
         """Parse and validate in one step."""
         return self.validate(names.parse(name))

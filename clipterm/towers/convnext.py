@@ -31,7 +31,12 @@ class ConvNextTower(Tower):
                 + (f"; its units are the last stage's channels {names.neuron(s.stage, 0)}.."
                    f"{names.neuron(s.stage, s.neurons - 1)}" if s.neuron_layer is not None else ""))
 
+    def site_layers(self) -> int:
+        return self.shape.stage + 1
+
     def validate(self, component: Component) -> Component:
+        if component.kind == "feature":
+            return self.validate_feature(component)
         s = self.shape
         if component.kind in ("embed", "bias") and component.site == "block":
             return component

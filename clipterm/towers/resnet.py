@@ -26,7 +26,12 @@ class ResNetTower(Tower):
                 f"heads); its neurons are the last stage's channels {names.neuron(s.neuron_layer, 0)}.."
                 f"{names.neuron(s.neuron_layer, s.neurons - 1)}")
 
+    def site_layers(self) -> int:
+        return self.shape.neuron_layer + 1
+
     def validate(self, component: Component) -> Component:
+        if component.kind == "feature":
+            return self.validate_feature(component)
         s = self.shape
         if component.kind == "neuron" or (component.kind == "layer" and component.site == "block"):
             if component.layer != s.neuron_layer:

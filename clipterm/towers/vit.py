@@ -27,6 +27,8 @@ class VitTower(Tower):
                 f"neurons .N0..N{s.neurons - 1}")
 
     def validate(self, component: Component) -> Component:
+        if component.kind == "feature":
+            return self.validate_feature(component)
         s = self.shape
         if component.site == "stage":
             raise self.refuse(f"{component} names a ConvNeXt block, and this model is a ViT")
