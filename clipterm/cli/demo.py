@@ -298,7 +298,7 @@ def renderables(stored: dict, interactive: bool = False) -> list[Any]:
 def demo(
     n: int = typer.Option(400, "--n", min=10, help="Fresh synthetic images to score the model on."),
     seed: int = typer.Option(7, "--seed", help="Seed of the held-out sample."),
-    scenes: int = typer.Option(2000, "--scenes", min=50, help="Synthetic images in the demo cache (built once)."),
+    scenes: int = typer.Option(1000, "--scenes", min=50, help="Synthetic images in the demo cache (built once)."),
     no_tui: bool = typer.Option(False, "--no-tui", help="Print the summary instead of opening the TUI."),
     fresh: bool = typer.Option(False, "--fresh", help="Recompute the summary instead of printing the stored one."),
     cache_dir: str = CacheDirOpt,
