@@ -188,7 +188,8 @@ def compute_demo(n: int, seed: int, n_images: int, console: Console, interactive
     info = {key: getattr(loaded.info, key) for key in ("layers", "heads", "head_dim", "image_size", "patch_size", "embed_dim")}
     console.print(model_line(info))
     with console.status(f"scoring {n} fresh synthetic images"):
-        acc = evaluate_model(loaded.model, loaded.tokenizer, n=n, seed=seed, world=model_world(DEMO_MODEL))
+        acc = evaluate_model(loaded.model, loaded.tokenizer, n=n, seed=seed, batch_size=64,  # 64: a lower peak
+                             world=model_world(DEMO_MODEL))
     console.print(accuracy_table(acc, title=accuracy_title(n, seed)))
     loaded, reader = prepare(n_images, console, cache_dir, loaded=loaded)
     if interactive:
