@@ -39,12 +39,13 @@ _register()
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning ClipTermError into one line plus a hint and an exit code."""
+    from clipterm.cli.bounds import bounded_sizes
     from clipterm.cli.common import clean_interrupts, finite_floats
     from clipterm.cli.output import error
 
     debug = os.environ.get("CLIPTERM_DEBUG", "") not in ("", "0")
     try:
-        clean_interrupts(finite_floats(typer.main.get_command(app)))(args=argv, prog_name="clipterm")
+        clean_interrupts(bounded_sizes(finite_floats(typer.main.get_command(app))))(args=argv, prog_name="clipterm")
     except ClipTermError as exc:
         if debug:
             raise
