@@ -9,7 +9,8 @@
 | `toy1:N`, `toy2:N[@SEED]` | the same scenes of world 1 or 2, whatever the model                 |
 
 Decoding is forgiving where it can be and honest where it can't: CMYK, alpha, palette and 16-bit
-images are turned into RGB; empty, truncated and non-image files are skipped with a reason.
+images are turned into RGB; empty, truncated and non-image files are skipped with a reason, and so are
+images over MAX_PIXELS or longer than MAX_ASPECT times their width, read from the header before decoding.
 
 By default a file decodes as plain open_clip sees it (`Image.open(path).convert("RGB")`, full size),
 so cached embeddings equal open_clip's own on the same file. Two deliberate exceptions, where PIL's

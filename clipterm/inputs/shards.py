@@ -11,6 +11,8 @@ dot of its file name); its image is the first member with an image extension, it
 `.{label_key}` member (an integer or a name) or the `label_key` field of its `.json` member. Tar
 members are indexed by offset on open (headers only), so each process of a torchrun build reads the
 bytes of its own chunks only, and inputs are numbered the same in every process.
+Links, repeated keys and members truncated or over MAX_MEMBER_BYTES are inputs skipped with a reason;
+an unreadable label (too long, too deep, not UTF-8) is an unknown label (docs/reliability.md).
 
 Each input gets an id that names it for good: `tar:/abs/shard.tar#member` or `hf:/abs/path:split#row`,
 so images.jsonl can be read back (thumbnails, `neurons build`) without the source spec.
