@@ -33,6 +33,12 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> tuple[Path, str]:
 
         raise ClipTermError(f"the cache root {root} (from {why}) is a file, not a folder",
                             hint="point --cache-dir or $CLIPTERM_CACHE at a folder (it is created if missing)")
+    above = next((parent for parent in root.parents if os.path.lexists(parent)), None)
+    if above is not None and not above.is_dir():
+        from clipterm.errors import ClipTermError
+
+        raise ClipTermError(f"the cache root {root} (from {why}) is under {above}, a file, not a folder",
+                            hint="point --cache-dir or $CLIPTERM_CACHE at a folder (it is created if missing)")
     return root, why
 
 

@@ -37,6 +37,7 @@ class Scoring:
     image_embeds: Any  # (N, D) the unablated embeddings, or a cache reader: its image_embeds are then streamed
     labels: torch.Tensor | None = None  # (N,) class per image, -1 unknown; None: agreement with unablated top-1
     keep: torch.Tensor | None = None  # (N,) bool: the rows that may be scored; None: all
+    task: str | None = None  # the task the labels are of, for messages
     base_logits: torch.Tensor = field(init=False)  # (n, K) on the scored rows
     target: torch.Tensor = field(init=False)  # (n,) the label, or the unablated top-1
     rows: torch.Tensor = field(init=False)  # (n,) the rows that are scored, ascending
@@ -49,7 +50,9 @@ class Scoring:
             known = known & self.keep
         self.rows = known.nonzero().squeeze(1)  # (n,)
         if self.rows.numel() == 0:
-            raise ClipTermError("no image in the cache has a label for this task", hint="pick another --task")
+            what = f"task {self.task!r}" if self.task else "this task"
+            raise ClipTermError(f"no image in the cache has a label for {what} (its labelled inputs were all skipped "
+                                "or left out)", hint="pick another --task")
         if streamed:  # shard by shard: the (N, D) embeddings are never held
             self.base_logits = torch.empty(len(self.rows), len(self.weights))  # (n, K), filled in place
             for lo, hi in self.image_embeds.row_chunks(4096):
@@ -279,7 +282,7 @@ def scorings(
             raise ClipTermError(f"--classes has {len(classes)} lines, task {name!r} has {len(names_)} classes",
                                 hint=f"list the classes in label order: {', '.join(names_[:5])}, ...")
         weights = class_weights(encode, prompts_for(kind, name, classes or names_, templates))
-        out[name] = Scoring(weights, image_embeds, reader.labels(name), keep)
+        out[name] = Scoring(weights, image_embeds, reader.labels(name), keep, task=name)
     if out:
         return out
     if classes is not None:

@@ -32,6 +32,7 @@ from clipterm.errors import ClipTermError
 
 OBJECTIVES = ("auto", "activation", "effect", "direction")
 PARAMS = ("fourier", "pixel")
+MAX_PIXELS = 1 << 26  # pixels optimised at once, all images together: 67M, about 3.2 GB at 48 bytes a pixel
 # lucid's colour_correlation_svd_sqrt: the square root of ImageNet's RGB covariance.
 COLOUR_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
 
@@ -325,6 +326,10 @@ def check(config: Config, loaded: Any) -> int:
                                  f"(the model sees {loaded.info.image_size} px)")
     if config.images < 1:
         raise ClipTermError(f"--diverse must be at least 1 (got {config.images})", hint="e.g. --diverse 4")
+    if config.images * size * size > MAX_PIXELS:
+        raise ClipTermError(f"--diverse {config.images} images of --size {size} are {config.images * size * size:,} pixels: "
+                            f"at most {MAX_PIXELS:,} (48 bytes a pixel for the image, its gradient and Adam's moments)",
+                            hint=f"use fewer images or a smaller --size (e.g. --diverse {max(MAX_PIXELS // (size * size), 1)})")
     if config.param not in PARAMS:
         raise ClipTermError(f"unknown parametrisation {config.param!r}", hint=f"use one of {', '.join(PARAMS)}")
     return size

@@ -137,7 +137,12 @@ def _cache_row(ref: str, reader: Any) -> SpatialImage:
 
         image, problem = _decode(Path(item_path(item)), fast_decode(reader.manifest))
         return SpatialImage(ref, image, row, None if image is not None else f"{item['path']}: {problem}")
-    return SpatialImage(ref, synthetic_image(item["id"]), row)
+    from clipterm.inputs.images import SkipImage
+
+    try:
+        return SpatialImage(ref, synthetic_image(item["id"]), row)
+    except SkipImage as exc:  # a tar member or dataset row gone or changed since the build
+        return SpatialImage(ref, None, row, f"{item['id']}: {exc}")
 
 
 def _decode(path: Path, fast: bool = False) -> tuple[Any, str | None]:

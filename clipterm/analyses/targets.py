@@ -128,7 +128,7 @@ def _encode(loaded: Any, texts: list[str]) -> torch.Tensor:
 
 def image_direction(loaded: Any, path: str) -> torch.Tensor:
     """The unit embedding (D,) of one image file."""
-    from clipterm.inputs.images import SkipImage, decode
+    from clipterm.inputs.images import MAX_ASPECT, MAX_PIXELS, SkipImage, decode
 
     file = Path(path).expanduser()
     if not file.is_file():
@@ -136,7 +136,9 @@ def image_direction(loaded: Any, path: str) -> torch.Tensor:
     try:
         image = decode(file, min_side=loaded.info.image_size)
     except SkipImage as exc:
-        raise ClipTermError(f"cannot use image {path}: {exc}", code=ExitCode.INVALID_DATA) from None
+        raise ClipTermError(f"cannot use image {path}: {exc}", hint=f"give an image file that decodes (PNG, JPEG, ...) of at most "
+                            f"{MAX_PIXELS:,} pixels, its long side at most {MAX_ASPECT} times its short side",
+                            code=ExitCode.INVALID_DATA) from None
     device = next(loaded.model.parameters()).device
     with torch.no_grad():
         embed = loaded.model.encode_image(loaded.preprocess(image)[None].to(device))[0]  # (D,)

@@ -26,6 +26,7 @@ from clipterm.inputs.images import DECODE_FAST, DECODE_FULL, ImageDataset, Image
 # progress(description, total, unit) -> context manager yielding advance(n): clipterm.cli.output.progress fits.
 ProgressFactory = Callable[[str, "int | None", str], ContextManager[Callable[[int], None]]]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+MAX_NAME = 255  # bytes in a folder name on ext4, xfs, btrfs, apfs (a name is ASCII: bytes are characters)
 
 
 @dataclass
@@ -366,6 +367,9 @@ def _check_options(options: BuildOptions) -> None:
         raise ClipTermError(f"unknown dtype {options.dtype!r}", hint="use float16 (the default) or float32")
     if options.batch_size < 1 or options.shard_rows < 1:
         raise ClipTermError("batch size and shard rows must be at least 1")
+    if options.name is not None and len(options.name) > MAX_NAME:
+        raise ClipTermError(f"--name is {len(options.name)} characters; a cache name is at most {MAX_NAME} (the file "
+                            "system's limit on a folder name)", hint="choose a shorter --name")
     if options.name is not None and not _NAME.match(options.name):
         raise ClipTermError(f"not a cache name: {options.name!r}",
                             hint="names use letters, digits and . _ + -; use --cache-dir to put caches elsewhere")
@@ -382,7 +386,7 @@ def default_name(info: Any, source: ImageSource) -> str:
     else:
         images = Path(source.root or "images").stem if source.kind == "list" else Path(source.root or "images").name
     name = "-".join(part for part in (model, tag, images) if part)
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("._-") or "cache"
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("._-")[:MAX_NAME] or "cache"
 
 
 def default_workers(source: ImageSource) -> int:

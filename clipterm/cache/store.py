@@ -58,7 +58,12 @@ class CacheLock:
         self.fd: int | None = None
 
     def acquire(self) -> CacheLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a read-only root, a name too long for the file system, a full disk
+            raise ClipTermError(f"cannot create the cache folder {self.path.parent}: {exc.strerror or exc}",
+                                hint="check that the cache root is writable, or pass --cache-dir FOLDER",
+                                code=ExitCode.USAGE) from None
         try:  # O_NOFOLLOW: a symlinked lock must never truncate whatever it points at
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:

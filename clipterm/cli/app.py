@@ -40,6 +40,7 @@ _register()
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning ClipTermError into one line plus a hint and an exit code."""
+    from clipterm.cli.bounds import bounded_sizes
     from clipterm.cli.common import clean_interrupts, finite_floats
     from clipterm.cli.output import error
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv is None:  # the process's own entry point (not a caller in-process): registered before any torch import,
         atexit.register(_end_fast)  # so it runs after torch's own atexit handlers
     try:
-        clean_interrupts(finite_floats(typer.main.get_command(app)))(args=argv, prog_name="clipterm")
+        clean_interrupts(bounded_sizes(finite_floats(typer.main.get_command(app))))(args=argv, prog_name="clipterm")
     except ClipTermError as exc:
         if debug:
             raise

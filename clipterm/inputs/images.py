@@ -9,7 +9,8 @@
 | `toy1:N`, `toy2:N[@SEED]` | the same scenes of world 1 or 2, whatever the model                 |
 
 Decoding is forgiving where it can be and honest where it can't: CMYK, alpha, palette and 16-bit
-images are turned into RGB; empty, truncated and non-image files are skipped with a reason.
+images are turned into RGB; empty, truncated and non-image files are skipped with a reason, and so are
+images over MAX_PIXELS or longer than MAX_ASPECT times their width, read from the header before decoding.
 
 By default a file decodes as plain open_clip sees it (`Image.open(path).convert("RGB")`, full size),
 so cached embeddings equal open_clip's own on the same file. Two deliberate exceptions, where PIL's
@@ -36,6 +37,10 @@ from clipterm.errors import ClipTermError, ExitCode
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif")
 # Decompression-bomb guard: more pixels than this (16k x 16k) is refused rather than decoded.
 MAX_PIXELS = 16384 * 16384
+# A long side over this many times the short one is refused too, read from the header before decoding: resizing
+# the short side to the model's input (224 px) would blow a 665-byte 1x150000 PNG up to 224 x 33.6M pixels. 50:1 keeps
+# every panorama and long screenshot, and bounds the resized image at 224 x 11,200 (7.5 MB).
+MAX_ASPECT = 50
 DECODE_FULL, DECODE_FAST = "full", "fast"  # the manifest's `decode`: how a build decoded its files
 _TOY = re.compile(r"^toy([12])?:(\d+)(?:@(\d+))?$")  # world (none: the model's), N, seed
 
@@ -198,6 +203,8 @@ def open_source(spec: str, toy_world: int = 1, **shard_options: Any) -> ImageSou
 
     if shards.is_shard_spec(spec):
         return shards.open_shard_source(spec, **shard_options)
+    kind = "the synthetic world" if spec.strip().startswith("toy") else "a folder or a list file"
+    shards.refuse_ignored(spec, kind, **shard_options)
     match = _TOY.match(spec.strip())
     if match:
         world = int(match[1] or toy_world)
@@ -348,6 +355,7 @@ def decode(path: str | os.PathLike | bytes, min_side: int = 224, fast: bool = Fa
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DecompressionBombWarning, EXIF and palette warnings
             with Image.open(path) as image:
+                _check_shape(*image.size)  # the header's size, before a pixel is decoded
                 if fast:
                     image.draft("RGB", (min_side * 2, min_side * 2))  # JPEG: decode at a reduced scale, much faster
                 image.load()
@@ -361,6 +369,15 @@ def decode(path: str | os.PathLike | bytes, min_side: int = 224, fast: bool = Fa
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
         text = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise SkipImage(f"truncated or corrupt image: {text}") from None
+
+
+def _check_shape(width: int, height: int) -> None:
+    """Refuse (SkipImage) an image too large in area, or too long for its width, to decode and resize safely."""
+    if width * height > MAX_PIXELS:
+        raise SkipImage(f"too large to decode safely ({width:,}x{height:,} is over {MAX_PIXELS:,} pixels)")
+    if max(width, height) > MAX_ASPECT * max(min(width, height), 1):
+        raise SkipImage(f"extreme aspect ratio ({width:,}x{height:,}, over {MAX_ASPECT}:1): resizing it for the model "
+                        "would take gigabytes")
 
 
 def _shrink(image: Any, min_side: int) -> Any:
