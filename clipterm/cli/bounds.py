@@ -40,6 +40,9 @@ BOUNDS: dict[tuple[str, str], tuple[int, str]] = {
     ("neurons build", "--batch-size"): (4096, "images per forward pass, every neuron's second-order effect held at once"),
     ("neurons build", "--workers"): (64, "each worker is a process decoding images ahead"),
     ("neurons list", "--k"): (1024, "texts per sparse decomposition: k x pool similarities per neuron"),
+    ("sae train", "--features"): (262_144, "the encoder and decoder are 2 x width x features floats, with Adam's moments"),
+    ("sae train", "--batch-size"): (65_536, "activations per step, each encoded into every feature at once"),
+    ("sae train", "--k"): (4096, "active features kept per activation (checked below --features too)"),
 }
 
 UNBOUNDED: dict[tuple[str, str], str] = {
@@ -68,6 +71,10 @@ UNBOUNDED: dict[tuple[str, str], str] = {
     ("texts show", "--limit"): "texts printed, a slice of the pool already loaded",
     ("neurons list", "--top"): "rows printed, a slice of neurons already ranked",
     ("neurons list", "--texts"): "texts printed per neuron, a slice of the k chosen",
+    ("sae train", "--steps"): "time, not memory",
+    ("sae train", "--seed"): "a seed",
+    ("sae list", "--top"): "rows printed, a slice of features already ranked",
+    ("sae list", "--texts"): "texts printed per feature, a slice of the pool's ranking",
 }
 
 
