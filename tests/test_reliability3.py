@@ -169,7 +169,7 @@ def test_every_size_like_option_has_a_bound():
     import typer
 
     from clipterm.cli.app import app
-    from clipterm.cli.bounds import BOUNDS, UNBOUNDED
+    from clipterm.cli.common import BOUNDS, UNBOUNDED
 
     found = set()
 

@@ -173,7 +173,7 @@ def test_image_targets(toy, tmp_path):
         targets.resolve(f"image:{tmp_path / 'missing.png'}", toy)
 
 
-@pytest.mark.parametrize("spec, message", [("red", "unknown target"), ("L5", "no direction"), ("L5.MLP", "no direction"),
+@pytest.mark.parametrize("spec, message", [("red", "unknown target"), ("L5", "no direction"), ("L5.MLP", "needs a cache"),
                                            ("L5.N3:pc2", "one second-order"), ("text:", "empty text"),
                                            ("text:red - text:red", "zero vector"), ("class:mauve", "unknown class"),
                                            ("L5.H2", "needs a cache"), ("text:red - L1.N3", "needs a cache")])

@@ -40,8 +40,7 @@ _register()
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning ClipTermError into one line plus a hint and an exit code."""
-    from clipterm.cli.bounds import bounded_sizes
-    from clipterm.cli.common import clean_interrupts, finite_floats
+    from clipterm.cli.common import bounded_sizes, clean_interrupts, finite_floats
     from clipterm.cli.output import error
 
     debug = os.environ.get("CLIPTERM_DEBUG", "") not in ("", "0")
