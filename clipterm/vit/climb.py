@@ -9,7 +9,8 @@ forward. Every family gives the same interface (`VitClimb` here for open_clip's 
 - `unit_term(component, kind, sign, direction)`: the Term of one unit, refusing an objective it cannot have;
 - `default_kind(component)`, `unit_layer(term)`: the objective a unit gets by default, and the layer it lives in
   (a facet's layer must be below it);
-- `recorder(terms, blocks)`, `score(term, recorder, embeds)`, `layer_acts(recorder, layer)`, `tokens(acts)`.
+- `recorder(terms, blocks)`, `score(term, recorder, embeds)`, `layer_acts(recorder, layer)`, `tokens(acts)`;
+- `unit_site(component)`: the module, dimension and index of a neuron's or channel's output (ablation's hook).
 """
 
 from __future__ import annotations
@@ -134,6 +135,10 @@ class VitClimb(Climb):
         unit = direction(component)  # (D,)
         vectors = path_vectors(self.model, component.layer, neurons=[component.index])[0].cpu()  # (K, D)
         return Term(sign, "neuron_effect", unit, component.layer, component.index, vectors @ unit)
+
+    def unit_site(self, component: Any) -> tuple[Any, int, int]:
+        """Where a neuron lives in the forward: (module, dimension, index) of its output (mean-ablation's hook)."""
+        return self.blocks[component.layer].mlp.gelu, -1, component.index
 
     def recorder(self, terms: list[Term], blocks: set[int] = frozenset()) -> Recorder:
         ln_1, gelu = hooks_for(terms, self.layers)

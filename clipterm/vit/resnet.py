@@ -256,6 +256,9 @@ class ResNetClimb(Climb):
     def tokens(self, acts: Tensor) -> Tensor:
         return acts.flatten(2).transpose(1, 2)  # (B, h·w, C)
 
+    def unit_site(self, component):
+        return self.stages[component.layer], 1, component.index  # a stage's output (B, C, h, w), channel c
+
     def unit_term(self, component, kind: str, sign: int, direction):
         if component.kind == "head":
             if kind == "activation":
