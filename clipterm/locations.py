@@ -9,8 +9,10 @@ APP = "clipterm"
 PACKAGE_DIR = Path(__file__).resolve().parent
 TOY_MODEL_DIR = PACKAGE_DIR / "toyworld" / "model"  # toy: the toy ViT trained on world 2, every task learned
 TOY_V1_MODEL_DIR = PACKAGE_DIR / "toyworld" / "model_v1"  # toy-v1: the first toy ViT, world 1 (half its tasks)
-TOY_RN_MODEL_DIR = PACKAGE_DIR / "toyworld" / "model_rn"  # toy-rn: the world-1 recipe with a small ModifiedResNet
-TOY_MODEL_DIRS = {"toy": TOY_MODEL_DIR, "toy-v1": TOY_V1_MODEL_DIR, "toy-rn": TOY_RN_MODEL_DIR}  # the built-in specs
+TOY_RN_MODEL_DIR = PACKAGE_DIR / "toyworld" / "model_rn"  # toy-rn: a small ModifiedResNet, recipe 2 on world 2
+TOY_RN_V1_MODEL_DIR = PACKAGE_DIR / "toyworld" / "model_rn_v1"  # toy-rn-v1: the first toy-rn, world 1 (no shape, no word)
+TOY_MODEL_DIRS = {"toy": TOY_MODEL_DIR, "toy-v1": TOY_V1_MODEL_DIR, "toy-rn": TOY_RN_MODEL_DIR,
+                  "toy-rn-v1": TOY_RN_V1_MODEL_DIR}  # the built-in specs
 # Themes are data files in the repo's top-level themes/; the wheel maps them to clipterm/themes.
 BUNDLED_THEMES_DIR = PACKAGE_DIR / "themes" if (PACKAGE_DIR / "themes").is_dir() else PACKAGE_DIR.parent / "themes"
 

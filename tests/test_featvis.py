@@ -53,15 +53,12 @@ def run(loaded, target, reader=None, facet=None, **settings):
 
 def _recorded_score(toy, objective, pixels):
     """Score preprocessed pixels (B, 3, S, S) through featvis's hooks, with no transform."""
-    from clipterm.vit.decompose import readout
-
-    visual = toy.model.visual
-    ln_1, gelu = featvis.hooks_for(objective, toy.info.layers)
-    recorder = featvis.Recorder(visual, ln_1, gelu)
+    climb = featvis.climb_for(toy)
+    recorder = climb.recorder(objective.terms)
     try:
         with torch.no_grad():
-            embeds = visual(pixels)
-            return featvis.score(objective, recorder, visual, embeds, readout(toy.model))
+            embeds = climb.visual(pixels)
+            return featvis.score(objective, climb, recorder, embeds)
     finally:
         recorder.close()
 
@@ -93,7 +90,9 @@ def test_the_recorder_ignores_other_threads_passes(toy):
     """A TUI worker may run the model while a visualisation climbs: its passes must not land in the recorder."""
     import threading
 
-    recorder = featvis.Recorder(toy.model.visual, gelu={2})
+    from clipterm.vit.climb import Recorder
+
+    recorder = Recorder([(toy.model.visual.transformer.resblocks[2].mlp.gelu, "gelu", 2, False)])
     pixels = torch.zeros(1, 3, 64, 64)
     try:
         with torch.no_grad():
@@ -209,12 +208,13 @@ def test_the_articles_facet_objective_equals_a_direct_autograd_computation(toy, 
     visual = toy.model.visual
     pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
-    recorder = featvis.Recorder(visual, *featvis.hooks_for(goal, 6), blocks={2})
+    climb = featvis.climb_for(toy)
+    recorder = climb.recorder(goal.terms, {2})
     try:
         with featvis.twice_differentiable(True):
             embeds = visual(pixels)
-        value = featvis.score(goal, recorder, visual, embeds, None)  # (B,)
-        ours = value + facet_term(facet, recorder, value)  # (B,)
+        value = featvis.score(goal, climb, recorder, embeds)  # (B,)
+        ours = value + facet_term(facet, climb, recorder, value)  # (B,)
     finally:
         recorder.close()
 
@@ -225,9 +225,9 @@ def test_the_articles_facet_objective_equals_a_direct_autograd_computation(toy, 
         return leaf["g"]
 
     handle = visual.transformer.resblocks[2].register_forward_hook(cut)
-    recorder = featvis.Recorder(visual, *featvis.hooks_for(goal, 6))
+    recorder = climb.recorder(goal.terms)
     try:
-        f = featvis.score(goal, recorder, visual, visual(pixels), None)  # (B,): f(g(x))
+        f = featvis.score(goal, climb, recorder, visual(pixels))  # (B,): f(g(x))
     finally:
         recorder.close()
         handle.remove()

@@ -130,7 +130,7 @@ def test_the_model_world_comes_from_its_training_notes(tmp_path):
 
     (tmp_path / "training.json").write_text('{"world": 2, "steps": 1}')
     assert model_world(f"local-dir:{tmp_path}") == 2 and model_world(str(tmp_path)) == 2
-    assert model_world("ViT-B-32") == 1 and model_world("toy-rn") == 1
+    assert model_world("ViT-B-32") == 1 and model_world("toy-rn") == 2 and model_world("toy-rn-v1") == 1
 
 
 @pytest.mark.parametrize(

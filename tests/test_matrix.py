@@ -77,7 +77,6 @@ def _args(analysis: str, name: str, model: str, unit: str, layer: str, out) -> l
 
 
 CELL = {"neurons": "neurons build", "visualise-unit": "visualise", "visualise-text": "visualise"}
-CRASHING = {("toy-rn", "visualise-unit"), ("toy-rn", "visualise-text")}  # open_clip's ModifiedResNet: issue 29
 
 
 def _expected(family: str, analysis: str) -> str | None:
@@ -105,8 +104,6 @@ def test_every_analysis_runs_on_every_tower(caches, cli, monkeypatch, tmp_path, 
     from clipterm import names
     from clipterm.cache.reader import open_cache
 
-    if (family, analysis) in CRASHING:
-        pytest.xfail("visualise of an open_clip ModifiedResNet: 'ModifiedResNet' has no attribute 'transformer'")
 
     root, name, model = caches[family]
     monkeypatch.setenv("CLIPTERM_CACHE", str(root))

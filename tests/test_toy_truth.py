@@ -106,7 +106,7 @@ def heads(toy, truth):
 def test_the_toy_draws_its_world_in_a_cache_and_again_for_its_neurons(toy, tmp_path):
     """`toy:N` built with the toy stores world-2 scenes (ids `toy2:...`), and the neuron build that re-reads them
     draws the same scenes: no image "changed" (it used to re-draw world 1). toy-v1's `toy:N` is still world 1."""
-    assert model_world("toy") == 2 and model_world("toy-v1") == 1 and model_world("toy-rn") == 1
+    assert model_world("toy") == 2 and model_world("toy-v1") == 1 and model_world("toy-rn") == 2 and model_world("toy-rn-v1") == 1
     build_cache(BuildOptions(images="toy:6", model="toy", name="w2", cache_dir=str(tmp_path), neurons=True, workers=0),
                 loaded=toy)
     reader = open_cache(tmp_path / "w2")

@@ -74,7 +74,7 @@ async def test_a_pool_head_fills_descriptions_ablation_images_spatial_and_info(r
         assert app.analyses.cached("images", "pool.H3").tiles
         view = app.query_one(SpatialPane).copy_text
         assert len(view.splitlines()) == 2  # the 2 x 2 grid the pool reads at 64 px
-        assert "ResNet" in str(app.query_one("#visualise-status").content)
+        assert "pool.H3" in str(app.query_one("#visualise-status").content)  # a pool head can be visualised
 
 
 @pilot

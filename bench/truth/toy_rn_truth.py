@@ -9,19 +9,20 @@ and multimodal channels. The measures are tests/test_toy_rn.py's (and test_neuro
 - multimodal: channels whose top-20 images (by mean activation) hold >= 2 objects of colour X and >= 2 scenes
   with the word X written in another ink.
 
-    python -m bench.truth.toy_rn_truth [--model toy-rn|PATH] [--images 1000] [--threads 1]
+    python -m bench.truth.toy_rn_truth [--model toy-rn|toy-rn-v1|PATH] [--images 1000] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+from pathlib import Path
 
 import torch
 
 from bench._common import write_result
-from clipterm.toyworld.evaluate import HELDOUT_SEED, evaluate_model
-from clipterm.vit.models import load_model
+from clipterm.toyworld.evaluate import HELDOUT_SEED, evaluate_model, model_world
+from clipterm.vit.models import is_toy, load_model
 from tests.test_neurons import ground_truth_rates
 from tests.test_toy_rn import colour_heads, multimodal_channels, rn_truth_cache
 
@@ -34,8 +35,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(args.model if args.model == "toy-rn" else f"local-dir:{args.model}")
-    accuracy = evaluate_model(loaded.model, loaded.tokenizer, n=1000, seed=HELDOUT_SEED)
+    loaded = load_model(args.model if is_toy(args.model) else f"local-dir:{args.model}")
+    accuracy = evaluate_model(loaded.model, loaded.tokenizer, n=1000, seed=HELDOUT_SEED, world=model_world(loaded.info.spec))
     print("zero-shot accuracy (1000 held-out scenes):", accuracy, flush=True)
     with tempfile.TemporaryDirectory(prefix="toy-rn-truth-") as tmp:
         reader, _ = rn_truth_cache(loaded, tmp, args.images)
@@ -50,7 +51,7 @@ def main() -> None:
         multimodal = multimodal_channels(reader)
         print(f"multimodal channels: {multimodal['multimodal']} of {multimodal['channels']} (20 random images meet the "
               f"criterion {multimodal['random_rate']:.0%} of the time);", multimodal["examples"][:5])
-    path = write_result("toy_rn_truth", {"model": args.model, "images": args.images, "accuracy": accuracy,
+    path = write_result("toy_rn_truth" if args.model == "toy-rn" else f"toy_rn_truth-{Path(args.model).name}", {"model": args.model, "images": args.images, "accuracy": accuracy,
                                          "colour_heads": heads, "channels": rates, "multimodal": multimodal})
     print(f"wrote {path}")
 

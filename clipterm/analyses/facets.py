@@ -8,8 +8,9 @@ of a layer below the unit, and the climb maximises, with f the unit's objective 
 
 where w are the probe's weights for the facet's class and the product is summed over positions: the probe reads
 the attribution of the objective to the layer, so the picture shows what of the facet the unit uses. Features are
-the token-mean of block `layer`'s output, standardised. `logprob` instead adds λ · log p(class) of a probe on the
-class-token residual, LayerNorm'ed without affine: another objective, kept for comparison.
+the token-mean of layer `layer`'s output (a ViT block's, a ResNet stage's over its grid), standardised; the tower's
+climb (`vit/climb.py`) records it. `logprob` instead adds λ · log p(class) of a probe on the class-token residual
+(a ResNet's mean over the grid), LayerNorm'ed without affine: another objective, kept for comparison.
 """
 
 from __future__ import annotations
@@ -45,11 +46,12 @@ class Facet:
     objective: str = "attribution"
     mean: Tensor | None = None  # (W,) token-mean activations over the training rows (attribution)
     std: Tensor | None = None  # (W,)
+    class_token: bool = True  # the layer's tokens start with a class token (a ViT's); else logprob reads their mean
 
     def features(self, acts: Tensor) -> Tensor:
-        """The probe's input for block outputs (B, T, W): (B, W)."""
+        """The probe's input for layer outputs as tokens (B, T, W): (B, W)."""
         if self.objective == "logprob":
-            return F.layer_norm(acts[:, 0].float(), acts.shape[-1:])  # (B, W)
+            return F.layer_norm(_summary(acts, self.class_token), acts.shape[-1:])  # (B, W)
         return (acts.float().mean(1) - self.mean.to(acts.device)) / self.std.to(acts.device)  # (B, W)
 
     def log_prob(self, acts: Tensor) -> Tensor:
@@ -72,17 +74,22 @@ class Facet:
                 "chance": round(self.chance, 4), "images": self.rows}
 
 
+def _summary(tokens: Tensor, class_token: bool) -> Tensor:
+    """What a logprob probe reads of tokens (B, T, W): the class token, or the mean over positions (B, W)."""
+    return tokens[:, 0].float() if class_token else tokens.float().mean(1)
+
+
 def default_layer(n_layers: int, unit_layer: int | None) -> int:
-    """The block whose output a facet probes by default: the one just below the unit, else two thirds deep."""
+    """The layer (a ViT's block, a ResNet's stage) whose output a facet probes by default: the one just below the
+    unit, else two thirds deep."""
     return unit_layer - 1 if unit_layer else (2 * n_layers) // 3
 
 
 def train_facet(loaded: Any, reader: Any, spec: str, layer: int | None = None, max_rows: int = 1024, seed: int = 0,
                 steps: int = 300, objective: str = "attribution") -> Facet:
     """Fit a probe for `TASK` or `TASK/CLASS` on the cache's labels: 80% of the labelled rows train, 20% test."""
-    from clipterm.analyses.featvis import Recorder
+    from clipterm.analyses.featvis import climb_for
     from clipterm.analyses.spatial import open_image
-    from clipterm.vit.decompose import vision_tower
 
     task, _, wanted = spec.partition("/")
     if reader is None:
@@ -95,25 +102,28 @@ def train_facet(loaded: Any, reader: Any, spec: str, layer: int | None = None, m
         raise ClipTermError(f"no class {wanted!r} in task {task}", hint=f"classes: {', '.join(classes)}"[:300])
     if objective not in OBJECTIVES:
         raise ClipTermError(f"unknown facet objective {objective!r}", hint=f"use {' or '.join(OBJECTIVES)}")
-    visual = vision_tower(loaded.model)
-    layer = layer if layer is not None else default_layer(len(visual.transformer.resblocks), None)
+    climb = climb_for(loaded)
+    layer = layer if layer is not None else default_layer(climb.layers, None)
+    if not 0 <= layer < climb.layers:
+        raise ClipTermError(f"--facet-layer {names.layer(layer)}: this model has layers {names.layer(0)}.."
+                            f"{names.layer(climb.layers - 1)} to probe", hint=f"e.g. --facet-layer {names.layer(climb.layers - 1)}")
     labels = reader.labels(task)  # (N,)
     rows = torch.nonzero(labels >= 0).flatten()
     rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))][:max_rows]
     if len(rows) < 10:
         raise ClipTermError(f"cache {reader.name} has only {len(rows)} rows labelled for {task}",
                             hint="build a larger cache")
-    recorder = Recorder(visual, blocks={layer})
+    recorder = climb.recorder([], {layer})
     features = []
-    device = visual.conv1.weight.device
+    stem = climb.visual.conv1.weight
     try:
         with torch.no_grad():
             for start in range(0, len(rows), 128):
                 images = [open_image(f"row:{int(r)}", reader).image for r in rows[start : start + 128]]
                 batch = torch.stack([loaded.preprocess(image) for image in images])  # (b, 3, S, S)
-                visual(batch.to(device=device, dtype=visual.conv1.weight.dtype))
-                acts = recorder.saved[("block", layer)].float()  # (b, T, W)
-                features.append((F.layer_norm(acts[:, 0], acts.shape[-1:]) if objective == "logprob"
+                climb.visual(batch.to(device=stem.device, dtype=stem.dtype))
+                acts = climb.tokens(climb.layer_acts(recorder, layer)).float()  # (b, T, W)
+                features.append((F.layer_norm(_summary(acts, climb.class_token), acts.shape[-1:]) if objective == "logprob"
                                  else acts.mean(1)).cpu())  # (b, W)
     finally:
         recorder.close()
@@ -137,4 +147,4 @@ def train_facet(loaded: Any, reader: Any, spec: str, layer: int | None = None, m
     chance = float(torch.bincount(y[split:], minlength=len(classes)).max() / max(len(y) - split, 1))
     target = classes.index(wanted) if wanted else None
     return Facet(task, layer, classes, weight.detach(), bias.detach(), target, accuracy, chance, len(rows), objective,
-                 mean, std)
+                 mean, std, climb.class_token)

@@ -7,18 +7,19 @@ so only features that survive those transforms grow. Diversity (lucid): K images
 similarity of their Gram matrices at a middle layer. Facets (`facets.py`): a probe of a lower layer weighs the
 objective's attribution to that layer (Goh et al., 2021).
 
-Objectives (`objective` picks where a target allows several):
-- a head `L5.H2[:pcK]`, `effect` (default): its direct effect, CLS output / σ_post @ R_h, along its principal
+Objectives (`objective` picks where a target allows several); the tower's climb (`vit/climb.py`) scores units:
+- a head `L5.H2[:pcK]` or a pool head `pool.H3`, `effect` (default): its direct effect along its principal
   (TextSpan) direction; `direction`: cos(image embedding, that direction);
-- a neuron `L4.N12`, `activation` (default): its post-activation at the class token; `effect`: its
+- a ViT neuron `L4.N12`, `activation` (default): its post-activation at the class token; `effect`: its
   second-order effect through later heads along its principal direction; `direction`: cos(embedding, it);
+- a ResNet channel `L3.N12` of any stage, `activation` (default): its mean over the grid (lucid's channel
+  objective); `effect` (last stage): its direct effect through the attention pool along its principal direction;
 - `text:`, `image:`, `class:` and sums of them: cos(image embedding, the target's unit direction).
 """
 
 from __future__ import annotations
 
 import math
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -29,6 +30,7 @@ from torch import Tensor
 
 from clipterm import names
 from clipterm.errors import ClipTermError
+from clipterm.vit.climb import Term, direction_score
 
 OBJECTIVES = ("auto", "activation", "effect", "direction")
 PARAMS = ("fourier", "pixel")
@@ -114,72 +116,7 @@ def _crop(pixels: Tensor, jitter: int, generator: torch.Generator) -> Tensor:
     return pixels[..., dy : dy + side, dx : dx + side]
 
 
-# --------------------------------------------------------------------------- what one forward pass records
-
-
-class Recorder:
-    """Forward hooks on the model's own modules, so the forward pass is the model's plain (fused) one. Only passes
-    run by the thread that made it are recorded: a TUI worker may share the model with another at the same time."""
-
-    def __init__(self, visual: Any, ln_1: set[int] = frozenset(), gelu: set[int] = frozenset(),
-                 blocks: set[int] = frozenset()):
-        self.saved: dict[tuple[str, int], Tensor] = {}
-        self.hooks = []
-        self.thread = threading.get_ident()
-        for layer in ln_1:  # the ln_1 input (residual) and output, for attention rows and σ
-            module = visual.transformer.resblocks[layer].ln_1
-            self.hooks.append(module.register_forward_hook(self._keep("ln_1", layer, with_input=True)))
-        for layer in gelu:
-            gelu_module = visual.transformer.resblocks[layer].mlp.gelu
-            self.hooks.append(gelu_module.register_forward_hook(self._keep("gelu", layer)))
-        for layer in blocks:
-            self.hooks.append(visual.transformer.resblocks[layer].register_forward_hook(self._keep("block", layer)))
-        self.hooks.append(visual.ln_post.register_forward_hook(self._keep("ln_post", 0, with_input=True)))
-
-    def _keep(self, kind: str, layer: int, with_input: bool = False) -> Callable:
-        def hook(_module, inputs, output):
-            if threading.get_ident() != self.thread:
-                return
-            self.saved[(kind, layer)] = output[0] if isinstance(output, tuple) else output
-            if with_input:
-                self.saved[(kind + "_in", layer)] = inputs[0]
-        return hook
-
-    def final_residual(self) -> Tensor:
-        residual = self.saved[("ln_post_in", 0)]  # (B, N, W) or (B, W)
-        return residual[:, 0] if residual.dim() == 3 else residual  # (B, W)
-
-    def close(self) -> None:
-        for hook in self.hooks:
-            hook.remove()
-
-
-def _sigma(residual: Tensor, eps: float) -> Tensor:
-    return (residual.float().var(-1, unbiased=False) + eps).sqrt()  # (...,)
-
-
-def _cls_attention(attn: Any, normed: Tensor) -> tuple[Tensor, Tensor]:
-    """The class token's attention row (B, H, T) and its per-head output (B, H, dh), from ln_1's output."""
-    from clipterm.vit.decompose import attention_qkv
-
-    q, k, v, scale = attention_qkv(attn, normed)  # (B, H, T, dh) each
-    row = (q[:, :, :1] @ k.transpose(-1, -2) * scale).softmax(-1)  # (B, H, 1, T)
-    return row[:, :, 0], (row @ v)[:, :, 0]  # (B, H, T), (B, H, dh)
-
-
 # --------------------------------------------------------------------------- objectives
-
-
-@dataclass
-class Term:
-    """One signed part of an objective: `score(recorder, embeds, σ_post)` gives (B,)."""
-
-    sign: int
-    kind: str  # direction, head_effect, neuron_activation, neuron_effect
-    direction: Tensor | None = None  # (D,) unit
-    layer: int = 0
-    index: int = 0
-    path_gains: Tensor | None = None  # (K,) for neuron_effect: each later head's path vector · direction
 
 
 @dataclass
@@ -189,8 +126,9 @@ class Objective:
     terms: list[Term] = field(default_factory=list)
 
 
-def objective_for(spec: str, loaded: Any, reader: Any = None, objective: str = "auto") -> Objective:
-    """The objective of a target of the search grammar (see `targets`); refuses what a target cannot mean."""
+def objective_for(spec: str, loaded: Any, reader: Any = None, objective: str = "auto", climb: Any = None) -> Objective:
+    """The objective of a target of the search grammar (see `targets`); refuses what a target cannot mean. A unit's
+    term comes from the tower's climb (`vit/climb.py`), which knows what its units can be asked for."""
     from clipterm.analyses import targets
 
     if objective not in OBJECTIVES:
@@ -203,80 +141,48 @@ def objective_for(spec: str, loaded: Any, reader: Any = None, objective: str = "
             raise ClipTermError(f"{spec} is a direction, with no {objective}",
                                 hint="drop --objective (it is `direction`)")
         return Objective(spec, "direction", [Term(1, "direction", targets.resolve(spec, loaded, reader).direction)])
-    kind = objective if objective != "auto" else ("effect" if components[0].kind == "head" else "activation")
-    terms = []
+    climb = climb or climb_for(loaded)
+    units = [reader.tower.visual_unit(names.parse(t.value)) for t in components]
+    kind = objective if objective != "auto" else climb.default_kind(units[0])
+
+    def direction(comp: Any) -> Tensor:
+        if comp.kind == "head":
+            return targets.head_direction(reader, str(comp.base), comp.pc or 1)
+        return targets.neuron_direction(reader, comp.layer, comp.index)
+
+    terms, found = [], iter(units)
     for term in parsed:
         if term.kind in ("text", "image", "class", "feature"):  # a feature: its direct effect, as a direction
             terms.append(Term(term.sign, "direction", targets.resolve(str(term), loaded, reader).direction))
-            continue
-        comp = reader.tower.validate(names.parse(term.value))
-        if comp.kind == "head":
-            if kind == "activation":
-                raise ClipTermError(f"{comp} is a head: it has an effect, not an activation",
-                                    hint="use --objective effect or direction")
-            direction = targets.head_direction(reader, str(comp.base), comp.pc or 1)
-            terms.append(Term(term.sign, "head_effect", direction, comp.layer, comp.index))
-        elif kind == "activation":
-            terms.append(Term(term.sign, "neuron_activation", None, comp.layer, comp.index))
         else:
-            from clipterm.vit.second_order import check_layer, path_vectors
-
-            check_layer(reader.shape.layers, comp.layer)
-            direction = targets.neuron_direction(reader, comp.layer, comp.index)  # (D,)
-            vectors = path_vectors(loaded.model, comp.layer, neurons=[comp.index])[0].cpu()  # (K, D)
-            terms.append(Term(term.sign, "neuron_effect", direction, comp.layer, comp.index, vectors @ direction))
+            terms.append(climb.unit_term(next(found), kind, term.sign, direction))
     return Objective(spec, kind, terms)
 
 
-def hooks_for(objective: Objective, n_layers: int) -> tuple[set[int], set[int]]:
-    """The layers whose ln_1 and whose MLP activation an objective reads."""
-    ln_1, gelu = set(), set()
-    for term in objective.terms:
-        if term.kind == "head_effect":
-            ln_1.add(term.layer)
-        elif term.kind == "neuron_activation":
-            gelu.add(term.layer)
-        elif term.kind == "neuron_effect":
-            gelu.add(term.layer)
-            ln_1.update(range(term.layer + 1, n_layers))
-    return ln_1, gelu
+def climb_for(loaded: Any) -> Any:
+    """The tower's differentiable forward with recordings (`vit/climb.py`); refuses a tower with nothing to climb."""
+    from clipterm.vit.towers import climb_for as of_tower
+
+    return of_tower(loaded)
 
 
-def score(objective: Objective, recorder: Recorder, visual: Any, embeds: Tensor, readout: Tensor) -> Tensor:
+def score(objective: Objective, climb: Any, recorder: Any, embeds: Tensor) -> Tensor:
     """The objective of each image of the batch: (B,)."""
-    sigma_post = _sigma(recorder.final_residual(), visual.ln_post.eps)  # (B,)
     total = torch.zeros(embeds.shape[0], device=embeds.device)  # (B,)
     for term in objective.terms:
-        if term.kind == "direction":
-            value = F.cosine_similarity(embeds.float(), term.direction.to(embeds.device)[None], dim=-1)  # (B,)
-        elif term.kind == "head_effect":
-            attn = visual.transformer.resblocks[term.layer].attn
-            _, heads_out = _cls_attention(attn, recorder.saved[("ln_1", term.layer)])  # (B, H, dh)
-            along = readout[term.layer, term.index].to(embeds.device) @ term.direction.to(embeds.device)  # (dh,)
-            value = heads_out[:, term.index].float() @ along / sigma_post  # (B,)
-        elif term.kind == "neuron_activation":
-            value = recorder.saved[("gelu", term.layer)][:, 0, term.index].float()  # (B,)
-        else:  # the second-order scalars s_k of the neuron, dotted with its path gains
-            acts = recorder.saved[("gelu", term.layer)][:, :, term.index].float()  # (B, T)
-            scalars = []
-            for later in range(term.layer + 1, len(visual.transformer.resblocks)):
-                block = visual.transformer.resblocks[later]
-                row, _ = _cls_attention(block.attn, recorder.saved[("ln_1", later)])  # (B, H, T)
-                sigma = _sigma(recorder.saved[("ln_1_in", later)], block.ln_1.eps)  # (B, T)
-                scalars.append(torch.einsum("bht,bt->bh", row.float() / sigma[:, None], acts))  # (B, H)
-            value = torch.cat(scalars, 1) @ term.path_gains.to(embeds.device) / sigma_post  # (B,)
+        value = direction_score(term, embeds) if term.kind == "direction" else climb.score(term, recorder, embeds)
         total = total + term.sign * value
     return total  # (B,)
 
 
-def facet_term(facet: Any, recorder: Recorder, value: Tensor) -> Tensor:
+def facet_term(facet: Any, climb: Any, recorder: Any, value: Tensor) -> Tensor:
     """The facet's part of the objective (`facets.py`), (B,): wᵀ(g ⊙ ∇f) for the article's form, through the graph
     of ∂f/∂g so that the climb follows it; log p(class) for `logprob`."""
-    acts = recorder.saved[("block", facet.layer)]  # (B, T, W)
+    acts = climb.layer_acts(recorder, facet.layer)  # the layer's output as recorded
     if facet.objective == "logprob":
-        return facet.log_prob(acts)
-    (grad,) = torch.autograd.grad(value.sum(), acts, create_graph=True)  # (B, T, W)
-    return facet.attribution(acts, grad)
+        return facet.log_prob(climb.tokens(acts))
+    (grad,) = torch.autograd.grad(value.sum(), acts, create_graph=True)  # ∂f/∂g, shaped as g
+    return facet.attribution(climb.tokens(acts), climb.tokens(grad))
 
 
 def twice_differentiable(needed: bool) -> Any:
@@ -290,22 +196,27 @@ def twice_differentiable(needed: bool) -> Any:
     return sdpa_kernel(SDPBackend.MATH)
 
 
-def check_facet(facet: Any, objective: Objective) -> None:
+def unit_layers(objective: Objective, climb: Any) -> list[int]:
+    """The layers the objective's units live in (a pool head above every stage); empty for directions."""
+    return [climb.unit_layer(t) for t in objective.terms if t.kind != "direction"]
+
+
+def check_facet(facet: Any, objective: Objective, climb: Any) -> None:
     """The article's facet reads the objective's attribution to a layer below every unit of the objective."""
-    units = [t for t in objective.terms if t.kind != "direction"]
+    units = unit_layers(objective, climb)
     if facet is None or facet.objective == "logprob" or not units:
         return
-    lowest = min(units, key=lambda t: t.layer)
-    if facet.layer >= lowest.layer:
+    if facet.layer >= min(units):
         raise ClipTermError(f"--facet-layer {names.layer(facet.layer)} is not below the unit in "
-                            f"{names.layer(lowest.layer)}: the objective's attribution to it is zero",
-                            hint=f"use --facet-layer {names.layer(max(lowest.layer - 1, 0))} or lower, or "
+                            f"{names.layer(min(units))}: the objective's attribution to it is zero",
+                            hint=f"use --facet-layer {names.layer(max(min(units) - 1, 0))} or lower, or "
                                  "--facet-objective logprob")
 
 
-def gram_similarity(tokens: Tensor) -> Tensor:
-    """lucid's diversity term: the mean pairwise cosine similarity of the images' Gram matrices of tokens (B, T, W)."""
-    patches = tokens[:, 1:].float()  # (B, P, W)
+def gram_similarity(tokens: Tensor, skip: int = 1) -> Tensor:
+    """lucid's diversity term: the mean pairwise cosine similarity of the images' Gram matrices of tokens (B, T, W),
+    past the first `skip` (a class token)."""
+    patches = tokens[:, skip:].float()  # (B, P, W)
     grams = F.normalize((patches.transpose(1, 2) @ patches).flatten(1), dim=-1)  # (B, W*W)
     similar = grams @ grams.T  # (B, B)
     count = tokens.shape[0]
@@ -336,45 +247,36 @@ def check(config: Config, loaded: Any) -> int:
 
 
 def visualise(loaded: Any, objective: Objective, config: Config, facet: Any = None,
-              cancel: Callable[[], bool] = lambda: False) -> Iterator[Frame]:
+              cancel: Callable[[], bool] = lambda: False, climb: Any = None) -> Iterator[Frame]:
     """Climb the objective; yields a Frame every step (pixels on every `every`-th and the last)."""
-    from clipterm.vit.decompose import readout as readout_of
-    from clipterm.vit.decompose import vision_tower
-    from clipterm.vit.towers import refuse_model_analysis
-
-    refuse_model_analysis(loaded.model, "feature visualisation")
+    climb = climb or climb_for(loaded)
     size = check(config, loaded)
-    check_facet(facet, objective)
-    visual = vision_tower(loaded.model)
-    device = visual.conv1.weight.device
+    check_facet(facet, objective, climb)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    image = Image(config.images, size, config.param, generator).to(device)
+    image = Image(config.images, size, config.param, generator).to(climb.device)
     optimiser = torch.optim.Adam(image.parameters(), lr=config.lr)
-    mean = torch.tensor(visual.image_mean or (0.5,) * 3, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(visual.image_std or (0.5,) * 3, device=device).view(1, 3, 1, 1)
-    n_layers = len(visual.transformer.resblocks)
-    ln_1, gelu = hooks_for(objective, n_layers)
-    blocks = {n_layers // 2} if config.diversity and config.images > 1 else set()
+    middle = climb.layers // 2
+    blocks = {middle} if config.diversity and config.images > 1 else set()
     if facet is not None:
         blocks.add(facet.layer)
-    readout = readout_of(loaded.model).to(device) if any(t.kind == "head_effect" for t in objective.terms) else None
     trainable = [p for p in loaded.model.parameters() if p.requires_grad]
     for parameter in trainable:  # gradients reach the image only
         parameter.requires_grad_(False)
-    recorder = Recorder(visual, ln_1, gelu, blocks)
+    recorder = climb.recorder(objective.terms, blocks)
     start = time.perf_counter()
     try:
         for step in range(1, config.steps + 1):
             pixels = robust(image(), loaded.info.image_size, generator)  # (K, 3, S', S')
             with twice_differentiable(facet is not None and facet.objective == "attribution"):
-                embeds = visual((pixels - mean) / std)  # (K, D)
-            value = score(objective, recorder, visual, embeds, readout)  # (K,)
+                embeds = climb.forward(pixels)  # (K, D)
+            value = score(objective, climb, recorder, embeds)  # (K,)
             loss = -value.mean()
-            if blocks and config.diversity and config.images > 1:
-                loss = loss + config.diversity * gram_similarity(recorder.saved[("block", n_layers // 2)])
+            if config.diversity and config.images > 1:
+                tokens = climb.tokens(climb.layer_acts(recorder, middle))
+                loss = loss + config.diversity * gram_similarity(tokens, 1 if climb.class_token else 0)
             if facet is not None:
-                loss = loss - config.facet_weight * facet_term(facet, recorder, value).mean()
+                loss = loss - config.facet_weight * facet_term(facet, climb, recorder, value).mean()
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

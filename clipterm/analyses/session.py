@@ -292,6 +292,17 @@ class Analyses:
         ConvNeXt, its last stage's input (`embed`) and the whole stage (`S3`)."""
         return self._memoised("ablation", "layers", lambda: self._ablate(self.top_level()))
 
+    def ablate(self, components: list[str]) -> dict[str, TaskAblation]:
+        """Per task: the drop when each of `components` is mean-ablated on its own (direct, from the cache)."""
+        return self._memoised("ablation", tuple(components), lambda: self._ablate(components))
+
+    def encode_texts(self, texts: list[str]) -> Any:
+        """The model's text embeddings of `texts` (ablation's class prompts)."""
+        from clipterm.vit.textencode import encode_texts
+
+        loaded = self.loaded()
+        return encode_texts(loaded.model, loaded.tokenizer, texts)
+
     def top_level(self) -> list[str]:
         """What the model-level ablation compares: every layer, or a ConvNeXt's stage input and last stage."""
         return self.reader.tower.top_level()

@@ -27,7 +27,7 @@ app = typer.Typer(
 # Each module has `register(app)`, which adds its commands or its sub-group. None imports torch at import time.
 _COMMAND_MODULES = ["clipterm.cli.basics", "clipterm.cli.toy", "clipterm.cli.cache", "clipterm.cli.texts", "clipterm.cli.analyse",
                     "clipterm.cli.search", "clipterm.cli.neurons", "clipterm.cli.spatial", "clipterm.cli.visualise",
-                    "clipterm.cli.demo", "clipterm.cli.sae", "clipterm.tui.command"]
+                    "clipterm.cli.demo", "clipterm.cli.sae", "clipterm.cli.unit", "clipterm.tui.command"]
 
 
 def _register() -> None:

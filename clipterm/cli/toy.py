@@ -12,7 +12,7 @@ from clipterm.cli.output import emit_json, progress, stderr, stdout
 from clipterm.errors import ClipTermError
 
 ForceOpt = typer.Option(False, "--force", help="Replace files that OUT already holds (a model, labels.jsonl, images).")
-WORLD_HELP = "World version: 1 (toy-v1's and toy-rn's) or 2 (the toy's: legible words; see docs/toy.md)."
+WORLD_HELP = "World version: 1 (toy-v1's and toy-rn-v1's) or 2 (the toy's and toy-rn's: legible words; see docs/toy.md)."
 
 toy_app = typer.Typer(help="The synthetic world and the built-in toy CLIPs: render images, train, evaluate, ship.", no_args_is_help=True)
 
@@ -123,7 +123,7 @@ EVAL_MAX = 200_000
 
 @toy_app.command("eval")
 def evaluate(
-    model: str = typer.Option("toy", "--model", help="`toy`, `toy-v1`, `toy-rn`, or a local-dir model folder trained by `clipterm toy train`."),
+    model: str = typer.Option("toy", "--model", help="`toy`, `toy-v1`, `toy-rn`, `toy-rn-v1`, or a local-dir model folder trained by `clipterm toy train`."),
     n: int = typer.Option(1000, "--n", min=10, help="Held-out images to evaluate on."),
     seed: int = typer.Option(None, "--seed", help="Seed of the held-out scenes (default: the fixed held-out seed)."),
     world: int = typer.Option(None, "--world", help=WORLD_HELP + " Default: the world the model was trained on."),

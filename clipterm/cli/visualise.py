@@ -40,8 +40,9 @@ class Param(str, Enum):
 
 
 def visualise(
-    target: str = typer.Option(..., "--target", "-t", help="What to visualise: L5.H2, L5.H2:pc2, L4.N12, "
-                               "'text:a red shape', image:PATH, class:NAME, or differences like 'text:red - text:blue'."),
+    target: str = typer.Option(..., "--target", "-t", help="What to visualise: L5.H2, L5.H2:pc2, L4.N12; on a ResNet "
+                               "pool.H3 or a channel of any stage (L3.N12, L2.N40); 'text:a red shape', image:PATH, "
+                               "class:NAME, or differences like 'text:red - text:blue'."),
     model: str = typer.Option(None, "--model", help="`toy`, an open_clip arch, or a local-dir model folder "
                               "(default: the cache's model, else toy)."),
     pretrained: str = PretrainedOpt,
@@ -51,8 +52,10 @@ def visualise(
     objective: Objective = typer.Option(Objective.auto, "--objective", help="Heads: effect (default: direct effect along "
                                         "the head's principal direction) or direction (cos of the image embedding with it). "
                                         "Neurons: activation (default: post-activation at the class token), effect "
-                                        "(second-order effect along its principal direction) or direction. Texts, images "
-                                        "and classes: direction."),
+                                        "(second-order effect along its principal direction) or direction. ResNet "
+                                        "channels: activation (default: the mean over positions) or effect (the last "
+                                        "stage's, through the attention pool along its principal direction). Texts, "
+                                        "images and classes: direction."),
     steps: int = typer.Option(128, "--steps", help="Optimisation steps."),
     size: int = typer.Option(None, "--size", help="Side of the optimised image in pixels (default: the model's input "
                              "size; it is resized to that size for the model)."),
@@ -61,8 +64,9 @@ def visualise(
     facet: str = typer.Option(None, "--facet", help="TASK or TASK/CLASS: faceted visualisation (Goh et al., 2021) with a "
                               "linear probe of the cache's labels for that task; TASK alone favours whichever class "
                               "scores highest."),
-    facet_layer: str = typer.Option(None, "--facet-layer", help="Block whose output the facet's probe reads (default: "
-                                    "the one below the unit; two thirds deep for texts and images)."),
+    facet_layer: str = typer.Option(None, "--facet-layer", help="Layer whose output the facet's probe reads: a "
+                                    "ViT's block, a ResNet's stage (default: the one below the unit; two thirds deep "
+                                    "for texts and images)."),
     facet_objective: FacetObjective = typer.Option("attribution", "--facet-objective", help="attribution (the "
                                                    "article's: the probe weighs the objective's attribution to that "
                                                    "layer, wᵀ(g ⊙ ∇f)) or logprob (log p(class) of a class-token probe)."),
@@ -95,16 +99,17 @@ def visualise(
                             objective=objective.value, param=param.value, lr=lr, seed=seed, facet_weight=facet_weight)
     loaded, reader = _load(model, pretrained, cache, cache_dir, device.value, quick_gelu)
     side = featvis.check(config, loaded)
-    goal = featvis.objective_for(target, loaded, reader, config.objective)
+    climb = featvis.climb_for(loaded)
+    goal = featvis.objective_for(target, loaded, reader, config.objective, climb=climb)
     probe = None
     if facet is not None:
-        units = [t.layer for t in goal.terms if t.kind != "direction"]
-        layer = _one_layer(facet_layer, loaded.info.layers) if facet_layer else \
-            facets.default_layer(loaded.info.layers, min(units, default=None))
+        units = featvis.unit_layers(goal, climb)
+        layer = _one_layer(facet_layer, climb.layers) if facet_layer else \
+            facets.default_layer(climb.layers, min(units, default=None))
         probe = facets.train_facet(loaded, reader, facet, layer=layer, objective=facet_objective.value)
     curve: list[float] = []
     with progress(f"visualising {target}", total=steps, unit="steps") as advance:
-        for frame in featvis.visualise(loaded, goal, config, probe):
+        for frame in featvis.visualise(loaded, goal, config, probe, climb=climb):
             curve.append(frame.objective)
             advance(1, note=f"objective {frame.objective:+.4f}")
     record = _record(target, terms, goal, config, side, loaded, reader, probe, curve, frame.elapsed)

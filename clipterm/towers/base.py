@@ -54,6 +54,10 @@ class Tower:
         """Parse and validate in one step."""
         return self.validate(names.parse(name))
 
+    def visual_unit(self, component: Component) -> Component:
+        """Check a parsed name as a unit that feature visualisation can climb (any stage's channel for a ResNet)."""
+        return self.validate(component)
+
     def describe(self, component: Component) -> str:
         """A short human description of what a component is."""
         return names.describe(component)

@@ -7,7 +7,6 @@ holds one attention layer, the pool, at slot `shape.pool_layer`.
 
 from __future__ import annotations
 
-from typing import Callable
 
 from clipterm import names
 from clipterm.names import Component
@@ -46,6 +45,16 @@ class ResNetTower(Tower):
         if component.kind == "head" and not 0 <= component.index < s.heads:  # type: ignore[operator]
             raise self.refuse(f"no head {component.index} in this model's pool: {component}")
         return Component(component.kind, s.pool_layer, component.index, component.pc, site="pool")
+
+    def visual_unit(self, component: Component) -> Component:
+        """Feature visualisation climbs the channels of every stage (`L0.N5` .. `L3.N511`), not only those the pool
+        reads; the climb checks the channel against its stage's width."""
+        if component.kind == "neuron" and component.site == "block":
+            if not 0 <= component.layer <= self.shape.neuron_layer:  # type: ignore[operator]
+                raise self.refuse(f"no stage {component.layer} in this ResNet: {component} (stages "
+                                  f"{names.layer(0)}..{names.layer(self.shape.neuron_layer)})")
+            return component
+        return self.validate(component)
 
     def describe(self, component: Component) -> str:
         if component.site == "block":
@@ -105,9 +114,6 @@ class ResNetTower(Tower):
         why = {"embed": f"{component} carries position, not image content: nothing to put in words; ",
                "bias": f"{component} is the same for every image: nothing to put in words; "}.get(kind, "")
         return why + f"select a pool head ({names.pool_head(0)}) or a channel ({channel}) to see what it says in words"
-
-    def visual_refusal(self, refusal: Callable[[str], str | None]) -> str | None:
-        return "feature visualisation climbs a ViT's blocks; it has no objective for a ResNet's pool or channels yet"
 
     def spatial_hint(self) -> str:
         return "select the pool, a pool head or a channel, or type a text query and press enter"

@@ -31,7 +31,7 @@ TOY = "toy"
 
 
 def is_toy(spec: str | None) -> bool:
-    """A built-in toy model (`toy`, `toy-v1`, `toy-rn`): trained by clipterm on its synthetic world, shipped in the package."""
+    """A built-in toy model (`toy`, `toy-v1`, `toy-rn`, `toy-rn-v1`): trained by clipterm on its synthetic world, shipped in the package."""
     return spec in locations.TOY_MODEL_DIRS
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 

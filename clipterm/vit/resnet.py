@@ -20,6 +20,7 @@ up to the heads: pool.pos + pool.bias + Σ_h pool.H{h} = pool.pos + pool.bias + 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from clipterm import names
 from clipterm.errors import ClipTermError, ExitCode
+from clipterm.vit.climb import Climb, Recorder, Term
 from clipterm.vit.decompose import Decomposition, vision_tower
 from clipterm.vit.second_order import NeuronPass
 
@@ -210,3 +212,108 @@ def trace(model, images: Tensor, layer: int, convention: str = "clipterm") -> Ne
     parts = decompose(model, images, neurons=True)
     return NeuronPass(scalars=parts.channels.transpose(1, 2), activations=parts.neurons[:, 0],  # (B, C, H), (B, C)
                       image_embeds=parts.image_embeds, ln_scale=parts.ln_scale)  # (B, D), (B,)
+
+
+# --------------------------------------------------------------------------- feature visualisation (vit/climb.py)
+
+
+class RedirectedReLU(torch.autograd.Function):
+    """relu(x), whose gradient where ReLU's own is zero for a whole image passes through wherever it would not push a
+    negative input lower (lucid's redirected ReLU gradient); the values are ReLU's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        relu_grad = torch.where(x < 0, torch.zeros_like(grad), grad)
+        redirected = torch.where((x < 0) & (grad > 0), torch.zeros_like(grad), grad)  # descent would lower x
+        passed = relu_grad.flatten(1).norm(dim=1) > 0  # (B,): images whose ReLU gradient is not all zero
+        return torch.where(passed.view(-1, *[1] * (x.dim() - 1)), relu_grad, redirected)
+
+
+class ResNetClimb(Climb):
+    """The climb of a ModifiedResNet: channels `L{s}.N{c}` of any stage (activation: the mean over the grid; effect:
+    a last-stage channel's direct effect through the pool, Σ_h s_h[c] W_c^h W_v^h[:, c], along its direction), pool
+    heads `pool.H{h}` (effect: W_c^h W_v^h Σ_t a_h(t) z̃_t along the head's direction). The attention a_h is the
+    pool's own, recomputed differentiably from the recorded grid. A facet reads a stage's output, position by
+    position (B, h·w, C); the layers are the stages, and a pool head sits above them all (layer `STAGES`)."""
+
+    class_token = False
+
+    def __init__(self, loaded):
+        super().__init__(loaded)
+        self.layers = STAGES
+        self.stages = [getattr(self.visual, f"layer{k + 1}") for k in range(STAGES)]
+
+    def channels(self, stage: int) -> int:
+        """How many channels stage `stage` has (its last block's output)."""
+        return self.stages[stage][-1].bn3.num_features
+
+    def tokens(self, acts: Tensor) -> Tensor:
+        return acts.flatten(2).transpose(1, 2)  # (B, h·w, C)
+
+    def unit_site(self, component):
+        return self.stages[component.layer], 1, component.index  # a stage's output (B, C, h, w), channel c
+
+    def unit_term(self, component, kind: str, sign: int, direction):
+        if component.kind == "head":
+            if kind == "activation":
+                raise ClipTermError(f"{component} is a pool head: it has an effect, not an activation",
+                                    hint="use --objective effect or direction", code=ExitCode.USAGE)
+            return Term(sign, "pool_effect", direction(component), STAGES, component.index)
+        if not 0 <= component.index < self.channels(component.layer):
+            raise ClipTermError(f"no channel {component.index} in stage {names.layer(component.layer)} "
+                                f"({self.channels(component.layer)} channels)", hint=f"use {names.neuron(component.layer, 0)}"
+                                f"..{names.neuron(component.layer, self.channels(component.layer) - 1)}", code=ExitCode.USAGE)
+        if kind == "activation":
+            return Term(sign, "channel_activation", None, component.layer, component.index)
+        check_layer(STAGES, component.layer)
+        return Term(sign, "channel_effect", direction(component), component.layer, component.index)
+
+    def recorder(self, terms, blocks=frozenset()):
+        """The stages the terms and `blocks` read, and every ReLU's gradient redirected (lucid's
+        `redirected_relu_grad`): a channel that is 0 everywhere on the starting noise still gets a gradient."""
+        stages = set(blocks) | {t.layer for t in terms if t.kind == "channel_activation"}
+        if any(t.kind in ("pool_effect", "channel_effect") for t in terms):
+            stages.add(STAGES - 1)  # the pool's input
+        recorder = Recorder([(self.stages[s], "stage", s, False) for s in sorted(stages)])
+        thread = recorder.thread
+
+        def redirect(_module, inputs, output):
+            if threading.get_ident() == thread and torch.is_grad_enabled():
+                return RedirectedReLU.apply(inputs[0])
+            return None
+
+        for module in self.visual.modules():
+            if isinstance(module, torch.nn.ReLU):  # open_clip's are in place: the hook needs their input intact
+                recorder.undo.append(lambda module=module, was=module.inplace: setattr(module, "inplace", was))
+                module.inplace = False
+                recorder.hooks.append(module.register_forward_hook(redirect))
+        return recorder
+
+    def layer_acts(self, recorder, layer: int) -> Tensor:
+        return recorder.saved[("stage", layer)]  # (B, C, h, w)
+
+    def _pool(self, recorder) -> Tensor:
+        """s_h[c] = Σ_t a_h(t) z̃_t[c] (B, H, C), with the pool's attention recomputed from the recorded grid."""
+        pool = self.visual.attnpool
+        grid = recorder.saved[("stage", STAGES - 1)].float().flatten(2).transpose(1, 2)  # (B, T, C)
+        content = torch.cat([grid.mean(1, keepdim=True), grid], 1)  # (B, 1+T, C)
+        attn = attention_weights(pool, content + pool.positional_embedding.float())  # (B, H, 1+T)
+        return torch.einsum("bht,btc->bhc", attn, content)  # (B, H, C)
+
+    def score(self, term, recorder, embeds: Tensor) -> Tensor:
+        if term.kind == "channel_activation":
+            return recorder.saved[("stage", term.layer)][:, term.index].float().mean((1, 2))  # (B,)
+        pooled = self._pool(recorder)  # (B, H, C)
+        direction = term.direction.to(pooled.device)  # (D,)
+        if term.kind == "channel_effect":
+            basis = channel_basis(self.model, torch.tensor([term.index]))[:, 0].to(pooled.device)  # (H, D)
+            return pooled[:, :, term.index] @ (basis @ direction)  # (B,)
+        w_v, *_ = pool_weights(self.model)  # (H, dh, C)
+        along = w_v[term.index].to(pooled.device).T @ (readout(self.model)[0, term.index].to(pooled.device) @ direction)
+        return pooled[:, term.index] @ along  # (B,): W_c^h W_v^h s_h · direction

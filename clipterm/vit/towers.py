@@ -39,6 +39,17 @@ def family(model: Any) -> str:
     return f"open_clip VisionTransformer ({pool})"
 
 
+def climb_for(loaded: Any) -> Any:
+    """The model side of feature visualisation for a loaded model's tower (`vit/climb.py`); refuses a tower that has
+    no objective to climb, in one line."""
+    from clipterm.vit import climb, resnet
+
+    refuse_model_analysis(loaded.model, "feature visualisation")
+    if resnet.is_resnet(loaded.model):
+        return resnet.ResNetClimb(loaded)
+    return climb.VitClimb(loaded)
+
+
 def pool_readout(model: Any) -> Any:
     """(G, dh', D) for a tower that pools by attention after its blocks (a MAP head, CoCa); else None."""
     module = tower_module(model)
