@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from clipterm.analyses import lm as lm_module
-from clipterm.analyses.lm import NGram, count_trigrams, load_lm, load_ngram, nll_per_word
+from clipterm.analyses.lm import NGram, count_trigrams, excess_per_word, load_lm, load_ngram, nll_per_word
 from clipterm.analyses.search import SearchConfig, _Scorer, search_model
 from clipterm.errors import ClipTermError
 from clipterm.inputs.vocab import default_vocabulary, file_vocabulary
@@ -105,14 +105,15 @@ def test_the_caption_grammar_recogniser(world):
 @pytest.mark.parametrize("lam, expected", [(None, 0.0), (0.0025, 0.0025)])  # by default a guided search has no prior
 def test_guided_scores_carry_the_cosine_and_the_lm_term(toy, vocab, ngram, lam, expected):
     target = _embed(toy, "a large green ring at the top")
-    last = list(search_model(toy, target, vocab, dataclasses.replace(FAST, lam=lam), lm=ngram))[-1]
+    last = list(search_model(toy, target, vocab, dataclasses.replace(FAST, lam=lam, lm_relative=True), lm=ngram))[-1]
     assert last.lm == "ngram:toy"
     for hit in last.best:
         rows = _rows(vocab, hit.text)
         assert hit.cosine == pytest.approx(float(_embed(toy, hit.text) @ target), abs=1e-4)
         assert hit.lm_nll == pytest.approx(nll_per_word(ngram, [rows])[0], abs=1e-9)
+        assert hit.lm_penalty == pytest.approx(excess_per_word(ngram, [rows])[0], abs=1e-9)
         prior = float(vocab.prior[list(rows)].sum()) if rows else 0.0
-        assert hit.score == pytest.approx(hit.cosine - 0.01 * hit.lm_nll - expected * prior, abs=1e-4)
+        assert hit.score == pytest.approx(hit.cosine - 0.01 * hit.lm_penalty - expected * prior, abs=1e-4)
 
 
 def test_a_fixed_seed_repeats_exactly_with_guidance(toy, vocab, ngram):
@@ -127,11 +128,11 @@ def test_the_lm_term_is_skipped_only_where_it_cannot_matter(toy, vocab, ngram, m
     monkeypatch.setattr(ngram, "cheap", cheap)
     tokenizer = toy.tokenizer
     scorer = _Scorer(TextTower(toy.model, tokenizer.sot_token_id, tokenizer.eot_token_id), _embed(toy, "a red star"),
-                     vocab, dataclasses.replace(FAST, beam=4, lam=0.0025, lm_weight=0.1), ngram)
+                     vocab, dataclasses.replace(FAST, beam=4, lam=0.0025, lm_weight=0.1, lm_relative=True), ngram)
     generator = torch.Generator().manual_seed(0)
     strings = [tuple(torch.randint(0, len(vocab), (n,), generator=generator).tolist()) for n in (1, 2, 3) for _ in range(60)]
     strings += [_rows(vocab, t) for t in ("a red star", "red star", "a red", "star", "a star", "a red shape")]
-    full = [o - 0.1 * nll for s, (o, _), nll in zip(strings, scorer._cosines(strings), nll_per_word(ngram, strings))]
+    full = [o - 0.1 * p for s, (o, _), p in zip(strings, scorer._cosines(strings), excess_per_word(ngram, strings))]
     beam = [sorted(full, reverse=True)[2]] * 4
     scored = scorer.score(strings, beam)
     assert 0 < sum(s is not None for s in scored) < len(strings)  # some were skipped
@@ -240,3 +241,91 @@ def test_a_toy_s_corpus_is_the_captions_of_its_own_world():
         return any('" in ' in text for text in lm_module.builtin_corpus(spec)[1])
 
     assert names_ink("toy") and not names_ink("toy-v1")
+
+
+# --------------------------------------------------------------------------- a masked LM (BERT style)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A randomly initialised two-layer BertForMaskedLM with a tiny WordPiece vocabulary, saved to a folder."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install 'clipterm[lm]')")
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "the", "small", "large", "red", "green", "blue", "star",
+             "ring", "circle", "on", "left", "and", "##s"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = transformers.BertTokenizer(str(folder / "vocab.txt"))
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    transformers.BertForMaskedLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_masked_lm_proposes_for_a_masked_slot_and_scores_by_pseudo_likelihood(toy, tiny_bert, tmp_path, monkeypatch):
+    from clipterm.analyses.lm_hf import MaskedLM
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    words = tmp_path / "words.txt"
+    words.write_text("a small red blue star ring zebra\n")
+    vocab = file_vocabulary(toy.tokenizer, words)
+    lm = load_lm(str(tiny_bert), vocab, "toy")
+    assert isinstance(lm, MaskedLM) and lm.name == tiny_bert.name
+    string = _rows(vocab, "a small red star")
+    ids = [lm.tokenizer.convert_tokens_to_ids(w) for w in "a small red star".split()]
+    with torch.no_grad():  # by hand: each word masked in turn, its log-probability there given all the others
+        manual = []
+        for i, token in enumerate(ids):
+            masked = torch.tensor([[lm.cls, *ids[:i], lm.mask, *ids[i + 1 :], lm.sep]])
+            manual.append(float(lm.model(input_ids=masked).logits.log_softmax(-1)[0, i + 1, token]))
+    assert lm.word_logprobs([string])[0] == pytest.approx([*manual, 0.0], abs=1e-4)
+    assert float(lm.logprob([string])[0]) == pytest.approx(sum(manual), abs=1e-4)
+    # Insertion between "small" and "red" sees both sides: the masked slot's distribution, over the shared words.
+    slot = lm.slot_logprobs([(string, 2, 0), (string, 2, 1)])  # (2, V)
+    with torch.no_grad():
+        inserted = torch.tensor([[lm.cls, *ids[:2], lm.mask, *ids[2:], lm.sep]])
+        expected = lm.model(input_ids=inserted).logits.log_softmax(-1)[0, 3]
+    blue = vocab.words.index("blue")
+    assert float(slot[0, blue]) == pytest.approx(float(expected[lm.tokenizer.convert_tokens_to_ids("blue")]), abs=1e-4)
+    assert torch.isinf(slot[:, vocab.words.index("zebra")]).all() and not torch.equal(slot[0], slot[1])
+    assert len(lm.unigram()) == len(vocab) + 1 and lm.unigram()[-1] == 0.0
+
+
+def test_a_masked_lm_guides_the_search_from_the_cli(cli, tiny_bert, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    words = tmp_path / "words.txt"
+    words.write_text("a small large red green blue star ring circle\n")
+    result = cli("search", "--target", "text:a red star", "--beam", "3", "--topk", "4", "--random", "2", "--steps", "3",
+                 "--vocab", str(words), "--lm", str(tiny_bert), "--json")
+    assert result.code == 0, result
+    last = json.loads(result.out.splitlines()[-1])
+    assert last["lm"] == tiny_bert.name and all(hit["lm_penalty"] is not None for hit in last["best"])
+    assert all(set(hit["text"].split()) <= set(words.read_text().split()) for hit in last["best"])
+
+
+def test_a_masked_lm_that_is_not_here_or_shares_no_words_is_one_line(cli, toy, tiny_bert, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    result = cli("search", "--target", "text:red", "--lm", "bert-base-uncased", "--steps", "1")
+    assert result.code != 0 and "no language model 'bert-base-uncased' here" in result.err
+    assert "unexpected" not in result.err and len(result.err.strip().splitlines()) <= 3
+    words = tmp_path / "words.txt"
+    words.write_text("zebra quantum\n")
+    with pytest.raises(ClipTermError, match="shares no words"):
+        load_lm(str(tiny_bert), file_vocabulary(toy.tokenizer, words), "toy")
+
+
+def test_the_readability_phase_keeps_the_target_s_words(toy, vocab, ngram):
+    """`text:red`: a generic phrase ("an office", cosine 0.959) must not beat "red" (1.0) once the climb has found it."""
+    config = dataclasses.replace(FAST, steps=12, patience=4, lm_weight=0.0, keep=0.95, lm_relative=True)
+    best = list(search_model(toy, _embed(toy, "red"), vocab, config, lm=ngram))[-1].best[0]
+    assert "red" in best.text.split() and best.cosine >= 0.95, best
+
+
+def test_no_guided_string_repeats_a_content_word(toy, vocab, ngram):
+    from clipterm.analyses.lm import repeats_a_word
+
+    assert repeats_a_word("a orange circle orange ring".split()) and not repeats_a_word("a red star and a ring".split())
+    events = list(search_model(toy, _embed(toy, "a red star and a blue ring"), vocab, FAST, lm=ngram))
+    assert all(not repeats_a_word(hit.text.split()) for event in events for hit in event.best)

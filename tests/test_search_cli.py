@@ -25,11 +25,12 @@ def test_json_lines(cli):
     assert all(e["schema"] == "clipterm.search/1" for e in events)
     assert events[-1]["done"] and events[-1]["reason"] == "steps"
     best = events[-1]["best"]
-    assert len(best) == 3 and set(best[0]) == {"text", "score", "cosine", "lm_nll"} and best[0]["score"] >= best[1]["score"]
+    assert len(best) == 3 and set(best[0]) == {"text", "score", "cosine", "lm_nll", "lm_penalty"} and best[0]["score"] >= best[1]["score"]
     weight = events[-1]["lm_weight"]
     assert events[-1]["lm"] == "ngram:toy" and weight == DEFAULT_WEIGHT == DEFAULT_LM_WEIGHT  # guided by default
     for hit in best:  # the cosine and the LM term, each on its own
-        assert hit["lm_nll"] > 0 and hit["score"] <= hit["cosine"] - weight * hit["lm_nll"] + 1e-5
+        assert hit["lm_nll"] > 0 and hit["lm_penalty"] >= 0
+        assert hit["score"] <= hit["cosine"] - weight * hit["lm_penalty"] + 1e-5
     assert events[-1]["evals"] > events[1]["evals"] > 0 and events[-1]["evals_per_s"] > 0
 
 

@@ -30,7 +30,7 @@ scores second_order seconds seed set texts_per_component sha256 shape shards siz
 supported targets task tasks text texts themes_dirs title tokens top1_share top_images top_text topic torch
 schema total_variance toy_model weights weights_path weights_present weights_sha256 what width word world_size yellow
 cyan pink purple decode
-curve diversity facet files final lr objective param steps steps_per_s target lm lm_nll lm_weight world tower pool_layer neuron_layer stages site
+curve diversity facet files final lr objective param steps steps_per_s target lm lm_nll lm_penalty lm_weight world tower pool_layer neuron_layer stages site
 """.split())
 LAYER = re.compile(r"^L\d+$")
 

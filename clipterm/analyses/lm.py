@@ -10,9 +10,14 @@ batch of strings, end of string included, for the penalty λ_lm · NLL per word 
   counted from a corpus: the toy captions for the toy model, the `general` pool for other models, or a user
   file. Words outside the search vocabulary count as one unknown word. The counts are cached on disk per
   corpus sha256, beside the pool embeddings in `<cache root>/texts/`.
-- `HuggingFaceLM`: a causal LM through `transformers` (`clipterm[lm]`), from the local HF cache or a folder.
-  Its tokenizer is not CLIP's BPE, so whole strings are scored as text, and a word it proposes is one whose
-  text (" red") is a single token of it.
+- `HuggingFaceLM` and `MaskedLM` (lm_hf.py): a causal or a masked (BERT-style) LM through `transformers`
+  (`clipterm[lm]`), from local files only.
+
+The penalty the search uses is the *excess* NLL per word (`excess_per_word`): how much less likely each word is
+where it stands than on its own, −log p(w | context) − (−log p_unigram(w)), floored at 0 per word and averaged.
+It is the negative of SLOR (Pauls & Klein, ACL 2012; Lau et al., Cognitive Science 2017), clamped: a string that
+reads as the LM's text costs nothing however generic or rare its words are, so among readable strings the cosine
+alone decides (a plain NLL rewards generic text: "a picture of a" beat "red" for `text:red`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from clipterm.inputs.vocab import Vocabulary
 Tokens = tuple[int, ...]  # a string, as rows of the vocabulary
 DISCOUNT = 0.75  # Kneser–Ney's absolute discount, one for every order
 DEFAULT_WEIGHT = 0.06  # λ_lm of `clipterm search` and the TUI: see bench/truth/search_lm.py and docs/methods.md
+THRESHOLD_QUANTILE = 0.95  # τ: the per-word NLL that 95% of the corpus's words stay under (3.9 nats on the toy)
 TOY_CAPTIONS = 600  # training-style captions in the toy model's corpus, beside the `toy` pool
 _WORD = re.compile(r"[a-z]+")
 _START, _END = "<s>", "</s>"
@@ -41,6 +47,7 @@ _START, _END = "<s>", "</s>"
 class LanguageModel(Protocol):
     name: str  # what the JSON and the TUI header call it: "ngram:toy", "gpt2", a folder
     cheap: bool  # scoring a string costs less than the text tower does, so the search asks it first
+    threshold: float  # τ: a word whose NLL where it stands is at most min(its unigram NLL, τ) costs nothing
 
     def next_logprobs(self, prefixes: Sequence[Tokens]) -> torch.Tensor:
         """log p(next word | prefix) (B, V) over the vocabulary's rows."""
@@ -50,10 +57,49 @@ class LanguageModel(Protocol):
         """log p(string, then its end) (B,) in nats."""
         ...
 
+    def word_logprobs(self, strings: Sequence[Tokens]) -> list[list[float]]:
+        """log p(word | its context) of each word of each string, then of its end (n + 1 values, in nats)."""
+        ...
+
+    def unigram(self) -> list[float]:
+        """log p(word) on its own (V + 1,): each vocabulary row, then the end of a string."""
+        ...
+
 
 def nll_per_word(lm: LanguageModel, strings: Sequence[Tokens]) -> list[float]:
     """-log p(s) / (words + 1): the end of the string counts as a word, so the empty string has a cost too."""
     return [-total / (len(s) + 1) for total, s in zip(lm.logprob(strings).tolist(), strings)]
+
+
+def excess_per_word(lm: LanguageModel, strings: Sequence[Tokens],
+                    logprobs: Sequence[Sequence[float]] | None = None) -> list[float]:
+    """Mean over the words of a string and its end of max(0, −log p(w | context) − min(−log p_unigram(w), τ)), in
+    nats: 0 for a string each of whose words is at least as likely where it stands as on its own, or at least as
+    likely as the LM's typical word (τ, `lm.threshold`), so that rare words in a strange order pay too."""
+    unigram, tau = lm.unigram(), lm.threshold
+    end = len(unigram) - 1
+    out = []
+    for string, lps in zip(strings, logprobs if logprobs is not None else lm.word_logprobs(strings)):
+        rows = (*string, end)
+        out.append(sum(max(0.0, -lp - min(-unigram[w], tau)) for w, lp in zip(rows, lps)) / len(rows))
+    return out
+
+
+def penalties(lm: LanguageModel, strings: Sequence[Tokens], relative: bool = True) -> tuple[list[float], list[float]]:
+    """(the penalised term, NLL per word) of each string: the excess NLL per word when `relative`, else the NLL."""
+    lps = lm.word_logprobs(strings)
+    nll = [-sum(lp) / len(lp) for lp in lps]
+    return (excess_per_word(lm, strings, lps) if relative else nll), nll
+
+
+# Words a caption may repeat ("a small star and a ring"); a guided search's strings never repeat any other word.
+FUNCTION_WORDS = frozenset("a an the of on in at and or to with by for from is are it its this that as".split())
+
+
+def repeats_a_word(words: Sequence[str]) -> bool:
+    """Whether a string holds the same content word (not in FUNCTION_WORDS) twice."""
+    content = [w for w in words if w not in FUNCTION_WORDS]
+    return len(set(content)) < len(content)
 
 
 # --------------------------------------------------------------------------- n-gram
@@ -65,6 +111,7 @@ class NGram:
     use continuation counts (the distinct words seen before) in place of counts, and p1 falls back to uniform."""
 
     cheap = True
+    threshold = float("inf")  # load_ngram sets it from the corpus
 
     def __init__(self, trigrams: dict[tuple[str, str, str], int], vocab: Vocabulary, name: str):
         self.name, self.size = name, len(vocab)
@@ -77,6 +124,13 @@ class NGram:
             w_row = row.get(w, index.get(w, unknown))
             following[w_row] = following.get(w_row, 0) + c
         self.shared = len({w for (_, _, w) in trigrams} & set(index))  # vocabulary words the corpus has
+        seen = torch.zeros(self.size + 2, dtype=torch.float64)  # (V+2,) word counts
+        for following in counts.values():
+            for w, c in following.items():
+                seen[w] += c
+        # A word the corpus never has is rated as if seen once, so that it pays for being outside the LM's language
+        # (with its own, tiny, unigram it would cost nothing anywhere).
+        self._unigram = (seen.clamp_min(1) / seen.sum()).log()[: self.size + 1].tolist()  # words, then the end
         left: dict[int, dict[int, int]] = {}  # v -> w -> number of distinct u before "v w"
         for (_, v), following in counts.items():
             before_w = left.setdefault(v, {})
@@ -120,15 +174,41 @@ class NGram:
         return torch.stack(rows) if rows else torch.empty(0, self.size)  # (B, V)
 
     def logprob(self, strings: Sequence[Tokens]) -> torch.Tensor:
+        return torch.tensor([sum(lps) for lps in self.word_logprobs(strings)], dtype=torch.float64)  # (B,)
+
+    def word_logprobs(self, strings: Sequence[Tokens]) -> list[list[float]]:
         out = []
         for string in strings:
             u = v = self.size + 2
-            total = 0.0
+            lps = []
             for w in (*string, self.size):
-                total += math.log(self._p(u, v, w))
+                lps.append(math.log(self._p(u, v, w)))
                 u, v = v, w
-            out.append(total)
-        return torch.tensor(out, dtype=torch.float64)  # (B,)
+            out.append(lps)
+        return out
+
+    def unigram(self) -> list[float]:
+        return self._unigram
+
+    def slot_logprobs(self, moves: Sequence[tuple[Tokens, int, int]], shortlist: int = 64) -> torch.Tensor:
+        """log p of the whole string with each word at the slot (P, V), up to a constant per move: the word given the
+        two before it, and the (up to) two words after it given it. Only the `shortlist` words likeliest after the
+        prefix are rated; the others are -inf."""
+        end = self.size
+        prefixes = [string[:slot] for string, slot, _ in moves]
+        left = self.next_logprobs(prefixes) if moves else torch.empty(0, self.size)  # (P, V)
+        top = left.topk(min(shortlist, self.size), dim=1)
+        out = torch.full_like(left, float("-inf"))
+        for row, ((string, slot, cut), words, lps) in enumerate(zip(moves, top.indices.tolist(), top.values.tolist())):
+            v = self._context(string[:slot])[1]
+            after = (*string[slot + cut :], end)[:2]
+            for w, lp in zip(words, lps):
+                context = (v, w)
+                for x in after:
+                    lp += math.log(self._p(*context, x))
+                    context = (context[1], x)
+                out[row, w] = lp
+        return out
 
 
 def _discounted(counts: dict[Any, dict[int, int]]) -> dict[Any, tuple[float, dict[int, float]]]:
@@ -210,108 +290,22 @@ def load_ngram(vocab: Vocabulary, name: str, texts: Sequence[str], cache_dir: st
     if model.shared == 0:
         raise ClipTermError(f"the search vocabulary ({vocab.source}) shares no words with the n-gram corpus {name}",
                             hint="give a --vocab with words of the corpus, a --lm-corpus in the vocabulary's words, or --lm none")
+    model.threshold = word_nll_quantile(model, vocab, texts)
     return model
 
 
-# --------------------------------------------------------------------------- Hugging Face
-
-
-class HuggingFaceLM:
-    """A causal LM scoring whole strings as text: [start] + tokens(" " + words) + [end]."""
-
-    cheap = False
-
-    def __init__(self, model: Any, tokenizer: Any, vocab: Vocabulary, name: str, batch_size: int = 64):
-        self.model, self.tokenizer, self.name, self.batch_size = model.eval(), tokenizer, name, batch_size
-        self.device = next(model.parameters()).device
-        self.start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        self.end = tokenizer.eos_token_id
-        if self.start is None:
-            raise ClipTermError(f"language model {name} has neither a start nor an end-of-text token",
-                                hint="use a causal LM whose tokenizer sets bos_token or eos_token", code=ExitCode.UNSUPPORTED)
-        self.words = vocab.words
-        encoded = tokenizer([" " + word for word in vocab.words], add_special_tokens=False)["input_ids"]
-        unknown = tokenizer.unk_token_id
-        self.token = torch.tensor([ids[0] if len(ids) == 1 and ids[0] != unknown else -1 for ids in encoded])  # (V,) -1: none
-        if not bool((self.token >= 0).any()):
-            raise ClipTermError(f"the search vocabulary ({vocab.source}) shares no words with {name}: none is one of its tokens",
-                                hint="give a --vocab of common words, or --lm ngram")
-
-    def _ids(self, words: Tokens, end: bool) -> list[int]:
-        text = " ".join(self.words[w] for w in words)
-        ids = self.tokenizer(" " + text, add_special_tokens=False)["input_ids"] if words else []
-        return [self.start, *ids, *([self.end] if end and self.end is not None else [])]
-
-    @torch.no_grad()
-    def _log_softmax(self, ids: list[list[int]]) -> list[torch.Tensor]:
-        """Log-probabilities (T, vocab) after each position of each sequence, batched by length."""
-        out: list[torch.Tensor] = [torch.empty(0)] * len(ids)
-        groups: dict[int, list[int]] = {}
-        for i, sequence in enumerate(ids):
-            groups.setdefault(len(sequence), []).append(i)
-        for members in groups.values():
-            for start in range(0, len(members), self.batch_size):
-                chunk = members[start : start + self.batch_size]
-                batch = torch.tensor([ids[i] for i in chunk], device=self.device)  # (b, T)
-                logits = self.model(input_ids=batch).logits.float()  # (b, T, vocab)
-                for row, i in enumerate(chunk):
-                    out[i] = logits[row].log_softmax(-1).cpu()
-        return out
-
-    def next_logprobs(self, prefixes: Sequence[Tokens]) -> torch.Tensor:
-        logp = torch.stack([lp[-1] for lp in self._log_softmax([self._ids(p, end=False) for p in prefixes])])  # (B, vocab)
-        words = logp[:, self.token.clamp_min(0)]  # (B, V)
-        return words.masked_fill(self.token < 0, float("-inf"))  # (B, V)
-
-    def logprob(self, strings: Sequence[Tokens]) -> torch.Tensor:
-        ids = [self._ids(s, end=True) for s in strings]
-        totals = [float(lp[:-1].gather(1, torch.tensor(seq[1:])[:, None]).sum()) for lp, seq in zip(self._log_softmax(ids), ids)]
-        return torch.tensor(totals, dtype=torch.float64)  # (B,)
-
-
-def _missing(name: str, why: str) -> ClipTermError:
-    from clipterm.locations import hub_cache_dirs
-
-    return ClipTermError(f"no language model {name!r} here: not a folder, and not in the local Hugging Face cache "
-                         f"{hub_cache_dirs()[0]} ({why})",
-                         hint=f"fetch it once with CLIPTERM_DOWNLOAD=1 clipterm search --lm {name} ... (needs internet), "
-                              "or give --lm a folder written by save_pretrained", code=ExitCode.NOT_FOUND)
-
-
-def load_huggingface(name: str, vocab: Vocabulary, device: str | torch.device = "cpu") -> HuggingFaceLM:
-    """A causal LM by hub name (from the local HF cache only, unless CLIPTERM_DOWNLOAD=1) or local folder."""
-    from clipterm.locations import hub_cache_dirs
-
-    folder = Path(name).expanduser()
-    cached = (hub_cache_dirs()[0] / ("models--" + name.replace("/", "--"))).is_dir()
-    if not folder.is_dir() and not cached and os.environ.get("CLIPTERM_DOWNLOAD", "") != "1":
-        raise _missing(name, "downloads are off by default")  # said before asking for transformers: it is not here at all
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError:
-        raise ClipTermError(f"--lm {name} needs the transformers package", hint="pip install 'clipterm[lm]', or use --lm ngram",
-                            code=ExitCode.UNSUPPORTED) from None
-
-    folder = Path(name).expanduser()
-    download = os.environ.get("CLIPTERM_DOWNLOAD", "") == "1" and not folder.is_dir()
-    source = str(folder) if folder.is_dir() else name
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not download)
-        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=not download).to(device)
-    except (OSError, ValueError, KeyError) as exc:
-        if folder.is_dir():
-            raise ClipTermError(f"cannot load a causal language model from {folder}: {str(exc).splitlines()[0]}",
-                                hint="the folder needs config.json, weights and tokenizer files, as save_pretrained writes them",
-                                code=ExitCode.INVALID_DATA) from None
-        why = "downloads are off by default" if not download else f"the download failed: {str(exc).splitlines()[0]}"
-        raise _missing(name, why) from None
-    return HuggingFaceLM(model, tokenizer, vocab, folder.name if folder.is_dir() else name)
+def word_nll_quantile(lm: LanguageModel, vocab: Vocabulary, texts: Sequence[str], q: float = THRESHOLD_QUANTILE) -> float:
+    """The `q` quantile of the per-word NLL (end included) over up to 2,000 texts of a corpus: τ of excess_per_word."""
+    index = {word: row for row, word in enumerate(vocab.words)}
+    strings = [tuple(index[w] for w in _WORD.findall(t.lower()) if w in index) for t in texts[:: max(1, len(texts) // 2000)]]
+    nll = sorted(-lp for lps in lm.word_logprobs(strings) for lp in lps)
+    return nll[min(len(nll) - 1, int(q * len(nll)))] if nll else float("inf")
 
 
 def load_lm(spec: str | None, vocab: Vocabulary, model_spec: str, corpus: str | None = None,
             cache_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> LanguageModel | None:
     """The language model `--lm` names: `ngram` (trained on `corpus`, else the model's built-in corpus), `none`
-    (None), or a Hugging Face causal LM by name or folder."""
+    (None), or a Hugging Face causal or masked LM by name or folder (lm_hf.py)."""
     if spec in (None, "none"):
         if corpus is not None:
             raise ClipTermError("--lm-corpus trains the n-gram model, and --lm is none", hint="drop --lm none, or --lm-corpus")
@@ -322,4 +316,6 @@ def load_lm(spec: str | None, vocab: Vocabulary, model_spec: str, corpus: str | 
     if corpus is not None:
         raise ClipTermError(f"--lm-corpus trains an n-gram model; it does not go with --lm {spec}",
                             hint="use --lm ngram --lm-corpus FILE, or drop --lm-corpus")
+    from clipterm.analyses.lm_hf import load_huggingface
+
     return load_huggingface(spec, vocab, device)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from clipterm.analyses.lm import LanguageModel, Tokens
+from clipterm.analyses.lm import LanguageModel, Tokens, repeats_a_word
 
 
 def proposals(scorer: Any, beam: dict[Tokens, int], vocab_size: int, generator: torch.Generator) -> list[Tokens]:
@@ -43,22 +43,34 @@ def proposals(scorer: Any, beam: dict[Tokens, int], vocab_size: int, generator: 
             i = position % (n + 1 if kind == "insert" else n)
             out.append({"insert": string[:i] + (token,) + string[i:], "delete": string[:i] + string[i + 1 :],
                         "replace": string[:i] + (token,) + string[i + 1 :]}[kind])
+    if scorer.lm is not None:  # a guided search never holds a content word twice ("a orange circle orange ring")
+        words = scorer.words
+        out = [s for s in out if not repeats_a_word([words[t] for t in s])]
     return out
 
 
 def _guided(lm: LanguageModel, beam: dict[Tokens, int], config: Any) -> list[Tokens]:
-    """The language model's next words after each prefix of each beam string, inserted there or replacing the
-    word there: for a string of depth d, its d-th group of `lm_topk`, as with the gradient's."""
+    """The language model's words for each insertion and replacement slot of each beam string: given the whole
+    string around the slot where the LM can say (`slot_logprobs`: the n-gram, a masked LM), else given the prefix
+    (a causal LM). For a string of depth d, its d-th group of `lm_topk`, as with the gradient's."""
     k = config.lm_topk
     moves = [(string, j, 0) for string in beam for j in (range(len(string) + 1) if len(string) < config.max_tokens else [])]
     moves += [(string, i, 1) for string in beam for i in range(len(string))]
-    prefixes = list(dict.fromkeys(string[:slot] for string, slot, _ in moves))
-    logp = lm.next_logprobs(prefixes)  # (P, V)
+    if not moves:
+        return []
+    if hasattr(lm, "slot_logprobs"):
+        logp = lm.slot_logprobs(moves)  # (P, V)
+        rows = list(range(len(moves)))
+    else:
+        prefixes = list(dict.fromkeys(string[:slot] for string, slot, _ in moves))
+        logp = lm.next_logprobs(prefixes)  # (P', V)
+        where = {prefix: row for row, prefix in enumerate(prefixes)}
+        rows = [where[string[:slot]] for string, slot, _ in moves]
     top = logp.topk(min(k * max(beam.values()), logp.shape[1]), dim=1)  # (P, k·max depth)
-    ranked = {prefix: [w for w, lp in zip(words, values) if lp > float("-inf")]
-              for prefix, words, values in zip(prefixes, top.indices.tolist(), top.values.tolist())}
+    ranked = [[w for w, lp in zip(words, values) if lp > float("-inf")]
+              for words, values in zip(top.indices.tolist(), top.values.tolist())]
     out = []
-    for string, slot, cut in moves:
+    for (string, slot, cut), row in zip(moves, rows):
         depth = beam[string]
-        out += [string[:slot] + (word,) + string[slot + cut :] for word in ranked[string[:slot]][k * (depth - 1) : k * depth]]
+        out += [string[:slot] + (word,) + string[slot + cut :] for word in ranked[row][k * (depth - 1) : k * depth]]
     return out

@@ -32,7 +32,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from clipterm.analyses.lm import LanguageModel, nll_per_word
+from clipterm.analyses.lm import LanguageModel, penalties
 from clipterm.analyses.moves import proposals
 from clipterm.errors import ClipTermError
 from clipterm.inputs.vocab import Vocabulary
@@ -56,6 +56,9 @@ class SearchConfig:
     batch_size: int = 1024  # candidates per forward pass
     lm_weight: float = 0.0  # λ_lm, weight of the language model's NLL per word (0: guidance without penalty)
     lm_topk: int = 8  # words the language model proposes per position of each beam member
+    lm_relative: bool = False  # penalise the excess NLL per word over the unigram's (lm.excess_per_word), else the NLL
+    keep: float | None = None  # guided only: after the climb, make the string readable keeping this share of its best cosine
+    read_weight: float = 1.0  # λ_lm of that second, readability phase
 
     def prior_weight(self, guided: bool) -> float:
         """λ: as set, else PRIOR_WEIGHT for an unguided search and 0 for a guided one."""
@@ -76,6 +79,10 @@ class SearchConfig:
             raise ClipTermError(f"--lambda must be 0 or more, got {self.lam}")
         if self.lm_weight < 0:
             raise ClipTermError(f"--lm-weight must be 0 or more, got {self.lm_weight}", hint="use 0 to keep guidance without the penalty")
+        if self.keep is not None and not 0 < self.keep <= 1:
+            raise ClipTermError(f"--keep must be in (0, 1], got {self.keep}", hint="use 0.95: keep 95% of the best cosine")
+        if self.read_weight < 0:
+            raise ClipTermError(f"--read-weight must be 0 or more, got {self.read_weight}")
         if self.lm_topk < 0:
             raise ClipTermError(f"--lm-topk must be 0 or more, got {self.lm_topk}")
         if context_length is not None and self.max_tokens > context_length - 2:
@@ -85,12 +92,13 @@ class SearchConfig:
 
 class Hit(NamedTuple):
     text: str
-    score: float  # cosine - λ_lm·lm_nll - λ·prior
+    score: float  # cosine - λ_lm·lm_penalty - λ·prior
     cosine: float
     lm_nll: float | None = None  # the language model's NLL per word, in nats; None without one
+    lm_penalty: float | None = None  # the penalised term: the excess NLL per word (or the NLL, lm_relative off)
 
 
-Scored = tuple[float, float, float | None]  # (objective, cosine, NLL per word)
+Scored = tuple[float, float, float | None, float | None]  # (objective, cosine, NLL per word, penalty)
 
 
 @dataclass
@@ -111,20 +119,22 @@ class _Scorer:
     def __init__(self, tower: TextTower, target: torch.Tensor, vocab: Vocabulary, config: SearchConfig,
                  lm: LanguageModel | None = None):
         device = tower.token_embedding.device
-        self.tower, self.config, self.lm = tower, config, lm
+        self.tower, self.config, self.lm, self.words = tower, config, lm, vocab.words
         self.target = F.normalize(target.float().to(device), dim=0)  # (D,)
         self.embeds = tower.token_embedding[vocab.ids.to(device)].detach()  # (V, width)
         self.filler = self.embeds.mean(0)  # (width,) the point an insertion is linearised around
         self.prior = vocab.prior.to(device)  # (V,)
         self._prior = vocab.prior.tolist()
         self.lam = config.prior_weight(guided=lm is not None)
+        self.weight = config.lm_weight  # λ_lm now: the readability phase raises it
+        self.floor: float | None = None  # the readability phase's least cosine; below it each unit costs SHORTFALL
         self.evals = 0
 
     def score(self, strings: list[Tokens], beam: list[float] = ()) -> list[Scored | None]:
         """(objective, cosine, NLL per word) of each string. With a language model, strings that cannot beat
         the beam's worst (`beam`: its objectives) come back None: they could never enter it."""
         if self.lm is None:
-            return [(o, c, None) for o, c in self._cosines(strings)]
+            return [(o, c, None, None) for o, c in self._cosines(strings)]
         kept = sorted(beam, reverse=True)[: self.config.beam]
         if self.lm.cheap:
             return self._lm_first(strings, kept[-1] if len(kept) == self.config.beam else float("-inf"))
@@ -134,8 +144,9 @@ class _Scorer:
         for start in range(0, len(order), _LM_CHUNK):
             floor = kept[-1] if len(kept) == self.config.beam else float("-inf")
             chunk = [i for i in order[start : start + _LM_CHUNK] if bounds[i][0] >= floor]
-            for i, nll in zip(chunk, nll_per_word(self.lm, [strings[i] for i in chunk]) if chunk else []):
-                out[i] = (bounds[i][0] - self.config.lm_weight * nll, bounds[i][1], nll)
+            penalty, nll = penalties(self.lm, [strings[i] for i in chunk], self.config.lm_relative) if chunk else ([], [])
+            for i, p, n in zip(chunk, penalty, nll):
+                out[i] = (bounds[i][0] - self.weight * p, bounds[i][1], n, p)
             kept = sorted(kept + [out[i][0] for i in chunk], reverse=True)[: self.config.beam]
             if len(chunk) < len(order[start : start + _LM_CHUNK]):
                 break  # the rest are sorted lower still
@@ -144,12 +155,12 @@ class _Scorer:
     def _lm_first(self, strings: list[Tokens], floor: float) -> list[Scored | None]:
         """A cheap LM (the n-gram) scores every string first. As cos <= 1, a string whose 1 - λ·prior - λ_lm·NLL
         is below `floor` can never enter the beam, so the text tower, the costly part, never runs on it."""
-        nll = nll_per_word(self.lm, strings)
-        bound = [1 + 1e-6 - self.lam * sum(self._prior[t] for t in s) - self.config.lm_weight * n for s, n in zip(strings, nll)]
+        penalty, nll = penalties(self.lm, strings, self.config.lm_relative)
+        bound = [1 + 1e-6 - self.lam * sum(self._prior[t] for t in s) - self.weight * p for s, p in zip(strings, penalty)]
         live = [i for i in range(len(strings)) if bound[i] >= floor]
         out: list[Scored | None] = [None] * len(strings)
         for i, (objective, cosine) in zip(live, self._cosines([strings[i] for i in live])):
-            out[i] = (objective - self.config.lm_weight * nll[i], cosine, nll[i])
+            out[i] = (objective - self.weight * penalty[i], cosine, nll[i], penalty[i])
         return out
 
     @torch.no_grad()
@@ -163,6 +174,8 @@ class _Scorer:
                                       device=self.embeds.device).reshape(len(chunk), length)  # (b, n)
                 cosine = self.tower.encode(self.embeds[tokens]) @ self.target  # (b,)
                 objective = cosine - self.lam * self.prior[tokens].sum(1)  # (b,)
+                if self.floor is not None:
+                    objective = objective - SHORTFALL * (self.floor - cosine).clamp_min(0)
                 for i, o, c in zip(chunk, objective.tolist(), cosine.tolist()):
                     out[i] = (o, c)
         self.evals += len(strings)
@@ -197,6 +210,8 @@ class _Scorer:
 
 
 _LM_CHUNK = 64  # strings put to the language model at once, best bound first
+SHORTFALL = 100.0  # cost per unit of cosine below the readability phase's floor: all but a hard floor
+ARCHIVE = 200  # strings of the climb, best cosine first, that the readability phase starts from
 
 
 def _by_length(lengths: list[int]) -> dict[int, list[int]]:
@@ -235,13 +250,17 @@ def _climb(tower: TextTower, target: torch.Tensor, vocab: Vocabulary, config: Se
 
     def event(step: int, done: bool = False, reason: str | None = None) -> SearchEvent:
         elapsed = time.perf_counter() - started
-        best = [Hit(vocab.text(s), o, c, nll) for s, (o, c, nll) in beam.items()]
+        best = [Hit(vocab.text(s), o, c, nll, p) for s, (o, c, nll, p) in beam.items()]
         return SearchEvent(step, best, scorer.evals, scorer.evals / elapsed if elapsed > 0 else 0.0, elapsed, done, reason,
                            lm.name if lm is not None else None)
 
     yield event(0)
     best, stale, step, reason = beam[()][0], 0, 0, "steps"
-    while step < config.steps:
+    archive: dict[Tokens, float] = {}  # the climb's strings by cosine, for the readability phase
+    origin = beam[()][1]  # the empty string's cosine: what any string gets for nothing
+    reading = config.keep is None or lm is None  # in the readability phase, or never to have one
+    limit = config.steps
+    while step < limit:
         if cancel is not None and cancel():
             reason = "cancelled"
             break
@@ -253,12 +272,20 @@ def _climb(tower: TextTower, target: torch.Tensor, vocab: Vocabulary, config: Se
         seen.update(candidates)
         scored = scorer.score(candidates, [objective for objective, *_ in beam.values()])
         pool = {**beam, **{c: s for c, s in zip(candidates, scored) if s is not None}}
+        if not reading:
+            archive.update((c, s[1]) for c, s in pool.items())
+            if len(archive) > 4 * ARCHIVE:
+                archive = dict(sorted(archive.items(), key=lambda item: -item[1])[:ARCHIVE])
         ranked = sorted(pool.items(), key=lambda item: (-item[1][0], item[0]))[: config.beam]
         beam = dict(ranked)
         step += 1
         improved = ranked[0][1][0] > best + 1e-7
         best, stale = (ranked[0][1][0], 0) if improved else (best, stale + 1)
         yield event(step)
+        if not reading and ((config.patience is not None and stale >= config.patience) or step >= limit):
+            reading, limit = True, step + config.steps  # climbed: now make it readable, keeping `keep` of its cosine
+            beam, seen, age, best, stale = _read_phase(scorer, archive, config, origin)
+            continue
         if config.patience is not None and stale >= config.patience:
             reason = "patience"
             break
@@ -266,6 +293,21 @@ def _climb(tower: TextTower, target: torch.Tensor, vocab: Vocabulary, config: Se
             reason = "time"
             break
     yield event(step, done=True, reason=reason)
+
+
+def _read_phase(scorer: _Scorer, archive: dict[Tokens, float], config: SearchConfig, origin: float):
+    """Switch the scorer to the readability phase and rescore the climb's best strings: (beam, seen, age, best
+    objective, stale steps). λ_lm becomes read_weight, and the cosine floor keeps `keep` of the climb's gain over the
+    empty string (origin + keep·(best − origin)): on the toy a generic phrase already has 0.96 of `text:red`'s cosine,
+    so a floor on the cosine itself would let it through."""
+    best = max(archive.values())
+    scorer.floor = origin + config.keep * (best - origin) if best > origin else config.keep * best
+    scorer.weight = config.read_weight
+    start = sorted(archive, key=lambda string: -archive[string])[:ARCHIVE]
+    scored = scorer.score(start)
+    ranked = sorted(((s, o) for s, o in zip(start, scored) if o is not None), key=lambda item: (-item[1][0], item[0]))
+    beam = dict(ranked[: config.beam])
+    return beam, set(start), {}, ranked[0][1][0], 0
 
 
 def search_model(loaded, target: torch.Tensor, vocab: Vocabulary | None = None, config: SearchConfig = SearchConfig(),

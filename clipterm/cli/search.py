@@ -114,11 +114,13 @@ def _stop_on_ctrl_c(cancelled: threading.Event) -> Iterator[None]:
 
 
 def _event_json(event: Any, lm_weight: float) -> dict[str, Any]:
-    """One event; each string's score is its cosine - lm_weight * lm_nll - lambda * prior."""
+    """One event; each string's score is its cosine - lm_weight * lm_penalty - lambda * prior (in the readability
+    phase, the read weight and a shortfall below the cosine floor)."""
     return {
         "schema": SCHEMA, "step": event.step,
         "best": [{"text": h.text, "score": round(h.score, 6), "cosine": round(h.cosine, 6),
-                  "lm_nll": None if h.lm_nll is None else round(h.lm_nll, 6)} for h in event.best],
+                  "lm_nll": None if h.lm_nll is None else round(h.lm_nll, 6),
+                  "lm_penalty": None if h.lm_penalty is None else round(h.lm_penalty, 6)} for h in event.best],
         "evals": event.evals, "evals_per_s": round(event.evals_per_s, 1), "elapsed": round(event.elapsed, 3),
         "done": event.done, "reason": event.reason, "lm": event.lm, "lm_weight": lm_weight if event.lm else None,
     }
@@ -152,12 +154,13 @@ def _table(event: Any, target: str, lm_weight: float) -> Any:
 
     status = f"stopped: {event.reason}" if event.done else "searching (Ctrl-C stops)"
     guide = f"lm {event.lm} (weight {lm_weight:g})" if event.lm else "no lm"
-    table = Table("#", "score", "cosine", "lm nll", "text", title=f"search: {target}",
+    table = Table("#", "score", "cosine", "lm nll", "lm excess", "text", title=f"search: {target}",
                   caption=f"step {event.step} · {event.evals:,} evals · {event.evals_per_s:,.0f}/s · "
                           f"{event.elapsed:.1f} s · {guide} · {status}")
     for rank, hit in enumerate(event.best, 1):
         nll = "" if hit.lm_nll is None else f"{hit.lm_nll:.2f}"
-        table.add_row(str(rank), f"{hit.score:.4f}", f"{hit.cosine:.4f}", nll, hit.text or "[dim](empty)[/]")
+        excess = "" if hit.lm_penalty is None else f"{hit.lm_penalty:.2f}"
+        table.add_row(str(rank), f"{hit.score:.4f}", f"{hit.cosine:.4f}", nll, excess, hit.text or "[dim](empty)[/]")
     return table
 
 
