@@ -222,6 +222,8 @@ BOUNDS: dict[tuple[str, str], tuple[int, str]] = {
     ("neurons list", "--k"): (1024, "texts per sparse decomposition: k x pool similarities per neuron"),
     ("sae train", "--features"): (262_144, "the encoder and decoder are 2 x width x features floats, with Adam's moments"),
     ("sae train", "--batch-size"): (65_536, "activations per step, each encoded into every feature at once"),
+    ("unit", "--size"): (4096, "each feature visualisation, its gradient and Adam's moments: 48 bytes a pixel"),
+    ("unit", "--top"): (1000, "each top image is decoded and held as a thumbnail in the page"),
     ("sae train", "--k"): (4096, "active features kept per activation (checked below --features too)"),
 }
 
@@ -252,6 +254,9 @@ UNBOUNDED: dict[tuple[str, str], str] = {
     ("neurons list", "--top"): "rows printed, a slice of neurons already ranked",
     ("neurons list", "--texts"): "texts printed per neuron, a slice of the k chosen",
     ("sae train", "--steps"): "time, not memory",
+    ("unit", "--steps"): "time, not memory",
+    ("unit", "--search-steps"): "time, not memory",
+    ("unit", "--seed"): "a seed",
     ("sae train", "--seed"): "a seed",
     ("sae list", "--top"): "rows printed, a slice of features already ranked",
     ("sae list", "--texts"): "texts printed per feature, a slice of the pool's ranking",
