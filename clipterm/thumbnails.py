@@ -11,6 +11,8 @@ PLACEHOLDER_RGB = (60, 60, 60)
 # Distinct colours for factors, Building-Blocks style: factor i is drawn in FACTOR_RGB[i % len(FACTOR_RGB)].
 FACTOR_RGB = ((230, 60, 60), (60, 140, 240), (250, 200, 40), (60, 200, 90), (200, 80, 220), (40, 210, 210),
               (245, 130, 40), (240, 240, 240))
+# Two factors as Building Blocks draws them: one blue, one orange, brightness for magnitude.
+TWO_FACTOR_RGB = ((40, 120, 255), (255, 140, 20))
 # The heat ramp, low to high: dark blue, purple, red, yellow.
 HEAT_STOPS = ((20, 20, 90), (120, 30, 150), (230, 50, 50), (255, 230, 60))
 
@@ -54,14 +56,25 @@ def heat_overlay(pixels: Any, heat: Any, alpha: float = 0.65) -> Any:
     return _blend(pixels, colour, alpha * (0.4 + 0.6 * position[..., None] / (len(stops) - 1)))  # cold: image shows
 
 
-def factor_overlay(pixels: Any, strengths: Any, alpha: float = 0.8) -> Any:
-    """Each pixel in the colour of its strongest factor, as opaque as that factor is strong.
+def factor_palette(k: int) -> list[tuple[int, int, int]]:
+    """Factor i's colour: blue and orange for two factors, else FACTOR_RGB in turn."""
+    return list(TWO_FACTOR_RGB) if k == 2 else [FACTOR_RGB[i % len(FACTOR_RGB)] for i in range(k)]
 
-    `strengths` is (k, S, S) in [0, 1] (each factor's map over its own maximum); returns (S, S, 3) uint8."""
+
+def factor_overlay(pixels: Any, strengths: Any, alpha: float = 0.8, k: int | None = None) -> Any:
+    """Each pixel in the colour of its strongest factor, as opaque as that factor is strong; with two factors,
+    as Building Blocks draws them: blue plus orange, each as bright as its factor is strong, over a dark image.
+
+    `strengths` is (k, S, S) in [0, 1] (each factor's map over its own maximum); `k` the palette's size when some
+    rows are left at 0 (one factor drawn alone); returns (S, S, 3) uint8."""
     import numpy as np
 
     strengths = np.clip(np.asarray(strengths, dtype=np.float32), 0, 1)  # (k, S, S)
-    palette = np.asarray([FACTOR_RGB[i % len(FACTOR_RGB)] for i in range(len(strengths))], dtype=np.float32)  # (k, 3)
+    palette = np.asarray(factor_palette(k or len(strengths)), dtype=np.float32)  # (k, 3)
+    if len(palette) == 2:
+        light = np.einsum("kij,kc->ijc", strengths, palette)  # (S, S, 3) brightness = magnitude
+        grey = np.asarray(pixels, dtype=np.float32).mean(-1, keepdims=True) * 0.25  # (S, S, 1) a faint image under it
+        return np.clip(grey + light, 0, 255).astype(np.uint8)
     colour = palette[strengths.argmax(0)]  # (S, S, 3)
     return _blend(pixels, colour, alpha * strengths.max(0)[..., None])
 
@@ -137,15 +150,17 @@ def map_view(result: Any, pixels: Any, caption: str, size: int = 32) -> Any:
         tiles.append(Tile(heat_overlay(base, result.normalised(size).numpy()), result.title))
         return ThumbnailGrid(tiles, size)
     strengths = result.strengths(size).numpy()  # (k, S, S)
-    tiles.append(Tile(factor_overlay(base, strengths), f"{len(strengths)} factors"))
-    legend = []
+    tiles.append(Tile(factor_overlay(base, strengths), "blue and orange" if len(strengths) == 2
+                      else f"{len(strengths)} factors"))
+    legend, palette = [], factor_palette(len(strengths))
     for i, factor in enumerate(result.factors):
         alone = np.zeros_like(strengths)
         alone[i] = strengths[i]
         tiles.append(Tile(factor_overlay(base, alone), f"factor {i + 1}"))
-        line = Text("■ ", style=_rgb(FACTOR_RGB[i % len(FACTOR_RGB)]))
+        line = Text("■ ", style=_rgb(palette[i]))
         line.append(f"factor {i + 1} ({100 * factor.share:.0f}%)  ", style="bold")
-        line.append(" · ".join(text for text, _ in factor.texts[:4]))
+        line.append(" · ".join(f"{text} ({value:.2f})" if result.of == "classes" else text
+                               for text, value in factor.texts[:4]))
         legend.append(line)
     return Group(ThumbnailGrid(tiles, size), *legend)
 

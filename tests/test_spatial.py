@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from clipterm.analyses import spatial
+from clipterm.analyses.classfactors import class_set, factorise_classes
 from clipterm.analyses.factorise import factorise
+from clipterm.analyses.factorsweep import separation
 from clipterm.cache.build import BuildOptions, build_cache
 from clipterm.cache.reader import open_cache
 from clipterm.errors import ClipTermError, ExitCode
@@ -83,15 +85,33 @@ def baseline_ious(loaded, scenes) -> list[float]:
     return out
 
 
-def nmf_ious(loaded, scenes, layers: list[int], k: int = 3) -> list[float]:
-    """Per image: the best assignment of two of the k factors (each pixel to its strongest factor) to the two masks."""
+def nmf_ious(loaded, scenes, layers: list[int], k: int = 3, center: str = "none", rule: str = "argmax") -> list[float]:
+    """Per image: the best assignment of two of the k factors to the two masks; `rule` argmax: each pixel to its
+    strongest factor; half: to its strongest where that factor is at least half its maximum (Factorisation.segments)."""
     out = []
     for ref, scene in scenes:
-        parts = factorise(ref, k, loaded=loaded, layers=layers, pool=None).assignment(SIZE)  # (S, S)
-        masks = world.render(scene)[1]
-        scores = [[iou(parts == f, m) for m in masks] for f in range(k)]
-        out.append(max((scores[a][0] + scores[b][1]) / 2 for a, b in itertools.permutations(range(k), 2)))
+        factors = factorise(ref, k, loaded=loaded, layers=layers, pool=None, center=center)
+        masks = [torch.from_numpy(m) for m in world.render(scene)[1]]
+        out.append(separation(factors, masks, rule))
     return out
+
+
+def class_nmf_scores(loaded, scenes, layer: int, k: int = 2, classes=None) -> tuple[list[float], list[bool]]:
+    """Per image, NMF of the class attributions through the heads of `layer` on: the best-assignment IoU (half
+    rule) and, per assigned factor, whether its top 2 classes hold its object's colour or shape."""
+    classes = classes if classes is not None else class_set(loaded)
+    ious, hits = [], []
+    for ref, scene in scenes:
+        factors = factorise_classes(ref, k, loaded=loaded, layer=layer, classes=classes)
+        masks = world.render(scene)[1]
+        parts = factors.segments(SIZE)
+        scores = [[iou(p, m) for m in masks] for p in parts]
+        chosen = max(itertools.permutations(range(k), 2), key=lambda ab: scores[ab[0]][0] + scores[ab[1]][1])
+        ious.append((scores[chosen[0]][0] + scores[chosen[1]][1]) / 2)
+        for f, obj in zip(chosen, scene.objects):
+            top = {name for name, _ in factors.factors[f].texts[:2]}
+            hits.append(bool(top & {f"colour/{obj.colour}", f"shape/{obj.shape}"}))
+    return ious, hits
 
 
 NMF_LAYERS = [0, 1]  # early MLPs see colour and shape where they are; picked on the HELDOUT_SEED scenes

@@ -83,3 +83,25 @@ def test_neuron_and_help_snapshots(snap_compare, neuron_cache, toy, size):  # no
         app.action_help()
 
     assert shot(snap_compare, reader, root, toy, size, "L4.N47", before=open_help)
+
+
+def test_spatial_pane_two_factor_snapshot(snap_compare, neuron_cache, toy):  # noqa: F811
+    """`nmf 2 classes` typed in the Spatial pane: two factors of the class attributions, blue and orange."""
+    reader, root = neuron_cache
+    app = ClipTermApp(reader, cache_dir=root, loaded=toy, images="half")
+
+    async def type_the_request(pilot):
+        await pilot.pause()
+        await app.workers.wait_for_complete()
+        app.jump("L5.H3")
+        await pilot.pause()
+        await app.workers.wait_for_complete()
+        field = app.query_one("#spatial-query")
+        field.value = "nmf 2 classes"
+        await field.action_submit()
+        await pilot.pause()
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert "NMF factors of class attributions" in str(app.query_one("#spatial-status").render())
+
+    assert snap_compare(app, press=["tab"] * 4, terminal_size=(100, 40), run_before=type_the_request)

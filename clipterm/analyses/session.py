@@ -96,17 +96,21 @@ class SpatialView:
 
 @dataclass(frozen=True)
 class SpatialRequest:
-    """What the Spatial pane maps: a target of the search grammar, or (with `factors` K) the image's K NMF factors."""
+    """What the Spatial pane maps: a target of the search grammar, or (with `factors` K) the image's K NMF factors
+    of its activations or (`of="classes"`) of its class attributions."""
 
     target: str = ""  # `L5.H2`, `text:a red star`, `class:red`, …
     factors: int = 0
+    of: str = "activations"
 
     @classmethod
     def typed(cls, text: str) -> SpatialRequest:
-        """From what a user typed: `nmf K`, a target, or plain words (taken as `text:`)."""
+        """From what a user typed: `nmf K`, `nmf K classes`, a target, or plain words (taken as `text:`)."""
         words = text.split()
-        if len(words) == 2 and words[0].lower() == "nmf" and words[1].isdigit():
-            return cls(factors=int(words[1]))
+        if 2 <= len(words) <= 3 and words[0].lower() == "nmf" and words[1].isdigit():
+            of = words[2].lower() if len(words) == 3 else "activations"
+            if of in ("classes", "activations"):
+                return cls(factors=int(words[1]), of=of)
         if text.startswith(("text:", "class:")):
             return cls(target=text)
         try:
@@ -117,7 +121,7 @@ class SpatialRequest:
     @property
     def title(self) -> str:
         if self.factors:
-            return f"{self.factors} NMF factors"
+            return f"{self.factors} NMF factors" + (" of class attributions" if self.of == "classes" else "")
         return f"“{self.target[5:]}”" if self.target.startswith("text:") else self.target
 
 
@@ -354,7 +358,13 @@ class Analyses:
             from clipterm.thumbnails import map_view
 
             image = spatial.open_image(f"row:{row}", reader=self.reader)
-            if request.factors:
+            if request.factors and request.of == "classes":
+                from clipterm.analyses.classfactors import factorise_classes
+
+                result = factorise_classes(image, request.factors, loaded=self.loaded(), reader=self.reader)
+                grid = result.factors[0].grid
+                about = "classes that push together, and where (Building Blocks: NMF of class attributions)"
+            elif request.factors:
                 result = factorise.factorise(image, request.factors, loaded=self.loaded(), reader=self.reader,
                                              pool=self._unit_pool())
                 grid, about = result.factors[0].grid, "parts of the image that push together (Building Blocks)"

@@ -20,15 +20,37 @@ class Method(str, Enum):
     pca = "pca"
 
 
+class Of(str, Enum):
+    activations = "activations"
+    classes = "classes"
+
+
+class Center(str, Enum):
+    auto = "auto"
+    position = "position"
+    none = "none"
+
+
 def spatial(
     image: str = typer.Argument(..., help="An image file, row:N of the --cache, or a toy scene toy:SEED/INDEX."),
     query: str = typer.Option(None, "--query", "-q", help="A text ('a red star'), or class:NAME for a class's prompts."),
     component: str = typer.Option(None, "--component", "-c", help="A head (L5.H2, L5.H2:pc1), a layer's heads (L5), "
                                   "an MLP (L4.MLP) or a neuron (L4.N12)."),
-    nmf: int = typer.Option(None, "--nmf", help="Factorise the MLP activations of --layers into K parts."),
+    nmf: int = typer.Option(None, "--nmf", help="Factorise the image's per-patch activations (or --of classes: class "
+                            "attributions) into K parts."),
+    of: Of = typer.Option(Of.activations, "--of", help="With --nmf: activations (MLP neurons, a ResNet's channels) or "
+                          "classes (each class's exact direct effect per patch, through the heads of --layer on)."),
+    task: str = typer.Option(None, "--task", help="With --of classes: the task whose classes to attribute, or several (colour,shape; default: all)."),
+    classes: str = typer.Option(None, "--classes", help="With --of classes: a file of class names, one per line."),
+    center: Center = typer.Option(Center.auto, "--center", help="With --nmf on activations: position subtracts each "
+                                  "position's mean over reference images (the cache's rows, or the toy world's); auto: "
+                                  "position where there are reference images, else none."),
     method: Method = typer.Option(Method.nmf, "--method", help="With --nmf: nmf (activations clipped at 0) or pca."),
     layers: str = typer.Option(None, "--layers", help="Layers to sum (--query; default: the last 4) or factorise "
-                               "(--nmf; default: the middle one), e.g. L4-5."),
+                               "(--nmf; default: the middle one), e.g. L4-5. With --nmf, `all` sweeps the layers one "
+                               "by one."),
+    layer: str = typer.Option(None, "--layer", help="With --nmf: one layer (--of classes: the heads of this layer and "
+                              "later; default L0)."),
     model: str = typer.Option(None, "--model", help="`toy`, an open_clip arch, or a local-dir folder. Default: toy "
                               "without --cache; with --cache, none: maps come from the cache's stored tokens."),
     pretrained: str = PretrainedOpt,
@@ -49,7 +71,6 @@ def spatial(
     stored them, else from one forward pass. JSON schema: clipterm.spatial/1 (raw per-patch grids).
     """
     from clipterm import names
-    from clipterm.analyses import factorise
     from clipterm.analyses import spatial as core
     modes = [name for name, given in (("--query", query), ("--component", component), ("--nmf", nmf)) if given is not None]
     if len(modes) != 1:
@@ -57,25 +78,50 @@ def spatial(
                             hint="e.g. --query 'a red star', --component L5.H2, or --nmf 3")
     if layers is not None and component is not None:
         raise ClipTermError("--layers goes with --query or --nmf: a component names its own layer", hint="drop --layers")
+    _check_nmf_options(nmf, of, task, classes, center, layers, layer)
     loaded, reader = _load(model, pretrained, cache, cache_dir, device.value, quick_gelu)
     picture = core.open_image(image, reader)
     n_layers = reader.shape.layers if reader is not None else loaded.info.layers
-    chosen = names.parse_layers(layers, n_layers) if layers is not None else None
+    sweeping = nmf is not None and layers is not None and layers.strip().lower() == "all"
+    chosen = names.parse_layers(layer or layers, n_layers) if (layer or layers) is not None and not sweeping else None
+    if nmf is not None:
+        from clipterm.cli.spatial_nmf import run_nmf
+
+        run_nmf(picture, nmf, of.value, loaded=loaded, reader=reader, layers=chosen, sweep=sweeping, task=task,
+                classes=classes, center=center.value, method=method.value, pool=pool, cache_dir=cache_dir,
+                show=show, size=size + size % 2, json_out=json_out, meta={"image": image, "row": picture.row})
+        return
     if query is not None:
         result = core.query_map(picture, query, loaded=loaded, reader=reader, layers=chosen,
                                 contrast=None if contrast == "none" else contrast, cache_dir=cache_dir)
-    elif component is not None:
-        result = core.component_map(picture, component, reader=reader, loaded=loaded)
     else:
-        result = factorise.factorise(picture, nmf, loaded=loaded, reader=reader, layers=chosen, method=method.value,
-                                     pool=pool, cache_dir=cache_dir)
+        result = core.component_map(picture, component, reader=reader, loaded=loaded)
     if json_out:
-        mode = "query" if query is not None else "component" if component is not None else "nmf"
+        mode = "query" if query is not None else "component"
         emit_json({"image": image, "row": picture.row, "cache": reader.name if reader is not None else None,
                    "model": loaded.info.spec if loaded is not None else None, "mode": mode, **result.to_json()},
                   schema=SCHEMA)
         return
     _print(result, picture, show, size + size % 2)
+
+
+def _check_nmf_options(nmf: int | None, of: Of, task: str | None, classes: str | None, center: Center,
+                       layers: str | None, layer: str | None) -> None:
+    """Options that only make sense with --nmf (or with --of classes) are refused elsewhere, in one line."""
+    given = [name for name, value in (("--task", task), ("--classes", classes), ("--layer", layer)) if value is not None]
+    if nmf is None and (given or of != Of.activations or center != Center.auto):
+        extra = given + (["--of"] if of != Of.activations else []) + (["--center"] if center != Center.auto else [])
+        raise ClipTermError(f"{' and '.join(extra)} go with --nmf", hint="e.g. --nmf 2 --of classes")
+    if of == Of.activations and (task is not None or classes is not None):
+        raise ClipTermError("--task and --classes name the classes of --of classes", hint="add --of classes")
+    if of == Of.classes and center != Center.auto:
+        raise ClipTermError("--center applies to activations: class attributions are factored as they are",
+                            hint="drop --center, or use --of activations")
+    if layer is not None and layers is not None:
+        raise ClipTermError("give --layer or --layers, not both", hint="--layer L2, or --layers all for the sweep")
+    if of == Of.classes and layers is not None and layers.strip().lower() != "all":
+        raise ClipTermError("--of classes attributes through the heads of one layer on: give --layer L",
+                            hint="e.g. --layer L2, or --layers all for the sweep")
 
 
 def _load(model: str | None, pretrained: str | None, cache: str | None, cache_dir: str | None, device: str,
@@ -100,35 +146,23 @@ def _load(model: str | None, pretrained: str | None, cache: str | None, cache_di
 def _print(result: Any, picture: Any, show: bool, size: int) -> None:
     from rich.table import Table
 
-    from clipterm.analyses.factorise import Factorisation
-    from clipterm.names import format_layers
-
-    factors = isinstance(result, Factorisation)
-    if factors:
-        stdout.print(f"[bold]{len(result.factors)} {result.method.upper()} factors[/] of {format_layers(result.layers)}'s MLP "
-                     f"activations in {picture.ref} (relative error {result.error:.3f})")
-        table = Table("factor", "share", "peak patch", "nearest texts (cosine)")
-        for i, factor in enumerate(result.factors, 1):
-            texts = " · ".join(f"{text} ({cos:.2f})" for text, cos in factor.texts[:4])
-            table.add_row(str(i), f"{100 * factor.share:.0f}%", _peak(factor.grid), texts)
-    else:
-        where = "the cache's tokens" if result.source == "cache" else "a forward pass"
-        stdout.print(f"[bold]{result.title}[/] in {picture.ref}: {result.measure}; {result.layer_names}, "
-                     f"from {where}; {result.first_token} {result.cls:+.4f}, peak at {_peak(result.grid)}")
-        exponent = math.floor(math.log10(max(float(result.grid.abs().max()), 1e-30)))
-        scale = f", ×1e{exponent}" if exponent else ""
-        table = Table(*[""] + [str(c) for c in range(result.grid.shape[1])], title=f"per patch (row, column){scale}")
-        for r, row in enumerate(result.grid.tolist()):
-            table.add_row(str(r), *[f"{v / 10**exponent:+.2f}" for v in row])
+    where = "the cache's tokens" if result.source == "cache" else "a forward pass"
+    stdout.print(f"[bold]{result.title}[/] in {picture.ref}: {result.measure}; {result.layer_names}, "
+                 f"from {where}; {result.first_token} {result.cls:+.4f}, peak at {peak(result.grid)}")
+    exponent = math.floor(math.log10(max(float(result.grid.abs().max()), 1e-30)))
+    scale = f", ×1e{exponent}" if exponent else ""
+    table = Table(*[""] + [str(c) for c in range(result.grid.shape[1])], title=f"per patch (row, column){scale}")
+    for r, row in enumerate(result.grid.tolist()):
+        table.add_row(str(r), *[f"{v / 10**exponent:+.2f}" for v in row])
     if show:
         from clipterm.thumbnails import map_view
 
         stdout.print(map_view(result, picture.pixels(size), picture.ref, size))
-    if not show or factors:
+    if not show:
         stdout.print(table)
 
 
-def _peak(grid: Any) -> str:
+def peak(grid: Any) -> str:
     index = int(grid.argmax())
     return f"({index // grid.shape[1]}, {index % grid.shape[1]})"
 

@@ -142,3 +142,47 @@ def capability_table() -> str:
         cells = ["✓" if capability(info, a) is None else "✗" for a in ANALYSES]
         rows.append(f"| {family_name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+def position_layers(model: Any, layers: list[int] | None, n_layers: int) -> list[int]:
+    """The layers whose per-position activations factorise: a ViT's MLPs (default: the middle one), a ResNet's
+    last stage (the grid its attention pool reads, the only one it has)."""
+    from clipterm.vit import resnet
+
+    if resnet.is_resnet(model):
+        return [resnet.STAGES - 1]
+    return layers if layers is not None else [n_layers // 2]
+
+
+def position_activations(model: Any, pixels: Any, layers: list[int]) -> Any:
+    """(B, P, F) per-position activations, patches only: a ViT's MLP post-activations of `layers` side by side,
+    or a ResNet's last-stage channels at each cell of its grid."""
+    import torch
+
+    from clipterm.vit import resnet
+
+    if resnet.is_resnet(model):
+        grid = resnet.last_stage(model, pixels).float().cpu()  # (B, C, h, w)
+        return grid.flatten(2).transpose(1, 2)  # (B, hw, C)
+    from clipterm.analyses.spatial import mlp_activations
+
+    acts, _ = mlp_activations(model, pixels, layers)
+    return torch.cat([acts[layer][:, 1:] for layer in layers], dim=-1)  # (B, P, |layers|·M)
+
+
+def activation_directions(model: Any, layers: list[int], loadings: Any) -> Any:
+    """Unit joint-space directions (k, D) of activation loadings (k, F): what they write towards the embedding.
+    A ViT's neurons through c_proj and the linearised ln_post; a ResNet's channels through the pool's value and
+    output maps (each head's attention taken as uniform)."""
+    import torch.nn.functional as F
+
+    from clipterm.vit import resnet
+
+    if resnet.is_resnet(model):
+        import torch
+
+        channels = torch.arange(loadings.shape[1])
+        with torch.no_grad():
+            basis = resnet.channel_basis(model, channels).sum(0).float().cpu()  # (C, D)
+        return F.normalize(loadings.float() @ basis, dim=-1)  # (k, D)
+    from clipterm.analyses.factorise import factor_directions
+
+    return factor_directions(model, layers, loadings)
