@@ -188,12 +188,8 @@ def path_vectors(model, layer: int, convention: str = "clipterm") -> Tensor:
         return _post(vision_tower(model)).matrix.float()[:, None, :]  # (C, 1, D)
 
 
-def trace(model, images: Tensor, layer: int, convention: str = "clipterm"):
-    """One pass: scalars (B, C, 1) = p_c / scale, activations (B, C) = p_c, each channel's mean over the grid."""
-    from clipterm.vit.second_order import NeuronPass
-
-    check_layer(0, layer, stage_index(model))
-    check_convention(convention)
+def _recorded_pass(model, images: Tensor) -> tuple[dict[str, Any], Tensor, Post, Tensor]:
+    """One recorded forward: what the hooks saw, the embeddings (B, D), the post steps and each image's scale (B,)."""
     visual = vision_tower(model)
     weight = next(visual.trunk.parameters())
     with torch.no_grad(), _recording(visual) as seen:
@@ -204,8 +200,19 @@ def trace(model, images: Tensor, layer: int, convention: str = "clipterm"):
         norm = Norm.of(visual.trunk.head.norm, post.width, weight.device, "head.norm")
         sigmas = [norm.sigma(pooled)] if norm is not None else []  # (B,)
         scale = post.scale(sigmas, pooled.shape[0], weight.device)  # (B,)
+    return seen, image_embeds.float(), post, scale
+
+
+def trace(model, images: Tensor, layer: int, convention: str = "clipterm"):
+    """One pass: scalars (B, C, 1) = p_c / scale, activations (B, C) = p_c, each channel's mean over the grid."""
+    from clipterm.vit.second_order import NeuronPass
+
+    check_layer(0, layer, stage_index(model))
+    check_convention(convention)
+    seen, image_embeds, _, scale = _recorded_pass(model, images)
+    pooled = seen["pooled"].float().flatten(1)  # (B, C)
     return NeuronPass(scalars=(pooled / scale[:, None])[..., None], activations=pooled,  # (B, C, 1), (B, C)
-                      image_embeds=image_embeds.float(), ln_scale=scale)
+                      image_embeds=image_embeds, ln_scale=scale)
 
 
 def channel_grid(model, images: Tensor) -> Tensor:
@@ -226,16 +233,8 @@ def channel_grid(model, images: Tensor) -> Tensor:
 def block_positions(model, images: Tensor, block: int) -> tuple[Tensor, Tensor]:
     """Block `block`'s direct effect split over the grid's positions, (B, h·w, D), and the image embeddings (B, D):
     the effects sum over positions to the block's stored effect (the pool is a mean)."""
-    visual = vision_tower(model)
-    weight = next(visual.trunk.parameters())
-    with torch.no_grad(), _recording(visual) as seen:
-        image_embeds = visual(images.to(device=weight.device, dtype=weight.dtype))  # (B, D)
-    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
-        post = _post(visual)
-        norm = Norm.of(visual.trunk.head.norm, post.width, weight.device, "head.norm")
-        pooled = seen["pooled"].float().flatten(1)  # (B, C)
-        sigmas = [norm.sigma(pooled)] if norm is not None else []
-        scale = post.scale(sigmas, pooled.shape[0], weight.device)  # (B,)
+    seen, image_embeds, post, scale = _recorded_pass(model, images)
+    with torch.no_grad():
         delta = seen["deltas"][block].float().flatten(2).transpose(1, 2)  # (B, h·w, C)
         per_position = delta @ post.matrix / (delta.shape[1] * scale[:, None, None])  # (B, h·w, D)
-    return per_position, image_embeds.float()
+    return per_position, image_embeds
